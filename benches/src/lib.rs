@@ -1,0 +1,1 @@
+//! Criterion benches over the pure cores live in benches/benches/.

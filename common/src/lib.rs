@@ -1,0 +1,23 @@
+//! Meterline's shared vocabulary: what every stage agrees on.
+//!
+//! # Layout
+//! - [`time`]: UTC instants, hours and billing months (time is always an argument, never read here).
+//! - [`money`]: ISO-4217 currencies and exact decimal amounts, rounding half-up once per invoice line.
+//! - [`id`]: deterministic 128-bit dedup keys and record ids (the exactly-once backbone).
+//! - [`usage`]: a validated usage record, as accepted by ingest.
+//! - [`reject`]: why a record was refused, by name.
+//! - [`catalogue`]: the price book as data: marketplace profile, sellers, products, offers,
+//!   customers and agreements.
+//! - [`rated`]: a rated hourly line item and a monthly charge line.
+//! - [`codec`]: the one topic payload codec (bincode 2 behind a format-version byte).
+//!
+//! Nothing here performs I/O except [`catalogue::PriceBook::load`], which reads one file.
+
+pub mod catalogue;
+pub mod codec;
+pub mod id;
+pub mod money;
+pub mod rated;
+pub mod reject;
+pub mod time;
+pub mod usage;

@@ -1,0 +1,151 @@
+//! What rating produces and what billing reads: rated hourly line items and monthly charge lines.
+//!
+//! A [`RatedRecord`] carries everything needed to trace its amount: the record and dedup ids,
+//! the quantities before and after annual coverage, the rate, and which agreement, offer and
+//! price-book version produced it. A [`ChargeLine`] is one invoice line; its amount is rounded
+//! once, half-up, and the unrounded sum is kept beside it (domain-rules BIL-6).
+
+use crate::id::{DedupKey, RecordId};
+use crate::money::Currency;
+use crate::time::{Hour, Month};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Kind of charge on an invoice line (RPT-6 `charge_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChargeType {
+    /// Metered usage at per-unit prices.
+    Usage,
+}
+
+impl ChargeType {
+    /// The name stored in tables and exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChargeType::Usage => "usage",
+        }
+    }
+    /// Parses [`Self::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "usage" => Some(ChargeType::Usage),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ChargeType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One accepted usage record, rated. The unit the aggregator folds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RatedRecord {
+    /// The record's id (`MeteringRecordId`).
+    pub record_id: RecordId,
+    /// Its (product, customer, dimension, hour) slot.
+    pub dedup_key: DedupKey,
+    /// Seller of record.
+    pub seller: String,
+    /// Product code.
+    pub product: String,
+    /// Customer id.
+    pub customer: String,
+    /// Dimension key.
+    pub dimension: String,
+    /// Usage hour.
+    pub hour: Hour,
+    /// Quantity metered.
+    pub quantity: Decimal,
+    /// Part of the quantity covered by annual subscriptions (X, capped at the quantity).
+    pub covered_quantity: Decimal,
+    /// Quantity charged: `quantity − covered_quantity`, never negative.
+    pub billable_quantity: Decimal,
+    /// Price per unit.
+    pub unit_rate: Decimal,
+    /// Currency of the rate and amount.
+    pub currency: Currency,
+    /// `billable_quantity × unit_rate`, exact.
+    pub amount: Decimal,
+    /// Charge type.
+    pub charge_type: ChargeType,
+    /// Agreement in force.
+    pub agreement_id: String,
+    /// Offer whose prices applied.
+    pub offer_id: String,
+    /// Price-book version that produced the rate.
+    pub price_book_version: String,
+}
+
+impl RatedRecord {
+    /// The billing month of the usage.
+    pub fn month(&self) -> Month {
+        self.hour.month()
+    }
+    /// The invoice line this record folds into.
+    pub fn line_key(&self) -> ChargeLineKey {
+        ChargeLineKey {
+            month: self.month(),
+            customer: self.customer.clone(),
+            product: self.product.clone(),
+            dimension: self.dimension.clone(),
+            charge_type: self.charge_type,
+            currency: self.currency,
+        }
+    }
+}
+
+/// Identity of an invoice line: one per (month, customer, product, dimension, charge type, currency).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ChargeLineKey {
+    /// Billing month.
+    pub month: Month,
+    /// Customer id.
+    pub customer: String,
+    /// Product code.
+    pub product: String,
+    /// Dimension key.
+    pub dimension: String,
+    /// Charge type.
+    pub charge_type: ChargeType,
+    /// Currency; lines in different currencies are never merged.
+    pub currency: Currency,
+}
+
+/// One monthly invoice line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargeLine {
+    /// Billing month, `YYYY-MM`.
+    pub month: String,
+    /// Customer id.
+    pub customer: String,
+    /// Seller of record.
+    pub seller: String,
+    /// Product code.
+    pub product: String,
+    /// Dimension key.
+    pub dimension: String,
+    /// Charge type.
+    pub charge_type: ChargeType,
+    /// Currency.
+    pub currency: Currency,
+    /// Sum of metered quantities.
+    pub quantity: Decimal,
+    /// Sum of quantities covered by annual subscriptions.
+    pub covered_quantity: Decimal,
+    /// Sum of charged quantities.
+    pub billable_quantity: Decimal,
+    /// The unit rate when every record on the line had the same one (else absent: a price change
+    /// within the month; the rated line items show each).
+    pub unit_rate: Option<Decimal>,
+    /// Exact sum of the records' amounts.
+    pub amount_unrounded: Decimal,
+    /// `amount_unrounded` rounded half-up to the currency's minor unit: the invoice figure.
+    pub amount: Decimal,
+    /// Number of rated records folded in.
+    pub records: u64,
+}

@@ -1,0 +1,230 @@
+//! UTC instants, hours and billing months.
+//!
+//! Metering is hourly (domain-rules HR-1) and billing monthly; both are derived from the record's
+//! own timestamp, never from the time it was received (HR-8). Stage cores take `now` as an
+//! argument so that tests, replays and the demo's simulated month behave exactly like production.
+
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Milliseconds per hour.
+pub const HOUR_MS: i64 = 3_600_000;
+
+/// A UTC instant with millisecond precision (what the metering API carries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// From milliseconds since the Unix epoch.
+    pub const fn from_millis(ms: i64) -> Self {
+        Timestamp(ms)
+    }
+    /// Milliseconds since the Unix epoch.
+    pub const fn millis(self) -> i64 {
+        self.0
+    }
+    /// The UTC hour this instant falls in (timestamp floored to the hour, MET-11).
+    pub const fn hour(self) -> Hour {
+        Hour(self.0.div_euclid(HOUR_MS))
+    }
+    /// Parses RFC 3339 (`2026-10-01T10:05:00Z`, offsets allowed and normalised to UTC).
+    pub fn parse_rfc3339(s: &str) -> Result<Self, String> {
+        DateTime::parse_from_rfc3339(s)
+            .map(|d| Timestamp(d.with_timezone(&Utc).timestamp_millis()))
+            .map_err(|e| format!("`{s}` is not an RFC 3339 timestamp: {e}"))
+    }
+    /// The instant as a chrono value (for formatting and calendar arithmetic).
+    pub fn to_datetime(self) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(self.0).single().unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+    /// Adds a signed number of milliseconds.
+    pub const fn plus_millis(self, ms: i64) -> Self {
+        Timestamp(self.0.saturating_add(ms))
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_datetime().to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    }
+}
+
+/// A UTC hour, counted in hours since the Unix epoch. The unit of metering.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Hour(pub i64);
+
+impl Hour {
+    /// The first instant of the hour.
+    pub const fn start(self) -> Timestamp {
+        Timestamp(self.0 * HOUR_MS)
+    }
+    /// The billing month this hour belongs to.
+    pub fn month(self) -> Month {
+        let d = self.start().to_datetime();
+        Month { year: d.year(), month: d.month() }
+    }
+}
+
+impl fmt::Display for Hour {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.start().to_datetime().format("%Y-%m-%dT%H:00Z"))
+    }
+}
+
+/// A calendar month in UTC: the billing period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Month {
+    /// Calendar year, e.g. 2026.
+    pub year: i32,
+    /// 1 = January … 12 = December.
+    pub month: u32,
+}
+
+impl Month {
+    /// Parses `YYYY-MM`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a month (expected YYYY-MM)");
+        let (y, m) = s.split_once('-').ok_or_else(bad)?;
+        let year: i32 = y.parse().map_err(|_| bad())?;
+        let month: u32 = m.parse().map_err(|_| bad())?;
+        if !(1..=12).contains(&month) || y.len() != 4 {
+            return Err(bad());
+        }
+        Ok(Month { year, month })
+    }
+    /// The first instant of the month.
+    pub fn start(self) -> Timestamp {
+        let d = NaiveDate::from_ymd_opt(self.year, self.month, 1).unwrap_or_default();
+        Timestamp(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc().timestamp_millis())
+    }
+    /// The month after this one.
+    pub fn next(self) -> Month {
+        if self.month == 12 {
+            Month { year: self.year + 1, month: 1 }
+        } else {
+            Month { year: self.year, month: self.month + 1 }
+        }
+    }
+    /// First instant of the next month (exclusive end of this one).
+    pub fn end(self) -> Timestamp {
+        self.next().start()
+    }
+    /// Number of hours in the month (672, 696, 720 or 744).
+    pub fn hours(self) -> i64 {
+        (self.end().0 - self.start().0) / HOUR_MS
+    }
+    /// The first hour of the month.
+    pub fn first_hour(self) -> Hour {
+        self.start().hour()
+    }
+}
+
+impl fmt::Display for Month {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
+}
+
+/// Parses a duration such as `6h`, `90m`, `35d`, `300s` into milliseconds.
+pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let bad = || format!("`{s}` is not a duration (expected a number and one of s, m, h, d)");
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: i64 = n.parse().map_err(|_| bad())?;
+    let unit_ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => HOUR_MS,
+        "d" => 24 * HOUR_MS,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(unit_ms).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hour_floors_and_boundary_splits_two_hours() {
+        let a = Timestamp::parse_rfc3339("2026-10-01T10:59:59.999Z").unwrap();
+        let b = Timestamp::parse_rfc3339("2026-10-01T11:00:00.000Z").unwrap();
+        assert_eq!(a.hour().0 + 1, b.hour().0);
+        assert_eq!(a.hour().to_string(), "2026-10-01T10:00Z");
+    }
+
+    #[test]
+    fn month_of_last_hour_is_the_old_month() {
+        let t = Timestamp::parse_rfc3339("2026-10-31T23:30:00Z").unwrap();
+        assert_eq!(t.hour().month(), Month::parse("2026-10").unwrap());
+        assert_eq!(Month::parse("2026-10").unwrap().hours(), 744);
+        assert_eq!(Month::parse("2028-02").unwrap().hours(), 696);
+        assert_eq!(Month::parse("2026-12").unwrap().next().to_string(), "2027-01");
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration_ms("6h").unwrap(), 6 * HOUR_MS);
+        assert_eq!(parse_duration_ms("5m").unwrap(), 300_000);
+        assert!(parse_duration_ms("6 hours").is_err());
+        assert!(parse_duration_ms("h").is_err());
+    }
+}
+
+/// serde for timestamps in human-written files: RFC 3339 text (`"2026-10-01T00:00:00Z"`), or
+/// milliseconds since the epoch as an integer.
+pub mod rfc3339 {
+    use super::Timestamp;
+    use serde::de::{self, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    /// Writes RFC 3339 text.
+    pub fn serialize<S: Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_string())
+    }
+
+    /// Reads RFC 3339 text or epoch milliseconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp such as \"2026-10-01T00:00:00Z\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Timestamp, E> {
+                Timestamp::parse_rfc3339(v).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Timestamp, E> {
+                Ok(Timestamp(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Timestamp, E> {
+                i64::try_from(v).map(Timestamp).map_err(|_| E::custom("timestamp out of range"))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// [`rfc3339`] for `Option<Timestamp>`.
+pub mod rfc3339_opt {
+    use super::Timestamp;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes RFC 3339 text or nothing.
+    pub fn serialize<S: Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_some(&t.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Reads an optional RFC 3339 timestamp.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Timestamp>, D::Error> {
+        #[derive(Deserialize)]
+        struct W(#[serde(with = "super::rfc3339")] Timestamp);
+        Ok(Option::<W>::deserialize(d)?.map(|w| w.0))
+    }
+}
