@@ -1,1 +1,18 @@
-//! placeholder
+//! Ingest: where usage enters Meterline.
+//!
+//! # Layout
+//! - [`wire`]: the AWS Metering JSON shapes (`BatchMeterUsage`, `MeterUsage`) and the native bulk
+//!   line format, parsed with borrowed strings.
+//! - [`validate`]: PURE. A wire record + the price book + `now` → a canonical
+//!   [`common::usage::UsageRecord`] or a named [`common::reject::Rejection`].
+//! - [`sink`]: where validated records go to become durable (the embedded store, or Kafka in
+//!   distributed mode); the HTTP answer waits for it.
+//! - [`http`]: SHELL. The axum router: authentication, body limits, back-pressure, responses.
+//!
+//! Data enters in [`http`] and leaves through a [`sink::UsageSink`]; a record is answered
+//! `Success` only after the sink reports it durable (design guarantee 1).
+
+pub mod http;
+pub mod sink;
+pub mod validate;
+pub mod wire;

@@ -1,1 +1,16 @@
-//! placeholder
+//! Rater: decides, for each accepted usage record, whether it is new, an identical resend or a
+//! conflicting duplicate, and prices the new ones exactly.
+//!
+//! # Layout
+//! - [`dedup`]: PURE. The acceptance-window dedup state, keyed by 128-bit fingerprints, with
+//!   claims that only become permanent once the caller has made the record durable.
+//! - [`rating`]: PURE. Price lookup and the per-unit and annual-coverage (Y−X) math.
+//! - [`decision`]: PURE. [`decision::Rater::decide`] = dedup, then rating, as one [`decision::Decision`].
+//!
+//! Data enters as [`common::usage::UsageRecord`]s and leaves as [`common::rated::RatedRecord`]s or
+//! refusals; the shells (embedded store, Kafka) persist them and only then call
+//! [`decision::Rater::commit`].
+
+pub mod decision;
+pub mod dedup;
+pub mod rating;

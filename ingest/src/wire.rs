@@ -1,0 +1,160 @@
+//! The JSON the seller's software sends and receives.
+//!
+//! Request shapes follow the AWS Metering Service (API 2016-01-14) so existing seller code only
+//! changes its endpoint URL. Records are first split as raw JSON values, then parsed one by one:
+//! a record with a wrong-typed field is refused alone (`InvalidRecord`) instead of failing its
+//! batch, and the response echoes each record exactly as it was sent.
+//!
+//! Unknown fields are ignored (newer SDKs add fields such as `ClientToken`), except `LicenseArn`,
+//! which would change the dedup key (Concurrent Agreements) and is refused until supported.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+
+/// `BatchMeterUsage` request: one product, up to the profile's batch size of records.
+#[derive(Debug, Deserialize)]
+pub struct BatchMeterUsageRequest<'a> {
+    /// Product of every record in the call.
+    #[serde(rename = "ProductCode", borrow)]
+    pub product_code: Option<Cow<'a, str>>,
+    /// The records, kept raw until each is parsed on its own.
+    #[serde(rename = "UsageRecords", borrow, default)]
+    pub usage_records: Vec<&'a RawValue>,
+}
+
+/// One usage record as sent (`UsageRecord` in AWS's model, plus the native bulk fields).
+#[derive(Debug, Deserialize)]
+pub struct WireRecord<'a> {
+    /// Event time: epoch seconds (what AWS SDKs send) or RFC 3339 text.
+    #[serde(rename = "Timestamp", borrow)]
+    pub timestamp: Option<&'a RawValue>,
+    /// Legacy customer identifier.
+    #[serde(rename = "CustomerIdentifier", borrow)]
+    pub customer_identifier: Option<Cow<'a, str>>,
+    /// AWS account id of the customer.
+    #[serde(rename = "CustomerAWSAccountId", borrow)]
+    pub customer_aws_account_id: Option<Cow<'a, str>>,
+    /// Native bulk only: the catalogue's customer id.
+    #[serde(rename = "CustomerId", borrow)]
+    pub customer_id: Option<Cow<'a, str>>,
+    /// Dimension API name (`UsageDimension` on `MeterUsage`).
+    #[serde(rename = "Dimension", alias = "UsageDimension", borrow)]
+    pub dimension: Option<Cow<'a, str>>,
+    /// Quantity, kept as raw JSON so it is parsed exactly (`UsageQuantity` on `MeterUsage`).
+    #[serde(rename = "Quantity", alias = "UsageQuantity", borrow)]
+    pub quantity: Option<&'a RawValue>,
+    /// Allocations of the quantity to tag sets.
+    #[serde(rename = "UsageAllocations", borrow)]
+    pub usage_allocations: Option<Vec<WireAllocation<'a>>>,
+    /// Native bulk and `MeterUsage`: the product of this record.
+    #[serde(rename = "ProductCode", borrow)]
+    pub product_code: Option<Cow<'a, str>>,
+    /// Concurrent Agreements licence (not supported yet; refused by name).
+    #[serde(rename = "LicenseArn", borrow)]
+    pub license_arn: Option<Cow<'a, str>>,
+}
+
+/// One `UsageAllocation`.
+#[derive(Debug, Deserialize)]
+pub struct WireAllocation<'a> {
+    /// Allocated quantity, raw.
+    #[serde(rename = "AllocatedUsageQuantity", borrow)]
+    pub allocated_usage_quantity: Option<&'a RawValue>,
+    /// Tags; absent for the untagged bucket.
+    #[serde(rename = "Tags", borrow)]
+    pub tags: Option<Vec<WireTag<'a>>>,
+}
+
+/// One tag.
+#[derive(Debug, Deserialize)]
+pub struct WireTag<'a> {
+    /// Tag key.
+    #[serde(rename = "Key", borrow)]
+    pub key: Cow<'a, str>,
+    /// Tag value.
+    #[serde(rename = "Value", borrow)]
+    pub value: Cow<'a, str>,
+}
+
+/// `MeterUsage` request (one record).
+#[derive(Debug, Deserialize)]
+pub struct MeterUsageRequest<'a> {
+    /// The record fields (`ProductCode`, `Timestamp`, `UsageDimension`, `UsageQuantity`, …).
+    #[serde(flatten, borrow)]
+    pub record: WireRecord<'a>,
+    /// Permission check only: validate, store nothing.
+    #[serde(rename = "DryRun", default)]
+    pub dry_run: bool,
+}
+
+/// One entry of `Results` in the `BatchMeterUsage` response.
+#[derive(Debug, Serialize)]
+pub struct UsageRecordResult<'a> {
+    /// The record exactly as sent.
+    #[serde(rename = "UsageRecord")]
+    pub usage_record: &'a RawValue,
+    /// Deterministic record id (same for an identical resend). Absent only when the record
+    /// could not be parsed far enough to have one.
+    #[serde(rename = "MeteringRecordId", skip_serializing_if = "Option::is_none")]
+    pub metering_record_id: Option<String>,
+    /// `Success`, `DuplicateRecord`, `CustomerNotSubscribed`, or another rejection code.
+    #[serde(rename = "Status")]
+    pub status: &'static str,
+    /// Meterline extension: why a record was not a `Success`.
+    #[serde(rename = "Reason", skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The `BatchMeterUsage` response.
+#[derive(Debug, Serialize)]
+pub struct BatchMeterUsageResponse<'a> {
+    /// One result per processed record, in request order.
+    #[serde(rename = "Results")]
+    pub results: Vec<UsageRecordResult<'a>>,
+    /// Records to resend as they are (transient failures). Meterline answers 503 for the whole
+    /// call instead, so this is always empty; kept for the response shape SDKs expect.
+    #[serde(rename = "UnprocessedRecords")]
+    pub unprocessed_records: Vec<&'a RawValue>,
+}
+
+/// Result of one line of the native bulk endpoint.
+#[derive(Debug, Serialize)]
+pub struct BulkResult {
+    /// 1-based line number in the request body.
+    #[serde(rename = "Line")]
+    pub line: usize,
+    /// Deterministic record id.
+    #[serde(rename = "MeteringRecordId", skip_serializing_if = "Option::is_none")]
+    pub metering_record_id: Option<String>,
+    /// Status as in `BatchMeterUsage`.
+    #[serde(rename = "Status")]
+    pub status: &'static str,
+    /// Why it was not a `Success`.
+    #[serde(rename = "Reason", skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The native bulk response.
+#[derive(Debug, Serialize)]
+pub struct BulkResponse {
+    /// Records answered `Success` (new or identical resends).
+    #[serde(rename = "Accepted")]
+    pub accepted: usize,
+    /// Records refused (any other status).
+    #[serde(rename = "Refused")]
+    pub refused: usize,
+    /// Per-line results, in order.
+    #[serde(rename = "Results")]
+    pub results: Vec<BulkResult>,
+}
+
+/// An AWS-style error body (`__type` + `message`).
+#[derive(Debug, Serialize)]
+pub struct ErrorBody {
+    /// Exception name, e.g. `InvalidProductCodeException`.
+    #[serde(rename = "__type")]
+    pub kind: String,
+    /// What went wrong.
+    pub message: String,
+}

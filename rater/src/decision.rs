@@ -1,0 +1,169 @@
+//! PURE. What happens to one accepted usage record: dedup, then rating.
+
+use crate::dedup::{DedupOutcome, Deduper};
+use crate::rating;
+use common::catalogue::PriceBook;
+use common::id::RecordId;
+use common::rated::RatedRecord;
+use common::reject::{RejectCode, Rejection};
+use common::time::{Hour, Timestamp};
+use common::usage::UsageRecord;
+
+/// The rater's verdict on a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A new record, priced. Persist it, then [`Rater::commit`].
+    Rated(RatedRecord),
+    /// An identical resend of an accepted record: `Success`, no new charge.
+    Identical {
+        /// The (same) record id.
+        record_id: RecordId,
+    },
+    /// Refused: a conflicting duplicate, or a record that cannot be priced.
+    Refused {
+        /// This record's id.
+        record_id: RecordId,
+        /// Why.
+        rejection: Rejection,
+    },
+}
+
+/// Dedup state plus the rating core. One per partition (embedded: one per store).
+#[derive(Debug, Default)]
+pub struct Rater {
+    dedup: Deduper,
+}
+
+impl Rater {
+    /// A rater with empty dedup state.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decides one record. A `Rated` decision stages a dedup claim that becomes permanent only
+    /// with [`Rater::commit`].
+    pub fn decide(&mut self, record: &UsageRecord, book: &PriceBook) -> Decision {
+        let key = record.dedup_key();
+        let record_id = record.record_id_for(key);
+        match self.dedup.check_and_stage(key, record.hour(), record_id) {
+            DedupOutcome::Identical => Decision::Identical { record_id },
+            DedupOutcome::Conflict { standing } => Decision::Refused {
+                record_id,
+                rejection: Rejection::new(
+                    RejectCode::DuplicateRecord,
+                    format!(
+                        "{} of `{}` for `{}` in hour {} was already metered as record {standing} with another quantity or allocations; the first record stands",
+                        record.dimension,
+                        record.product,
+                        record.customer,
+                        record.hour()
+                    ),
+                ),
+            },
+            DedupOutcome::New => match rating::rate(record, key, record_id, book) {
+                Ok(rated) => Decision::Rated(rated),
+                Err(rejection) => {
+                    self.dedup.unstage(key);
+                    Decision::Refused { record_id, rejection }
+                }
+            },
+        }
+    }
+
+    /// The decided batch is durable: keep its claims.
+    pub fn commit(&mut self) {
+        self.dedup.commit();
+    }
+
+    /// The decided batch was not persisted: forget its claims.
+    pub fn rollback(&mut self) {
+        self.dedup.rollback();
+    }
+
+    /// Replays a durable claim (restart).
+    pub fn restore(&mut self, rated: &RatedRecord) {
+        self.dedup.restore(rated.dedup_key, rated.hour, rated.record_id);
+    }
+
+    /// Drops dedup state for hours that the acceptance window (plus slack) no longer admits.
+    pub fn evict(&mut self, now: Timestamp, window_ms: i64, slack_ms: i64) {
+        self.dedup.evict_before(Hour(now.plus_millis(-(window_ms + slack_ms)).hour().0));
+    }
+
+    /// Dedup keys held (bounded by the window).
+    pub fn dedup_keys(&self) -> usize {
+        self.dedup.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::usage::CustomerRef;
+    use rust_decimal::Decimal;
+
+    const BOOK: &str = include_str!("../../docs/examples/price-book.toml");
+
+    fn rec(ts: &str, q: i64, customer: &str, dim: &str) -> UsageRecord {
+        let t = Timestamp::parse_rfc3339(ts).unwrap();
+        UsageRecord {
+            seller: "acme".into(),
+            product: "acme-analytics".into(),
+            customer: customer.into(),
+            customer_ref: CustomerRef::CustomerId,
+            dimension: dim.into(),
+            timestamp: t,
+            quantity: Decimal::from(q),
+            allocations: vec![],
+            received_at: t,
+        }
+    }
+
+    #[test]
+    fn exact_resend_charges_once_conflict_keeps_the_first_quantity() {
+        let book = PriceBook::from_toml(BOOK).unwrap();
+        let mut rater = Rater::new();
+        let first = rec("2026-11-02T10:05:00Z", 100, "cust-a", "users");
+        let Decision::Rated(rated) = rater.decide(&first, &book) else { panic!("first is rated") };
+        rater.commit();
+        assert_eq!(rated.amount, "1.400".parse().unwrap());
+        assert_eq!(rater.decide(&first, &book), Decision::Identical { record_id: first.record_id() });
+        // Same key at 10:55 with the same quantity: the same record (edge case 22).
+        let later = rec("2026-11-02T10:55:00Z", 100, "cust-a", "users");
+        assert_eq!(rater.decide(&later, &book), Decision::Identical { record_id: first.record_id() });
+        let conflict = rec("2026-11-02T10:30:00Z", 90, "cust-a", "users");
+        match rater.decide(&conflict, &book) {
+            Decision::Refused { rejection, .. } => {
+                assert_eq!(rejection.code, RejectCode::DuplicateRecord);
+                assert!(rejection.message.contains(&first.record_id().to_string()));
+            }
+            other => panic!("expected DuplicateRecord, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn other_hour_dimension_or_customer_are_other_slots() {
+        let book = PriceBook::from_toml(BOOK).unwrap();
+        let mut rater = Rater::new();
+        for r in [
+            rec("2026-11-02T10:59:59.999Z", 1, "cust-a", "users"),
+            rec("2026-11-02T11:00:00.000Z", 1, "cust-a", "users"),
+            rec("2026-11-02T11:00:00.000Z", 1, "cust-a", "gb_ingest"),
+        ] {
+            assert!(matches!(rater.decide(&r, &book), Decision::Rated(_)), "{r:?}");
+        }
+        rater.commit();
+        assert_eq!(rater.dedup_keys(), 3);
+    }
+
+    #[test]
+    fn an_unpriced_record_does_not_claim_its_key() {
+        let book = PriceBook::from_toml(BOOK).unwrap();
+        let mut rater = Rater::new();
+        // cust-b has no agreement for acme-analytics: refused, key left free.
+        let r = rec("2026-11-02T10:00:00Z", 1, "cust-b", "users");
+        assert!(matches!(rater.decide(&r, &book), Decision::Refused { rejection, .. } if rejection.code == RejectCode::NotPriced));
+        rater.commit();
+        assert_eq!(rater.dedup_keys(), 0);
+    }
+}
