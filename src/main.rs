@@ -1,1 +1,247 @@
-fn main() {}
+//! `meterline`: the embedded default's command line.
+//!
+//! - `demo`: a realistic month end to end through the real HTTP API (README command 1).
+//! - `serve`: the ingest API over the embedded store, on the system clock.
+//! - `rate`: price book + usage file → charge lines as JSON (scripted checks, golden tests).
+//! - `charges`, `invoices`, `stats`, `query`: read the store.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use common::catalogue::PriceBook;
+use common::time::Timestamp;
+use meterline::store::Store;
+use meterline::{demo, rate, report, server};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Parser, Debug)]
+#[command(name = "meterline", version, about = "Exact metering and rating of marketplace usage")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a realistic month end to end on the embedded default and print the invoices.
+    Demo {
+        /// Where the database, price book and demo API keys go (the demo's database is recreated).
+        #[arg(long, default_value = "meterline-data")]
+        data_dir: PathBuf,
+        /// Number of customers.
+        #[arg(long, default_value_t = 300)]
+        customers: usize,
+        /// Month to replay, YYYY-MM.
+        #[arg(long, default_value = "2026-10")]
+        month: String,
+        /// Seed for the catalogue and traffic.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// HTTP calls in flight.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Serve the ingest API over the embedded store.
+    Serve {
+        /// The price book (TOML or JSON).
+        #[arg(long)]
+        price_book: PathBuf,
+        /// Where the database lives.
+        #[arg(long, default_value = "meterline-data")]
+        data_dir: PathBuf,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Records allowed to wait for the store before callers get 429.
+        #[arg(long, default_value_t = server::DEFAULT_MAX_IN_FLIGHT)]
+        max_in_flight: usize,
+    },
+    /// Rate a file of usage records (JSON lines with ProductCode) and print the charge lines as JSON.
+    Rate {
+        /// The price book (TOML or JSON).
+        #[arg(long)]
+        price_book: PathBuf,
+        /// Usage records, one JSON object per line (`-` for standard input).
+        #[arg(long)]
+        usage: PathBuf,
+        /// Apply acceptance windows as if the records arrived at this RFC 3339 instant.
+        #[arg(long)]
+        now: Option<String>,
+        /// Only print lines of this month (YYYY-MM).
+        #[arg(long)]
+        month: Option<String>,
+    },
+    /// Print invoice lines from the store.
+    Charges {
+        #[arg(long, default_value = "meterline-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        month: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Print invoice totals per customer, month and currency.
+    Invoices {
+        #[arg(long, default_value = "meterline-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        month: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Print record counts by outcome and the summary.
+    Stats {
+        #[arg(long, default_value = "meterline-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        month: Option<String>,
+    },
+    /// Run a read-only SQL query against the store and print the rows (tab-separated).
+    Query {
+        #[arg(long, default_value = "meterline-data")]
+        data_dir: PathBuf,
+        /// The SQL.
+        sql: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+fn db_path(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let db = data_dir.join("meterline.db");
+    if !db.exists() {
+        anyhow::bail!("no store at {} (run `meterline demo` or `meterline serve` first)", db.display());
+    }
+    Ok(db)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // The demo prints its own report; the server logs what it does.
+    let default_filter = if matches!(cli.command, Command::Serve { .. }) { "warn,meterline=info,ingest=info" } else { "warn" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Demo { data_dir, customers, month, seed, concurrency } => {
+            let opts = demo::DemoOptions {
+                data_dir,
+                customers,
+                month: demo::parse_month(&month)?,
+                seed,
+                concurrency,
+                progress: demo::stderr_is_terminal(),
+            };
+            eprintln!("Replaying {month} for {customers} customers through the HTTP API…");
+            let rt = tokio::runtime::Runtime::new()?;
+            let out = rt.block_on(demo::run(opts))?;
+            print!("{out}");
+        }
+        Command::Serve { price_book, data_dir, listen, max_in_flight } => {
+            let book = Arc::new(PriceBook::load(&price_book)?);
+            std::fs::create_dir_all(&data_dir)?;
+            let db = data_dir.join("meterline.db");
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+                let addr = listener.local_addr()?;
+                println!("Meterline listening on http://{addr}  (store {})", db.display());
+                println!("  POST http://{addr}/v1/BatchMeterUsage   AWS BatchMeterUsage JSON, header X-Api-Key");
+                println!("  POST http://{addr}/                     with X-Amz-Target: AWSMPMeteringService.BatchMeterUsage");
+                println!("  POST http://{addr}/v1/usage             native bulk, JSON lines");
+                let clock = Arc::new(ingest::clock::SystemClock);
+                let stats = server::serve(listener, &db, book, clock, max_in_flight, async {
+                    let _ = tokio::signal::ctrl_c().await;
+                })
+                .await?;
+                eprintln!("stopped after {} transactions, {} records", stats.transactions, stats.records);
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Rate { price_book, usage, now, month } => {
+            let book = PriceBook::load(&price_book)?;
+            let text = if usage.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&usage).with_context(|| format!("reading {}", usage.display()))?
+            };
+            let now = now.map(|n| Timestamp::parse_rfc3339(&n)).transpose().map_err(anyhow::Error::msg)?;
+            let out = rate::rate_lines(&book, &text, now, month.as_deref())?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Command::Charges { data_dir, month, format } => {
+            let conn = Store::open_read_only(&db_path(&data_dir)?)?;
+            let lines = Store::charge_lines(&conn, month.as_deref())?;
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&lines)?),
+                Format::Csv => {
+                    println!("month,customer,seller,product,dimension,charge_type,currency,quantity,covered_quantity,billable_quantity,unit_rate,amount_unrounded,amount,records");
+                    for l in &lines {
+                        println!(
+                            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+                            l.month, l.customer, l.seller, l.product, l.dimension, l.charge_type, l.currency, l.quantity,
+                            l.covered_quantity, l.billable_quantity, l.unit_rate.map(|r| r.to_string()).unwrap_or_default(),
+                            l.amount_unrounded, l.amount, l.records
+                        );
+                    }
+                }
+                Format::Table => {
+                    println!("{:<8} {:<10} {:<16} {:<14} {:<4} {:>14} {:>12} {:>14} {:>18} {:>14}", "month", "customer", "product", "dimension", "cur", "quantity", "covered", "unit_rate", "unrounded", "amount");
+                    for l in &lines {
+                        println!(
+                            "{:<8} {:<10} {:<16} {:<14} {:<4} {:>14} {:>12} {:>14} {:>18} {:>14}",
+                            l.month, l.customer, l.product, l.dimension, l.currency, l.quantity, l.covered_quantity,
+                            l.unit_rate.map(|r| r.to_string()).unwrap_or_else(|| "mixed".into()), l.amount_unrounded, report::money(l.amount)
+                        );
+                    }
+                }
+            }
+        }
+        Command::Invoices { data_dir, month, format } => {
+            let conn = Store::open_read_only(&db_path(&data_dir)?)?;
+            let lines = Store::charge_lines(&conn, month.as_deref())?;
+            let invoices = aggregator::invoice::invoice_totals(&lines);
+            match format {
+                Format::Json => println!("{}", serde_json::to_string_pretty(&invoices)?),
+                Format::Csv => {
+                    println!("month,customer,currency,lines,amount,amount_unrounded");
+                    for i in &invoices {
+                        println!("{},{},{},{},{},{}", i.month, i.customer, i.currency, i.lines, i.amount, i.amount_unrounded);
+                    }
+                }
+                Format::Table => print!("{}", report::invoice_table(&invoices, usize::MAX)),
+            }
+        }
+        Command::Stats { data_dir, month } => {
+            let conn = Store::open_read_only(&db_path(&data_dir)?)?;
+            print!("{}", report::store_summary(&conn, month.as_deref())?);
+        }
+        Command::Query { data_dir, sql } => {
+            let conn = Store::open_read_only(&db_path(&data_dir)?)?;
+            let mut st = conn.prepare(&sql).with_context(|| format!("preparing `{sql}`"))?;
+            let cols: Vec<String> = st.column_names().iter().map(|s| (*s).to_owned()).collect();
+            println!("{}", cols.join("\t"));
+            let mut rows = st.query([])?;
+            while let Some(r) = rows.next()? {
+                let vals: Vec<String> = (0..cols.len())
+                    .map(|i| match r.get_ref(i) {
+                        Ok(rusqlite::types::ValueRef::Null) => "NULL".into(),
+                        Ok(rusqlite::types::ValueRef::Integer(v)) => v.to_string(),
+                        Ok(rusqlite::types::ValueRef::Real(v)) => v.to_string(),
+                        Ok(rusqlite::types::ValueRef::Text(t)) => String::from_utf8_lossy(t).into_owned(),
+                        Ok(rusqlite::types::ValueRef::Blob(b)) => format!("<{} bytes>", b.len()),
+                        Err(e) => format!("<{e}>"),
+                    })
+                    .collect();
+                println!("{}", vals.join("\t"));
+            }
+        }
+    }
+    Ok(())
+}

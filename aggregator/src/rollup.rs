@@ -45,7 +45,8 @@ pub struct LineSums {
 }
 
 impl LineSums {
-    fn new(seller: &str) -> Self {
+    /// Zero sums for a new line of `seller`.
+    pub fn empty(seller: &str) -> Self {
         LineSums {
             seller: seller.to_owned(),
             quantity: Decimal::ZERO,
@@ -113,7 +114,7 @@ impl MonthlyRollup {
     /// Folds one record; returns the key of the line it changed.
     pub fn fold(&mut self, r: &RatedRecord) -> Result<ChargeLineKey, FoldError> {
         let key = r.line_key();
-        let sums = self.lines.entry(key.clone()).or_insert_with(|| LineSums::new(&r.seller));
+        let sums = self.lines.entry(key.clone()).or_insert_with(|| LineSums::empty(&r.seller));
         let mut next = sums.clone();
         next.add(r).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
         *sums = next;

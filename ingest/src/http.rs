@@ -1,1 +1,437 @@
+//! SHELL. The HTTP API sellers call.
+//!
+//! Routes:
+//! - `POST /` with `X-Amz-Target: AWSMPMeteringService.BatchMeterUsage` or `…MeterUsage`: the AWS
+//!   JSON protocol, so SDK-based seller code only changes its endpoint URL.
+//! - `POST /v1/BatchMeterUsage`, `POST /v1/MeterUsage`: the same by path.
+//! - `POST /v1/usage`: native bulk, one JSON record per line (`ProductCode` on each), no
+//!   25-record limit, same per-record semantics.
+//! - `GET /health`.
+//!
+//! Authentication is an API key per seller (`X-Api-Key: …` or `Authorization: Bearer …`), checked
+//! against the price book's SHA-256 hashes; a key meters only its seller's products (403). Keys
+//! never reach a log line. Each record gets its own result; only a malformed body (400), a body
+//! over the limit (413), a bad key (401/403) or an overloaded/unavailable sink (429/503 with
+//! `Retry-After`) fails a whole call, and then nothing of it was stored.
 
+use crate::clock::Clock;
+use crate::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
+use crate::validate::{validate, Caller, Context};
+use crate::wire::{
+    BatchMeterUsageRequest, BatchMeterUsageResponse, BulkResponse, BulkResult, ErrorBody, MeterUsageRequest,
+    UsageRecordResult, WireRecord,
+};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use common::catalogue::{PriceBook, Seller};
+use common::id::RecordId;
+use common::reject::{RejectCode, Rejection};
+use common::usage::UsageRecord;
+use serde_json::value::RawValue;
+use std::sync::Arc;
+
+/// Limits of the HTTP layer not set by the marketplace profile.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Body limit of the native bulk endpoint in bytes.
+    pub max_bulk_bytes: usize,
+    /// Most records in one bulk request.
+    pub max_bulk_records: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits { max_bulk_bytes: 32 * 1024 * 1024, max_bulk_records: 100_000 }
+    }
+}
+
+/// Everything a request handler needs.
+#[derive(Debug)]
+pub struct IngestState<S> {
+    /// The price book (products, keys, windows).
+    pub book: Arc<PriceBook>,
+    /// Where validated records go.
+    pub sink: S,
+    /// "Now" for the acceptance window.
+    pub clock: Arc<dyn Clock>,
+    /// HTTP limits.
+    pub limits: HttpLimits,
+}
+
+/// Builds the router.
+pub fn router<S: UsageSink>(state: Arc<IngestState<S>>) -> Router {
+    let aws_limit = state.book.marketplace().max_request_bytes;
+    let bulk_limit = state.limits.max_bulk_bytes;
+    Router::new()
+        .route("/", post(aws_json::<S>).layer(DefaultBodyLimit::max(aws_limit)))
+        .route("/v1/BatchMeterUsage", post(batch_meter_usage::<S>).layer(DefaultBodyLimit::max(aws_limit)))
+        .route("/v1/MeterUsage", post(meter_usage::<S>).layer(DefaultBodyLimit::max(aws_limit)))
+        .route("/v1/usage", post(bulk::<S>).layer(DefaultBodyLimit::max(bulk_limit)))
+        .route("/health", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+/// An error answer for the whole call, in AWS's `__type` / `message` shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    retry_after: Option<u32>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, kind, message: message.into(), retry_after: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::to_vec(&ErrorBody { kind: self.kind.to_owned(), message: self.message }).unwrap_or_default();
+        let mut resp = (self.status, body).into_response();
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
+        if let Some(s) = self.retry_after {
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+impl From<SinkError> for ApiError {
+    fn from(e: SinkError) -> Self {
+        match e {
+            SinkError::Overloaded { retry_after_secs, .. } => ApiError {
+                retry_after: Some(retry_after_secs),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "ThrottlingException", e.to_string())
+            },
+            SinkError::Unavailable(_) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "InternalServiceErrorException", e.to_string())
+            },
+        }
+    }
+}
+
+fn json_response<T: serde::Serialize>(value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => {
+            let mut resp = (StatusCode::OK, body).into_response();
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
+            resp
+        }
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServiceErrorException", e.to_string()).into_response(),
+    }
+}
+
+/// The seller behind the request's API key.
+fn authenticate<'b>(headers: &HeaderMap, book: &'b PriceBook) -> Result<&'b Seller, ApiError> {
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")))
+        .map(str::trim);
+    let Some(key) = key.filter(|k| !k.is_empty()) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "MissingAuthenticationTokenException",
+            "an API key is required: send `X-Api-Key: <key>` or `Authorization: Bearer <key>`",
+        ));
+    };
+    book.seller_for_key(key)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "UnrecognizedClientException", "the API key is not valid"))
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
+    let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+    let ok = ["application/json", "application/x-amz-json-1.0", "application/x-amz-json-1.1", "application/x-ndjson", "text/plain"]
+        .iter()
+        .any(|t| ct.starts_with(t));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "SerializationException",
+            format!("content type `{ct}` is not accepted; send application/json"),
+        ))
+    }
+}
+
+fn owns(book: &PriceBook, seller: &Seller, product: &str) -> Result<(), ApiError> {
+    match book.product(product) {
+        Some(p) if p.seller == seller.id => Ok(()),
+        // Unknown and foreign products get the same answer so a key cannot probe the catalogue.
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "AccessDeniedException",
+            format!("product `{product}` is not one of this API key's products"),
+        )),
+    }
+}
+
+fn status_of(outcome: &SinkOutcome) -> (Option<RecordId>, &'static str, Option<String>) {
+    match outcome {
+        SinkOutcome::Accepted { record_id } | SinkOutcome::AlreadyAccepted { record_id } => (Some(*record_id), "Success", None),
+        SinkOutcome::Refused { record_id, rejection } => {
+            (Some(*record_id), rejection.code.as_str(), Some(rejection.message.clone()))
+        }
+    }
+}
+
+/// One record's fate while a call is processed.
+enum Slot {
+    /// Index into the accepted list handed to the sink.
+    Accepted(usize),
+    /// Refused before the sink.
+    Refused(Option<RecordId>, Rejection),
+}
+
+/// Validates raw records of one call; returns per-record slots plus what to hand the sink.
+fn validate_all<'a>(
+    raws: impl Iterator<Item = &'a str>,
+    batch_product: Option<&str>,
+    seller: &Seller,
+    book: &PriceBook,
+    clock: &dyn Clock,
+) -> (Vec<Slot>, Vec<UsageRecord>, Vec<RefusedRecord>) {
+    let now = clock.now();
+    let cx = Context { book, caller: Caller::Seller(seller), now: Some(now), received_at: now };
+    let mut slots = Vec::new();
+    let mut accepted = Vec::new();
+    let mut refused = Vec::new();
+    for raw in raws {
+        let outcome = serde_json::from_str::<WireRecord<'_>>(raw)
+            .map_err(|e| Rejection::new(RejectCode::InvalidRecord, format!("record does not parse: {e}")))
+            .and_then(|w| validate(&w, batch_product, &cx));
+        match outcome {
+            Ok(record) => {
+                slots.push(Slot::Accepted(accepted.len()));
+                accepted.push(record);
+            }
+            Err(rejection) => {
+                refused.push(RefusedRecord {
+                    received_at: now,
+                    seller: seller.id.clone(),
+                    product: batch_product.unwrap_or_default().to_owned(),
+                    raw: RefusedRecord::clip(raw),
+                    record_id: None,
+                    rejection: rejection.clone(),
+                });
+                slots.push(Slot::Refused(None, rejection));
+            }
+        }
+    }
+    (slots, accepted, refused)
+}
+
+async fn aws_json<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, body: Bytes) -> Response {
+    let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
+    match target.rsplit('.').next() {
+        Some("BatchMeterUsage") => batch_meter_usage(State(st), headers, body).await,
+        Some("MeterUsage") => meter_usage(State(st), headers, body).await,
+        _ => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "UnknownOperationException",
+            format!("X-Amz-Target `{target}` is not an operation here; use AWSMPMeteringService.BatchMeterUsage or .MeterUsage"),
+        )
+        .into_response(),
+    }
+}
+
+async fn batch_meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, body: Bytes) -> Response {
+    match batch_inner(&st, &headers, &body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+    check_content_type(headers)?;
+    let seller = authenticate(headers, &st.book)?;
+    let req: BatchMeterUsageRequest<'_> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for BatchMeterUsage: {e}")))?;
+    let Some(product) = req.product_code.as_deref().filter(|p| !p.is_empty()) else {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidProductCodeException", "ProductCode is required"));
+    };
+    owns(&st.book, seller, product)?;
+    let max = st.book.marketplace().max_batch_records;
+    if req.usage_records.len() > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "ValidationException",
+            format!(
+                "{} UsageRecords; at most {max} per BatchMeterUsage call (split the batch, or use POST /v1/usage for bulk)",
+                req.usage_records.len()
+            ),
+        ));
+    }
+    let (slots, accepted, refused) =
+        validate_all(req.usage_records.iter().map(|r| r.get()), Some(product), seller, &st.book, st.clock.as_ref());
+    let n_refused = refused.len();
+    let outcomes = st.sink.submit(accepted, refused).await?;
+    tracing::debug!(seller = %seller.id, product, records = slots.len(), refused = n_refused, "BatchMeterUsage");
+    let results = slots
+        .into_iter()
+        .zip(req.usage_records.iter())
+        .map(|(slot, raw)| {
+            let (id, status, reason) = match slot {
+                Slot::Accepted(i) => status_of(&outcomes[i]),
+                Slot::Refused(id, rej) => (id, rej.code.as_str(), Some(rej.message)),
+            };
+            UsageRecordResult { usage_record: raw, metering_record_id: id.map(|i| i.to_string()), status, reason }
+        })
+        .collect();
+    let empty: Vec<&RawValue> = Vec::new();
+    Ok(json_response(&BatchMeterUsageResponse { results, unprocessed_records: empty }))
+}
+
+async fn meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, body: Bytes) -> Response {
+    match meter_inner(&st, &headers, &body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn exception_for(code: RejectCode) -> &'static str {
+    match code {
+        RejectCode::DuplicateRecord => "DuplicateRequestException",
+        RejectCode::CustomerNotSubscribed => "CustomerNotEntitledException",
+        RejectCode::InvalidProductCode => "InvalidProductCodeException",
+        RejectCode::InvalidUsageDimension => "InvalidUsageDimensionException",
+        RejectCode::InvalidCustomerIdentifier => "InvalidCustomerIdentifierException",
+        RejectCode::TimestampOutOfBounds => "TimestampOutOfBoundsException",
+        RejectCode::InvalidUsageAllocations => "InvalidUsageAllocationsException",
+        RejectCode::InvalidTag => "InvalidTagException",
+        RejectCode::InvalidQuantity | RejectCode::InvalidRecord | RejectCode::NotPriced => "ValidationException",
+    }
+}
+
+async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+    check_content_type(headers)?;
+    let seller = authenticate(headers, &st.book)?;
+    let req: MeterUsageRequest<'_> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for MeterUsage: {e}")))?;
+    let Some(product) = req.record.product_code.as_deref().filter(|p| !p.is_empty()) else {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidProductCodeException", "ProductCode is required"));
+    };
+    owns(&st.book, seller, product)?;
+    let now = st.clock.now();
+    let cx = Context { book: &st.book, caller: Caller::Seller(seller), now: Some(now), received_at: now };
+    let raw = std::str::from_utf8(body).unwrap_or_default();
+    let refuse = |rej: Rejection| ApiError::new(StatusCode::BAD_REQUEST, exception_for(rej.code), rej.message);
+    let record = match validate(&req.record, Some(product), &cx) {
+        Ok(r) => r,
+        Err(rej) => {
+            let refused = RefusedRecord {
+                received_at: now,
+                seller: seller.id.clone(),
+                product: product.to_owned(),
+                raw: RefusedRecord::clip(raw),
+                record_id: None,
+                rejection: rej.clone(),
+            };
+            if !req.dry_run {
+                st.sink.submit(Vec::new(), vec![refused]).await?;
+            }
+            return Err(refuse(rej));
+        }
+    };
+    if req.dry_run {
+        return Ok(json_response(&serde_json::json!({ "MeteringRecordId": record.record_id().to_string(), "DryRun": true })));
+    }
+    let outcome = st.sink.submit(vec![record], Vec::new()).await?.pop();
+    match outcome {
+        Some(SinkOutcome::Accepted { record_id } | SinkOutcome::AlreadyAccepted { record_id }) => {
+            Ok(json_response(&serde_json::json!({ "MeteringRecordId": record_id.to_string() })))
+        }
+        Some(SinkOutcome::Refused { rejection, .. }) => Err(refuse(rejection)),
+        None => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServiceErrorException", "sink returned no outcome")),
+    }
+}
+
+async fn bulk<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, body: Bytes) -> Response {
+    match bulk_inner(&st, &headers, &body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ProductOnly<'a> {
+    #[serde(rename = "ProductCode", borrow)]
+    product_code: Option<std::borrow::Cow<'a, str>>,
+}
+
+async fn bulk_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+    check_content_type(headers)?;
+    let seller = authenticate(headers, &st.book)?;
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("body is not UTF-8: {e}")))?;
+    // (line number, raw line) of the non-blank lines.
+    let lines: Vec<(usize, &str)> =
+        text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty()).collect();
+    if lines.len() > st.limits.max_bulk_records {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "ValidationException",
+            format!("{} records; at most {} per bulk request", lines.len(), st.limits.max_bulk_records),
+        ));
+    }
+    // Ownership first, for the whole call: a key naming a foreign product stores nothing.
+    for (n, line) in &lines {
+        if let Ok(ProductOnly { product_code: Some(p) }) = serde_json::from_str::<ProductOnly<'_>>(line) {
+            owns(&st.book, seller, &p).map_err(|e| ApiError { message: format!("line {n}: {}", e.message), ..e })?;
+        }
+    }
+    let now = st.clock.now();
+    let cx = Context { book: &st.book, caller: Caller::Seller(seller), now: Some(now), received_at: now };
+    let mut slots = Vec::with_capacity(lines.len());
+    let mut accepted = Vec::with_capacity(lines.len());
+    let mut refused = Vec::new();
+    for (_, line) in &lines {
+        let parsed = serde_json::from_str::<WireRecord<'_>>(line)
+            .map_err(|e| Rejection::new(RejectCode::InvalidRecord, format!("line does not parse: {e}")));
+        let (product, outcome) = match parsed {
+            Ok(w) => (w.product_code.as_deref().unwrap_or_default().to_owned(), validate(&w, None, &cx)),
+            Err(r) => (String::new(), Err(r)),
+        };
+        match outcome {
+            Ok(r) => {
+                slots.push(Slot::Accepted(accepted.len()));
+                accepted.push(r);
+            }
+            Err(rej) => {
+                refused.push(RefusedRecord {
+                    received_at: now,
+                    seller: seller.id.clone(),
+                    product,
+                    raw: RefusedRecord::clip(line),
+                    record_id: None,
+                    rejection: rej.clone(),
+                });
+                slots.push(Slot::Refused(None, rej));
+            }
+        }
+    }
+    let outcomes = st.sink.submit(accepted, refused).await?;
+    let mut resp = BulkResponse { accepted: 0, refused: 0, results: Vec::with_capacity(slots.len()) };
+    for (slot, (line, _)) in slots.into_iter().zip(lines.iter()) {
+        let (id, status, reason) = match slot {
+            Slot::Accepted(i) => status_of(&outcomes[i]),
+            Slot::Refused(id, rej) => (id, rej.code.as_str(), Some(rej.message)),
+        };
+        if status == "Success" {
+            resp.accepted += 1;
+        } else {
+            resp.refused += 1;
+        }
+        resp.results.push(BulkResult { line: *line, metering_record_id: id.map(|i| i.to_string()), status, reason });
+    }
+    Ok(json_response(&resp))
+}

@@ -12,6 +12,7 @@
 //! Data enters in [`http`] and leaves through a [`sink::UsageSink`]; a record is answered
 //! `Success` only after the sink reports it durable (design guarantee 1).
 
+pub mod clock;
 pub mod http;
 pub mod sink;
 pub mod validate;

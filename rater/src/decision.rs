@@ -82,7 +82,12 @@ impl Rater {
 
     /// Replays a durable claim (restart).
     pub fn restore(&mut self, rated: &RatedRecord) {
-        self.dedup.restore(rated.dedup_key, rated.hour, rated.record_id);
+        self.restore_claim(rated.dedup_key, rated.hour, rated.record_id);
+    }
+
+    /// Replays a durable claim given its parts (restart from a store).
+    pub fn restore_claim(&mut self, key: common::id::DedupKey, hour: Hour, record_id: RecordId) {
+        self.dedup.restore(key, hour, record_id);
     }
 
     /// Drops dedup state for hours that the acceptance window (plus slack) no longer admits.

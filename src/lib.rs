@@ -1,0 +1,22 @@
+//! Meterline's embedded default: the three stages wired in one process over SQLite.
+//!
+//! This package sits above `ingest`, `rater` and `aggregator` (they never depend on it), so the
+//! same stage cores run here and, over Kafka, in distributed mode.
+//!
+//! # Layout
+//! - [`store`]: SHELL. The SQLite database (rated usage, rejected records, monthly charges).
+//! - [`pipeline`]: SHELL. The writer thread: group commit of dedup + rating + monthly fold.
+//! - [`server`]: SHELL. The ingest HTTP API over the embedded pipeline.
+//! - [`rate`]: the `rate` command: price-book file + usage file → charge lines, through the same
+//!   pure cores, with no store and no HTTP.
+//! - [`demo`]: a realistic month, posted through the real HTTP API.
+//! - [`report`]: what a billing person reads at the end.
+//!
+//! Data enters at `ingest::http` (via [`server`]) and leaves in the store's `monthly_charges`.
+
+pub mod demo;
+pub mod pipeline;
+pub mod rate;
+pub mod report;
+pub mod server;
+pub mod store;

@@ -1,0 +1,259 @@
+//! SHELL. The embedded default: ingest → rater → aggregator in one process over SQLite.
+//!
+//! HTTP handlers validate records (ingest core) and hand each call to [`EmbeddedSink`]. One
+//! writer thread owns the store and the rater and aggregator cores; it takes every call waiting
+//! in its queue, decides them (dedup + rating), folds the rated records into the month's lines
+//! and writes all of it in one SQLite transaction (group commit). Only after that commit does it
+//! make the batch's dedup claims and line sums permanent in memory and answer the callers: an
+//! answer of `Success` means durable, and a failed commit leaves no trace in memory either.
+//!
+//! On start the writer rebuilds its state from the store: dedup claims for the acceptance window
+//! plus slack (a bounded replay) and every line's exact sums.
+//!
+//! Back-pressure: at most `max_in_flight` records wait for the writer; beyond that callers get
+//! [`SinkError::Overloaded`] (HTTP 429 with `Retry-After`) instead of an unbounded queue.
+
+use crate::store::{BatchWrite, RejectedRow, Store, StoreError};
+use aggregator::rollup::{LineSums, MonthlyRollup};
+use common::catalogue::PriceBook;
+use common::rated::ChargeLineKey;
+use common::time::HOUR_MS;
+use common::usage::UsageRecord;
+use ingest::clock::Clock;
+use ingest::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
+use rater::decision::{Decision, Rater};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Dedup state is kept this much longer than the acceptance window.
+pub const DEDUP_SLACK_MS: i64 = HOUR_MS;
+/// Most records one transaction takes (bounds a transaction's size and latency).
+const MAX_RECORDS_PER_TXN: usize = 50_000;
+
+/// Status names counted in `ingest_counts` besides the rejection codes.
+pub const STATUS_ACCEPTED: &str = "Success";
+/// An identical resend, answered `Success`.
+pub const STATUS_IDENTICAL: &str = "Success (identical resend)";
+
+struct Job {
+    accepted: Vec<UsageRecord>,
+    refused: Vec<RefusedRecord>,
+    reply: oneshot::Sender<Result<Vec<SinkOutcome>, SinkError>>,
+}
+
+/// The sink HTTP handlers write to; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EmbeddedSink {
+    tx: mpsc::UnboundedSender<Job>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Job({} accepted, {} refused)", self.accepted.len(), self.refused.len())
+    }
+}
+
+impl UsageSink for EmbeddedSink {
+    async fn submit(&self, accepted: Vec<UsageRecord>, refused: Vec<RefusedRecord>) -> Result<Vec<SinkOutcome>, SinkError> {
+        let n = accepted.len() + refused.len();
+        let before = self.in_flight.fetch_add(n, Ordering::SeqCst);
+        if before > 0 && before + n > self.max_in_flight {
+            self.in_flight.fetch_sub(n, Ordering::SeqCst);
+            return Err(SinkError::Overloaded { in_flight: before, retry_after_secs: 1 });
+        }
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Job { accepted, refused, reply });
+        let result = match sent {
+            Ok(()) => rx.await.unwrap_or_else(|_| Err(SinkError::Unavailable("the store writer stopped".into()))),
+            Err(_) => Err(SinkError::Unavailable("the store writer stopped".into())),
+        };
+        self.in_flight.fetch_sub(n, Ordering::SeqCst);
+        result
+    }
+}
+
+/// What the writer thread reports when it stops.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WriterStats {
+    /// Transactions committed.
+    pub transactions: u64,
+    /// Records written (accepted + refused).
+    pub records: u64,
+}
+
+/// A running embedded pipeline: the sink to hand to ingest and the writer thread.
+#[derive(Debug)]
+pub struct Embedded {
+    /// Where HTTP handlers submit.
+    pub sink: EmbeddedSink,
+    writer: std::thread::JoinHandle<Result<WriterStats, StoreError>>,
+}
+
+impl Embedded {
+    /// Opens the store at `db`, rebuilds state, and starts the writer thread.
+    pub fn start(db: &Path, book: Arc<PriceBook>, clock: Arc<dyn Clock>, max_in_flight: usize) -> Result<Self, StoreError> {
+        let store = Store::open(db)?;
+        let mut rater = Rater::new();
+        let windows = book.windows();
+        let oldest = clock.now().plus_millis(-(windows.acceptance_ms + DEDUP_SLACK_MS)).hour();
+        for (k, h, id) in store.dedup_claims_since(oldest)? {
+            rater.restore_claim(k, h, id);
+        }
+        let mut rollup = MonthlyRollup::new();
+        for (key, sums) in store.line_sums()? {
+            rollup.restore(key, sums);
+        }
+        tracing::info!(dedup_keys = rater.dedup_keys(), lines = rollup.len(), "embedded store opened, state rebuilt");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = std::thread::Builder::new()
+            .name("meterline-writer".into())
+            .spawn(move || Writer { store, rater, rollup, book, clock }.run(rx))
+            .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        Ok(Embedded { sink: EmbeddedSink { tx, in_flight: Arc::new(AtomicUsize::new(0)), max_in_flight }, writer })
+    }
+
+    /// Stops accepting, lets the writer finish what is queued, and waits for it.
+    pub fn shutdown(self) -> Result<WriterStats, StoreError> {
+        drop(self.sink);
+        self.writer.join().unwrap_or_else(|_| Err(StoreError::Corrupt { table: "-", column: "-", value: "writer panicked".into() }))
+    }
+}
+
+struct Writer {
+    store: Store,
+    rater: Rater,
+    rollup: MonthlyRollup,
+    book: Arc<PriceBook>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) -> Result<WriterStats, StoreError> {
+        let mut stats = WriterStats::default();
+        // Blocks until a job or until every sink handle is dropped (shutdown).
+        while let Some(first) = rx.blocking_recv() {
+            let mut jobs = vec![first];
+            let mut n = jobs[0].accepted.len();
+            while n < MAX_RECORDS_PER_TXN {
+                match rx.try_recv() {
+                    Ok(j) => {
+                        n += j.accepted.len();
+                        jobs.push(j);
+                    }
+                    Err(_) => break,
+                }
+            }
+            match self.commit_batch(&jobs) {
+                Ok(outcomes) => {
+                    stats.transactions += 1;
+                    for (job, out) in jobs.into_iter().zip(outcomes) {
+                        stats.records += (job.accepted.len() + job.refused.len()) as u64;
+                        let _ = job.reply.send(Ok(out));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "batch not written; callers get 503 and retry");
+                    for job in jobs {
+                        let _ = job.reply.send(Err(SinkError::Unavailable(e.to_string())));
+                    }
+                }
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Decides, writes and commits one group of calls. On error nothing changed, in the database
+    /// or in memory.
+    fn commit_batch(&mut self, jobs: &[Job]) -> Result<Vec<Vec<SinkOutcome>>, StoreError> {
+        let now = self.clock.now();
+        let book = Arc::clone(&self.book);
+        let mut decisions: Vec<Vec<Decision>> = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            decisions.push(job.accepted.iter().map(|r| self.rater.decide(r, &book)).collect());
+        }
+
+        // New sums of touched lines, computed on copies so a failed commit changes nothing.
+        let mut touched: HashMap<ChargeLineKey, LineSums> = HashMap::new();
+        let mut write = BatchWrite::default();
+        let mut counts: HashMap<&'static str, u64> = HashMap::new();
+        for (job, ds) in jobs.iter().zip(&decisions) {
+            for (record, d) in job.accepted.iter().zip(ds) {
+                match d {
+                    Decision::Rated(rated) => {
+                        let key = rated.line_key();
+                        let sums = match touched.get_mut(&key) {
+                            Some(s) => s,
+                            None => {
+                                let start = self.rollup.sums(&key).cloned().unwrap_or_else(|| LineSums::empty(&rated.seller));
+                                touched.entry(key.clone()).or_insert(start)
+                            }
+                        };
+                        if sums.add(rated).is_none() {
+                            self.rater.rollback();
+                            return Err(StoreError::Corrupt { table: "monthly_charges", column: "amount", value: "overflow".into() });
+                        }
+                        write.rated.push((rated, record));
+                        *counts.entry(STATUS_ACCEPTED).or_default() += 1;
+                    }
+                    Decision::Identical { .. } => *counts.entry(STATUS_IDENTICAL).or_default() += 1,
+                    Decision::Refused { record_id, rejection } => {
+                        *counts.entry(rejection.code.as_str()).or_default() += 1;
+                        write.rejected.push(RejectedRow {
+                            received_at_ms: record.received_at.millis(),
+                            seller: record.seller.clone(),
+                            product: record.product.clone(),
+                            record_id: Some(*record_id),
+                            reason: rejection.code.as_str(),
+                            message: rejection.message.clone(),
+                            raw: serde_json::to_string(record).unwrap_or_default(),
+                        });
+                    }
+                }
+            }
+            for r in &job.refused {
+                *counts.entry(r.rejection.code.as_str()).or_default() += 1;
+                write.rejected.push(RejectedRow {
+                    received_at_ms: r.received_at.millis(),
+                    seller: r.seller.clone(),
+                    product: r.product.clone(),
+                    record_id: r.record_id,
+                    reason: r.rejection.code.as_str(),
+                    message: r.rejection.message.clone(),
+                    raw: r.raw.clone(),
+                });
+            }
+        }
+        write.lines = touched.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
+        write.counts = counts.into_iter().collect();
+
+        if let Err(e) = self.store.apply(&write) {
+            self.rater.rollback();
+            return Err(e);
+        }
+        // Durable: now make claims and sums permanent in memory.
+        self.rater.commit();
+        for (k, s) in touched {
+            self.rollup.restore(k, s);
+        }
+        let w = self.book.windows();
+        self.rater.evict(now, w.acceptance_ms, DEDUP_SLACK_MS);
+
+        Ok(decisions
+            .into_iter()
+            .map(|ds| {
+                ds.into_iter()
+                    .map(|d| match d {
+                        Decision::Rated(r) => SinkOutcome::Accepted { record_id: r.record_id },
+                        Decision::Identical { record_id } => SinkOutcome::AlreadyAccepted { record_id },
+                        Decision::Refused { record_id, rejection } => SinkOutcome::Refused { record_id, rejection },
+                    })
+                    .collect()
+            })
+            .collect())
+    }
+}

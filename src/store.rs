@@ -1,0 +1,393 @@
+//! SHELL. The embedded default's durable store: one SQLite database (WAL, `synchronous=FULL`).
+//!
+//! Tables (documented for analysts in `docs/embedded-store.md`):
+//! - `rated_usage`: one row per accepted record: what the seller sent (canonical), its ids, and
+//!   how it was rated (coverage, rate, amount, agreement, offer, price-book version).
+//!   `(hour, dedup_key)` is UNIQUE: the database itself refuses a second charge for a slot,
+//!   behind the in-memory dedup.
+//! - `rejected_records`: every refused record with its reason and the JSON as sent.
+//! - `monthly_charges`: one row per invoice line, exact sums plus the rounded amount.
+//! - `ingest_counts`: records answered, by status (identical resends included).
+//!
+//! Amounts and quantities are stored as decimal TEXT: exact, and readable by any SQL client.
+//! One [`Store::apply`] call is one transaction: a batch is all durable or not at all.
+
+use aggregator::rollup::LineSums;
+use common::id::{DedupKey, RecordId};
+use common::money::Currency;
+use common::rated::{ChargeLine, ChargeLineKey, ChargeType, RatedRecord};
+use common::time::{Hour, Month};
+use rusqlite::{params, Connection, OptionalExtension};
+use rust_decimal::Decimal;
+use std::path::Path;
+use std::str::FromStr;
+
+/// Schema version written to `PRAGMA user_version`.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS rated_usage (
+    record_id          TEXT NOT NULL,
+    dedup_key          TEXT NOT NULL,
+    seller             TEXT NOT NULL,
+    product            TEXT NOT NULL,
+    customer           TEXT NOT NULL,
+    customer_ref       TEXT NOT NULL,
+    dimension          TEXT NOT NULL,
+    month              TEXT NOT NULL,
+    hour               INTEGER NOT NULL,
+    usage_hour         TEXT NOT NULL,
+    timestamp_ms       INTEGER NOT NULL,
+    received_at_ms     INTEGER NOT NULL,
+    quantity           TEXT NOT NULL,
+    allocations        TEXT,
+    covered_quantity   TEXT NOT NULL,
+    billable_quantity  TEXT NOT NULL,
+    unit_rate          TEXT NOT NULL,
+    currency           TEXT NOT NULL,
+    amount             TEXT NOT NULL,
+    charge_type        TEXT NOT NULL,
+    agreement_id       TEXT NOT NULL,
+    offer_id           TEXT NOT NULL,
+    price_book_version TEXT NOT NULL,
+    -- One row per (product, customer, dimension, hour) slot, enforced by the database itself.
+    -- Leading with the hour keeps inserts on the index's newest pages (ids are random) and serves
+    -- the dedup replay's range scan.
+    UNIQUE (hour, dedup_key)
+);
+
+CREATE TABLE IF NOT EXISTS rejected_records (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at_ms INTEGER NOT NULL,
+    seller         TEXT NOT NULL,
+    product        TEXT NOT NULL,
+    record_id      TEXT,
+    reason         TEXT NOT NULL,
+    message        TEXT NOT NULL,
+    raw            TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rejected_records_reason ON rejected_records(reason);
+
+CREATE TABLE IF NOT EXISTS monthly_charges (
+    month              TEXT NOT NULL,
+    customer           TEXT NOT NULL,
+    product            TEXT NOT NULL,
+    dimension          TEXT NOT NULL,
+    charge_type        TEXT NOT NULL,
+    currency           TEXT NOT NULL,
+    seller             TEXT NOT NULL,
+    quantity           TEXT NOT NULL,
+    covered_quantity   TEXT NOT NULL,
+    billable_quantity  TEXT NOT NULL,
+    unit_rate          TEXT,
+    mixed_rates        INTEGER NOT NULL,
+    amount_unrounded   TEXT NOT NULL,
+    amount             TEXT NOT NULL,
+    records            INTEGER NOT NULL,
+    PRIMARY KEY (month, customer, product, dimension, charge_type, currency)
+);
+
+CREATE TABLE IF NOT EXISTS ingest_counts (
+    status  TEXT PRIMARY KEY,
+    records INTEGER NOT NULL
+);
+"#;
+
+/// Store failures: the batch was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value does not parse back (the file was edited or is corrupt).
+    #[error("corrupt value in {table}.{column}: `{value}`")]
+    Corrupt {
+        /// Table.
+        table: &'static str,
+        /// Column.
+        column: &'static str,
+        /// Value.
+        value: String,
+    },
+    /// The database was written by a newer Meterline.
+    #[error("database schema version {0} is newer than this build's {SCHEMA_VERSION}")]
+    TooNew(i64),
+}
+
+/// A refused record to store.
+#[derive(Debug, Clone)]
+pub struct RejectedRow {
+    /// Arrival time.
+    pub received_at_ms: i64,
+    /// Seller.
+    pub seller: String,
+    /// Product as named.
+    pub product: String,
+    /// Record id if known.
+    pub record_id: Option<RecordId>,
+    /// Reason code.
+    pub reason: &'static str,
+    /// Message.
+    pub message: String,
+    /// JSON as sent (or canonical JSON for records refused after validation).
+    pub raw: String,
+}
+
+/// Everything one batch writes.
+#[derive(Debug, Default)]
+pub struct BatchWrite<'a> {
+    /// Newly accepted, rated records (with their canonical allocations JSON).
+    pub rated: Vec<(&'a RatedRecord, &'a common::usage::UsageRecord)>,
+    /// Refused records.
+    pub rejected: Vec<RejectedRow>,
+    /// Invoice lines changed by the batch, with their new sums.
+    pub lines: Vec<(ChargeLineKey, LineSums)>,
+    /// Status counts to add.
+    pub counts: Vec<(&'static str, u64)>,
+}
+
+/// The SQLite database of the embedded mode.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+fn corrupt(table: &'static str, column: &'static str, value: &str) -> StoreError {
+    StoreError::Corrupt { table, column, value: value.to_owned() }
+}
+
+fn dec(table: &'static str, column: &'static str, v: &str) -> Result<Decimal, StoreError> {
+    Decimal::from_str(v).map_err(|_| corrupt(table, column, v))
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// Opens a read-only connection for queries while a writer runs.
+    pub fn open_read_only(path: &Path) -> Result<Connection, StoreError> {
+        let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    fn init(conn: Connection) -> Result<Self, StoreError> {
+        // WAL: readers never block the writer. synchronous=FULL: a commit is on disk before we
+        // answer `Success` (guarantee 1), even across a power loss.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        // The unique indexes on random 128-bit ids are hot and randomly accessed: keep them in
+        // memory (256 MiB page cache) and checkpoint the WAL in large steps.
+        conn.pragma_update(None, "cache_size", -262_144)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew(version));
+        }
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        Ok(Store { conn })
+    }
+
+    /// The connection, for read-only queries.
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Writes one batch in one transaction.
+    pub fn apply(&mut self, batch: &BatchWrite<'_>) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut ins = tx.prepare_cached(
+                "INSERT INTO rated_usage (record_id, dedup_key, seller, product, customer, customer_ref, dimension, month, hour, usage_hour,
+                 timestamp_ms, received_at_ms, quantity, allocations, covered_quantity, billable_quantity, unit_rate, currency, amount,
+                 charge_type, agreement_id, offer_id, price_book_version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+            )?;
+            for (r, u) in &batch.rated {
+                let allocations =
+                    if u.allocations.is_empty() { None } else { serde_json::to_string(&u.allocations).ok() };
+                ins.execute(params![
+                    r.record_id.to_string(),
+                    r.dedup_key.to_string(),
+                    r.seller,
+                    r.product,
+                    r.customer,
+                    format!("{:?}", u.customer_ref),
+                    r.dimension,
+                    r.month().to_string(),
+                    r.hour.0,
+                    r.hour.to_string(),
+                    u.timestamp.millis(),
+                    u.received_at.millis(),
+                    r.quantity.to_string(),
+                    allocations,
+                    r.covered_quantity.to_string(),
+                    r.billable_quantity.to_string(),
+                    r.unit_rate.to_string(),
+                    r.currency.as_str(),
+                    r.amount.to_string(),
+                    r.charge_type.as_str(),
+                    r.agreement_id,
+                    r.offer_id,
+                    r.price_book_version,
+                ])?;
+            }
+            let mut rej = tx.prepare_cached(
+                "INSERT INTO rejected_records (received_at_ms, seller, product, record_id, reason, message, raw)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for r in &batch.rejected {
+                rej.execute(params![
+                    r.received_at_ms,
+                    r.seller,
+                    r.product,
+                    r.record_id.map(|i| i.to_string()),
+                    r.reason,
+                    r.message,
+                    r.raw
+                ])?;
+            }
+            let mut line = tx.prepare_cached(
+                "INSERT OR REPLACE INTO monthly_charges (month, customer, product, dimension, charge_type, currency, seller, quantity,
+                 covered_quantity, billable_quantity, unit_rate, mixed_rates, amount_unrounded, amount, records)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?;
+            for (key, sums) in &batch.lines {
+                let rounded = sums.to_line(key).map_err(|_| corrupt("monthly_charges", "currency", key.currency.as_str()))?;
+                line.execute(params![
+                    key.month.to_string(),
+                    key.customer,
+                    key.product,
+                    key.dimension,
+                    key.charge_type.as_str(),
+                    key.currency.as_str(),
+                    sums.seller,
+                    sums.quantity.to_string(),
+                    sums.covered_quantity.to_string(),
+                    sums.billable_quantity.to_string(),
+                    sums.unit_rate.map(|r| r.to_string()),
+                    sums.mixed_rates,
+                    sums.amount.to_string(),
+                    rounded.amount.to_string(),
+                    sums.records as i64,
+                ])?;
+            }
+            let mut count = tx.prepare_cached(
+                "INSERT INTO ingest_counts (status, records) VALUES (?1, ?2)
+                 ON CONFLICT(status) DO UPDATE SET records = records + excluded.records",
+            )?;
+            for (status, n) in &batch.counts {
+                count.execute(params![status, *n as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Dedup claims of every record whose hour is at or after `oldest` (the bounded replay).
+    pub fn dedup_claims_since(&self, oldest: Hour) -> Result<Vec<(DedupKey, Hour, RecordId)>, StoreError> {
+        let mut st = self.conn.prepare("SELECT dedup_key, hour, record_id FROM rated_usage WHERE hour >= ?1")?;
+        let rows = st.query_map([oldest.0], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (k, h, id) = row?;
+            let k = DedupKey::from_str(&k).map_err(|_| corrupt("rated_usage", "dedup_key", &k))?;
+            let id = RecordId::from_str(&id).map_err(|_| corrupt("rated_usage", "record_id", &id))?;
+            out.push((k, Hour(h), id));
+        }
+        Ok(out)
+    }
+
+    /// Every invoice line's exact sums (reloaded into the rollup on start).
+    pub fn line_sums(&self) -> Result<Vec<(ChargeLineKey, LineSums)>, StoreError> {
+        let mut st = self.conn.prepare(
+            "SELECT month, customer, product, dimension, charge_type, currency, seller, quantity, covered_quantity,
+                    billable_quantity, unit_rate, mixed_rates, amount_unrounded, records FROM monthly_charges",
+        )?;
+        let mut rows = st.query([])?;
+        let mut out = Vec::new();
+        const T: &str = "monthly_charges";
+        while let Some(r) = rows.next()? {
+            let month: String = r.get(0)?;
+            let charge_type: String = r.get(4)?;
+            let currency: String = r.get(5)?;
+            let unit_rate: Option<String> = r.get(10)?;
+            let key = ChargeLineKey {
+                month: Month::parse(&month).map_err(|_| corrupt(T, "month", &month))?,
+                customer: r.get(1)?,
+                product: r.get(2)?,
+                dimension: r.get(3)?,
+                charge_type: ChargeType::parse(&charge_type).ok_or_else(|| corrupt(T, "charge_type", &charge_type))?,
+                currency: Currency::new(&currency).map_err(|_| corrupt(T, "currency", &currency))?,
+            };
+            let sums = LineSums {
+                seller: r.get(6)?,
+                quantity: dec(T, "quantity", &r.get::<_, String>(7)?)?,
+                covered_quantity: dec(T, "covered_quantity", &r.get::<_, String>(8)?)?,
+                billable_quantity: dec(T, "billable_quantity", &r.get::<_, String>(9)?)?,
+                unit_rate: unit_rate.map(|u| dec(T, "unit_rate", &u)).transpose()?,
+                mixed_rates: r.get(11)?,
+                amount: dec(T, "amount_unrounded", &r.get::<_, String>(12)?)?,
+                records: r.get::<_, i64>(13)? as u64,
+            };
+            out.push((key, sums));
+        }
+        Ok(out)
+    }
+
+    /// Invoice lines, optionally for one month, sorted.
+    pub fn charge_lines(conn: &Connection, month: Option<&str>) -> Result<Vec<ChargeLine>, StoreError> {
+        let mut st = conn.prepare(
+            "SELECT month, customer, seller, product, dimension, charge_type, currency, quantity, covered_quantity,
+                    billable_quantity, unit_rate, amount_unrounded, amount, records
+             FROM monthly_charges WHERE (?1 IS NULL OR month = ?1)
+             ORDER BY month, customer, product, dimension, charge_type, currency",
+        )?;
+        let mut rows = st.query([month])?;
+        let mut out = Vec::new();
+        const T: &str = "monthly_charges";
+        while let Some(r) = rows.next()? {
+            let charge_type: String = r.get(5)?;
+            let currency: String = r.get(6)?;
+            let unit_rate: Option<String> = r.get(10)?;
+            out.push(ChargeLine {
+                month: r.get(0)?,
+                customer: r.get(1)?,
+                seller: r.get(2)?,
+                product: r.get(3)?,
+                dimension: r.get(4)?,
+                charge_type: ChargeType::parse(&charge_type).ok_or_else(|| corrupt(T, "charge_type", &charge_type))?,
+                currency: Currency::new(&currency).map_err(|_| corrupt(T, "currency", &currency))?,
+                quantity: dec(T, "quantity", &r.get::<_, String>(7)?)?,
+                covered_quantity: dec(T, "covered_quantity", &r.get::<_, String>(8)?)?,
+                billable_quantity: dec(T, "billable_quantity", &r.get::<_, String>(9)?)?,
+                unit_rate: unit_rate.map(|u| dec(T, "unit_rate", &u)).transpose()?,
+                amount_unrounded: dec(T, "amount_unrounded", &r.get::<_, String>(11)?)?,
+                amount: dec(T, "amount", &r.get::<_, String>(12)?)?,
+                records: r.get::<_, i64>(13)? as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Records answered, by status (`Success`, `Success (identical resend)`, reason codes).
+    pub fn status_counts(conn: &Connection) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut st = conn.prepare("SELECT status, records FROM ingest_counts ORDER BY status")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A stored record id's existence (tests and the crash check).
+    pub fn has_record(conn: &Connection, id: RecordId) -> Result<bool, StoreError> {
+        Ok(conn
+            .query_row("SELECT 1 FROM rated_usage WHERE record_id = ?1 LIMIT 1", [id.to_string()], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+}
