@@ -120,7 +120,29 @@ fn db_path(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     Ok(db)
 }
 
+/// Writes `text` to stdout; a reader that went away (`| head`) is not an error.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+macro_rules! outln {
+    ($buf:expr) => { $buf.push('\n') };
+    ($buf:expr, $($arg:tt)*) => {{ use std::fmt::Write as _; let _ = writeln!($buf, $($arg)*); }};
+}
+
 fn main() -> anyhow::Result<()> {
+    let mut out = String::new();
+    let result = run(&mut out);
+    emit(&out)?;
+    result
+}
+
+fn run(out: &mut String) -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo prints its own report; the server logs what it does.
     let default_filter = if matches!(cli.command, Command::Serve { .. }) { "warn,meterline=info,ingest=info" } else { "warn" };
@@ -140,8 +162,8 @@ fn main() -> anyhow::Result<()> {
             };
             eprintln!("Replaying {month} for {customers} customers through the HTTP API…");
             let rt = tokio::runtime::Runtime::new()?;
-            let out = rt.block_on(demo::run(opts))?;
-            print!("{out}");
+            let text = rt.block_on(demo::run(opts))?;
+            out.push_str(&text);
         }
         Command::Serve { price_book, data_dir, listen, max_in_flight } => {
             let book = Arc::new(PriceBook::load(&price_book)?);
@@ -155,6 +177,8 @@ fn main() -> anyhow::Result<()> {
                 println!("  POST http://{addr}/v1/BatchMeterUsage   AWS BatchMeterUsage JSON, header X-Api-Key");
                 println!("  POST http://{addr}/                     with X-Amz-Target: AWSMPMeteringService.BatchMeterUsage");
                 println!("  POST http://{addr}/v1/usage             native bulk, JSON lines");
+                // Scripts (and the crash test) read the address from the first line.
+                std::io::Write::flush(&mut std::io::stdout())?;
                 let clock = Arc::new(ingest::clock::SystemClock);
                 let stats = server::serve(listener, &db, book, clock, max_in_flight, async {
                     let _ = tokio::signal::ctrl_c().await;
@@ -172,18 +196,18 @@ fn main() -> anyhow::Result<()> {
                 std::fs::read_to_string(&usage).with_context(|| format!("reading {}", usage.display()))?
             };
             let now = now.map(|n| Timestamp::parse_rfc3339(&n)).transpose().map_err(anyhow::Error::msg)?;
-            let out = rate::rate_lines(&book, &text, now, month.as_deref())?;
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            let rated = rate::rate_lines(&book, &text, now, month.as_deref())?;
+            outln!(out, "{}", serde_json::to_string_pretty(&rated)?);
         }
         Command::Charges { data_dir, month, format } => {
             let conn = Store::open_read_only(&db_path(&data_dir)?)?;
             let lines = Store::charge_lines(&conn, month.as_deref())?;
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&lines)?),
+                Format::Json => outln!(out, "{}", serde_json::to_string_pretty(&lines)?),
                 Format::Csv => {
-                    println!("month,customer,seller,product,dimension,charge_type,currency,quantity,covered_quantity,billable_quantity,unit_rate,amount_unrounded,amount,records");
+                    outln!(out, "month,customer,seller,product,dimension,charge_type,currency,quantity,covered_quantity,billable_quantity,unit_rate,amount_unrounded,amount,records");
                     for l in &lines {
-                        println!(
+                        outln!(out, 
                             "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
                             l.month, l.customer, l.seller, l.product, l.dimension, l.charge_type, l.currency, l.quantity,
                             l.covered_quantity, l.billable_quantity, l.unit_rate.map(|r| r.to_string()).unwrap_or_default(),
@@ -192,9 +216,9 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 Format::Table => {
-                    println!("{:<8} {:<10} {:<16} {:<14} {:<4} {:>14} {:>12} {:>14} {:>18} {:>14}", "month", "customer", "product", "dimension", "cur", "quantity", "covered", "unit_rate", "unrounded", "amount");
+                    outln!(out, "{:<8} {:<10} {:<16} {:<14} {:<4} {:>14} {:>12} {:>14} {:>18} {:>14}", "month", "customer", "product", "dimension", "cur", "quantity", "covered", "unit_rate", "unrounded", "amount");
                     for l in &lines {
-                        println!(
+                        outln!(out, 
                             "{:<8} {:<10} {:<16} {:<14} {:<4} {:>14} {:>12} {:>14} {:>18} {:>14}",
                             l.month, l.customer, l.product, l.dimension, l.currency, l.quantity, l.covered_quantity,
                             l.unit_rate.map(|r| r.to_string()).unwrap_or_else(|| "mixed".into()), l.amount_unrounded, report::money(l.amount)
@@ -208,25 +232,25 @@ fn main() -> anyhow::Result<()> {
             let lines = Store::charge_lines(&conn, month.as_deref())?;
             let invoices = aggregator::invoice::invoice_totals(&lines);
             match format {
-                Format::Json => println!("{}", serde_json::to_string_pretty(&invoices)?),
+                Format::Json => outln!(out, "{}", serde_json::to_string_pretty(&invoices)?),
                 Format::Csv => {
-                    println!("month,customer,currency,lines,amount,amount_unrounded");
+                    outln!(out, "month,customer,currency,lines,amount,amount_unrounded");
                     for i in &invoices {
-                        println!("{},{},{},{},{},{}", i.month, i.customer, i.currency, i.lines, i.amount, i.amount_unrounded);
+                        outln!(out, "{},{},{},{},{},{}", i.month, i.customer, i.currency, i.lines, i.amount, i.amount_unrounded);
                     }
                 }
-                Format::Table => print!("{}", report::invoice_table(&invoices, usize::MAX)),
+                Format::Table => out.push_str(&report::invoice_table(&invoices, usize::MAX)),
             }
         }
         Command::Stats { data_dir, month } => {
             let conn = Store::open_read_only(&db_path(&data_dir)?)?;
-            print!("{}", report::store_summary(&conn, month.as_deref())?);
+            out.push_str(&report::store_summary(&conn, month.as_deref())?);
         }
         Command::Query { data_dir, sql } => {
             let conn = Store::open_read_only(&db_path(&data_dir)?)?;
             let mut st = conn.prepare(&sql).with_context(|| format!("preparing `{sql}`"))?;
             let cols: Vec<String> = st.column_names().iter().map(|s| (*s).to_owned()).collect();
-            println!("{}", cols.join("\t"));
+            outln!(out, "{}", cols.join("\t"));
             let mut rows = st.query([])?;
             while let Some(r) = rows.next()? {
                 let vals: Vec<String> = (0..cols.len())
@@ -239,7 +263,7 @@ fn main() -> anyhow::Result<()> {
                         Err(e) => format!("<{e}>"),
                     })
                     .collect();
-                println!("{}", vals.join("\t"));
+                outln!(out, "{}", vals.join("\t"));
             }
         }
     }

@@ -18,7 +18,7 @@ use crate::clock::Clock;
 use crate::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
 use crate::validate::{validate, Caller, Context};
 use crate::wire::{
-    BatchMeterUsageRequest, BatchMeterUsageResponse, BulkResponse, BulkResult, ErrorBody, MeterUsageRequest,
+    BatchMeterUsageRequest, BatchMeterUsageResponse, BulkResponse, BulkResult, ErrorBody, MeterUsageFlags,
     UsageRecordResult, WireRecord,
 };
 use axum::body::Bytes;
@@ -315,9 +315,11 @@ fn exception_for(code: RejectCode) -> &'static str {
 async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     check_content_type(headers)?;
     let seller = authenticate(headers, &st.book)?;
-    let req: MeterUsageRequest<'_> = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for MeterUsage: {e}")))?;
-    let Some(product) = req.record.product_code.as_deref().filter(|p| !p.is_empty()) else {
+    let bad_json =
+        |e: serde_json::Error| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for MeterUsage: {e}"));
+    let record: WireRecord<'_> = serde_json::from_slice(body).map_err(bad_json)?;
+    let flags: MeterUsageFlags = serde_json::from_slice(body).map_err(bad_json)?;
+    let Some(product) = record.product_code.as_deref().filter(|p| !p.is_empty()) else {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidProductCodeException", "ProductCode is required"));
     };
     owns(&st.book, seller, product)?;
@@ -325,7 +327,7 @@ async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
     let cx = Context { book: &st.book, caller: Caller::Seller(seller), now: Some(now), received_at: now };
     let raw = std::str::from_utf8(body).unwrap_or_default();
     let refuse = |rej: Rejection| ApiError::new(StatusCode::BAD_REQUEST, exception_for(rej.code), rej.message);
-    let record = match validate(&req.record, Some(product), &cx) {
+    let validated = match validate(&record, Some(product), &cx) {
         Ok(r) => r,
         Err(rej) => {
             let refused = RefusedRecord {
@@ -336,16 +338,16 @@ async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
                 record_id: None,
                 rejection: rej.clone(),
             };
-            if !req.dry_run {
+            if !flags.dry_run {
                 st.sink.submit(Vec::new(), vec![refused]).await?;
             }
             return Err(refuse(rej));
         }
     };
-    if req.dry_run {
-        return Ok(json_response(&serde_json::json!({ "MeteringRecordId": record.record_id().to_string(), "DryRun": true })));
+    if flags.dry_run {
+        return Ok(json_response(&serde_json::json!({ "MeteringRecordId": validated.record_id().to_string(), "DryRun": true })));
     }
-    let outcome = st.sink.submit(vec![record], Vec::new()).await?.pop();
+    let outcome = st.sink.submit(vec![validated], Vec::new()).await?.pop();
     match outcome {
         Some(SinkOutcome::Accepted { record_id } | SinkOutcome::AlreadyAccepted { record_id }) => {
             Ok(json_response(&serde_json::json!({ "MeteringRecordId": record_id.to_string() })))

@@ -77,12 +77,10 @@ pub struct WireTag<'a> {
     pub value: Cow<'a, str>,
 }
 
-/// `MeterUsage` request (one record).
+/// The `MeterUsage`-only field; the record fields themselves parse as a [`WireRecord`]
+/// (`UsageDimension` and `UsageQuantity` are its aliases).
 #[derive(Debug, Deserialize)]
-pub struct MeterUsageRequest<'a> {
-    /// The record fields (`ProductCode`, `Timestamp`, `UsageDimension`, `UsageQuantity`, …).
-    #[serde(flatten, borrow)]
-    pub record: WireRecord<'a>,
+pub struct MeterUsageFlags {
     /// Permission check only: validate, store nothing.
     #[serde(rename = "DryRun", default)]
     pub dry_run: bool,

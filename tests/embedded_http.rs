@@ -1,0 +1,298 @@
+//! The embedded mode's HTTP API, driven over loopback like seller code drives it.
+//!
+//! Each test starts the real server (router + SQLite writer) on a free port with a manual clock,
+//! posts AWS-shaped JSON with `reqwest`, and checks the answers and the store.
+
+use common::catalogue::PriceBook;
+use common::time::Timestamp;
+use ingest::clock::{Clock, ManualClock};
+use meterline::server::serve;
+use meterline::store::Store;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const BOOK: &str = include_str!("../docs/examples/price-book.toml");
+const ACME: &str = "demo-key-acme";
+const GLOBEX: &str = "demo-key-globex";
+
+struct Server {
+    url: String,
+    clock: Arc<ManualClock>,
+    db: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<meterline::pipeline::WriterStats>>,
+    http: reqwest::Client,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    async fn start(dir: tempfile::TempDir, now: &str) -> Server {
+        let db = dir.path().join("meterline.db");
+        let mut s = Server::start_at(db, now, 500_000).await;
+        s._dir = Some(dir);
+        s
+    }
+
+    async fn start_at(db: PathBuf, now: &str, max_in_flight: usize) -> Server {
+        let book = Arc::new(PriceBook::from_toml(BOOK).unwrap());
+        let clock = Arc::new(ManualClock::new(Timestamp::parse_rfc3339(now).unwrap()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let (db, clock) = (db.clone(), Arc::clone(&clock) as Arc<dyn Clock>);
+            async move { serve(listener, &db, book, clock, max_in_flight, async { let _ = rx.await; }).await }
+        });
+        Server { url, clock, db, stop: Some(tx), task, http: reqwest::Client::new(), _dir: None }
+    }
+
+    async fn stop(mut self) -> (PathBuf, Option<tempfile::TempDir>) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+        (self.db.clone(), self._dir.take())
+    }
+
+    async fn post(&self, path: &str, key: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value, reqwest::header::HeaderMap) {
+        let mut req = self.http.post(format!("{}{path}", self.url)).header("Content-Type", "application/x-amz-json-1.1").body(body);
+        if let Some(k) = key {
+            req = req.header("X-Api-Key", k);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), headers)
+    }
+
+    async fn batch(&self, key: &str, product: &str, records: Value) -> (u16, Value) {
+        let body = json!({ "ProductCode": product, "UsageRecords": records }).to_string();
+        let (s, v, _) = self.post("/v1/BatchMeterUsage", Some(key), body).await;
+        (s, v)
+    }
+}
+
+fn statuses(v: &Value) -> Vec<String> {
+    v["Results"].as_array().unwrap().iter().map(|r| r["Status"].as_str().unwrap().to_owned()).collect()
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["Results"].as_array().unwrap().iter().map(|r| r["MeteringRecordId"].as_str().unwrap_or("").to_owned()).collect()
+}
+
+fn users(ts: &str, q: i64) -> Value {
+    json!({ "Timestamp": ts, "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": q })
+}
+
+fn lines(db: &std::path::Path) -> Vec<common::rated::ChargeLine> {
+    let conn = Store::open_read_only(db).unwrap();
+    Store::charge_lines(&conn, None).unwrap()
+}
+
+const NOW: &str = "2026-11-02T12:10:00Z";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_results_are_per_record_and_resends_are_idempotent() {
+    let s = Server::start(tempfile::tempdir().unwrap(), NOW).await;
+    let records = json!([
+        users("2026-11-02T11:05:00Z", 100),
+        { "Timestamp": 1793617200, "CustomerAWSAccountId": "111122223333", "Dimension": "gb_ingest", "Quantity": 37 },
+        { "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "Users", "Quantity": 1 },
+        { "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": "ten" },
+        { "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": 42, "Dimension": "users" },
+    ]);
+    let (code, first) = s.batch(ACME, "acme-analytics", records.clone()).await;
+    assert_eq!(code, 200, "{first}");
+    assert_eq!(statuses(&first), ["Success", "Success", "InvalidUsageDimension", "InvalidQuantity", "InvalidRecord"]);
+    assert!(first["Results"][2]["Reason"].as_str().unwrap().contains("did you mean `users`"));
+    assert_eq!(first["Results"][0]["UsageRecord"], records[0], "the record is echoed as sent");
+    assert_eq!(first["UnprocessedRecords"], json!([]));
+
+    // Identical resend of the whole call: same ids, nothing new charged.
+    let (_, again) = s.batch(ACME, "acme-analytics", records.clone()).await;
+    assert_eq!(statuses(&again)[..2], ["Success", "Success"]);
+    assert_eq!(ids(&again)[..2], ids(&first)[..2]);
+    // Same slot later in the hour with the same quantity: the same record.
+    let (_, later) = s.batch(ACME, "acme-analytics", json!([users("2026-11-02T11:55:00Z", 100)])).await;
+    assert_eq!(ids(&later)[0], ids(&first)[0]);
+    // Same slot, other quantity: DuplicateRecord, the first stands.
+    let (_, conflict) = s.batch(ACME, "acme-analytics", json!([users("2026-11-02T11:30:00Z", 90)])).await;
+    assert_eq!(statuses(&conflict), ["DuplicateRecord"]);
+    assert!(conflict["Results"][0]["Reason"].as_str().unwrap().contains(&ids(&first)[0]));
+
+    let (db, _dir) = s.stop().await;
+    let l = lines(&db);
+    assert_eq!(l.len(), 2);
+    let users_line = l.iter().find(|l| l.dimension == "users").unwrap();
+    assert_eq!((users_line.quantity.to_string(), users_line.amount.to_string()), ("100".into(), "1.40".into()));
+    let conn = Store::open_read_only(&db).unwrap();
+    let counts: std::collections::BTreeMap<String, u64> = Store::status_counts(&conn).unwrap().into_iter().collect();
+    assert_eq!(counts["Success"], 2);
+    assert_eq!(counts["Success (identical resend)"], 3);
+    assert_eq!(counts["DuplicateRecord"], 1);
+    let rejected: i64 = conn.query_row("SELECT count(*) FROM rejected_records", [], |r| r.get(0)).unwrap();
+    assert_eq!(rejected, 7, "3 invalid records twice, and the conflict");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_state_and_totals_survive_a_restart() {
+    let s = Server::start(tempfile::tempdir().unwrap(), NOW).await;
+    let (_, first) = s.batch(ACME, "acme-analytics", json!([users("2026-11-02T11:05:00Z", 100)])).await;
+    let (db, dir) = s.stop().await;
+
+    let s = Server::start_at(db.clone(), NOW, 500_000).await;
+    let (_, resend) = s.batch(ACME, "acme-analytics", json!([users("2026-11-02T11:05:00Z", 100)])).await;
+    assert_eq!(statuses(&resend), ["Success"]);
+    assert_eq!(ids(&resend), ids(&first));
+    let (_, conflict) = s.batch(ACME, "acme-analytics", json!([users("2026-11-02T11:06:00Z", 7)])).await;
+    assert_eq!(statuses(&conflict), ["DuplicateRecord"]);
+    let (_, next) = s.batch(ACME, "acme-analytics", json!([users("2026-11-02T12:01:00Z", 50)])).await;
+    assert_eq!(statuses(&next), ["Success"]);
+    s.stop().await;
+    let l = lines(&db);
+    assert_eq!(l[0].amount_unrounded.to_string(), "2.100");
+    drop(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_month_through_http_reproduces_the_worked_examples_to_the_cent() {
+    let s = Server::start(tempfile::tempdir().unwrap(), "2026-11-01T00:10:00Z").await;
+    // §3.5: 100 users every hour for 720 h at $0.014, 37 GB once at $0.10.
+    // §3.4: X = 2 annual m5.large, Y = 5 running every hour at $0.50.
+    let start = Timestamp::parse_rfc3339("2026-11-01T00:00:00Z").unwrap();
+    for h in 0..720i64 {
+        let t = start.plus_millis(h * 3_600_000);
+        s.clock.set(t.plus_millis(600_000));
+        let ts = t.millis() / 1000;
+        let mut recs = vec![json!({ "Timestamp": ts, "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 100 })];
+        if h == 5 {
+            recs.push(json!({ "Timestamp": ts, "CustomerIdentifier": "cid-alpha", "Dimension": "gb_ingest", "Quantity": 37 }));
+        }
+        let (code, r) = s.batch(ACME, "acme-analytics", Value::Array(recs)).await;
+        assert_eq!(code, 200);
+        assert!(statuses(&r).iter().all(|x| x == "Success"), "{r}");
+        let vm = json!([{ "Timestamp": ts, "CustomerAWSAccountId": "111122223333", "Dimension": "m5_large", "Quantity": 5 }]);
+        let (code, _) = s.batch(ACME, "acme-vm", vm).await;
+        assert_eq!(code, 200);
+    }
+    let (db, _dir) = s.stop().await;
+    let l = lines(&db);
+    let amount = |dim: &str| l.iter().find(|x| x.dimension == dim).unwrap().amount.to_string();
+    assert_eq!(amount("users"), "1008.00");
+    assert_eq!(amount("gb_ingest"), "3.70");
+    assert_eq!(amount("m5_large"), "1080.00");
+    let m5 = l.iter().find(|x| x.dimension == "m5_large").unwrap();
+    assert_eq!((m5.quantity.to_string(), m5.covered_quantity.to_string(), m5.billable_quantity.to_string()), ("3600".into(), "1440".into(), "2160".into()));
+    let totals = aggregator::invoice::invoice_totals(&l);
+    assert_eq!(totals.len(), 1);
+    assert_eq!(totals[0].amount.to_string(), "2091.70");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_call_failures_are_named_and_store_nothing() {
+    let s = Server::start(tempfile::tempdir().unwrap(), NOW).await;
+    let good = json!([users("2026-11-02T11:05:00Z", 1)]);
+    let body = json!({ "ProductCode": "acme-analytics", "UsageRecords": good }).to_string();
+
+    let (code, v, _) = s.post("/v1/BatchMeterUsage", None, body.clone()).await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (401, "MissingAuthenticationTokenException"));
+    let (code, v, _) = s.post("/v1/BatchMeterUsage", Some("not-a-key"), body.clone()).await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (401, "UnrecognizedClientException"));
+    assert!(!v.to_string().contains("not-a-key"), "keys are never echoed");
+    let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(GLOBEX), body.clone()).await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (403, "AccessDeniedException"));
+    let unknown = json!({ "ProductCode": "nope", "UsageRecords": good }).to_string();
+    let (code, _, _) = s.post("/v1/BatchMeterUsage", Some(ACME), unknown).await;
+    assert_eq!(code, 403, "unknown products answer like foreign ones");
+
+    let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), "{\"ProductCode\": \"acme-analytics\", \"UsageRecords\": [").await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (400, "SerializationException"));
+    assert!(v["message"].as_str().unwrap().contains("EOF"), "{v}");
+
+    let many: Vec<Value> = (0..26).map(|i| json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": i })).collect();
+    let (code, v) = s.batch(ACME, "acme-analytics", Value::Array(many)).await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (400, "ValidationException"));
+
+    let huge = format!("{{\"ProductCode\":\"acme-analytics\",\"UsageRecords\":[],\"pad\":\"{}\"}}", "x".repeat(1_100_000));
+    let (code, _, _) = s.post("/v1/BatchMeterUsage", Some(ACME), huge).await;
+    assert_eq!(code, 413);
+
+    let resp = s.http.post(format!("{}/v1/BatchMeterUsage", s.url)).header("X-Api-Key", ACME).header("Content-Type", "text/html").body(body.clone()).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 415);
+
+    let (db, _dir) = s.stop().await;
+    assert!(lines(&db).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_json_protocol_meter_usage_and_bulk_routes_work() {
+    let s = Server::start(tempfile::tempdir().unwrap(), NOW).await;
+    // The AWS SDK shape: POST / with X-Amz-Target.
+    let body = json!({ "ProductCode": "acme-analytics", "UsageRecords": [users("2026-11-02T11:05:00Z", 3)] }).to_string();
+    let resp = s.http.post(&s.url).header("X-Api-Key", ACME).header("X-Amz-Target", "AWSMPMeteringService.BatchMeterUsage")
+        .header("Content-Type", "application/x-amz-json-1.1").body(body).send().await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(statuses(&v), ["Success"]);
+
+    // MeterUsage: one record; a second one for the slot with another quantity is refused.
+    let mu = |q: i64| json!({ "ProductCode": "acme-vm", "Timestamp": "2026-11-02T11:20:00Z", "UsageDimension": "c5_xlarge", "UsageQuantity": q, "CustomerAWSAccountId": "111122223333" }).to_string();
+    let (code, v, _) = s.post("/v1/MeterUsage", Some(ACME), mu(2)).await;
+    assert_eq!(code, 200, "{v}");
+    let id = v["MeteringRecordId"].as_str().unwrap().to_owned();
+    let (code, v, _) = s.post("/v1/MeterUsage", Some(ACME), mu(2)).await;
+    assert_eq!((code, v["MeteringRecordId"].as_str().unwrap()), (200, id.as_str()));
+    let (code, v, _) = s.post("/v1/MeterUsage", Some(ACME), mu(3)).await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (400, "DuplicateRequestException"));
+
+    // Native bulk: no 25-record limit, per-line results.
+    let mut body = String::new();
+    for c in 0..300 {
+        let dim = if c % 2 == 0 { "users" } else { "gb_ingest" };
+        let hour = 6 + c / 2 % 6;
+        body.push_str(&json!({ "ProductCode": "acme-analytics", "Timestamp": format!("2026-11-02T{hour:02}:30:00Z"), "CustomerIdentifier": "cid-alpha", "Dimension": dim, "Quantity": c }).to_string());
+        body.push('\n');
+    }
+    body.push_str("{not json}\n");
+    let (code, v, _) = s.post("/v1/usage", Some(ACME), body).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["Results"].as_array().unwrap().len(), 301);
+    assert_eq!(v["Results"][300]["Status"], "InvalidRecord");
+    assert_eq!(v["Results"][300]["Line"], 301);
+    // 12 distinct slots (2 dims × 6 hours); the rest are conflicting resends of them, and the
+    // users slot of hour 11 was taken by the first call above (quantity 3), so 11 are new.
+    let ok = v["Results"].as_array().unwrap().iter().filter(|r| r["Status"] == "Success").count();
+    let dup = v["Results"].as_array().unwrap().iter().filter(|r| r["Status"] == "DuplicateRecord").count();
+    assert_eq!((ok, dup), (11, 289));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_answers_429_with_retry_after_and_stores_nothing_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // An in-flight bound of one record: a second concurrent call is refused, not queued.
+    let s = Server::start_at(dir.path().join("meterline.db"), NOW, 1).await;
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let body = json!({ "ProductCode": "acme-analytics", "UsageRecords": [users(&format!("2026-11-02T{:02}:05:00Z", 7 + i % 5), i)] }).to_string();
+        let (http, url) = (s.http.clone(), format!("{}/v1/BatchMeterUsage", s.url));
+        calls.push(tokio::spawn(async move {
+            let r = http.post(url).header("X-Api-Key", ACME).body(body).send().await.unwrap();
+            (r.status().as_u16(), r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned()))
+        }));
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    for c in calls {
+        let (code, retry) = c.await.unwrap();
+        if code == 429 {
+            assert_eq!(retry.as_deref(), Some("1"));
+        }
+        *seen.entry(code).or_insert(0) += 1;
+    }
+    assert!(seen.keys().all(|c| *c == 200 || *c == 429), "{seen:?}");
+    let (db, _) = s.stop().await;
+    let conn = Store::open_read_only(&db).unwrap();
+    let answered: i64 = conn.query_row("SELECT coalesce(sum(records), 0) FROM ingest_counts", [], |r| r.get(0)).unwrap();
+    assert_eq!(answered, *seen.get(&200).unwrap_or(&0) as i64, "only calls answered 200 left a trace");
+    drop(dir);
+}
