@@ -173,12 +173,16 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
                 let addr = listener.local_addr()?;
-                println!("Meterline listening on http://{addr}  (store {})", db.display());
-                println!("  POST http://{addr}/v1/BatchMeterUsage   AWS BatchMeterUsage JSON, header X-Api-Key");
-                println!("  POST http://{addr}/                     with X-Amz-Target: AWSMPMeteringService.BatchMeterUsage");
-                println!("  POST http://{addr}/v1/usage             native bulk, JSON lines");
-                // Scripts (and the crash test) read the address from the first line.
-                std::io::Write::flush(&mut std::io::stdout())?;
+                // One write, tolerant of a reader that went away; scripts (and the crash test)
+                // read the address from the first line.
+                emit(&format!(
+                    "Meterline listening on http://{addr}  (store {})\n\
+                     \x20 POST http://{addr}/v1/BatchMeterUsage   AWS BatchMeterUsage JSON, header X-Api-Key\n\
+                     \x20 POST http://{addr}/                     with X-Amz-Target: AWSMPMeteringService.BatchMeterUsage\n\
+                     \x20 POST http://{addr}/v1/MeterUsage        AWS MeterUsage JSON\n\
+                     \x20 POST http://{addr}/v1/usage             native bulk, JSON lines\n",
+                    db.display()
+                ))?;
                 let clock = Arc::new(ingest::clock::SystemClock);
                 let stats = server::serve(listener, &db, book, clock, max_in_flight, async {
                     let _ = tokio::signal::ctrl_c().await;

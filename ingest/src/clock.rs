@@ -8,6 +8,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     /// The current instant.
     fn now(&self) -> Timestamp;
+
+    /// The start of the current hour.
+    fn now_hour_start(&self) -> Timestamp {
+        self.now().hour().start()
+    }
 }
 
 /// The system clock.
