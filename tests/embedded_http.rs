@@ -296,3 +296,61 @@ async fn overload_answers_429_with_retry_after_and_stores_nothing_of_it() {
     assert_eq!(answered, *seen.get(&200).unwrap_or(&0) as i64, "only calls answered 200 left a trace");
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stale_record_in_25_refuses_only_itself_and_a_subset_resend_is_idempotent() {
+    let s = Server::start(tempfile::tempdir().unwrap(), NOW).await;
+    // 24 good records (24 distinct hours would leave the window, so 12 hours × 2 dimensions)
+    // and one stale record (domain-rules §6 item 4: AWS would refuse the whole batch; we refuse one).
+    let mut recs: Vec<Value> = (0..24)
+        .map(|i| {
+            let dim = if i % 2 == 0 { "users" } else { "gb_ingest" };
+            json!({ "Timestamp": format!("2026-11-02T{:02}:10:00Z", 7 + (i / 2) % 5), "CustomerIdentifier": "cid-alpha", "Dimension": dim, "Quantity": i / 10 })
+        })
+        .collect();
+    recs.dedup_by(|a, b| a["Timestamp"] == b["Timestamp"] && a["Dimension"] == b["Dimension"]);
+    recs.push(json!({ "Timestamp": "2026-11-02T05:00:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 1 }));
+    let (_, v) = s.batch(ACME, "acme-analytics", Value::Array(recs.clone())).await;
+    let st = statuses(&v);
+    assert_eq!(st.last().unwrap(), "TimestampOutOfBounds");
+    assert!(st[..st.len() - 1].iter().all(|x| x == "Success" || x == "DuplicateRecord"), "{st:?}");
+    // Resending any subset answers the same ids.
+    let subset = Value::Array(recs.iter().step_by(3).cloned().collect());
+    let (_, again) = s.batch(ACME, "acme-analytics", subset).await;
+    let first_ids = ids(&v);
+    let again_ids = ids(&again);
+    for (i, id) in again_ids.iter().enumerate() {
+        assert_eq!(id, &first_ids[i * 3]);
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_writers_on_one_slot_charge_it_once() {
+    // §6 item 27: many callers at once on the same (product, customer, dimension, hour) with
+    // different quantities: exactly one Success-with-a-new-id wins; every other is either an
+    // identical resend of the winner or a DuplicateRecord.
+    let s = Server::start(tempfile::tempdir().unwrap(), NOW).await;
+    let mut calls = Vec::new();
+    for q in 0..32 {
+        let body = json!({ "ProductCode": "acme-analytics", "UsageRecords": [users("2026-11-02T11:30:00Z", q % 4)] }).to_string();
+        let (http, url) = (s.http.clone(), format!("{}/v1/BatchMeterUsage", s.url));
+        calls.push(tokio::spawn(async move {
+            let v: Value = http.post(url).header("X-Api-Key", ACME).body(body).send().await.unwrap().json().await.unwrap();
+            (v["Results"][0]["Status"].as_str().unwrap().to_owned(), v["Results"][0]["MeteringRecordId"].as_str().unwrap().to_owned())
+        }));
+    }
+    let mut winners = std::collections::BTreeSet::new();
+    for c in calls {
+        let (status, id) = c.await.unwrap();
+        if status == "Success" {
+            winners.insert(id);
+        } else {
+            assert_eq!(status, "DuplicateRecord");
+        }
+    }
+    assert_eq!(winners.len(), 1, "one record id stands for the slot");
+    let (db, _dir) = s.stop().await;
+    let l = lines(&db);
+    assert_eq!((l.len(), l[0].records), (1, 1));
+}

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Installs the real servers that Meterline's integration tests start (see testkit/):
+#   * ClickHouse server + client from Debian's package (18.16.1 on bookworm);
+#   * the Tansu 0.6.0 Kafka-compatible broker, built once with cargo and cached under
+#     ${METERLINE_CACHE:-$HOME/.cache/meterline}/tansu-0.6.0/bin/tansu.
+# Idempotent: anything already present and working is reused, so running it again is cheap.
+# Tests never use the ClickHouse system service; testkit starts its own server processes on
+# free loopback ports, so the service is kept from starting during the package install.
+set -euo pipefail
+
+CACHE="${METERLINE_CACHE:-$HOME/.cache/meterline}"
+TANSU_VERSION="0.6.0"
+TANSU_ROOT="$CACHE/tansu-$TANSU_VERSION"
+TANSU_BIN="$TANSU_ROOT/bin/tansu"
+
+step() { printf '[install-test-deps] %s\n' "$*"; }
+die() { printf '[install-test-deps] ERROR: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root (or sudo) to run: $*"
+    fi
+}
+
+# Path of a working ClickHouse server binary, or nothing.
+find_clickhouse() {
+    local candidate
+    for candidate in "${METERLINE_CLICKHOUSE_BIN:-}" /usr/bin/clickhouse /usr/bin/clickhouse-server; do
+        if [ -n "$candidate" ] && [ -x "$candidate" ]; then
+            printf '%s\n' "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# The package's candidate version is known only after an `apt-get update` has fetched lists.
+apt_knows_clickhouse() {
+    apt-cache policy clickhouse-server 2>/dev/null | grep -q 'Candidate: [0-9]'
+}
+
+# ---------------------------------------------------------------------------------------------
+# 1. ClickHouse
+# ---------------------------------------------------------------------------------------------
+if CLICKHOUSE_BIN="$(find_clickhouse)"; then
+    step "clickhouse: found $CLICKHOUSE_BIN, skipping install"
+else
+    command -v apt-get >/dev/null 2>&1 || die "clickhouse is missing and apt-get is not available; install clickhouse-server and set METERLINE_CLICKHOUSE_BIN"
+    if apt_knows_clickhouse; then
+        step "clickhouse: apt lists already know clickhouse-server, skipping apt-get update"
+    else
+        step "clickhouse: running apt-get update"
+        as_root apt-get update -qq
+    fi
+
+    # Keep the package's postinst from starting the system service (tests start their own
+    # servers). Only add a policy-rc.d when none exists, and remove exactly what we added.
+    added_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
+        added_policy="yes"
+        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+
+    step "clickhouse: installing clickhouse-server clickhouse-client with apt-get"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        clickhouse-server clickhouse-client >/dev/null
+
+    if [ -n "$added_policy" ]; then
+        as_root rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
+    fi
+
+    CLICKHOUSE_BIN="$(find_clickhouse)" || die "clickhouse-server installed but no /usr/bin/clickhouse or /usr/bin/clickhouse-server found"
+    step "clickhouse: installed $CLICKHOUSE_BIN"
+fi
+
+# `clickhouse server --version` works for the multi-call binary; clickhouse-server takes --version directly.
+if [ "$(basename "$CLICKHOUSE_BIN")" = "clickhouse" ]; then
+    CLICKHOUSE_VERSION="$("$CLICKHOUSE_BIN" server --version 2>/dev/null | head -n1 || true)"
+else
+    CLICKHOUSE_VERSION="$("$CLICKHOUSE_BIN" --version 2>/dev/null | head -n1 || true)"
+fi
+[ -n "$CLICKHOUSE_VERSION" ] || die "$CLICKHOUSE_BIN does not run (no version output)"
+step "clickhouse: $CLICKHOUSE_VERSION"
+
+# ---------------------------------------------------------------------------------------------
+# 2. Tansu broker
+# ---------------------------------------------------------------------------------------------
+tansu_works() {
+    [ -x "$1" ] && { "$1" --version >/dev/null 2>&1 || "$1" --help >/dev/null 2>&1; }
+}
+
+if tansu_works "$TANSU_BIN"; then
+    step "tansu: found $TANSU_BIN, skipping build"
+else
+    command -v cargo >/dev/null 2>&1 || die "cargo is needed to build tansu $TANSU_VERSION"
+    mkdir -p "$TANSU_ROOT"
+    step "tansu: building tansu $TANSU_VERSION with cargo install (10-30 minutes on 2 cores; log: $CACHE/tansu-build.log)"
+    if ! cargo install --locked tansu --version "$TANSU_VERSION" --features dynostore,libsql \
+        --root "$TANSU_ROOT" >"$CACHE/tansu-build.log" 2>&1; then
+        tail -n 30 "$CACHE/tansu-build.log" >&2 || true
+        die "cargo install tansu $TANSU_VERSION failed (full log: $CACHE/tansu-build.log)"
+    fi
+    tansu_works "$TANSU_BIN" || die "tansu was built but $TANSU_BIN does not run"
+    step "tansu: installed $TANSU_BIN"
+fi
+TANSU_VERSION_FOUND="$("$TANSU_BIN" --version 2>/dev/null | head -n1 || true)"
+step "tansu: ${TANSU_VERSION_FOUND:-unknown version}"
+
+# ---------------------------------------------------------------------------------------------
+# 3. Summary: how testkit finds the binaries (these are also its defaults).
+# ---------------------------------------------------------------------------------------------
+step "done; testkit finds these by default, or export them explicitly:"
+printf 'export METERLINE_TANSU_BIN=%q\n' "$TANSU_BIN"
+printf 'export METERLINE_CLICKHOUSE_BIN=%q\n' "$CLICKHOUSE_BIN"
