@@ -29,7 +29,10 @@ as_root() {
 # Path of a working ClickHouse server binary, or nothing.
 find_clickhouse() {
     local candidate
-    for candidate in "${METERLINE_CLICKHOUSE_BIN:-}" /usr/bin/clickhouse /usr/bin/clickhouse-server; do
+    # Debian's 18.16 package ships /usr/sbin/clickhouse-server (libclickhouse.so holds the code);
+    # upstream packages ship the multi-call /usr/bin/clickhouse with a clickhouse-server symlink.
+    for candidate in "${METERLINE_CLICKHOUSE_BIN:-}" /usr/bin/clickhouse /usr/bin/clickhouse-server \
+        /usr/sbin/clickhouse-server; do
         if [ -n "$candidate" ] && [ -x "$candidate" ]; then
             printf '%s\n' "$candidate"
             return 0
@@ -39,8 +42,14 @@ find_clickhouse() {
 }
 
 # The package's candidate version is known only after an `apt-get update` has fetched lists.
+# (The output is captured first: `grep -q` closing the pipe early would trip pipefail.)
 apt_knows_clickhouse() {
-    apt-cache policy clickhouse-server 2>/dev/null | grep -q 'Candidate: [0-9]'
+    local policy
+    policy="$(apt-cache policy clickhouse-server 2>/dev/null || true)"
+    case "$policy" in
+        *"Candidate: "[0-9]*) return 0 ;;
+        *) return 1 ;;
+    esac
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -75,17 +84,21 @@ else
         trap - EXIT
     fi
 
-    CLICKHOUSE_BIN="$(find_clickhouse)" || die "clickhouse-server installed but no /usr/bin/clickhouse or /usr/bin/clickhouse-server found"
+    CLICKHOUSE_BIN="$(find_clickhouse)" || die "clickhouse-server installed but none of /usr/bin/clickhouse, /usr/bin/clickhouse-server, /usr/sbin/clickhouse-server found"
     step "clickhouse: installed $CLICKHOUSE_BIN"
 fi
 
-# `clickhouse server --version` works for the multi-call binary; clickhouse-server takes --version directly.
+# The 18.16 server binary has no --version flag; ask the multi-call binary, the client, or dpkg.
+CLICKHOUSE_VERSION=""
 if [ "$(basename "$CLICKHOUSE_BIN")" = "clickhouse" ]; then
     CLICKHOUSE_VERSION="$("$CLICKHOUSE_BIN" server --version 2>/dev/null | head -n1 || true)"
-else
-    CLICKHOUSE_VERSION="$("$CLICKHOUSE_BIN" --version 2>/dev/null | head -n1 || true)"
 fi
-[ -n "$CLICKHOUSE_VERSION" ] || die "$CLICKHOUSE_BIN does not run (no version output)"
+if [ -z "$CLICKHOUSE_VERSION" ] && command -v clickhouse-client >/dev/null 2>&1; then
+    CLICKHOUSE_VERSION="$(clickhouse-client --version 2>/dev/null | head -n1 || true)"
+fi
+if [ -z "$CLICKHOUSE_VERSION" ] && command -v dpkg-query >/dev/null 2>&1; then
+    CLICKHOUSE_VERSION="clickhouse-server package $(dpkg-query -W -f='${Version}' clickhouse-server 2>/dev/null || true)"
+fi
 step "clickhouse: $CLICKHOUSE_VERSION"
 
 # ---------------------------------------------------------------------------------------------
