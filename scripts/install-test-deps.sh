@@ -75,9 +75,17 @@ else
         trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
     fi
 
+    apt_install() {
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            clickhouse-server clickhouse-client >/dev/null
+    }
     step "clickhouse: installing clickhouse-server clickhouse-client with apt-get"
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        clickhouse-server clickhouse-client >/dev/null
+    if ! apt_install; then
+        # Stale lists point at package versions the mirror no longer has: refresh once, retry.
+        step "clickhouse: install failed, running apt-get update and retrying once"
+        as_root apt-get update -qq
+        apt_install
+    fi
 
     if [ -n "$added_policy" ]; then
         as_root rm -f /usr/sbin/policy-rc.d
@@ -104,11 +112,21 @@ step "clickhouse: $CLICKHOUSE_VERSION"
 # ---------------------------------------------------------------------------------------------
 # 2. Tansu broker
 # ---------------------------------------------------------------------------------------------
+# Runs and reports version $TANSU_VERSION (output captured first, see apt_knows_clickhouse).
 tansu_works() {
-    [ -x "$1" ] && { "$1" --version >/dev/null 2>&1 || "$1" --help >/dev/null 2>&1; }
+    local out
+    [ -x "$1" ] || return 1
+    out="$("$1" --version 2>/dev/null || true)"
+    case "$out" in
+        *"$TANSU_VERSION"*) return 0 ;;
+        *) return 1 ;;
+    esac
 }
 
-if tansu_works "$TANSU_BIN"; then
+if [ -n "${METERLINE_TANSU_BIN:-}" ] && tansu_works "$METERLINE_TANSU_BIN"; then
+    TANSU_BIN="$METERLINE_TANSU_BIN"
+    step "tansu: METERLINE_TANSU_BIN=$TANSU_BIN works, skipping build"
+elif tansu_works "$TANSU_BIN"; then
     step "tansu: found $TANSU_BIN, skipping build"
 else
     command -v cargo >/dev/null 2>&1 || die "cargo is needed to build tansu $TANSU_VERSION"

@@ -5,8 +5,18 @@
 //!   (month, customer, product, dimension, charge type, currency) and rounds each line once.
 //! - [`invoice`]: PURE. Invoice totals per customer and currency as sums of rounded lines.
 //!
+//! - `schema` (feature `distributed`): the versioned ClickHouse migrations of `deploy/clickhouse/`.
+//! - `sink` (feature `distributed`): SHELL. Row types and ClickHouse reads and writes.
+//! - `pipeline` (feature `distributed`): SHELL. Rated topic → fold → ClickHouse, exactly once.
+//!
 //! Data enters as rated records (from the embedded store or the rated topic) and leaves as
 //! [`common::rated::ChargeLine`]s (to the store or ClickHouse).
 
 pub mod invoice;
+#[cfg(feature = "distributed")]
+pub mod pipeline;
 pub mod rollup;
+#[cfg(feature = "distributed")]
+pub mod schema;
+#[cfg(feature = "distributed")]
+pub mod sink;

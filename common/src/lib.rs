@@ -10,14 +10,20 @@
 //!   customers and agreements.
 //! - [`rated`]: a rated hourly line item and a monthly charge line.
 //! - [`codec`]: the one topic payload codec (bincode 2 behind a format-version byte).
+//! - [`topic`]: what travels on each topic, and the partition key.
+//! - [`config`]: the distributed mode's configuration file and environment overrides.
 //!
 //! Nothing here performs I/O except [`catalogue::PriceBook::load`], which reads one file.
 
 pub mod catalogue;
+pub mod config;
 pub mod codec;
 pub mod id;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod money;
 pub mod rated;
 pub mod reject;
 pub mod time;
+pub mod topic;
 pub mod usage;

@@ -8,12 +8,16 @@
 //! - [`sink`]: where validated records go to become durable (the embedded store, or Kafka in
 //!   distributed mode); the HTTP answer waits for it.
 //! - [`http`]: SHELL. The axum router: authentication, body limits, back-pressure, responses.
+//! - `kafka_sink` (feature `distributed`): SHELL. The raw topic as the sink, answered after the
+//!   broker's acknowledgement.
 //!
 //! Data enters in [`http`] and leaves through a [`sink::UsageSink`]; a record is answered
 //! `Success` only after the sink reports it durable (design guarantee 1).
 
 pub mod clock;
 pub mod http;
+#[cfg(feature = "distributed")]
+pub mod kafka_sink;
 pub mod sink;
 pub mod validate;
 pub mod wire;

@@ -7,10 +7,15 @@
 //! - [`rating`]: PURE. Price lookup and the per-unit and annual-coverage (Y−X) math.
 //! - [`decision`]: PURE. [`decision::Rater::decide`] = dedup, then rating, as one [`decision::Decision`].
 //!
+//! - `pipeline` (feature `distributed`): SHELL. Consume raw → decide → produce rated/rejected →
+//!   commit, with the partition's dedup state rebuilt from the rated topic on assignment.
+//!
 //! Data enters as [`common::usage::UsageRecord`]s and leaves as [`common::rated::RatedRecord`]s or
 //! refusals; the shells (embedded store, Kafka) persist them and only then call
 //! [`decision::Rater::commit`].
 
 pub mod decision;
 pub mod dedup;
+#[cfg(feature = "distributed")]
+pub mod pipeline;
 pub mod rating;

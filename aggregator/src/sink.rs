@@ -1,0 +1,374 @@
+//! SHELL (distributed mode). ClickHouse row types, exact decimal conversion, and the reads and
+//! writes the aggregator makes.
+//!
+//! Decimals travel as `i128` mantissas at the column's fixed scale (the `clickhouse` crate does
+//! not take `rust_decimal`); a value that would lose digits at that scale is an error, never a
+//! rounding. Rows are RowBinary in table column order (`with_validation(false)`: ClickHouse
+//! 18.16 lacks `RowBinaryWithNamesAndTypes`).
+
+use crate::rollup::LineSums;
+use clickhouse::{Client, Row};
+use common::money::{round_to_minor, Currency};
+use common::rated::{ChargeLineKey, ChargeType, RatedRecord};
+use common::time::{Hour, Month, Timestamp};
+use common::topic::{DeadLetter, RejectedEvent};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+/// Scale of quantity columns.
+pub const QTY_SCALE: u32 = 9;
+/// Scale of rate columns.
+pub const RATE_SCALE: u32 = 12;
+/// Scale of exact amount columns.
+pub const AMOUNT_SCALE: u32 = 18;
+/// Scale of the rounded amount column.
+pub const BILLED_SCALE: u32 = 9;
+
+/// Errors of the ClickHouse shell.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// ClickHouse refused or could not be reached.
+    #[error("clickhouse ({table}): {source}")]
+    ClickHouse {
+        /// Table.
+        table: &'static str,
+        /// Cause.
+        source: clickhouse::error::Error,
+    },
+    /// A value does not fit its column exactly.
+    #[error("{what} = {value} does not fit Decimal(38, {scale}) exactly")]
+    Precision {
+        /// Which value.
+        what: &'static str,
+        /// The value.
+        value: String,
+        /// Column scale.
+        scale: u32,
+    },
+    /// A stored row does not parse back.
+    #[error("corrupt row in {table}: {what}")]
+    Corrupt {
+        /// Table.
+        table: &'static str,
+        /// What.
+        what: String,
+    },
+}
+
+fn ch(table: &'static str) -> impl Fn(clickhouse::error::Error) -> SinkError {
+    move |source| SinkError::ClickHouse { table, source }
+}
+
+/// `d` as a mantissa at `scale`, refusing any loss of digits.
+pub fn mantissa(what: &'static str, d: Decimal, scale: u32) -> Result<i128, SinkError> {
+    let n = d.normalize();
+    if n.scale() > scale {
+        return Err(SinkError::Precision { what, value: d.to_string(), scale });
+    }
+    let factor = 10i128.pow(scale - n.scale());
+    n.mantissa().checked_mul(factor).ok_or(SinkError::Precision { what, value: d.to_string(), scale })
+}
+
+/// A mantissa at `scale` back to a decimal.
+pub fn from_mantissa(m: i128, scale: u32) -> Result<Decimal, SinkError> {
+    Decimal::try_from_i128_with_scale(m, scale)
+        .map(|d| d.normalize())
+        .map_err(|_| SinkError::Corrupt { table: "-", what: format!("mantissa {m} at scale {scale}") })
+}
+
+fn days(t: Timestamp) -> u16 {
+    (t.millis().div_euclid(86_400_000)).clamp(0, i64::from(u16::MAX)) as u16
+}
+
+fn secs(t: Timestamp) -> u32 {
+    (t.millis().div_euclid(1000)).clamp(0, i64::from(u32::MAX)) as u32
+}
+
+/// One rated line item (`rated_usage`).
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+pub struct RatedRow {
+    record_id: String,
+    dedup_key: String,
+    seller: String,
+    product: String,
+    customer: String,
+    dimension: String,
+    usage_hour: u32,
+    month: u16,
+    quantity: i128,
+    covered_quantity: i128,
+    billable_quantity: i128,
+    unit_rate: i128,
+    currency: String,
+    amount: i128,
+    charge_type: String,
+    agreement_id: String,
+    offer_id: String,
+    price_book_version: String,
+    source_partition: i32,
+    source_offset: i64,
+    inserted_at: u32,
+}
+
+impl RatedRow {
+    /// The row for `r`, read from `partition` at `offset`.
+    pub fn new(r: &RatedRecord, partition: i32, offset: i64, now: Timestamp) -> Result<Self, SinkError> {
+        Ok(RatedRow {
+            record_id: r.record_id.to_string(),
+            dedup_key: r.dedup_key.to_string(),
+            seller: r.seller.clone(),
+            product: r.product.clone(),
+            customer: r.customer.clone(),
+            dimension: r.dimension.clone(),
+            usage_hour: secs(r.hour.start()),
+            month: days(r.month().start()),
+            quantity: mantissa("quantity", r.quantity, QTY_SCALE)?,
+            covered_quantity: mantissa("covered_quantity", r.covered_quantity, QTY_SCALE)?,
+            billable_quantity: mantissa("billable_quantity", r.billable_quantity, QTY_SCALE)?,
+            unit_rate: mantissa("unit_rate", r.unit_rate, RATE_SCALE)?,
+            currency: r.currency.to_string(),
+            amount: mantissa("amount", r.amount, AMOUNT_SCALE)?,
+            charge_type: r.charge_type.as_str().to_owned(),
+            agreement_id: r.agreement_id.clone(),
+            offer_id: r.offer_id.clone(),
+            price_book_version: r.price_book_version.clone(),
+            source_partition: partition,
+            source_offset: offset,
+            inserted_at: secs(now),
+        })
+    }
+}
+
+/// One invoice line version (`monthly_charges`).
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+pub struct ChargeRow {
+    month: u16,
+    usage_period_start: u32,
+    usage_period_end: u32,
+    marketplace: String,
+    customer: String,
+    seller_of_record: String,
+    manufacturer: String,
+    channel: String,
+    product: String,
+    dimension: String,
+    charge_type: String,
+    currency: String,
+    quantity: i128,
+    covered_quantity: i128,
+    billable_quantity: i128,
+    unit_rate: i128,
+    mixed_rates: u8,
+    amount_unrounded: i128,
+    customer_billed_amount: i128,
+    records: u64,
+    source_partition: i32,
+    version: i64,
+    updated_at: u32,
+}
+
+impl ChargeRow {
+    /// The current version of a line, owned by `partition`, folded up to `version` (offset).
+    pub fn new(key: &ChargeLineKey, sums: &LineSums, marketplace: &str, partition: i32, version: i64, now: Timestamp) -> Result<Self, SinkError> {
+        let minor = key.currency.minor_units().ok_or_else(|| SinkError::Corrupt { table: "monthly_charges", what: format!("currency {}", key.currency) })?;
+        Ok(ChargeRow {
+            month: days(key.month.start()),
+            usage_period_start: secs(key.month.start()),
+            usage_period_end: secs(key.month.end()),
+            marketplace: marketplace.to_owned(),
+            customer: key.customer.clone(),
+            seller_of_record: sums.seller.clone(),
+            manufacturer: sums.seller.clone(),
+            channel: "direct".into(),
+            product: key.product.clone(),
+            dimension: key.dimension.clone(),
+            charge_type: key.charge_type.as_str().to_owned(),
+            currency: key.currency.to_string(),
+            quantity: mantissa("quantity", sums.quantity, QTY_SCALE)?,
+            covered_quantity: mantissa("covered_quantity", sums.covered_quantity, QTY_SCALE)?,
+            billable_quantity: mantissa("billable_quantity", sums.billable_quantity, QTY_SCALE)?,
+            unit_rate: mantissa("unit_rate", sums.unit_rate.unwrap_or_default(), RATE_SCALE)?,
+            mixed_rates: u8::from(sums.mixed_rates),
+            amount_unrounded: mantissa("amount_unrounded", sums.amount, AMOUNT_SCALE)?,
+            customer_billed_amount: mantissa("customer_billed_amount", round_to_minor(sums.amount, minor), BILLED_SCALE)?,
+            records: sums.records,
+            source_partition: partition,
+            version,
+            updated_at: secs(now),
+        })
+    }
+
+    /// Back to a key and exact sums.
+    pub fn to_state(&self) -> Result<(ChargeLineKey, LineSums), SinkError> {
+        let corrupt = |what: String| SinkError::Corrupt { table: "monthly_charges", what };
+        let start = Timestamp(i64::from(self.usage_period_start) * 1000);
+        let month: Month = start.hour().month();
+        let key = ChargeLineKey {
+            month,
+            customer: self.customer.clone(),
+            product: self.product.clone(),
+            dimension: self.dimension.clone(),
+            charge_type: ChargeType::parse(&self.charge_type).ok_or_else(|| corrupt(format!("charge_type {}", self.charge_type)))?,
+            currency: Currency::new(&self.currency).map_err(corrupt)?,
+        };
+        let mixed = self.mixed_rates != 0;
+        let sums = LineSums {
+            seller: self.seller_of_record.clone(),
+            quantity: from_mantissa(self.quantity, QTY_SCALE)?,
+            covered_quantity: from_mantissa(self.covered_quantity, QTY_SCALE)?,
+            billable_quantity: from_mantissa(self.billable_quantity, QTY_SCALE)?,
+            amount: from_mantissa(self.amount_unrounded, AMOUNT_SCALE)?,
+            unit_rate: if mixed { None } else { Some(from_mantissa(self.unit_rate, RATE_SCALE)?) },
+            mixed_rates: mixed,
+            records: self.records,
+        };
+        Ok((key, sums))
+    }
+}
+
+/// One refused record (`rejected_records`).
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+pub struct RejectedRow {
+    rejection_id: String,
+    received_at: u32,
+    received_at_ms: i64,
+    seller: String,
+    product: String,
+    customer: String,
+    record_id: String,
+    reason: String,
+    message: String,
+    raw: String,
+}
+
+impl From<&RejectedEvent> for RejectedRow {
+    fn from(e: &RejectedEvent) -> Self {
+        RejectedRow {
+            rejection_id: e.rejection_id.to_string(),
+            received_at: secs(e.received_at),
+            received_at_ms: e.received_at.millis(),
+            seller: e.seller.clone(),
+            product: e.product.clone(),
+            customer: e.customer.clone(),
+            record_id: e.record_id.map(|i| i.to_string()).unwrap_or_default(),
+            reason: e.code.as_str().to_owned(),
+            message: e.message.clone(),
+            raw: e.raw.clone(),
+        }
+    }
+}
+
+/// One dead letter (`dead_letters`).
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+pub struct DeadLetterRow {
+    at: u32,
+    stage: String,
+    source_topic: String,
+    source_partition: i32,
+    source_offset: i64,
+    reason: String,
+    payload_hex: String,
+}
+
+impl From<&DeadLetter> for DeadLetterRow {
+    fn from(d: &DeadLetter) -> Self {
+        DeadLetterRow {
+            at: secs(d.at),
+            stage: d.stage.clone(),
+            source_topic: d.source_topic.clone(),
+            source_partition: d.source_partition,
+            source_offset: d.source_offset,
+            reason: d.reason.clone(),
+            payload_hex: hex::encode(&d.payload[..d.payload.len().min(65_536)]),
+        }
+    }
+}
+
+/// Inserts rows into `table` in one INSERT. Returns when ClickHouse confirmed it.
+pub async fn insert_rows<T>(client: &Client, table: &'static str, rows: &[T]) -> Result<(), SinkError>
+where
+    T: Row + clickhouse::RowWrite + for<'a> clickhouse::RowOwned,
+    for<'a> T: Row<Value<'a> = T>,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut insert = client.insert::<T>(table).await.map_err(ch(table))?;
+    for r in rows {
+        insert.write(r).await.map_err(ch(table))?;
+    }
+    insert.end().await.map_err(ch(table))
+}
+
+/// What ClickHouse holds for one rated partition: the newest version of each of its lines, the
+/// last offset folded in, and the dedup keys of line items at or after `since_hour`.
+#[derive(Debug, Default)]
+pub struct PartitionSnapshot {
+    /// Last rated offset included in the lines (None: nothing folded yet).
+    pub committed: Option<i64>,
+    /// Lines owned by the partition.
+    pub lines: Vec<(ChargeLineKey, LineSums)>,
+    /// (hour, dedup key) of line items folded up to `committed`.
+    pub keys: Vec<(Hour, String)>,
+}
+
+#[derive(Row, Deserialize)]
+struct CommittedRow {
+    n: u64,
+    v: i64,
+}
+
+#[derive(Row, Deserialize)]
+struct KeyRow {
+    dedup_key: String,
+    usage_hour: u32,
+}
+
+/// Loads a partition's snapshot (restart and rebalance).
+pub async fn load_partition(client: &Client, partition: i32, since_hour: Hour) -> Result<PartitionSnapshot, SinkError> {
+    let c: CommittedRow = client
+        .query("SELECT count() AS n, max(version) AS v FROM monthly_charges WHERE source_partition = ?")
+        .bind(partition)
+        .fetch_one()
+        .await
+        .map_err(ch("monthly_charges"))?;
+    if c.n == 0 {
+        return Ok(PartitionSnapshot::default());
+    }
+    let rows: Vec<ChargeRow> = client
+        .query("SELECT ?fields FROM monthly_charges FINAL WHERE source_partition = ?")
+        .bind(partition)
+        .fetch_all()
+        .await
+        .map_err(ch("monthly_charges"))?;
+    let lines = rows.iter().map(ChargeRow::to_state).collect::<Result<Vec<_>, _>>()?;
+    let keys: Vec<KeyRow> = client
+        .query("SELECT dedup_key, toUInt32(usage_hour) AS usage_hour FROM rated_usage WHERE source_partition = ? AND source_offset <= ? AND usage_hour >= toDateTime(?)")
+        .bind(partition)
+        .bind(c.v)
+        .bind(secs(since_hour.start()))
+        .fetch_all()
+        .await
+        .map_err(ch("rated_usage"))?;
+    Ok(PartitionSnapshot {
+        committed: Some(c.v),
+        lines,
+        keys: keys.into_iter().map(|k| (Timestamp(i64::from(k.usage_hour) * 1000).hour(), k.dedup_key)).collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mantissas_are_exact_or_refused() {
+        assert_eq!(mantissa("x", "1.5".parse().unwrap(), 9).unwrap(), 1_500_000_000);
+        assert_eq!(mantissa("x", "0.00000001".parse().unwrap(), 12).unwrap(), 10_000);
+        assert!(mantissa("x", "0.0000000001".parse().unwrap(), 9).is_err());
+        assert_eq!(from_mantissa(1_500_000_000, 9).unwrap().to_string(), "1.5");
+        let d: Decimal = "123456789.123456789".parse().unwrap();
+        assert_eq!(from_mantissa(mantissa("x", d, 18).unwrap(), 18).unwrap(), d);
+    }
+}

@@ -1,0 +1,340 @@
+//! Configuration of the distributed mode: one TOML file shared by `ingest`, `rater` and
+//! `aggregator`, each reading the sections it needs, with environment overrides
+//! (`METERLINE__KAFKA__BOOTSTRAP=…`: double underscore = nesting).
+//!
+//! Validation is pure and runs before any socket opens. The librdkafka passthrough map may not
+//! set the keys our delivery guarantees rest on (idempotence, acks, offset storage, isolation,
+//! transactions): config must never silently weaken a guarantee.
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Keys the passthrough map may not set.
+pub const PROTECTED_KAFKA_KEYS: &[&str] = &[
+    "enable.idempotence",
+    "acks",
+    "request.required.acks",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "transactional.id",
+    "bootstrap.servers",
+    "group.id",
+];
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file or environment does not parse into the schema.
+    #[error("configuration: {0}")]
+    Load(String),
+    /// A value breaks a rule.
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Topic names.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Topics {
+    /// Validated usage records from ingest, keyed by product + customer.
+    pub raw: String,
+    /// Rated line items from the rater; partition = the raw record's partition.
+    pub rated: String,
+    /// Refused records with their reason.
+    pub rejected: String,
+    /// Undecodable messages with the reason and their source.
+    pub dead_letter: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            raw: "meterline.usage.raw".into(),
+            rated: "meterline.usage.rated".into(),
+            rejected: "meterline.usage.rejected".into(),
+            dead_letter: "meterline.dead-letter".into(),
+        }
+    }
+}
+
+/// Kafka (or any Kafka-protocol broker).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `host:port[,host:port]`.
+    pub bootstrap: String,
+    /// Topic names.
+    #[serde(default)]
+    pub topics: Topics,
+    /// Partitions of each topic when the binaries create them. Raw and rated must match: the
+    /// rater writes a raw partition's output to the same rated partition.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Replication factor for created topics.
+    #[serde(default = "default_replication")]
+    pub replication: i32,
+    /// Consumer group session timeout (ms). Short in tests; rebalances wait about half of it.
+    #[serde(default = "default_session_timeout")]
+    pub session_timeout_ms: u32,
+    /// Extra librdkafka settings (applied first; protected keys are refused).
+    #[serde(default)]
+    pub client: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Passthrough values may hold SASL passwords: print the keys only.
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap", &self.bootstrap)
+            .field("topics", &self.topics)
+            .field("partitions", &self.partitions)
+            .field("client_keys", &self.client.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+fn default_partitions() -> i32 {
+    4
+}
+fn default_replication() -> i32 {
+    1
+}
+fn default_session_timeout() -> u32 {
+    10_000
+}
+
+/// ClickHouse over HTTP.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseConfig {
+    /// `http://host:8123`.
+    pub url: String,
+    /// Database holding Meterline's tables.
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// User name.
+    #[serde(default = "default_user")]
+    pub user: String,
+    /// Password; set it through `METERLINE__CLICKHOUSE__PASSWORD`, never in the file.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for ClickHouseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClickHouseConfig")
+            .field("url", &self.url)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+fn default_database() -> String {
+    "meterline".into()
+}
+fn default_user() -> String {
+    "default".into()
+}
+
+/// The `ingest` binary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSection {
+    /// Listen address of the HTTP API.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Records allowed in flight to the broker before callers get 429.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    /// How long to wait for the broker's acknowledgement before answering 503.
+    #[serde(default = "default_delivery_timeout")]
+    pub delivery_timeout_ms: u64,
+}
+
+impl Default for IngestSection {
+    fn default() -> Self {
+        IngestSection { listen: default_listen(), max_in_flight: default_in_flight(), delivery_timeout_ms: default_delivery_timeout() }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_in_flight() -> usize {
+    200_000
+}
+fn default_delivery_timeout() -> u64 {
+    10_000
+}
+
+/// The `rater` binary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaterSection {
+    /// Consumer group.
+    #[serde(default = "default_rater_group")]
+    pub group: String,
+    /// Most records decided per batch (one produce-and-commit cycle).
+    #[serde(default = "default_batch")]
+    pub max_batch: usize,
+    /// Longest a batch waits to fill (ms).
+    #[serde(default = "default_linger")]
+    pub linger_ms: u64,
+}
+
+impl Default for RaterSection {
+    fn default() -> Self {
+        RaterSection { group: default_rater_group(), max_batch: default_batch(), linger_ms: default_linger() }
+    }
+}
+
+fn default_rater_group() -> String {
+    "meterline-rater".into()
+}
+fn default_batch() -> usize {
+    10_000
+}
+fn default_linger() -> u64 {
+    200
+}
+
+/// The `aggregator` binary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorSection {
+    /// Consumer group.
+    #[serde(default = "default_aggregator_group")]
+    pub group: String,
+    /// Most records per flush to ClickHouse.
+    #[serde(default = "default_flush_rows")]
+    pub flush_max_records: usize,
+    /// Longest a record waits before its flush (ms).
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval_ms: u64,
+}
+
+impl Default for AggregatorSection {
+    fn default() -> Self {
+        AggregatorSection {
+            group: default_aggregator_group(),
+            flush_max_records: default_flush_rows(),
+            flush_interval_ms: default_flush_interval(),
+        }
+    }
+}
+
+fn default_aggregator_group() -> String {
+    "meterline-aggregator".into()
+}
+fn default_flush_rows() -> usize {
+    50_000
+}
+fn default_flush_interval() -> u64 {
+    1_000
+}
+
+/// The whole distributed-mode configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The price book file (TOML or JSON).
+    pub price_book: PathBuf,
+    /// Broker.
+    pub kafka: KafkaConfig,
+    /// ClickHouse (the aggregator's sink).
+    pub clickhouse: Option<ClickHouseConfig>,
+    /// `ingest` settings.
+    #[serde(default)]
+    pub ingest: IngestSection,
+    /// `rater` settings.
+    #[serde(default)]
+    pub rater: RaterSection,
+    /// `aggregator` settings.
+    #[serde(default)]
+    pub aggregator: AggregatorSection,
+}
+
+impl PipelineConfig {
+    /// Loads `path`, then `METERLINE__*` environment overrides, then validates.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: PipelineConfig = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("METERLINE__").split("__"))
+            .extract()
+            .map_err(|e| ConfigError::Load(format!("{} ({})", e, path.display())))?;
+        cfg.validate()
+    }
+
+    /// Parses TOML text (no environment), then validates.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: PipelineConfig = Figment::new().merge(Toml::string(text)).extract().map_err(|e| ConfigError::Load(e.to_string()))?;
+        cfg.validate()
+    }
+
+    /// Pure checks.
+    pub fn validate(self) -> Result<Self, ConfigError> {
+        let k = &self.kafka;
+        if k.bootstrap.trim().is_empty() {
+            return Err(ConfigError::Invalid("kafka.bootstrap is empty".into()));
+        }
+        if k.partitions < 1 {
+            return Err(ConfigError::Invalid("kafka.partitions must be at least 1".into()));
+        }
+        for key in k.client.keys() {
+            if PROTECTED_KAFKA_KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "kafka.client.\"{key}\" is set by Meterline itself (a delivery guarantee rests on it) and may not be overridden"
+                )));
+            }
+        }
+        let t = &k.topics;
+        let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter];
+        for (i, a) in names.iter().enumerate() {
+            if a.is_empty() || names[i + 1..].contains(a) {
+                return Err(ConfigError::Invalid(format!("kafka.topics: `{a}` is empty or used twice")));
+            }
+        }
+        if self.rater.max_batch == 0 || self.aggregator.flush_max_records == 0 {
+            return Err(ConfigError::Invalid("batch sizes must be at least 1".into()));
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../deploy/meterline.example.toml");
+
+    #[test]
+    fn the_example_config_loads() {
+        let c = PipelineConfig::from_toml(EXAMPLE).unwrap();
+        assert_eq!(c.kafka.topics, Topics::default());
+        assert!(c.clickhouse.is_some());
+    }
+
+    #[test]
+    fn passthrough_cannot_weaken_delivery() {
+        let bad = format!("{EXAMPLE}\n[kafka.client]\n\"enable.idempotence\" = \"false\"\n");
+        let err = PipelineConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("enable.idempotence"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let mut c = PipelineConfig::from_toml(EXAMPLE).unwrap();
+        c.clickhouse.as_mut().unwrap().password = Some("hunter2".into());
+        c.kafka.client.insert("sasl.password".into(), "hunter3".into());
+        let s = format!("{c:?}");
+        assert!(!s.contains("hunter2") && !s.contains("hunter3"), "{s}");
+    }
+}

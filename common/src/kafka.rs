@@ -1,0 +1,131 @@
+//! Kafka client helpers shared by the distributed binaries (feature `kafka`).
+//!
+//! Every client is built here so the delivery-critical settings are set in one place, after the
+//! passthrough map (which validation already forbids from touching them):
+//! - producers: idempotent, `acks=all` (an acknowledged record survives a broker failover);
+//! - consumers: no auto-commit and no auto offset store (offsets advance only after the
+//!   downstream write is confirmed), `read_committed`, `auto.offset.reset=earliest`.
+//!
+//! [`replay_partition`] is the bounded replay that rebuilds a partition's state on assignment.
+
+use crate::config::KafkaConfig;
+use crate::time::Timestamp;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use std::time::{Duration, Instant};
+
+/// Base client settings: the passthrough map, then the bootstrap servers.
+pub fn client_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (key, value) in &k.client {
+        c.set(key, value);
+    }
+    c.set("bootstrap.servers", &k.bootstrap);
+    c
+}
+
+/// An idempotent, `acks=all` producer configuration.
+pub fn producer_config(k: &KafkaConfig) -> ClientConfig {
+    let mut c = client_config(k);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .set("queue.buffering.max.messages", "1000000");
+    c
+}
+
+/// A consumer configuration for `group`: manual offsets, `read_committed`.
+pub fn consumer_config(k: &KafkaConfig, group: &str) -> ClientConfig {
+    let mut c = client_config(k);
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", (k.session_timeout_ms / 5).max(100).to_string())
+        .set("partition.assignment.strategy", "range");
+    c
+}
+
+/// Creates the four topics if they are missing (an existing topic is fine).
+pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(k).create()?;
+    let t = &k.topics;
+    let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter];
+    let topics: Vec<NewTopic<'_>> =
+        names.iter().map(|n| NewTopic::new(n.as_str(), k.partitions, TopicReplication::Fixed(k.replication))).collect();
+    let results = admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((_, code)) => return Err(KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads `partition` of `topic` from the first message at or after `since` to the end as it was
+/// when the replay began, handing each `(offset, payload)` to `f`. Bounded by `timeout`; a
+/// broker that cannot look offsets up by time is replayed from its start.
+pub fn replay_partition(
+    k: &KafkaConfig,
+    topic: &str,
+    partition: i32,
+    since: Timestamp,
+    timeout: Duration,
+    mut f: impl FnMut(i64, &[u8]),
+) -> Result<u64, KafkaError> {
+    let mut cfg = client_config(k);
+    cfg.set("group.id", format!("meterline-replay-{topic}-{partition}"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = cfg.create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+    if high <= low {
+        return Ok(0);
+    }
+    let mut by_time = TopicPartitionList::new();
+    by_time.add_partition_offset(topic, partition, Offset::Offset(since.millis()))?;
+    let start = match consumer.offsets_for_times(by_time, timeout) {
+        Ok(tpl) => match tpl.find_partition(topic, partition).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) if o >= low => o,
+            // No message at or after `since`: nothing to replay.
+            Some(Offset::End) => return Ok(0),
+            _ => low,
+        },
+        Err(_) => low,
+    };
+    if start >= high {
+        return Ok(0);
+    }
+    let mut assign = TopicPartitionList::new();
+    assign.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    consumer.assign(&assign)?;
+    let deadline = Instant::now() + timeout;
+    let mut n = 0u64;
+    loop {
+        if Instant::now() > deadline {
+            return Err(KafkaError::MessageConsumption(RDKafkaErrorCode::OperationTimedOut));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                f(m.offset(), m.payload().unwrap_or_default());
+                n += 1;
+                if m.offset() >= high - 1 {
+                    return Ok(n);
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! SHELL (distributed mode). Makes validated records durable in the raw topic.
+//!
+//! Each call's records are produced with an idempotent, `acks=all` producer, keyed by
+//! (product, customer); the call is answered only when every record's delivery report is back
+//! (design guarantee 1). Records refused by validation go to the rejected topic in the same call.
+//! Dedup and rating happen in the rater: an identical resend is produced again and collapses
+//! there (same record id), and a conflicting one is refused there as `DuplicateRecord`.
+//!
+//! Back-pressure: at most `max_in_flight` records wait for delivery reports; beyond that, and
+//! when librdkafka's queue is full, callers get 429; when delivery fails or times out (broker
+//! down), 503. Nothing is buffered without bound.
+
+use crate::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
+use common::codec;
+use common::config::KafkaConfig;
+use common::topic::{partition_key, RejectedEvent};
+use common::usage::UsageRecord;
+use futures::future::join_all;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The raw-topic sink.
+#[derive(Clone)]
+pub struct KafkaSink {
+    producer: FutureProducer,
+    raw_topic: String,
+    rejected_topic: String,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: usize,
+    delivery_timeout: Duration,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink").field("raw_topic", &self.raw_topic).field("in_flight", &self.in_flight).finish()
+    }
+}
+
+impl KafkaSink {
+    /// Builds the producer (no network until the first send).
+    pub fn new(k: &KafkaConfig, max_in_flight: usize, delivery_timeout: Duration) -> Result<Self, KafkaError> {
+        let mut cfg = common::kafka::producer_config(k);
+        cfg.set("message.timeout.ms", delivery_timeout.as_millis().to_string());
+        Ok(KafkaSink {
+            producer: cfg.create()?,
+            raw_topic: k.topics.raw.clone(),
+            rejected_topic: k.topics.rejected.clone(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_in_flight,
+            delivery_timeout,
+        })
+    }
+
+    /// Waits for outstanding deliveries (graceful shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+    }
+
+    async fn send_all(&self, accepted: &[UsageRecord], refused: &[RefusedRecord]) -> Result<(), SinkError> {
+        let mut deliveries = Vec::with_capacity(accepted.len() + refused.len());
+        for r in accepted {
+            let key = partition_key(&r.product, &r.customer);
+            let payload = codec::encode(r);
+            deliveries.push(self.enqueue(&self.raw_topic, key, payload)?);
+        }
+        for r in refused {
+            let ev = RejectedEvent::new(r.received_at, &r.seller, &r.product, "", r.record_id, r.rejection.code, r.rejection.message.clone(), r.raw.clone());
+            deliveries.push(self.enqueue(&self.rejected_topic, r.seller.as_bytes().to_vec(), codec::encode(&ev))?);
+        }
+        for d in join_all(deliveries).await {
+            match d {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(SinkError::Unavailable(format!("broker did not acknowledge: {e}"))),
+                Err(_) => return Err(SinkError::Unavailable("delivery report lost".into())),
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(&self, topic: &str, key: Vec<u8>, payload: Vec<u8>) -> Result<rdkafka::producer::DeliveryFuture, SinkError> {
+        let record = FutureRecord::to(topic).key(&key).payload(&payload);
+        match self.producer.send_result(record) {
+            Ok(f) => Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err(SinkError::Overloaded { in_flight: self.in_flight.load(Ordering::SeqCst), retry_after_secs: 1 })
+            }
+            Err((e, _)) => Err(SinkError::Unavailable(format!("producing to {topic}: {e}"))),
+        }
+    }
+}
+
+impl UsageSink for KafkaSink {
+    async fn submit(&self, accepted: Vec<UsageRecord>, refused: Vec<RefusedRecord>) -> Result<Vec<SinkOutcome>, SinkError> {
+        let n = accepted.len() + refused.len();
+        let before = self.in_flight.fetch_add(n, Ordering::SeqCst);
+        if before > 0 && before + n > self.max_in_flight {
+            self.in_flight.fetch_sub(n, Ordering::SeqCst);
+            return Err(SinkError::Overloaded { in_flight: before, retry_after_secs: 1 });
+        }
+        let timeout = self.delivery_timeout + Duration::from_secs(1);
+        let result = match tokio::time::timeout(timeout, self.send_all(&accepted, &refused)).await {
+            Ok(r) => r,
+            Err(_) => Err(SinkError::Unavailable(format!("no acknowledgement from the broker within {timeout:?}"))),
+        };
+        self.in_flight.fetch_sub(n, Ordering::SeqCst);
+        result?;
+        Ok(accepted.iter().map(|r| SinkOutcome::Accepted { record_id: r.record_id() }).collect())
+    }
+}

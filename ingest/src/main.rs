@@ -1,0 +1,54 @@
+//! `ingest` (distributed mode): the HTTP API in front of the raw topic.
+//!
+//! `ingest --config meterline.toml` loads the shared configuration, creates missing topics,
+//! and serves until SIGINT/SIGTERM, then drains: in-flight calls finish and the producer flushes.
+
+use anyhow::Context;
+use clap::Parser;
+use common::catalogue::PriceBook;
+use common::config::PipelineConfig;
+use ingest::clock::SystemClock;
+use ingest::http::{router, HttpLimits, IngestState};
+use ingest::kafka_sink::KafkaSink;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(about = "Meterline ingest: AWS-compatible metering API → raw topic")]
+struct Args {
+    /// The distributed-mode configuration file.
+    #[arg(long, default_value = "meterline.toml")]
+    config: PathBuf,
+    /// Listen address (overrides `ingest.listen`).
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,ingest=info".into()))
+        .init();
+    let args = Args::parse();
+    let cfg = PipelineConfig::load(&args.config)?;
+    let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
+    common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
+    let sink = KafkaSink::new(&cfg.kafka, cfg.ingest.max_in_flight, Duration::from_millis(cfg.ingest.delivery_timeout_ms))?;
+    let listen = args.listen.unwrap_or(cfg.ingest.listen.clone());
+    let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    println!("ingest listening on http://{addr} → topic {}", cfg.kafka.topics.raw);
+    let state = Arc::new(IngestState { book, sink: sink.clone(), clock: Arc::new(SystemClock), limits: HttpLimits::default() });
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    sink.flush(Duration::from_secs(10));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
