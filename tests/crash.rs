@@ -6,12 +6,9 @@
 //! The ground truth is computed here from the generated records with plain decimal arithmetic,
 //! independently of the rating core.
 
-use common::catalogue::{
-    Agreement, Customer, Delivery, Dimension, Offer, PriceBook, PriceBookDoc, PriceVersion, Product, Seller, UsageCategory,
-    UsagePrice, Visibility,
-};
-use common::money::round_to_minor;
-use common::time::{Timestamp, HOUR_MS};
+use ::common::catalogue::PriceBook;
+use ::common::money::round_to_minor;
+use ::common::time::HOUR_MS;
 use ingest::clock::Clock;
 use meterline::store::Store;
 use rand::rngs::SmallRng;
@@ -25,58 +22,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-const KEY: &str = "crash-test-key";
-const RATES: [(&str, &str); 4] = [("d0", "0.01234567"), ("d1", "0.5"), ("d2", "1.25"), ("d3", "0.00000003")];
+mod common;
+use common::{price_book, KEY, RATES};
+
 const CUSTOMERS: usize = 1000;
 const HOURS: i64 = 4;
-
-fn price_book() -> PriceBookDoc {
-    let since = Timestamp::parse_rfc3339("2020-01-01T00:00:00Z").unwrap();
-    PriceBookDoc {
-        version: "crash-test".into(),
-        marketplace: loadtest::scenario::aws_profile(),
-        sellers: vec![Seller {
-            id: "s1".into(),
-            name: "s1".into(),
-            api_key_sha256: vec![common::catalogue::api_key_hash(KEY).iter().map(|b| format!("{b:02x}")).collect()],
-        }],
-        products: vec![Product {
-            code: "p".into(),
-            seller: "s1".into(),
-            name: "p".into(),
-            delivery: Delivery::Saas,
-            dimensions: RATES
-                .iter()
-                .map(|(k, _)| Dimension { key: (*k).into(), name: (*k).into(), category: UsageCategory::Units, unit: "u".into() })
-                .collect(),
-        }],
-        offers: vec![Offer {
-            id: "o".into(),
-            product: "p".into(),
-            visibility: Visibility::Public,
-            currency: common::money::Currency::USD,
-            buyers: vec![],
-            prices: vec![PriceVersion {
-                effective_from: since,
-                usage: RATES.iter().map(|(k, r)| ((*k).to_owned(), UsagePrice::PerUnit(r.parse().unwrap()))).collect(),
-            }],
-        }],
-        customers: (0..CUSTOMERS)
-            .map(|i| Customer { id: format!("c{i:04}"), name: String::new(), customer_identifier: None, aws_account_id: Some(format!("{:012}", 500_000 + i)) })
-            .collect(),
-        agreements: (0..CUSTOMERS)
-            .map(|i| Agreement {
-                id: format!("a{i:04}"),
-                customer: format!("c{i:04}"),
-                product: "p".into(),
-                offer: "o".into(),
-                start: since,
-                end: None,
-                annual: vec![],
-            })
-            .collect(),
-    }
-}
 
 struct Running {
     child: Child,
@@ -112,7 +62,7 @@ struct Batch {
 async fn sigkill_mid_load_then_resend_unacknowledged_gives_exact_totals() {
     let dir = tempfile::tempdir().unwrap();
     let book_path = dir.path().join("price-book.toml");
-    let book = PriceBook::new(price_book()).unwrap();
+    let book = PriceBook::new(price_book(CUSTOMERS)).unwrap();
     std::fs::write(&book_path, book.to_toml().unwrap()).unwrap();
     let data = dir.path().join("data");
 

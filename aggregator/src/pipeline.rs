@@ -1,1 +1,388 @@
-//! placeholder
+//! SHELL (distributed mode). Rated topic → monthly fold → ClickHouse, exactly once; rejected
+//! and dead-letter topics → their tables, at least once into tables that collapse replays.
+//!
+//! How a replay after a crash changes nothing:
+//! - Each invoice line is owned by one rated partition (lines are per customer and product, and
+//!   the topics are keyed by product + customer). A flush writes, for every line it touched, the
+//!   line's full exact sums as a new row of `monthly_charges` (a `ReplacingMergeTree(version)`)
+//!   with `version` = the last rated offset folded in. Replaying the same offsets rebuilds the
+//!   same sums for the same versions: identical rows, collapsed.
+//! - ClickHouse, not Kafka, is the source of truth for progress. On assignment a partition's
+//!   state is loaded from ClickHouse (`load_partition`): its lines (FINAL), the last offset they
+//!   include, and the dedup keys of line items up to that offset. Records at or below that offset
+//!   are skipped; Kafka offsets are committed after each flush only to keep the replay short.
+//! - Line items (`rated_usage`) are written before the lines in each flush; a crash between
+//!   the two leaves line items past the committed offset, which are ignored on load and written
+//!   again, identically, by the replay.
+//! - A rated record whose dedup key was already folded (a zombie rater's copy) is skipped, so
+//!   each (product, customer, dimension, hour) is charged once.
+//! - ClickHouse down: the flush is retried with back-off and nothing more is consumed meanwhile
+//!   (back-pressure is consumer lag, never memory growth or loss).
+
+use crate::rollup::MonthlyRollup;
+use crate::sink::{self, ChargeRow, DeadLetterRow, RatedRow, RejectedRow, SinkError};
+use clickhouse::Client;
+use common::catalogue::PriceBook;
+use common::codec;
+use common::config::PipelineConfig;
+use common::id::DedupKey;
+use common::rated::{ChargeLineKey, RatedRecord};
+use common::time::{Timestamp, HOUR_MS};
+use common::topic::{DeadLetter, RejectedEvent};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Dedup keys are kept this long beyond the acceptance window (in stream time).
+pub const DEDUP_SLACK_MS: i64 = HOUR_MS;
+
+/// What stopped the aggregator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AggregatorError {
+    /// Kafka client failure.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// ClickHouse failure that retrying cannot fix (a value that does not fit its column).
+    #[error("{0}")]
+    Sink(#[from] SinkError),
+}
+
+/// Counters for logs and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct AggregatorStats {
+    /// Rated records folded into lines.
+    pub folded: u64,
+    /// Rated records skipped because their dedup key was already folded.
+    pub duplicates_skipped: u64,
+    /// Rated records skipped because ClickHouse already includes their offset.
+    pub replay_skipped: u64,
+    /// Flushes confirmed by ClickHouse.
+    pub flushes: u64,
+    /// Failed flush attempts (retried).
+    pub flush_retries: u64,
+    /// Rejected records written.
+    pub rejected: u64,
+    /// Dead letters written.
+    pub dead_letters: u64,
+    /// Partition loads from ClickHouse.
+    pub loads: u64,
+}
+
+#[derive(Clone, Default)]
+struct Revocations(Arc<Mutex<Vec<i32>>>);
+
+impl ClientContext for Revocations {}
+impl ConsumerContext for Revocations {
+    fn pre_rebalance(&self, _c: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            if let Ok(mut r) = self.0.lock() {
+                r.extend(tpl.elements().iter().map(|e| e.partition()));
+            }
+        }
+    }
+}
+
+/// One rated partition's state: lines, folded keys, and what the next flush writes.
+#[derive(Debug, Default)]
+struct PartState {
+    /// Last offset ClickHouse includes.
+    committed: Option<i64>,
+    /// Last offset read.
+    last_offset: Option<i64>,
+    rollup: MonthlyRollup,
+    /// Folded dedup keys per hour (stream-time window).
+    seen: BTreeMap<i64, HashSet<u128>>,
+    max_hour: i64,
+    touched: HashSet<ChargeLineKey>,
+    rows: Vec<RatedRow>,
+    dead: Vec<DeadLetterRow>,
+}
+
+impl PartState {
+    fn pending(&self) -> usize {
+        self.rows.len() + self.dead.len()
+    }
+    fn evict(&mut self, window_ms: i64) {
+        let oldest = self.max_hour - (window_ms + DEDUP_SLACK_MS) / HOUR_MS;
+        self.seen = self.seen.split_off(&oldest);
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+}
+
+/// The aggregator's shell state.
+struct Aggregator<'a> {
+    cfg: &'a PipelineConfig,
+    client: Client,
+    marketplace: String,
+    window_ms: i64,
+    parts: HashMap<i32, PartState>,
+    rejected: Vec<RejectedRow>,
+    side_dead: Vec<DeadLetterRow>,
+    side_offsets: BTreeMap<(String, i32), i64>,
+    stats: AggregatorStats,
+}
+
+/// Runs until `shutdown`, then flushes what is pending (if ClickHouse takes it) and returns.
+pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shutdown: impl Future<Output = ()>) -> Result<AggregatorStats, AggregatorError> {
+    let k = &cfg.kafka;
+    let revocations = Revocations::default();
+    let rated: StreamConsumer<Revocations> =
+        common::kafka::consumer_config(k, &cfg.aggregator.group).create_with_context(revocations.clone())?;
+    rated.subscribe(&[k.topics.rated.as_str()])?;
+    let side: StreamConsumer = common::kafka::consumer_config(k, &format!("{}-side", cfg.aggregator.group)).create()?;
+    side.subscribe(&[k.topics.rejected.as_str(), k.topics.dead_letter.as_str()])?;
+
+    let mut agg = Aggregator {
+        cfg,
+        client,
+        marketplace: book.marketplace().id.clone(),
+        window_ms: book.windows().acceptance_ms,
+        parts: HashMap::new(),
+        rejected: Vec::new(),
+        side_dead: Vec::new(),
+        side_offsets: BTreeMap::new(),
+        stats: AggregatorStats::default(),
+    };
+    let interval = Duration::from_millis(cfg.aggregator.flush_interval_ms);
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            // Order: stop, then flush, then new input — pending work is written before more is taken.
+            biased;
+            () = &mut shutdown => {
+                let _ = tokio::time::timeout(Duration::from_secs(10), agg.flush(&rated, &side)).await;
+                return Ok(agg.stats);
+            }
+            _ = tick.tick() => agg.flush(&rated, &side).await?,
+            m = rated.recv() => match m {
+                Ok(msg) => {
+                    agg.drop_revoked(&revocations);
+                    agg.on_rated(&msg).await?;
+                    if agg.pending() >= cfg.aggregator.flush_max_records {
+                        agg.flush(&rated, &side).await?;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "consuming rated"),
+            },
+            m = side.recv() => match m {
+                Ok(msg) => agg.on_side(&msg),
+                Err(e) => tracing::warn!(error = %e, "consuming rejected/dead-letter"),
+            },
+        }
+    }
+}
+
+impl Aggregator<'_> {
+    fn pending(&self) -> usize {
+        self.parts.values().map(PartState::pending).sum::<usize>() + self.rejected.len() + self.side_dead.len()
+    }
+
+    fn drop_revoked(&mut self, r: &Revocations) {
+        if let Ok(mut revoked) = r.0.lock() {
+            for p in revoked.drain(..) {
+                // Unflushed work of a revoked partition is dropped: its new owner replays it
+                // from what ClickHouse holds.
+                self.parts.remove(&p);
+            }
+        }
+    }
+
+    async fn load(&mut self, p: i32) -> Result<(), AggregatorError> {
+        let since = now().plus_millis(-(self.window_ms + DEDUP_SLACK_MS)).hour();
+        let mut backoff = Duration::from_millis(200);
+        let snap = loop {
+            match sink::load_partition(&self.client, p, since).await {
+                Ok(s) => break s,
+                Err(SinkError::ClickHouse { source, .. }) => {
+                    tracing::warn!(partition = p, error = %source, "loading partition state; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut st = PartState { committed: snap.committed, last_offset: snap.committed, ..Default::default() };
+        for (key, sums) in snap.lines {
+            st.rollup.restore(key, sums);
+        }
+        for (hour, key) in snap.keys {
+            if let Ok(k) = DedupKey::from_str(&key) {
+                st.seen.entry(hour.0).or_default().insert(k.0);
+                st.max_hour = st.max_hour.max(hour.0);
+            }
+        }
+        tracing::info!(partition = p, committed = ?st.committed, lines = st.rollup.len(), "partition state loaded from ClickHouse");
+        self.stats.loads += 1;
+        self.parts.insert(p, st);
+        Ok(())
+    }
+
+    async fn on_rated(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), AggregatorError> {
+        let (p, o) = (msg.partition(), msg.offset());
+        if !self.parts.contains_key(&p) {
+            self.load(p).await?;
+        }
+        let window_ms = self.window_ms;
+        let st = self.parts.get_mut(&p).expect("state loaded above");
+        if st.committed.is_some_and(|c| o <= c) {
+            self.stats.replay_skipped += 1;
+            return Ok(());
+        }
+        st.last_offset = Some(o);
+        let payload = msg.payload().unwrap_or_default();
+        let r: RatedRecord = match codec::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(partition = p, offset = o, reason = %e, "undecodable rated message dead-lettered");
+                st.dead.push(DeadLetterRow::from(&DeadLetter {
+                    source_topic: msg.topic().to_owned(),
+                    source_partition: p,
+                    source_offset: o,
+                    stage: "aggregator".into(),
+                    reason: e.to_string(),
+                    payload: payload.to_vec(),
+                    at: now(),
+                }));
+                return Ok(());
+            }
+        };
+        let hour = r.hour.0;
+        if st.seen.get(&hour).is_some_and(|s| s.contains(&r.dedup_key.0)) {
+            self.stats.duplicates_skipped += 1;
+            return Ok(());
+        }
+        let row = RatedRow::new(&r, p, o, now())?;
+        let key = st.rollup.fold(&r).map_err(|e| SinkError::Corrupt { table: "monthly_charges", what: e.to_string() })?;
+        st.touched.insert(key);
+        st.seen.entry(hour).or_default().insert(r.dedup_key.0);
+        if hour > st.max_hour {
+            st.max_hour = hour;
+            st.evict(window_ms);
+        }
+        st.rows.push(row);
+        self.stats.folded += 1;
+        Ok(())
+    }
+
+    fn on_side(&mut self, msg: &BorrowedMessage<'_>) {
+        let payload = msg.payload().unwrap_or_default();
+        let topics = &self.cfg.kafka.topics;
+        if msg.topic() == topics.rejected {
+            match codec::decode::<RejectedEvent>(payload) {
+                Ok(ev) => self.rejected.push(RejectedRow::from(&ev)),
+                Err(e) => self.side_dead.push(DeadLetterRow::from(&DeadLetter {
+                    source_topic: msg.topic().to_owned(),
+                    source_partition: msg.partition(),
+                    source_offset: msg.offset(),
+                    stage: "aggregator".into(),
+                    reason: e.to_string(),
+                    payload: payload.to_vec(),
+                    at: now(),
+                })),
+            }
+        } else {
+            let row = match codec::decode::<DeadLetter>(payload) {
+                Ok(d) => DeadLetterRow::from(&d),
+                Err(e) => DeadLetterRow::from(&DeadLetter {
+                    source_topic: msg.topic().to_owned(),
+                    source_partition: msg.partition(),
+                    source_offset: msg.offset(),
+                    stage: "aggregator".into(),
+                    reason: format!("dead letter itself undecodable: {e}"),
+                    payload: payload.to_vec(),
+                    at: now(),
+                }),
+            };
+            self.side_dead.push(row);
+        }
+        self.side_offsets.insert((msg.topic().to_owned(), msg.partition()), msg.offset() + 1);
+    }
+
+    /// Writes everything pending (retrying while ClickHouse is unavailable), then commits the
+    /// Kafka offsets it covers.
+    async fn flush<C: ConsumerContext + 'static>(&mut self, rated: &StreamConsumer<C>, side: &StreamConsumer) -> Result<(), AggregatorError> {
+        let t = now();
+        let mut rows = Vec::new();
+        let mut dead = std::mem::take(&mut self.side_dead);
+        let mut lines = Vec::new();
+        let mut advanced: Vec<(i32, i64)> = Vec::new();
+        for (p, st) in &mut self.parts {
+            let Some(last) = st.last_offset else { continue };
+            if st.committed == Some(last) {
+                continue;
+            }
+            rows.append(&mut st.rows);
+            dead.append(&mut st.dead);
+            for key in st.touched.drain() {
+                if let Some(sums) = st.rollup.sums(&key) {
+                    lines.push(ChargeRow::new(&key, sums, &self.marketplace, *p, last, t)?);
+                }
+            }
+            advanced.push((*p, last));
+        }
+        let rejected = std::mem::take(&mut self.rejected);
+        if rows.is_empty() && dead.is_empty() && lines.is_empty() && rejected.is_empty() && self.side_offsets.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let attempt = async {
+                // Line items before lines: the lines are the commit marker.
+                sink::insert_rows(&self.client, "rated_usage", &rows).await?;
+                sink::insert_rows(&self.client, "dead_letters", &dead).await?;
+                sink::insert_rows(&self.client, "rejected_records", &rejected).await?;
+                sink::insert_rows(&self.client, "monthly_charges", &lines).await
+            };
+            match attempt.await {
+                Ok(()) => break,
+                Err(e @ SinkError::ClickHouse { .. }) => {
+                    self.stats.flush_retries += 1;
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ClickHouse insert failed; retrying, consuming nothing meanwhile");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.stats.flushes += 1;
+        self.stats.rejected += rejected.len() as u64;
+        self.stats.dead_letters += dead.len() as u64;
+        tracing::debug!(rows = rows.len(), lines = lines.len(), rejected = rejected.len(), ms = started.elapsed().as_millis() as u64, "flushed to ClickHouse");
+        let mut tpl = TopicPartitionList::new();
+        for (p, last) in &advanced {
+            if let Some(st) = self.parts.get_mut(p) {
+                st.committed = Some(*last);
+            }
+            tpl.add_partition_offset(&self.cfg.kafka.topics.rated, *p, Offset::Offset(last + 1))?;
+        }
+        if tpl.count() > 0 {
+            // Advisory (ClickHouse holds the truth); a failure only lengthens the next replay.
+            if let Err(e) = rated.commit(&tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, "rated offset commit failed");
+            }
+        }
+        if !self.side_offsets.is_empty() {
+            let mut side_tpl = TopicPartitionList::new();
+            for ((topic, p), o) in std::mem::take(&mut self.side_offsets) {
+                side_tpl.add_partition_offset(&topic, p, Offset::Offset(o))?;
+            }
+            if let Err(e) = side.commit(&side_tpl, CommitMode::Async) {
+                tracing::debug!(error = %e, "side offset commit failed; the rows will be written again and collapse");
+            }
+        }
+        Ok(())
+    }
+}
