@@ -4,12 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ -x scripts/install-test-deps.sh ]; then
-  bash scripts/install-test-deps.sh
-fi
+# Debian's clickhouse-server and the Tansu broker (built once, cached in ~/.cache/meterline).
+bash scripts/install-test-deps.sh
 
-# Two cores: one test binary at a time keeps server-backed tests from starving each other.
+# Two cores: one test at a time keeps server-backed tests from starving each other.
 export RUST_BACKTRACE=1
-cargo build --workspace --all-targets --locked
-cargo test --workspace --locked -- --test-threads="${METERLINE_TEST_THREADS:-2}"
-cargo bench --workspace --locked --no-run
+# --all-features: the distributed binaries (ingest, rater, aggregator) are built first, because
+# tests/distributed.rs runs them as separate processes against real servers.
+cargo build --workspace --all-targets --all-features --locked
+cargo test --workspace --all-features --locked -- --test-threads="${METERLINE_TEST_THREADS:-1}"
+cargo bench --workspace --all-features --locked --no-run

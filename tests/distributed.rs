@@ -156,6 +156,9 @@ flush_interval_ms = 300
 
     fn log(&self, name: &str) -> String {
         let s = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+        if s.is_empty() {
+            return String::new();
+        }
         s.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
@@ -189,12 +192,14 @@ flush_interval_ms = 300
             }
             assert!(n <= expected, "more records folded ({n}) than accepted ({expected}): a double charge");
             if Instant::now() > deadline {
-                panic!(
+                let msg = format!(
                     "{n} of {expected} records folded after {timeout:?}\nrater:\n{}\naggregator:\n{}\ningest:\n{}",
                     self.log("rater"),
                     self.log("aggregator"),
                     self.log("ingest")
                 );
+                let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+                panic!("{msg}\nlogs and data kept in {}", kept.display());
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -260,7 +265,7 @@ fn workload(customers: usize, seed: u64) -> Workload {
 }
 
 /// Posts every batch in order, retrying 429/503/connection errors (as seller code must).
-async fn send(url: String, batches: Vec<Vec<Value>>) -> u64 {
+async fn send(url: String, batches: Vec<Vec<Value>>, pace: Duration) -> u64 {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
     let mut retries = 0;
     for b in batches {
@@ -275,6 +280,7 @@ async fn send(url: String, batches: Vec<Vec<Value>>) -> u64 {
             retries += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        tokio::time::sleep(pace).await;
     }
     retries
 }
@@ -296,7 +302,7 @@ async fn end_to_end_equals_ground_truth_and_the_embedded_answer() {
     let w = workload(CUSTOMERS, 11);
     c.spawn("rater", "rater");
     c.spawn("aggregator", "aggregator");
-    send(c.ingest_url.clone(), w.batches.clone()).await;
+    send(c.ingest_url.clone(), w.batches.clone(), Duration::ZERO).await;
     c.wait_for_records(w.accepted, Duration::from_secs(120)).await;
     let got = c.charges().await;
     assert_charges_equal_truth(&got, &w.truth);
@@ -332,12 +338,13 @@ async fn end_to_end_equals_ground_truth_and_the_embedded_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crashes_rebalances_outages_and_poison_leave_totals_exact() {
-    const CUSTOMERS: usize = 100;
+    const CUSTOMERS: usize = 200;
     let mut c = Cluster::start("faults", CUSTOMERS).await;
     let w = workload(CUSTOMERS, 23);
     c.spawn("rater", "rater");
     c.spawn("aggregator", "aggregator");
-    let sender = tokio::spawn(send(c.ingest_url.clone(), w.batches.clone()));
+    // Paced so that usage keeps flowing through every fault below.
+    let sender = tokio::spawn(send(c.ingest_url.clone(), w.batches.clone(), Duration::from_millis(120)));
 
     // Poison: undecodable messages on the raw and the rated topic.
     let producer: rdkafka::producer::FutureProducer = c.broker.client_config().create().unwrap();
@@ -351,6 +358,7 @@ async fn crashes_rebalances_outages_and_poison_leave_totals_exact() {
 
     let mut rng = SmallRng::seed_from_u64(5);
     let mut kills: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut under_load = 0;
     let steps = ["rater", "aggregator", "clickhouse", "rater", "rater2-join", "aggregator", "broker", "rater2-kill", "rater", "aggregator"];
     for step in steps {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(800..2000))).await;
@@ -375,14 +383,18 @@ async fn crashes_rebalances_outages_and_poison_leave_totals_exact() {
             _ => unreachable!(),
         }
         *kills.entry(step).or_default() += 1;
+        if !sender.is_finished() {
+            under_load += 1;
+        }
     }
+    assert!(under_load >= 8, "only {under_load} of {} faults happened while usage was flowing", steps.len());
     let retries = sender.await.unwrap();
     c.wait_for_records(w.accepted, Duration::from_secs(240)).await;
     assert_charges_equal_truth(&c.charges().await, &w.truth);
     let dead = c.query("SELECT stage, count() FROM {db}.dead_letters FINAL GROUP BY stage ORDER BY stage FORMAT TabSeparated").await;
     assert_eq!(dead.trim(), "aggregator\t1\nrater\t1", "each poison message dead-lettered once");
     eprintln!(
-        "faults: {kills:?}; supervisor restarts {:?}; sender retries {retries}; {} records, {} lines checked",
+        "faults: {kills:?} ({under_load} under load); supervisor restarts {:?}; sender retries {retries}; {} records, {} lines checked",
         c.restarts,
         w.accepted,
         w.truth.len()

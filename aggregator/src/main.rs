@@ -41,6 +41,7 @@ fn client(cfg: &common::config::ClickHouseConfig) -> clickhouse::Client {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,aggregator=info".into()))
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let cfg = PipelineConfig::load(&args.config)?;

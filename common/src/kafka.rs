@@ -87,7 +87,9 @@ pub fn replay_partition(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "false");
+        // EOF marks the end as the broker sees it, even when the high watermark counts entries
+        // no fetch returns (control records, compacted or lost batches).
+        .set("enable.partition.eof", "true");
     let consumer: BaseConsumer = cfg.create()?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
     if high <= low {
@@ -124,6 +126,7 @@ pub fn replay_partition(
                     return Ok(n);
                 }
             }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(n),
             Some(Err(e)) => return Err(e),
             None => {}
         }

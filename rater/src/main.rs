@@ -19,6 +19,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,rater=info".into()))
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let cfg = PipelineConfig::load(&args.config)?;
