@@ -20,11 +20,10 @@ use common::rated::ChargeLineKey;
 use common::time::HOUR_MS;
 use common::usage::UsageRecord;
 use ingest::clock::Clock;
-use ingest::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
+use ingest::sink::{InFlight, RefusedRecord, SinkError, SinkOutcome, UsageSink};
 use rater::decision::{Decision, Rater};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,8 +47,7 @@ struct Job {
 #[derive(Debug, Clone)]
 pub struct EmbeddedSink {
     tx: mpsc::UnboundedSender<Job>,
-    in_flight: Arc<AtomicUsize>,
-    max_in_flight: usize,
+    in_flight: InFlight,
 }
 
 impl std::fmt::Debug for Job {
@@ -60,19 +58,13 @@ impl std::fmt::Debug for Job {
 
 impl UsageSink for EmbeddedSink {
     async fn submit(&self, accepted: Vec<UsageRecord>, refused: Vec<RefusedRecord>) -> Result<Vec<SinkOutcome>, SinkError> {
-        let n = accepted.len() + refused.len();
-        let before = self.in_flight.fetch_add(n, Ordering::SeqCst);
-        if before > 0 && before + n > self.max_in_flight {
-            self.in_flight.fetch_sub(n, Ordering::SeqCst);
-            return Err(SinkError::Overloaded { in_flight: before, retry_after_secs: 1 });
-        }
+        let _admitted = self.in_flight.admit(accepted.len() + refused.len())?;
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send(Job { accepted, refused, reply });
         let result = match sent {
             Ok(()) => rx.await.unwrap_or_else(|_| Err(SinkError::Unavailable("the store writer stopped".into()))),
             Err(_) => Err(SinkError::Unavailable("the store writer stopped".into())),
         };
-        self.in_flight.fetch_sub(n, Ordering::SeqCst);
         result
     }
 }
@@ -114,7 +106,7 @@ impl Embedded {
             .name("meterline-writer".into())
             .spawn(move || Writer { store, rater, rollup, book, clock }.run(rx))
             .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        Ok(Embedded { sink: EmbeddedSink { tx, in_flight: Arc::new(AtomicUsize::new(0)), max_in_flight }, writer })
+        Ok(Embedded { sink: EmbeddedSink { tx, in_flight: InFlight::new(max_in_flight) }, writer })
     }
 
     /// Stops accepting, lets the writer finish what is queued, and waits for it.

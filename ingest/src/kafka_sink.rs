@@ -10,7 +10,7 @@
 //! when librdkafka's queue is full, callers get 429; when delivery fails or times out (broker
 //! down), 503. Nothing is buffered without bound.
 
-use crate::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
+use crate::sink::{InFlight, RefusedRecord, SinkError, SinkOutcome, UsageSink};
 use common::codec;
 use common::config::KafkaConfig;
 use common::topic::{partition_key, RejectedEvent};
@@ -18,8 +18,6 @@ use common::usage::UsageRecord;
 use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// The raw-topic sink.
@@ -28,8 +26,7 @@ pub struct KafkaSink {
     producer: FutureProducer,
     raw_topic: String,
     rejected_topic: String,
-    in_flight: Arc<AtomicUsize>,
-    max_in_flight: usize,
+    in_flight: InFlight,
     delivery_timeout: Duration,
 }
 
@@ -48,8 +45,7 @@ impl KafkaSink {
             producer: cfg.create()?,
             raw_topic: k.topics.raw.clone(),
             rejected_topic: k.topics.rejected.clone(),
-            in_flight: Arc::new(AtomicUsize::new(0)),
-            max_in_flight,
+            in_flight: InFlight::new(max_in_flight),
             delivery_timeout,
         })
     }
@@ -85,7 +81,7 @@ impl KafkaSink {
         match self.producer.send_result(record) {
             Ok(f) => Ok(f),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                Err(SinkError::Overloaded { in_flight: self.in_flight.load(Ordering::SeqCst), retry_after_secs: 1 })
+                Err(SinkError::Overloaded { in_flight: self.in_flight.current(), retry_after_secs: 1 })
             }
             Err((e, _)) => Err(SinkError::Unavailable(format!("producing to {topic}: {e}"))),
         }
@@ -94,18 +90,12 @@ impl KafkaSink {
 
 impl UsageSink for KafkaSink {
     async fn submit(&self, accepted: Vec<UsageRecord>, refused: Vec<RefusedRecord>) -> Result<Vec<SinkOutcome>, SinkError> {
-        let n = accepted.len() + refused.len();
-        let before = self.in_flight.fetch_add(n, Ordering::SeqCst);
-        if before > 0 && before + n > self.max_in_flight {
-            self.in_flight.fetch_sub(n, Ordering::SeqCst);
-            return Err(SinkError::Overloaded { in_flight: before, retry_after_secs: 1 });
-        }
+        let _admitted = self.in_flight.admit(accepted.len() + refused.len())?;
         let timeout = self.delivery_timeout + Duration::from_secs(1);
         let result = match tokio::time::timeout(timeout, self.send_all(&accepted, &refused)).await {
             Ok(r) => r,
             Err(_) => Err(SinkError::Unavailable(format!("no acknowledgement from the broker within {timeout:?}"))),
         };
-        self.in_flight.fetch_sub(n, Ordering::SeqCst);
         result?;
         Ok(accepted.iter().map(|r| SinkOutcome::Accepted { record_id: r.record_id() }).collect())
     }

@@ -94,3 +94,64 @@ pub trait UsageSink: Send + Sync + 'static {
         refused: Vec<RefusedRecord>,
     ) -> impl Future<Output = Result<Vec<SinkOutcome>, SinkError>> + Send;
 }
+
+/// Admission control shared by the sinks: at most `max` records in flight.
+///
+/// The count is released by dropping the [`Admitted`] guard, so a call whose HTTP client went
+/// away mid-request (its future dropped) gives its share back too.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    max: usize,
+}
+
+/// Records admitted by [`InFlight::admit`]; released on drop.
+#[derive(Debug)]
+pub struct Admitted {
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    n: usize,
+}
+
+impl InFlight {
+    /// At most `max` records in flight (a single call larger than `max` is still admitted alone).
+    pub fn new(max: usize) -> Self {
+        InFlight { count: Default::default(), max }
+    }
+
+    /// Admits `n` records, or answers [`SinkError::Overloaded`].
+    pub fn admit(&self, n: usize) -> Result<Admitted, SinkError> {
+        use std::sync::atomic::Ordering;
+        let before = self.count.fetch_add(n, Ordering::SeqCst);
+        if before > 0 && before + n > self.max {
+            self.count.fetch_sub(n, Ordering::SeqCst);
+            return Err(SinkError::Overloaded { in_flight: before, retry_after_secs: 1 });
+        }
+        Ok(Admitted { count: std::sync::Arc::clone(&self.count), n })
+    }
+
+    /// Records in flight now.
+    pub fn current(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.n, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admission_is_released_even_when_the_call_is_abandoned() {
+        let f = InFlight::new(10);
+        let a = f.admit(8).unwrap();
+        assert!(matches!(f.admit(5), Err(SinkError::Overloaded { in_flight: 8, .. })));
+        drop(a);
+        assert_eq!(f.current(), 0);
+        let _big = f.admit(50).expect("a lone call larger than the bound is admitted");
+    }
+}
