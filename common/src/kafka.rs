@@ -83,7 +83,10 @@ pub fn replay_partition(
     mut f: impl FnMut(i64, &[u8]),
 ) -> Result<u64, KafkaError> {
     let mut cfg = client_config(k);
+    // Not a group member (it assigns), but librdkafka still checks the group timeouts, which the
+    // passthrough map may have tuned: keep them consistent with the other consumers.
     cfg.set("group.id", format!("meterline-replay-{topic}-{partition}"))
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
