@@ -7,10 +7,12 @@
 //!   line's full exact sums as a new row of `monthly_charges` (a `ReplacingMergeTree(version)`)
 //!   with `version` = the last rated offset folded in. Replaying the same offsets rebuilds the
 //!   same sums for the same versions: identical rows, collapsed.
-//! - ClickHouse, not Kafka, is the source of truth for progress. On assignment a partition's
+//! - ClickHouse, not Kafka, is the source of truth for progress. At start each owned partition's
 //!   state is loaded from ClickHouse (`load_partition`): its lines (FINAL), the last offset they
-//!   include, and the dedup keys of line items up to that offset. Records at or below that offset
-//!   are skipped; Kafka offsets are committed after each flush only to keep the replay short.
+//!   include, and the dedup keys of line items up to that offset; the partition is then assigned
+//!   (explicitly, no consumer-group protocol) right after that offset. Records at or below it are
+//!   skipped should they come again; Kafka offsets are committed after each flush for lag
+//!   monitoring only.
 //! - Line items (`rated_usage`) are written before the lines in each flush; a crash between
 //!   the two leaves line items past the committed offset, which are ignored on load and written
 //!   again, identically, by the replay.
@@ -29,14 +31,14 @@ use common::id::DedupKey;
 use common::rated::{ChargeLineKey, RatedRecord};
 use common::time::{Timestamp, HOUR_MS};
 use common::topic::{DeadLetter, RejectedEvent};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Dedup keys are kept this long beyond the acceptance window (in stream time).
@@ -75,20 +77,6 @@ pub struct AggregatorStats {
     pub loads: u64,
 }
 
-#[derive(Clone, Default)]
-struct Revocations(Arc<Mutex<Vec<i32>>>);
-
-impl ClientContext for Revocations {}
-impl ConsumerContext for Revocations {
-    fn pre_rebalance(&self, _c: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            if let Ok(mut r) = self.0.lock() {
-                r.extend(tpl.elements().iter().map(|e| e.partition()));
-            }
-        }
-    }
-}
-
 /// One rated partition's state: lines, folded keys, and what the next flush writes.
 #[derive(Debug, Default)]
 struct PartState {
@@ -119,6 +107,28 @@ fn now() -> Timestamp {
     Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
 }
 
+/// The partitions of `topic` this instance owns: `configured`, or all of them.
+async fn owned_partitions<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, topic: &str, configured: Option<&[i32]>) -> Result<Vec<i32>, AggregatorError> {
+    if let Some(list) = configured {
+        return Ok(list.to_vec());
+    }
+    let mut backoff = Duration::from_millis(200);
+    for _ in 0..20 {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(md) => {
+                let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+                if !parts.is_empty() {
+                    return Ok(parts);
+                }
+            }
+            Err(e) => tracing::warn!(topic, error = %e, "fetching partitions; retrying"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    Err(AggregatorError::Kafka(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)))
+}
+
 /// The aggregator's shell state.
 struct Aggregator<'a> {
     cfg: &'a PipelineConfig,
@@ -135,12 +145,8 @@ struct Aggregator<'a> {
 /// Runs until `shutdown`, then flushes what is pending (if ClickHouse takes it) and returns.
 pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shutdown: impl Future<Output = ()>) -> Result<AggregatorStats, AggregatorError> {
     let k = &cfg.kafka;
-    let revocations = Revocations::default();
-    let rated: StreamConsumer<Revocations> =
-        common::kafka::consumer_config(k, &cfg.aggregator.group).create_with_context(revocations.clone())?;
-    rated.subscribe(&[k.topics.rated.as_str()])?;
+    let rated: StreamConsumer = common::kafka::consumer_config(k, &cfg.aggregator.group).create()?;
     let side: StreamConsumer = common::kafka::consumer_config(k, &format!("{}-side", cfg.aggregator.group)).create()?;
-    side.subscribe(&[k.topics.rejected.as_str(), k.topics.dead_letter.as_str()])?;
 
     let mut agg = Aggregator {
         cfg,
@@ -153,6 +159,32 @@ pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shu
         side_offsets: BTreeMap::new(),
         stats: AggregatorStats::default(),
     };
+    // Explicit assignment, no group protocol: progress lives in ClickHouse, so each partition
+    // starts right after the offset its lines include (and concurrent writers of one partition
+    // would converge on identical rows anyway). Scale out by giving instances disjoint
+    // `aggregator.partitions`.
+    let owned = owned_partitions(&rated, &k.topics.rated, cfg.aggregator.partitions.as_deref()).await?;
+    let mut tpl = TopicPartitionList::new();
+    for &p in &owned {
+        agg.load(p).await?;
+        let start = match agg.parts.get(&p).and_then(|st| st.committed) {
+            Some(c) => Offset::Offset(c + 1),
+            None => Offset::Beginning,
+        };
+        tpl.add_partition_offset(&k.topics.rated, p, start)?;
+    }
+    rated.assign(&tpl)?;
+    // The side topics are written at least once into collapsing tables: resume from the group's
+    // committed offsets.
+    let mut side_tpl = TopicPartitionList::new();
+    for topic in [&k.topics.rejected, &k.topics.dead_letter] {
+        for p in owned_partitions(&side, topic, cfg.aggregator.partitions.as_deref()).await? {
+            side_tpl.add_partition_offset(topic, p, Offset::Stored)?;
+        }
+    }
+    side.assign(&side_tpl)?;
+    tracing::info!(partitions = ?owned, "aggregator assigned");
+
     let interval = Duration::from_millis(cfg.aggregator.flush_interval_ms);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -168,7 +200,6 @@ pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shu
             _ = tick.tick() => agg.flush(&rated, &side).await?,
             m = rated.recv() => match m {
                 Ok(msg) => {
-                    agg.drop_revoked(&revocations);
                     agg.on_rated(&msg).await?;
                     if agg.pending() >= cfg.aggregator.flush_max_records {
                         agg.flush(&rated, &side).await?;
@@ -187,16 +218,6 @@ pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shu
 impl Aggregator<'_> {
     fn pending(&self) -> usize {
         self.parts.values().map(PartState::pending).sum::<usize>() + self.rejected.len() + self.side_dead.len()
-    }
-
-    fn drop_revoked(&mut self, r: &Revocations) {
-        if let Ok(mut revoked) = r.0.lock() {
-            for p in revoked.drain(..) {
-                // Unflushed work of a revoked partition is dropped: its new owner replays it
-                // from what ClickHouse holds.
-                self.parts.remove(&p);
-            }
-        }
     }
 
     async fn load(&mut self, p: i32) -> Result<(), AggregatorError> {

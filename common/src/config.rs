@@ -219,6 +219,10 @@ pub struct AggregatorSection {
     /// Longest a record waits before its flush (ms).
     #[serde(default = "default_flush_interval")]
     pub flush_interval_ms: u64,
+    /// Rated partitions this instance owns (all when absent). Several aggregators split the
+    /// partitions between them with disjoint lists.
+    #[serde(default)]
+    pub partitions: Option<Vec<i32>>,
 }
 
 impl Default for AggregatorSection {
@@ -227,6 +231,7 @@ impl Default for AggregatorSection {
             group: default_aggregator_group(),
             flush_max_records: default_flush_rows(),
             flush_interval_ms: default_flush_interval(),
+            partitions: None,
         }
     }
 }
