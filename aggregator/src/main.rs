@@ -39,10 +39,7 @@ fn client(cfg: &common::config::ClickHouseConfig) -> clickhouse::Client {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,aggregator=info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    common::shell::init_tracing("warn,aggregator=info");
     let args = Args::parse();
     let cfg = PipelineConfig::load(&args.config)?;
     let ch = cfg.clickhouse.clone().context("the aggregator needs a [clickhouse] section")?;
@@ -57,15 +54,7 @@ async fn main() -> anyhow::Result<()> {
     let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
     println!("aggregator consuming {} as group {} → ClickHouse {}/{}", cfg.kafka.topics.rated, cfg.aggregator.group, ch.url, ch.database);
-    let stats = aggregator::pipeline::run(&cfg, book, base.with_database(&ch.database), shutdown_signal()).await?;
+    let stats = aggregator::pipeline::run(&cfg, book, base.with_database(&ch.database), common::shell::shutdown_signal()).await?;
     eprintln!("aggregator stopped: {stats:?}");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -24,6 +24,8 @@ pub mod kafka;
 pub mod money;
 pub mod rated;
 pub mod reject;
+#[cfg(feature = "kafka")]
+pub mod shell;
 pub mod time;
 pub mod topic;
 pub mod usage;

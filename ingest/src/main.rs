@@ -27,10 +27,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,ingest=info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    common::shell::init_tracing("warn,ingest=info");
     let args = Args::parse();
     let cfg = PipelineConfig::load(&args.config)?;
     let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
@@ -41,15 +38,7 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     println!("ingest listening on http://{addr} → topic {}", cfg.kafka.topics.raw);
     let state = Arc::new(IngestState { book, sink: sink.clone(), clock: Arc::new(SystemClock), limits: HttpLimits::default() });
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, router(state)).with_graceful_shutdown(common::shell::shutdown_signal()).await?;
     sink.flush(Duration::from_secs(10));
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

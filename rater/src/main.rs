@@ -17,24 +17,13 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,rater=info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    common::shell::init_tracing("warn,rater=info");
     let args = Args::parse();
     let cfg = PipelineConfig::load(&args.config)?;
     let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
     println!("rater consuming {} as group {}", cfg.kafka.topics.raw, cfg.rater.group);
-    let stats = rater::pipeline::run(&cfg, book, shutdown_signal()).await?;
+    let stats = rater::pipeline::run(&cfg, book, common::shell::shutdown_signal()).await?;
     eprintln!("rater stopped: {stats:?}");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }
