@@ -72,23 +72,9 @@ enum Command {
         month: Option<String>,
     },
     /// Print invoice lines from the store.
-    Charges {
-        #[arg(long, default_value = "meterline-data")]
-        data_dir: PathBuf,
-        #[arg(long)]
-        month: Option<String>,
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-    },
+    Charges(ReportArgs),
     /// Print invoice totals per customer, month and currency.
-    Invoices {
-        #[arg(long, default_value = "meterline-data")]
-        data_dir: PathBuf,
-        #[arg(long)]
-        month: Option<String>,
-        #[arg(long, value_enum, default_value_t = Format::Table)]
-        format: Format,
-    },
+    Invoices(ReportArgs),
     /// Print record counts by outcome and the summary.
     Stats {
         #[arg(long, default_value = "meterline-data")]
@@ -103,6 +89,19 @@ enum Command {
         /// The SQL.
         sql: String,
     },
+}
+
+/// What the store-reading reports take.
+#[derive(clap::Args, Debug)]
+struct ReportArgs {
+    /// Where the database lives.
+    #[arg(long, default_value = "meterline-data")]
+    data_dir: PathBuf,
+    /// Only this month (YYYY-MM).
+    #[arg(long)]
+    month: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    format: Format,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -203,7 +202,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let rated = rate::rate_lines(&book, &text, now, month.as_deref())?;
             outln!(out, "{}", serde_json::to_string_pretty(&rated)?);
         }
-        Command::Charges { data_dir, month, format } => {
+        Command::Charges(ReportArgs { data_dir, month, format }) => {
             let conn = Store::open_read_only(&db_path(&data_dir)?)?;
             let lines = Store::charge_lines(&conn, month.as_deref())?;
             match format {
@@ -231,7 +230,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Invoices { data_dir, month, format } => {
+        Command::Invoices(ReportArgs { data_dir, month, format }) => {
             let conn = Store::open_read_only(&db_path(&data_dir)?)?;
             let lines = Store::charge_lines(&conn, month.as_deref())?;
             let invoices = aggregator::invoice::invoice_totals(&lines);
