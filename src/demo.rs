@@ -177,7 +177,8 @@ impl std::fmt::Display for LineCheck {
 pub fn verify_lines_against_line_items(conn: &rusqlite::Connection) -> anyhow::Result<LineCheck> {
     let mut st = conn.prepare(
         "SELECT record_id, dedup_key, seller, product, customer, dimension, hour, quantity, covered_quantity,
-                billable_quantity, unit_rate, currency, amount FROM rated_usage",
+                billable_quantity, unit_rate, currency, amount, agreement_id, offer_id, pricing_model, month_price
+         FROM rated_usage",
     )?;
     let mut rows = st.query([])?;
     let mut rollup = MonthlyRollup::new();
@@ -198,9 +199,11 @@ pub fn verify_lines_against_line_items(conn: &rusqlite::Connection) -> anyhow::R
             unit_rate: d(r.get(10)?)?,
             currency: Currency::new(&r.get::<_, String>(11)?).map_err(anyhow::Error::msg)?,
             amount: d(r.get(12)?)?,
+            month_price: r.get::<_, Option<String>>(16)?.map(|j| serde_json::from_str(&j)).transpose()?,
+            pricing_model: r.get(15)?,
             charge_type: ChargeType::Usage,
-            agreement_id: String::new(),
-            offer_id: String::new(),
+            agreement_id: r.get(13)?,
+            offer_id: r.get(14)?,
             price_book_version: String::new(),
         };
         rollup.fold(&rec)?;

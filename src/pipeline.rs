@@ -181,7 +181,7 @@ impl Writer {
                         let sums = match touched.get_mut(&key) {
                             Some(s) => s,
                             None => {
-                                let start = self.rollup.sums(&key).cloned().unwrap_or_else(|| LineSums::empty(&rated.seller));
+                                let start = self.rollup.sums(&key).cloned().unwrap_or_else(|| LineSums::empty(&rated.seller, &rated.offer_id, &rated.pricing_model));
                                 touched.entry(key.clone()).or_insert(start)
                             }
                         };

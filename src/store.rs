@@ -23,7 +23,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 /// Schema version written to `PRAGMA user_version`.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS rated_usage (
@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS rated_usage (
     agreement_id       TEXT NOT NULL,
     offer_id           TEXT NOT NULL,
     price_book_version TEXT NOT NULL,
+    pricing_model      TEXT NOT NULL,
+    month_price        TEXT,            -- JSON price of month-priced models (tiers, packages)
     -- One row per (product, customer, dimension, hour) slot, enforced by the database itself.
     -- Leading with the hour keeps inserts on the index's newest pages (ids are random) and serves
     -- the dedup replay's range scan.
@@ -69,22 +71,29 @@ CREATE TABLE IF NOT EXISTS rejected_records (
 CREATE INDEX IF NOT EXISTS rejected_records_reason ON rejected_records(reason);
 
 CREATE TABLE IF NOT EXISTS monthly_charges (
-    month              TEXT NOT NULL,
-    customer           TEXT NOT NULL,
-    product            TEXT NOT NULL,
-    dimension          TEXT NOT NULL,
-    charge_type        TEXT NOT NULL,
-    currency           TEXT NOT NULL,
-    seller             TEXT NOT NULL,
-    quantity           TEXT NOT NULL,
-    covered_quantity   TEXT NOT NULL,
-    billable_quantity  TEXT NOT NULL,
-    unit_rate          TEXT,
-    mixed_rates        INTEGER NOT NULL,
-    amount_unrounded   TEXT NOT NULL,
-    amount             TEXT NOT NULL,
-    records            INTEGER NOT NULL,
-    PRIMARY KEY (month, customer, product, dimension, charge_type, currency)
+    month                 TEXT NOT NULL,
+    customer              TEXT NOT NULL,
+    product               TEXT NOT NULL,
+    agreement_id          TEXT NOT NULL,
+    dimension             TEXT NOT NULL,
+    charge_type           TEXT NOT NULL,
+    currency              TEXT NOT NULL,
+    seller                TEXT NOT NULL,
+    offer_id              TEXT NOT NULL,
+    pricing_model         TEXT NOT NULL,
+    quantity              TEXT NOT NULL,
+    covered_quantity      TEXT NOT NULL,
+    billable_quantity     TEXT NOT NULL,
+    unit_rate             TEXT,
+    mixed_rates           INTEGER NOT NULL,
+    month_price           TEXT,    -- JSON price of the month-priced quantity (latest hour's)
+    month_price_hour      INTEGER,
+    month_priced_quantity TEXT NOT NULL,
+    record_amounts        TEXT NOT NULL, -- exact Σ of record-priced amounts
+    amount_unrounded      TEXT NOT NULL, -- record_amounts + month_price(month_priced_quantity)
+    amount                TEXT NOT NULL,
+    records               INTEGER NOT NULL,
+    PRIMARY KEY (month, customer, product, agreement_id, dimension, charge_type, currency)
 );
 
 CREATE TABLE IF NOT EXISTS ingest_counts (
@@ -112,6 +121,10 @@ pub enum StoreError {
     /// The database was written by a newer Meterline.
     #[error("database schema version {0} is newer than this build's {SCHEMA_VERSION}")]
     TooNew(i64),
+    /// The database was written by an older pre-release Meterline (no migration is provided
+    /// before 1.0: re-run the demo or re-ingest into a new data directory).
+    #[error("database schema version {0} is older than this build's {SCHEMA_VERSION}; use a new data directory")]
+    TooOld(i64),
 }
 
 /// A refused record to store.
@@ -189,6 +202,9 @@ impl Store {
         if version > SCHEMA_VERSION {
             return Err(StoreError::TooNew(version));
         }
+        if version != 0 && version < SCHEMA_VERSION {
+            return Err(StoreError::TooOld(version));
+        }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Store { conn })
@@ -206,8 +222,8 @@ impl Store {
             let mut ins = tx.prepare_cached(
                 "INSERT INTO rated_usage (record_id, dedup_key, seller, product, customer, customer_ref, dimension, month, hour, usage_hour,
                  timestamp_ms, received_at_ms, quantity, allocations, covered_quantity, billable_quantity, unit_rate, currency, amount,
-                 charge_type, agreement_id, offer_id, price_book_version)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
+                 charge_type, agreement_id, offer_id, price_book_version, pricing_model, month_price)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
             )?;
             for (r, u) in &batch.rated {
                 let allocations =
@@ -236,6 +252,8 @@ impl Store {
                     r.agreement_id,
                     r.offer_id,
                     r.price_book_version,
+                    r.pricing_model,
+                    r.month_price.as_ref().and_then(|p| serde_json::to_string(p).ok()),
                 ])?;
             }
             let mut rej = tx.prepare_cached(
@@ -254,9 +272,10 @@ impl Store {
                 ])?;
             }
             let mut line = tx.prepare_cached(
-                "INSERT OR REPLACE INTO monthly_charges (month, customer, product, dimension, charge_type, currency, seller, quantity,
-                 covered_quantity, billable_quantity, unit_rate, mixed_rates, amount_unrounded, amount, records)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                "INSERT OR REPLACE INTO monthly_charges (month, customer, product, agreement_id, dimension, charge_type, currency, seller,
+                 offer_id, pricing_model, quantity, covered_quantity, billable_quantity, unit_rate, mixed_rates, month_price,
+                 month_price_hour, month_priced_quantity, record_amounts, amount_unrounded, amount, records)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
             )?;
             for (key, sums) in &batch.lines {
                 let rounded = sums.to_line(key).map_err(|_| corrupt("monthly_charges", "currency", key.currency.as_str()))?;
@@ -264,16 +283,23 @@ impl Store {
                     key.month.to_string(),
                     key.customer,
                     key.product,
+                    key.agreement_id,
                     key.dimension,
                     key.charge_type.as_str(),
                     key.currency.as_str(),
                     sums.seller,
+                    sums.offer_id,
+                    sums.pricing_model,
                     sums.quantity.to_string(),
                     sums.covered_quantity.to_string(),
                     sums.billable_quantity.to_string(),
                     sums.unit_rate.map(|r| r.to_string()),
                     sums.mixed_rates,
+                    sums.month_price.as_ref().and_then(|(_, p)| serde_json::to_string(p).ok()),
+                    sums.month_price.as_ref().map(|(h, _)| h.0),
+                    sums.month_priced_quantity.to_string(),
                     sums.amount.to_string(),
+                    rounded.amount_unrounded.to_string(),
                     rounded.amount.to_string(),
                     sums.records as i64,
                 ])?;
@@ -308,7 +334,8 @@ impl Store {
     pub fn line_sums(&self) -> Result<Vec<(ChargeLineKey, LineSums)>, StoreError> {
         let mut st = self.conn.prepare(
             "SELECT month, customer, product, dimension, charge_type, currency, seller, quantity, covered_quantity,
-                    billable_quantity, unit_rate, mixed_rates, amount_unrounded, records FROM monthly_charges",
+                    billable_quantity, unit_rate, mixed_rates, record_amounts, records, agreement_id, offer_id, pricing_model,
+                    month_price, month_price_hour, month_priced_quantity FROM monthly_charges",
         )?;
         let mut rows = st.query([])?;
         let mut out = Vec::new();
@@ -322,18 +349,29 @@ impl Store {
                 month: Month::parse(&month).map_err(|_| corrupt(T, "month", &month))?,
                 customer: r.get(1)?,
                 product: r.get(2)?,
+                agreement_id: r.get(14)?,
                 dimension: r.get(3)?,
                 charge_type: ChargeType::parse(&charge_type).ok_or_else(|| corrupt(T, "charge_type", &charge_type))?,
                 currency: Currency::new(&currency).map_err(|_| corrupt(T, "currency", &currency))?,
             };
+            let month_price = match (r.get::<_, Option<String>>(17)?, r.get::<_, Option<i64>>(18)?) {
+                (Some(json), Some(h)) => {
+                    Some((Hour(h), serde_json::from_str(&json).map_err(|_| corrupt(T, "month_price", &json))?))
+                }
+                _ => None,
+            };
             let sums = LineSums {
                 seller: r.get(6)?,
+                offer_id: r.get(15)?,
+                pricing_model: r.get(16)?,
+                month_price,
+                month_priced_quantity: dec(T, "month_priced_quantity", &r.get::<_, String>(19)?)?,
                 quantity: dec(T, "quantity", &r.get::<_, String>(7)?)?,
                 covered_quantity: dec(T, "covered_quantity", &r.get::<_, String>(8)?)?,
                 billable_quantity: dec(T, "billable_quantity", &r.get::<_, String>(9)?)?,
                 unit_rate: unit_rate.map(|u| dec(T, "unit_rate", &u)).transpose()?,
                 mixed_rates: r.get(11)?,
-                amount: dec(T, "amount_unrounded", &r.get::<_, String>(12)?)?,
+                amount: dec(T, "record_amounts", &r.get::<_, String>(12)?)?,
                 records: r.get::<_, i64>(13)? as u64,
             };
             out.push((key, sums));
@@ -345,9 +383,9 @@ impl Store {
     pub fn charge_lines(conn: &Connection, month: Option<&str>) -> Result<Vec<ChargeLine>, StoreError> {
         let mut st = conn.prepare(
             "SELECT month, customer, seller, product, dimension, charge_type, currency, quantity, covered_quantity,
-                    billable_quantity, unit_rate, amount_unrounded, amount, records
+                    billable_quantity, unit_rate, amount_unrounded, amount, records, agreement_id, offer_id, pricing_model
              FROM monthly_charges WHERE (?1 IS NULL OR month = ?1)
-             ORDER BY month, customer, product, dimension, charge_type, currency",
+             ORDER BY month, customer, product, agreement_id, dimension, charge_type, currency",
         )?;
         let mut rows = st.query([month])?;
         let mut out = Vec::new();
@@ -361,8 +399,11 @@ impl Store {
                 customer: r.get(1)?,
                 seller: r.get(2)?,
                 product: r.get(3)?,
+                agreement_id: r.get(14)?,
+                offer_id: r.get(15)?,
                 dimension: r.get(4)?,
                 charge_type: ChargeType::parse(&charge_type).ok_or_else(|| corrupt(T, "charge_type", &charge_type))?,
+                pricing_model: r.get(16)?,
                 currency: Currency::new(&currency).map_err(|_| corrupt(T, "currency", &currency))?,
                 quantity: dec(T, "quantity", &r.get::<_, String>(7)?)?,
                 covered_quantity: dec(T, "covered_quantity", &r.get::<_, String>(8)?)?,

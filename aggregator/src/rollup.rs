@@ -7,7 +7,9 @@
 //! the caller's, by record id.
 
 use common::money::round_to_minor;
+use common::pricing::UsagePrice;
 use common::rated::{ChargeLine, ChargeLineKey, RatedRecord};
+use common::time::Hour;
 use rust_decimal::Decimal;
 use std::collections::HashMap;
 
@@ -28,6 +30,15 @@ pub enum FoldError {
 pub struct LineSums {
     /// Seller of record.
     pub seller: String,
+    /// Offer whose prices applied (one agreement has one offer).
+    pub offer_id: String,
+    /// Pricing model of the newest record.
+    pub pricing_model: String,
+    /// For month-priced models: the price of the record with the latest hour (the price in force
+    /// at the end of the month, whatever order records arrive in) and that hour.
+    pub month_price: Option<(Hour, UsagePrice)>,
+    /// Σ billable quantity of month-priced records (priced at `month_price` when read).
+    pub month_priced_quantity: Decimal,
     /// Σ quantity.
     pub quantity: Decimal,
     /// Σ covered quantity.
@@ -46,9 +57,13 @@ pub struct LineSums {
 
 impl LineSums {
     /// Zero sums for a new line of `seller`.
-    pub fn empty(seller: &str) -> Self {
+    pub fn empty(seller: &str, offer_id: &str, pricing_model: &str) -> Self {
         LineSums {
             seller: seller.to_owned(),
+            offer_id: offer_id.to_owned(),
+            pricing_model: pricing_model.to_owned(),
+            month_price: None,
+            month_priced_quantity: Decimal::ZERO,
             quantity: Decimal::ZERO,
             covered_quantity: Decimal::ZERO,
             billable_quantity: Decimal::ZERO,
@@ -65,6 +80,15 @@ impl LineSums {
         self.covered_quantity = self.covered_quantity.checked_add(r.covered_quantity)?;
         self.billable_quantity = self.billable_quantity.checked_add(r.billable_quantity)?;
         self.amount = self.amount.checked_add(r.amount)?;
+        if let Some(price) = &r.month_price {
+            self.month_priced_quantity = self.month_priced_quantity.checked_add(r.billable_quantity)?;
+            if self.month_price.as_ref().is_none_or(|(h, _)| r.hour > *h) {
+                self.month_price = Some((r.hour, price.clone()));
+                self.pricing_model = r.pricing_model.clone();
+            }
+        } else if self.month_price.is_none() {
+            self.pricing_model = r.pricing_model.clone();
+        }
         match self.unit_rate {
             None if !self.mixed_rates => self.unit_rate = Some(r.unit_rate),
             Some(rate) if rate != r.unit_rate => {
@@ -77,23 +101,35 @@ impl LineSums {
         Some(())
     }
 
+    /// The exact amount: Σ record amounts, plus the month-priced quantity at the month's price.
+    pub fn exact_amount(&self) -> Option<Decimal> {
+        match &self.month_price {
+            None => Some(self.amount),
+            Some((_, price)) => self.amount.checked_add(price.month_amount(self.month_priced_quantity)?),
+        }
+    }
+
     /// The invoice line: sums plus the amount rounded half-up once.
     pub fn to_line(&self, key: &ChargeLineKey) -> Result<ChargeLine, FoldError> {
         let minor = key.currency.minor_units().ok_or_else(|| FoldError::UnknownCurrency(key.currency.to_string()))?;
+        let amount = self.exact_amount().ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
         Ok(ChargeLine {
             month: key.month.to_string(),
             customer: key.customer.clone(),
             seller: self.seller.clone(),
             product: key.product.clone(),
+            agreement_id: key.agreement_id.clone(),
+            offer_id: self.offer_id.clone(),
             dimension: key.dimension.clone(),
             charge_type: key.charge_type,
+            pricing_model: self.pricing_model.clone(),
             currency: key.currency,
             quantity: self.quantity.normalize(),
             covered_quantity: self.covered_quantity.normalize(),
             billable_quantity: self.billable_quantity.normalize(),
             unit_rate: self.unit_rate,
-            amount_unrounded: self.amount,
-            amount: round_to_minor(self.amount, minor),
+            amount_unrounded: amount,
+            amount: round_to_minor(amount, minor),
             records: self.records,
         })
     }
@@ -114,7 +150,8 @@ impl MonthlyRollup {
     /// Folds one record; returns the key of the line it changed.
     pub fn fold(&mut self, r: &RatedRecord) -> Result<ChargeLineKey, FoldError> {
         let key = r.line_key();
-        let sums = self.lines.entry(key.clone()).or_insert_with(|| LineSums::empty(&r.seller));
+        let sums =
+            self.lines.entry(key.clone()).or_insert_with(|| LineSums::empty(&r.seller, &r.offer_id, &r.pricing_model));
         let mut next = sums.clone();
         next.add(r).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
         *sums = next;
@@ -160,7 +197,6 @@ mod tests {
     use common::id::{DedupKey, RecordId};
     use common::money::Currency;
     use common::rated::ChargeType;
-    use common::time::Hour;
 
     fn rated(hour: i64, dim: &str, q: &str, rate: &str, currency: &str) -> RatedRecord {
         let q: Decimal = q.parse().unwrap();
@@ -179,6 +215,8 @@ mod tests {
             unit_rate: rate,
             currency: Currency::new(currency).unwrap(),
             amount: q * rate,
+            month_price: None,
+            pricing_model: "per_unit".into(),
             charge_type: ChargeType::Usage,
             agreement_id: "a".into(),
             offer_id: "o".into(),
@@ -247,6 +285,32 @@ mod tests {
         let mut b = MonthlyRollup::new();
         recs.iter().for_each(|r| drop(a.fold(r)));
         recs.iter().rev().for_each(|r| drop(b.fold(r)));
+        assert_eq!(a.lines().unwrap(), b.lines().unwrap());
+    }
+
+    #[test]
+    fn graduated_tiers_price_the_month_total_in_any_order() {
+        use common::pricing::Tier;
+        let tiers = UsagePrice::Graduated(vec![
+            Tier { up_to: Some("1000".parse().unwrap()), rate: "0.10".parse().unwrap() },
+            Tier { up_to: None, rate: "0.05".parse().unwrap() },
+        ]);
+        let recs: Vec<RatedRecord> = (0..30)
+            .map(|h| RatedRecord {
+                amount: Decimal::ZERO,
+                month_price: Some(tiers.clone()),
+                pricing_model: "graduated".into(),
+                ..rated(NOV_2026 + h, "api_calls", "100", "0.10", "USD")
+            })
+            .collect();
+        let mut a = MonthlyRollup::new();
+        let mut b = MonthlyRollup::new();
+        recs.iter().for_each(|r| drop(a.fold(r)));
+        recs.iter().rev().for_each(|r| drop(b.fold(r)));
+        let line = &a.lines().unwrap()[0];
+        // 3,000 units: 1,000 × 0.10 + 2,000 × 0.05 = 200.
+        assert_eq!(line.amount.to_string(), "200.00");
+        assert_eq!(line.pricing_model, "graduated");
         assert_eq!(a.lines().unwrap(), b.lines().unwrap());
     }
 }

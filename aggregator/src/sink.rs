@@ -9,6 +9,7 @@
 use crate::rollup::LineSums;
 use clickhouse::{Client, Row};
 use common::money::{round_to_minor, Currency};
+use common::pricing::UsagePrice;
 use common::rated::{ChargeLineKey, ChargeType, RatedRecord};
 use common::time::{Hour, Month, Timestamp};
 use common::topic::{DeadLetter, RejectedEvent};
@@ -106,6 +107,8 @@ pub struct RatedRow {
     agreement_id: String,
     offer_id: String,
     price_book_version: String,
+    pricing_model: String,
+    month_price: String,
     source_partition: i32,
     source_offset: i64,
     inserted_at: u32,
@@ -133,6 +136,8 @@ impl RatedRow {
             agreement_id: r.agreement_id.clone(),
             offer_id: r.offer_id.clone(),
             price_book_version: r.price_book_version.clone(),
+            pricing_model: r.pricing_model.clone(),
+            month_price: month_price_text(r.month_price.as_ref()),
             source_partition: partition,
             source_offset: offset,
             inserted_at: secs(now),
@@ -152,14 +157,21 @@ pub struct ChargeRow {
     manufacturer: String,
     channel: String,
     product: String,
+    agreement_id: String,
+    offer_id: String,
     dimension: String,
     charge_type: String,
+    pricing_model: String,
     currency: String,
     quantity: i128,
     covered_quantity: i128,
     billable_quantity: i128,
     unit_rate: i128,
     mixed_rates: u8,
+    month_price: String,
+    month_price_hour: u32,
+    month_priced_quantity: i128,
+    record_amounts: i128,
     amount_unrounded: i128,
     customer_billed_amount: i128,
     records: u64,
@@ -172,6 +184,7 @@ impl ChargeRow {
     /// The current version of a line, owned by `partition`, folded up to `version` (offset).
     pub fn new(key: &ChargeLineKey, sums: &LineSums, marketplace: &str, partition: i32, version: i64, now: Timestamp) -> Result<Self, SinkError> {
         let minor = key.currency.minor_units().ok_or_else(|| SinkError::Corrupt { table: "monthly_charges", what: format!("currency {}", key.currency) })?;
+        let exact = sums.exact_amount().ok_or_else(|| SinkError::Precision { what: "amount_unrounded", value: format!("{key:?}"), scale: AMOUNT_SCALE })?;
         Ok(ChargeRow {
             month: days(key.month.start()),
             usage_period_start: secs(key.month.start()),
@@ -182,16 +195,23 @@ impl ChargeRow {
             manufacturer: sums.seller.clone(),
             channel: "direct".into(),
             product: key.product.clone(),
+            agreement_id: key.agreement_id.clone(),
+            offer_id: sums.offer_id.clone(),
             dimension: key.dimension.clone(),
             charge_type: key.charge_type.as_str().to_owned(),
+            pricing_model: sums.pricing_model.clone(),
             currency: key.currency.to_string(),
             quantity: mantissa("quantity", sums.quantity, QTY_SCALE)?,
             covered_quantity: mantissa("covered_quantity", sums.covered_quantity, QTY_SCALE)?,
             billable_quantity: mantissa("billable_quantity", sums.billable_quantity, QTY_SCALE)?,
             unit_rate: mantissa("unit_rate", sums.unit_rate.unwrap_or_default(), RATE_SCALE)?,
             mixed_rates: u8::from(sums.mixed_rates),
-            amount_unrounded: mantissa("amount_unrounded", sums.amount, AMOUNT_SCALE)?,
-            customer_billed_amount: mantissa("customer_billed_amount", round_to_minor(sums.amount, minor), BILLED_SCALE)?,
+            month_price: month_price_text(sums.month_price.as_ref().map(|(_, p)| p)),
+            month_price_hour: sums.month_price.as_ref().map_or(0, |(h, _)| secs(h.start())),
+            month_priced_quantity: mantissa("month_priced_quantity", sums.month_priced_quantity, QTY_SCALE)?,
+            record_amounts: mantissa("record_amounts", sums.amount, AMOUNT_SCALE)?,
+            amount_unrounded: mantissa("amount_unrounded", exact, AMOUNT_SCALE)?,
+            customer_billed_amount: mantissa("customer_billed_amount", round_to_minor(exact, minor), BILLED_SCALE)?,
             records: sums.records,
             source_partition: partition,
             version,
@@ -208,23 +228,40 @@ impl ChargeRow {
             month,
             customer: self.customer.clone(),
             product: self.product.clone(),
+            agreement_id: self.agreement_id.clone(),
             dimension: self.dimension.clone(),
             charge_type: ChargeType::parse(&self.charge_type).ok_or_else(|| corrupt(format!("charge_type {}", self.charge_type)))?,
             currency: Currency::new(&self.currency).map_err(corrupt)?,
         };
         let mixed = self.mixed_rates != 0;
+        let month_price = if self.month_price.is_empty() {
+            None
+        } else {
+            let price: UsagePrice =
+                serde_json::from_str(&self.month_price).map_err(|e| corrupt(format!("month_price: {e}")))?;
+            Some((Timestamp(i64::from(self.month_price_hour) * 1000).hour(), price))
+        };
         let sums = LineSums {
             seller: self.seller_of_record.clone(),
+            offer_id: self.offer_id.clone(),
+            pricing_model: self.pricing_model.clone(),
+            month_price,
+            month_priced_quantity: from_mantissa(self.month_priced_quantity, QTY_SCALE)?,
             quantity: from_mantissa(self.quantity, QTY_SCALE)?,
             covered_quantity: from_mantissa(self.covered_quantity, QTY_SCALE)?,
             billable_quantity: from_mantissa(self.billable_quantity, QTY_SCALE)?,
-            amount: from_mantissa(self.amount_unrounded, AMOUNT_SCALE)?,
+            amount: from_mantissa(self.record_amounts, AMOUNT_SCALE)?,
             unit_rate: if mixed { None } else { Some(from_mantissa(self.unit_rate, RATE_SCALE)?) },
             mixed_rates: mixed,
             records: self.records,
         };
         Ok((key, sums))
     }
+}
+
+/// A month price as stored in text columns (JSON; empty for record-priced lines).
+fn month_price_text(p: Option<&UsagePrice>) -> String {
+    p.and_then(|p| serde_json::to_string(p).ok()).unwrap_or_default()
 }
 
 /// One refused record (`rejected_records`).

@@ -9,7 +9,8 @@
 //! Pricing models are tagged variants of [`UsagePrice`], so new models (tiers, packages,
 //! contracts …) are new variants and new fields, never a new file format.
 
-use crate::money::{decimal_places, decimal_text, Currency};
+use crate::money::{decimal_places, decimal_text, opt_decimal_text, Currency};
+pub use crate::pricing::UsagePrice;
 use crate::time::{parse_duration_ms, Hour, Timestamp};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -84,6 +85,73 @@ pub struct MarketplaceProfile {
     pub max_tags: usize,
     /// Most decimal places of a usage rate (AWS since 2025: 8).
     pub usage_rate_decimals: u32,
+    /// Most decimal places of a contract rate or monthly fee (AWS: 3).
+    #[serde(default = "default_contract_decimals")]
+    pub contract_rate_decimals: u32,
+    /// Days of notice before a price change reaches existing subscribers (AWS: 90). Required as
+    /// soon as a price version carries `notified_at`: never assumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_change_notice_days: Option<u32>,
+    /// What happens to usage for a month already closed (month close needs it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub late_usage: Option<LateUsage>,
+    /// Listing-fee schedule, the marketplace's cut (month close needs it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listing_fees: Option<ListingFees>,
+    /// Billing entity printed on invoice lines (`AWS_INC`, `AWS_EUROPE` …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_id: Option<String>,
+    /// Currency reports convert into with the `fx_rates` table (reporting only, never billing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reporting_currency: Option<Currency>,
+}
+
+fn default_contract_decimals() -> u32 {
+    3
+}
+
+/// Policy for usage that arrives for a month already closed (domain-rules HR-7, edge case 34).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LateUsage {
+    /// Refused (the AWS profile: its acceptance window has passed anyway).
+    Refuse,
+    /// Booked on the next open month as a correction line (own profiles).
+    CorrectionNextMonth,
+}
+
+/// The marketplace's listing fees as fractions of the pre-tax contract value (PRC-22). Every
+/// rate is explicit; the AWS schedule is in `docs/price-book.md`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListingFees {
+    /// Public SaaS and data offers (AWS: 0.03).
+    #[serde(with = "decimal_text")]
+    pub public_saas: Decimal,
+    /// Public server offers: AMI, container, ML (AWS: 0.20).
+    #[serde(with = "decimal_text")]
+    pub public_server: Decimal,
+    /// Private offers with total contract value below `tier_1_from` (AWS: 0.03).
+    #[serde(with = "decimal_text")]
+    pub private: Decimal,
+    /// TCV from which `private_tier_1` applies (AWS: 1,000,000).
+    #[serde(with = "decimal_text")]
+    pub tier_1_from: Decimal,
+    /// Private offers with TCV in [tier_1_from, tier_2_from) (AWS: 0.02).
+    #[serde(with = "decimal_text")]
+    pub private_tier_1: Decimal,
+    /// TCV from which `private_tier_2` applies (AWS: 10,000,000).
+    #[serde(with = "decimal_text")]
+    pub tier_2_from: Decimal,
+    /// Private offers with TCV ≥ tier_2_from (AWS: 0.015).
+    #[serde(with = "decimal_text")]
+    pub private_tier_2: Decimal,
+    /// Any renewal (AWS: 0.015).
+    #[serde(with = "decimal_text")]
+    pub renewal: Decimal,
+    /// Added for channel resale, CPPO and DSOR (AWS: 0.005).
+    #[serde(with = "decimal_text")]
+    pub channel_uplift: Decimal,
 }
 
 /// Acceptance rules of a profile in milliseconds, parsed once.
@@ -194,15 +262,6 @@ pub enum Visibility {
     Private,
 }
 
-/// The price of one usage dimension. A tagged variant per pricing model.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum UsagePrice {
-    /// A rate per unit per hour (PRC-13, PRC-10); hourly instance prices use this too, and
-    /// annual coverage (Y−X) nets the quantity before the rate applies.
-    PerUnit(#[serde(with = "decimal_text")] Decimal),
-}
-
 /// One effective-dated version of an offer's prices.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -210,8 +269,128 @@ pub struct PriceVersion {
     /// First instant these prices apply.
     #[serde(with = "crate::time::rfc3339")]
     pub effective_from: Timestamp,
+    /// When existing subscribers were notified of this version. Without it the version applies
+    /// to everyone from `effective_from`; with it, subscribers who signed before
+    /// `effective_from` get it on the first day of the month after `notified_at` + the
+    /// profile's notice days (PRC-18), except container price decreases, which apply at once.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::time::rfc3339_opt")]
+    pub notified_at: Option<Timestamp>,
     /// Usage prices by dimension key.
     pub usage: std::collections::BTreeMap<String, UsagePrice>,
+}
+
+/// The upfront price of one contract dimension for one duration (PRC-14).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractPrice {
+    /// Duration in months (public: 1, 12, 24 or 36; private: 1–60).
+    pub months: u32,
+    /// Contract dimension.
+    pub dimension: String,
+    /// Price per unit for the whole duration (≤ 3 decimal places on AWS).
+    #[serde(with = "decimal_text")]
+    pub rate: Decimal,
+}
+
+/// How a contract is bought (PRC-14).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContractShape {
+    /// The buyer picks exactly one dimension (tier), quantity 1.
+    Tiered,
+    /// A quantity per dimension.
+    MultiDimension,
+}
+
+/// Free-trial terms of an offer (PRC-17).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreeTrial {
+    /// Trial length from the agreement's start (AMI: 5–31 days, SaaS: 7–90).
+    pub days: u32,
+    /// How the trial is free.
+    pub kind: TrialKind,
+}
+
+/// What a free trial makes free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrialKind {
+    /// AMI: in each hour, one instance of the most expensive instance type running is free; the
+    /// rest is charged (a credit line at month close).
+    AmiOneInstance,
+    /// SaaS: usage during the trial is not charged.
+    Saas,
+}
+
+/// Whether a sale is direct or through a channel partner (RPT-6 `channel`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Channel {
+    /// The manufacturer sells.
+    Direct,
+    /// Channel Partner Private Offer: the partner is seller of record (PRC-20).
+    Cppo,
+    /// Designated Seller of Record (PRC-21).
+    Dsor,
+}
+
+impl Channel {
+    /// The name stored in tables and exports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Direct => "direct",
+            Channel::Cppo => "cppo",
+            Channel::Dsor => "dsor",
+        }
+    }
+}
+
+/// A manufacturer's authorisation for a partner to resell a product (PRC-20, PRC-21): the
+/// wholesale price is a discount off the list offer, or a custom rate card.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResaleAuthorization {
+    /// Authorisation id.
+    pub id: String,
+    /// Product code.
+    pub product: String,
+    /// Manufacturer (ISV) seller id.
+    pub manufacturer: String,
+    /// Partner (seller of record) seller id.
+    pub partner: String,
+    /// CPPO or DSOR.
+    pub channel: Channel,
+    /// Currency the partner must use (a mismatch in the chain is refused).
+    pub currency: Currency,
+    /// Wholesale = list × (1 − discount), as a fraction (0.20 = 20 % off).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_decimal_text")]
+    pub discount: Option<Decimal>,
+    /// The public offer whose prices are the list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list_offer: Option<String>,
+    /// Custom wholesale usage rate card, instead of a discount.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub wholesale_usage: std::collections::BTreeMap<String, UsagePrice>,
+    /// Custom wholesale contract prices, instead of a discount.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wholesale_contract: Vec<ContractPrice>,
+}
+
+/// One effective-dated exchange rate: 1 `from` = `rate` `to` (reporting only).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FxRate {
+    /// Source currency.
+    pub from: Currency,
+    /// Target currency.
+    pub to: Currency,
+    /// Units of `to` per unit of `from`.
+    #[serde(with = "decimal_text")]
+    pub rate: Decimal,
+    /// First instant the rate applies.
+    #[serde(with = "crate::time::rfc3339")]
+    pub effective_from: Timestamp,
 }
 
 /// An offer: terms under which customers buy a product.
@@ -231,6 +410,62 @@ pub struct Offer {
     pub buyers: Vec<String>,
     /// Price versions, any order in the file; sorted by `effective_from` on load.
     pub prices: Vec<PriceVersion>,
+    /// Private offers: the acceptance deadline; an agreement signed later is void (edge 46).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::time::rfc3339_opt")]
+    pub expires_at: Option<Timestamp>,
+    /// A fee per month, prorated by 1/30 per day at start and cancellation (PRC-11).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_decimal_text")]
+    pub monthly_fee: Option<Decimal>,
+    /// Upfront contract prices per duration and dimension (PRC-14).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub contract_prices: Vec<ContractPrice>,
+    /// How the contract is bought; required with `contract_prices`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract_shape: Option<ContractShape>,
+    /// Free-trial terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_trial: Option<FreeTrial>,
+    /// For a partner's offer: the resale authorisation it sells under.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resale: Option<String>,
+}
+
+/// Units of one dimension bought under a contract.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContractQuantity {
+    /// Contract dimension.
+    pub dimension: String,
+    /// Units bought (1 for a tiered contract).
+    pub quantity: u32,
+}
+
+/// One date of a flexible payment schedule (PRC-19).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Installment {
+    /// Invoice date; a date before acceptance is invoiced at acceptance.
+    #[serde(with = "crate::time::rfc3339")]
+    pub date: Timestamp,
+    /// Amount in the offer's currency.
+    #[serde(with = "decimal_text")]
+    pub amount: Decimal,
+}
+
+/// The contract an agreement bought (PRC-14, PRC-15, PRC-19).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgreementContract {
+    /// Duration in months from the agreement's start.
+    pub months: u32,
+    /// Units per dimension.
+    pub quantities: Vec<ContractQuantity>,
+    /// Flexible payment schedule; empty = the whole value upfront at acceptance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub installments: Vec<Installment>,
+    /// The agreement this one upgrades mid-term: its unused part is credited pro rata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
 }
 
 /// A buyer.
@@ -285,15 +520,34 @@ pub struct Agreement {
     /// Usage is accepted before this instant (open-ended when absent).
     #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::time::rfc3339_opt")]
     pub end: Option<Timestamp>,
-    /// Annual coverage held under this agreement.
+    /// Annual coverage held under this agreement (also container long-term contract units,
+    /// which net the same way). Amendments are entries that end and start mid-term.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub annual: Vec<AnnualCoverage>,
+    /// When the buyer accepted (defaults to `start`). Future-dated agreements sign before they
+    /// start: invoices may precede the start, usage may not (edge 48).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::time::rfc3339_opt")]
+    pub signed: Option<Timestamp>,
+    /// The contract bought, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract: Option<AgreementContract>,
+    /// Whether the agreement renews an earlier one (listing fee tier, PRC-22).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renewal: bool,
 }
 
 impl Agreement {
     /// Whether the agreement covers the instant `t`.
     pub fn active_at(&self, t: Timestamp) -> bool {
         t >= self.start && self.end.is_none_or(|e| t < e)
+    }
+    /// When the buyer accepted.
+    pub fn signed_at(&self) -> Timestamp {
+        self.signed.unwrap_or(self.start)
+    }
+    /// End of the contract term (start + months), if the agreement bought a contract.
+    pub fn contract_end(&self) -> Option<Timestamp> {
+        self.contract.as_ref().map(|c| self.start.plus_months(c.months))
     }
 }
 
@@ -320,6 +574,12 @@ pub struct PriceBookDoc {
     /// Agreements.
     #[serde(default)]
     pub agreements: Vec<Agreement>,
+    /// Resale authorisations (channel partners).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resale: Vec<ResaleAuthorization>,
+    /// Exchange rates for reporting.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fx_rates: Vec<FxRate>,
 }
 
 /// A validated, indexed price book. Cheap lookups for the per-record cores.
@@ -527,23 +787,18 @@ impl PriceBook {
                             o.id, o.product
                         )));
                     }
-                    match price {
-                        UsagePrice::PerUnit(r) => {
-                            if r.is_sign_negative() {
-                                return Err(invalid(format!("offer `{}`: rate {r} for `{dim}` is negative", o.id)));
-                            }
-                            if decimal_places(*r) > rate_dp {
-                                return Err(invalid(format!(
-                                    "offer `{}`: rate {r} for `{dim}` has {} decimal places; usage rates allow at most {rate_dp}",
-                                    o.id,
-                                    decimal_places(*r)
-                                )));
-                            }
-                        }
-                    }
+                    price.validate(rate_dp).map_err(|e| invalid(format!("offer `{}`: `{dim}`: {e}", o.id)))?;
+                }
+                if v.notified_at.is_some() && doc.marketplace.price_change_notice_days.is_none() {
+                    return Err(invalid(format!(
+                        "offer `{}`: a price version has notified_at but marketplace `{}` sets no price_change_notice_days",
+                        o.id, doc.marketplace.id
+                    )));
                 }
             }
+            check_offer_terms(o, &doc.products[pi], &dimension_by_key[pi], &doc.marketplace)?;
         }
+        check_resale(&doc, &offer_by_id, &product_by_code, &seller_ids)?;
 
         let mut agreements_by_customer_product: HashMap<(String, String), Vec<usize>> = HashMap::new();
         let mut agreement_ids = HashSet::new();
@@ -576,6 +831,22 @@ impl PriceBook {
             if a.end.is_some_and(|e| e <= a.start) {
                 return Err(invalid(format!("agreement `{}` ends before it starts", a.id)));
             }
+            if a.signed_at() > a.start {
+                return Err(invalid(format!("agreement `{}` is signed after it starts", a.id)));
+            }
+            if let Some(deadline) = offer.expires_at {
+                if a.signed_at() > deadline {
+                    return Err(invalid(format!(
+                        "agreement `{}`: offer `{}` expired at {deadline}, before it was accepted at {}; the offer is void",
+                        a.id,
+                        a.offer,
+                        a.signed_at()
+                    )));
+                }
+            }
+            if let Some(c) = &a.contract {
+                check_agreement_contract(a, c, offer, &doc.marketplace)?;
+            }
             for c in &a.annual {
                 if !dimension_by_key[pi].contains_key(&c.dimension) {
                     return Err(invalid(format!(
@@ -591,6 +862,11 @@ impl PriceBook {
                 }
             }
             agreements_by_customer_product.entry((a.customer.clone(), a.product.clone())).or_default().push(i);
+        }
+        for a in &doc.agreements {
+            if let Some(old_id) = a.contract.as_ref().and_then(|c| c.replaces.as_deref()) {
+                check_upgrade(a, old_id, &doc)?;
+            }
         }
         // A customer holds one agreement per product at a time: public or private, never both (PRC-19).
         for ((customer, product), list) in agreements_by_customer_product.iter_mut() {
@@ -686,13 +962,99 @@ impl PriceBook {
     }
 
     /// The price of `dimension` for `customer` at `hour`: agreement, offer, version and price.
+    ///
+    /// A version reaches a subscriber who signed before it took effect only after its notice
+    /// period (PRC-18); a container price decrease reaches everyone at once (edge 44).
     pub fn price_at(&self, customer: &str, product: &str, dimension: &str, hour: Hour) -> Option<PriceLookup<'_>> {
         let t = hour.start();
         let agreement = self.agreement_at(customer, product, t)?;
         let offer = self.offer(&agreement.offer)?;
-        let version = offer.prices.iter().rev().find(|v| v.effective_from <= t)?;
-        let price = version.usage.get(dimension)?;
-        Some(PriceLookup { agreement, offer, version, price })
+        let container = self.product(product).is_some_and(|p| p.delivery == Delivery::Container);
+        let notice_days = self.doc.marketplace.price_change_notice_days.unwrap_or(0);
+        let versions = &offer.prices;
+        for i in (0..versions.len()).rev() {
+            let version = &versions[i];
+            if version.effective_from > t {
+                continue;
+            }
+            let price = version.usage.get(dimension)?;
+            let applies_from = match (version.notified_at, i.checked_sub(1).map(|p| &versions[p])) {
+                (Some(notified), Some(previous)) if agreement.signed_at() < version.effective_from => {
+                    let decrease = container
+                        && matches!((previous.usage.get(dimension), price),
+                            (Some(UsagePrice::PerUnit(old)), UsagePrice::PerUnit(new)) if new <= old);
+                    if decrease {
+                        version.effective_from
+                    } else {
+                        version.effective_from.max(crate::time::existing_subscriber_effective(notified, notice_days))
+                    }
+                }
+                _ => version.effective_from,
+            };
+            if applies_from <= t {
+                return Some(PriceLookup { agreement, offer, version, price });
+            }
+        }
+        None
+    }
+
+    /// Whether `hour` falls in a SaaS free trial of `agreement` (usage then is not charged).
+    pub fn in_saas_trial(&self, agreement: &Agreement, offer: &Offer, hour: Hour) -> bool {
+        offer.free_trial.as_ref().is_some_and(|tr| {
+            tr.kind == TrialKind::Saas
+                && hour.start() < agreement.start.plus_millis(i64::from(tr.days) * crate::time::DAY_MS)
+        })
+    }
+
+    /// A resale authorisation by id.
+    pub fn resale(&self, id: &str) -> Option<&ResaleAuthorization> {
+        self.doc.resale.iter().find(|r| r.id == id)
+    }
+
+    /// An agreement by id.
+    pub fn agreement(&self, id: &str) -> Option<&Agreement> {
+        self.doc.agreements.iter().find(|a| a.id == id)
+    }
+
+    /// The FX rate `from` → `to` in force at `t` (identity for the same currency).
+    pub fn fx_rate(&self, from: Currency, to: Currency, t: Timestamp) -> Option<Decimal> {
+        if from == to {
+            return Some(Decimal::ONE);
+        }
+        self.doc
+            .fx_rates
+            .iter()
+            .filter(|r| r.from == from && r.to == to && r.effective_from <= t)
+            .max_by_key(|r| r.effective_from)
+            .map(|r| r.rate)
+    }
+
+    /// Checks that `self` may replace `previous` over existing data: published dimensions are
+    /// never renamed, re-categorised or removed (PRC-3); new ones may be added up to 24.
+    pub fn check_evolution(&self, previous: &PriceBook) -> Result<(), CatalogueError> {
+        for old in &previous.doc.products {
+            let Some(new) = self.product(&old.code) else {
+                return Err(invalid(format!("product `{}` was published and cannot be removed", old.code)));
+            };
+            for d in &old.dimensions {
+                match new.dimensions.iter().find(|n| n.key == d.key) {
+                    None => {
+                        return Err(invalid(format!(
+                            "product `{}`: published dimension `{}` was removed or renamed; dimensions are add-only",
+                            old.code, d.key
+                        )))
+                    }
+                    Some(n) if n.category != d.category => {
+                        return Err(invalid(format!(
+                            "product `{}`: published dimension `{}` changed category; that needs a new product",
+                            old.code, d.key
+                        )))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Annual units (X) of `dimension` covering `hour` under `agreement`.
@@ -705,6 +1067,325 @@ impl PriceBook {
             .map(|c| u64::from(c.units))
             .sum()
     }
+}
+
+/// Durations a public contract may have (PRC-14).
+const PUBLIC_CONTRACT_MONTHS: [u32; 4] = [1, 12, 24, 36];
+/// Longest private contract and most installments (PRC-19).
+const MAX_PRIVATE_MONTHS: u32 = 60;
+
+fn check_offer_terms(
+    o: &Offer,
+    product: &Product,
+    dims: &HashMap<String, usize>,
+    m: &MarketplaceProfile,
+) -> Result<(), CatalogueError> {
+    let fee_dp = m.contract_rate_decimals;
+    if let Some(fee) = o.monthly_fee {
+        if fee.is_sign_negative() || decimal_places(fee) > fee_dp {
+            return Err(invalid(format!(
+                "offer `{}`: monthly_fee {fee} must be ≥ 0 with at most {fee_dp} decimal places",
+                o.id
+            )));
+        }
+        if o.free_trial.is_some() {
+            return Err(invalid(format!(
+                "offer `{}`: a monthly fee cannot be combined with a free trial (PRC-11)",
+                o.id
+            )));
+        }
+    }
+    if !o.contract_prices.is_empty() && o.contract_shape.is_none() {
+        return Err(invalid(format!(
+            "offer `{}`: contract_prices need contract_shape (tiered or multi_dimension)",
+            o.id
+        )));
+    }
+    let mut durations_by_dim: std::collections::BTreeMap<&str, std::collections::BTreeSet<u32>> = Default::default();
+    for cp in &o.contract_prices {
+        if !dims.contains_key(&cp.dimension) {
+            return Err(invalid(format!(
+                "offer `{}`: contract price for `{}`, which is not a dimension of `{}`",
+                o.id, cp.dimension, product.code
+            )));
+        }
+        let allowed = match o.visibility {
+            Visibility::Public => PUBLIC_CONTRACT_MONTHS.contains(&cp.months),
+            Visibility::Private => (1..=MAX_PRIVATE_MONTHS).contains(&cp.months),
+        };
+        if !allowed {
+            return Err(invalid(format!(
+                "offer `{}`: a {} contract of {} months is not allowed (public: 1, 12, 24, 36; private: 1–60)",
+                o.id,
+                if o.visibility == Visibility::Public { "public" } else { "private" },
+                cp.months
+            )));
+        }
+        if cp.rate.is_sign_negative() || decimal_places(cp.rate) > fee_dp {
+            return Err(invalid(format!(
+                "offer `{}`: contract rate {} for `{}` has {} decimal places; contract rates allow at most {fee_dp}",
+                o.id,
+                cp.rate,
+                cp.dimension,
+                decimal_places(cp.rate)
+            )));
+        }
+        if !durations_by_dim.entry(cp.dimension.as_str()).or_default().insert(cp.months) {
+            return Err(invalid(format!(
+                "offer `{}`: two contract prices for `{}` over {} months",
+                o.id, cp.dimension, cp.months
+            )));
+        }
+    }
+    // The set of durations must be identical across dimensions (PRC-14).
+    let mut sets = durations_by_dim.values();
+    if let Some(first) = sets.next() {
+        if sets.any(|s| s != first) {
+            return Err(invalid(format!("offer `{}`: every contract dimension must offer the same durations", o.id)));
+        }
+    }
+    if let Some(tr) = &o.free_trial {
+        let (lo, hi) = match tr.kind {
+            TrialKind::AmiOneInstance => (5, 31),
+            TrialKind::Saas => (7, 90),
+        };
+        if !(lo..=hi).contains(&tr.days) {
+            return Err(invalid(format!(
+                "offer `{}`: a free trial of {} days is outside {lo}–{hi} days",
+                o.id, tr.days
+            )));
+        }
+        if tr.kind == TrialKind::AmiOneInstance && product.delivery != Delivery::Ami {
+            return Err(invalid(format!("offer `{}`: the one-instance trial is for AMI products", o.id)));
+        }
+    }
+    if o.visibility == Visibility::Private
+        && o.prices.iter().any(|v| v.usage.values().any(|p| matches!(p, UsagePrice::Byol)))
+    {
+        return Err(invalid(format!("offer `{}`: private offers do not support BYOL (PRC-16)", o.id)));
+    }
+    if o.resale.is_some() && o.visibility != Visibility::Private {
+        return Err(invalid(format!("offer `{}`: a channel partner sells through private offers only", o.id)));
+    }
+    Ok(())
+}
+
+fn check_resale(
+    doc: &PriceBookDoc,
+    offer_by_id: &HashMap<String, usize>,
+    product_by_code: &HashMap<String, usize>,
+    sellers: &HashSet<&str>,
+) -> Result<(), CatalogueError> {
+    let mut ids = HashSet::new();
+    for r in &doc.resale {
+        if !ids.insert(r.id.as_str()) {
+            return Err(invalid(format!("resale authorisation `{}` is defined twice", r.id)));
+        }
+        let Some(&pi) = product_by_code.get(&r.product) else {
+            return Err(invalid(format!("resale `{}`: product `{}` is not defined", r.id, r.product)));
+        };
+        for (role, s) in [("manufacturer", &r.manufacturer), ("partner", &r.partner)] {
+            if !sellers.contains(s.as_str()) {
+                return Err(invalid(format!("resale `{}`: {role} `{s}` is not a defined seller", r.id)));
+            }
+        }
+        if doc.products[pi].seller != r.manufacturer {
+            return Err(invalid(format!(
+                "resale `{}`: `{}` does not make `{}` (its seller is `{}`)",
+                r.id, r.manufacturer, r.product, doc.products[pi].seller
+            )));
+        }
+        if r.channel == Channel::Direct || r.partner == r.manufacturer {
+            return Err(invalid(format!(
+                "resale `{}`: a resale goes through a partner other than the manufacturer (cppo or dsor)",
+                r.id
+            )));
+        }
+        match (r.discount, &r.list_offer, r.wholesale_usage.is_empty() && r.wholesale_contract.is_empty()) {
+            (Some(d), Some(list), true) => {
+                if d.is_sign_negative() || d >= Decimal::ONE {
+                    return Err(invalid(format!("resale `{}`: discount {d} must be a fraction in [0, 1)", r.id)));
+                }
+                let Some(&li) = offer_by_id.get(list) else {
+                    return Err(invalid(format!("resale `{}`: list offer `{list}` is not defined", r.id)));
+                };
+                let lo = &doc.offers[li];
+                if lo.product != r.product || lo.visibility != Visibility::Public {
+                    return Err(invalid(format!(
+                        "resale `{}`: list offer `{list}` must be a public offer of `{}`",
+                        r.id, r.product
+                    )));
+                }
+                if lo.currency != r.currency {
+                    return Err(invalid(format!(
+                        "resale `{}`: currency mismatch in the resale chain: list offer `{list}` is in {}, the authorisation in {}",
+                        r.id, lo.currency, r.currency
+                    )));
+                }
+            }
+            (None, None, false) => {
+                for (dim, p) in &r.wholesale_usage {
+                    p.validate(doc.marketplace.usage_rate_decimals)
+                        .map_err(|e| invalid(format!("resale `{}`: wholesale `{dim}`: {e}", r.id)))?;
+                }
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "resale `{}`: give either discount + list_offer, or a custom wholesale rate card",
+                    r.id
+                )))
+            }
+        }
+    }
+    for o in &doc.offers {
+        let Some(rid) = &o.resale else { continue };
+        let Some(r) = doc.resale.iter().find(|r| &r.id == rid) else {
+            return Err(invalid(format!("offer `{}`: resale authorisation `{rid}` is not defined", o.id)));
+        };
+        if r.product != o.product {
+            return Err(invalid(format!(
+                "offer `{}`: resale `{rid}` is for `{}`, not `{}`",
+                o.id, r.product, o.product
+            )));
+        }
+        if r.currency != o.currency {
+            return Err(invalid(format!(
+                "offer `{}`: currency mismatch in the resale chain: the offer is in {}, resale `{rid}` in {}",
+                o.id, o.currency, r.currency
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The total contract value of `c` under `offer`, if every dimension has a price for its months.
+pub fn contract_value(offer: &Offer, c: &AgreementContract) -> Option<Decimal> {
+    c.quantities.iter().try_fold(Decimal::ZERO, |acc, q| {
+        let cp = offer.contract_prices.iter().find(|p| p.months == c.months && p.dimension == q.dimension)?;
+        acc.checked_add(cp.rate.checked_mul(Decimal::from(q.quantity))?)
+    })
+}
+
+fn check_agreement_contract(
+    a: &Agreement,
+    c: &AgreementContract,
+    offer: &Offer,
+    m: &MarketplaceProfile,
+) -> Result<(), CatalogueError> {
+    let Some(shape) = offer.contract_shape else {
+        return Err(invalid(format!("agreement `{}`: offer `{}` has no contract prices", a.id, offer.id)));
+    };
+    if c.quantities.is_empty()
+        || (shape == ContractShape::Tiered && (c.quantities.len() != 1 || c.quantities[0].quantity != 1))
+    {
+        return Err(invalid(format!(
+            "agreement `{}`: a {} contract buys {}",
+            a.id,
+            if shape == ContractShape::Tiered { "tiered" } else { "multi-dimension" },
+            if shape == ContractShape::Tiered {
+                "exactly one tier, quantity 1"
+            } else {
+                "a quantity of at least one dimension"
+            }
+        )));
+    }
+    let Some(tcv) = contract_value(offer, c) else {
+        return Err(invalid(format!(
+            "agreement `{}`: offer `{}` has no {}-month price for every contracted dimension",
+            a.id, offer.id, c.months
+        )));
+    };
+    let end = a.start.plus_months(c.months);
+    if c.installments.len() > MAX_PRIVATE_MONTHS as usize {
+        return Err(invalid(format!(
+            "agreement `{}`: {} installments; a payment schedule has at most {MAX_PRIVATE_MONTHS}",
+            a.id,
+            c.installments.len()
+        )));
+    }
+    if !c.installments.is_empty() {
+        if offer.visibility != Visibility::Private {
+            return Err(invalid(format!("agreement `{}`: flexible payment schedules are for private offers", a.id)));
+        }
+        let mut sum = Decimal::ZERO;
+        for i in &c.installments {
+            if i.date >= end {
+                return Err(invalid(format!(
+                    "agreement `{}`: installment of {} on {} is after the contract term ends at {end}",
+                    a.id, i.amount, i.date
+                )));
+            }
+            if i.amount <= Decimal::ZERO || decimal_places(i.amount) > offer.currency.minor_units().unwrap_or(2) {
+                return Err(invalid(format!(
+                    "agreement `{}`: installment amount {} is not a positive amount in {}",
+                    a.id, i.amount, offer.currency
+                )));
+            }
+            sum += i.amount;
+        }
+        if let Some(deadline) = offer.expires_at {
+            let early = c.installments.iter().filter(|i| i.date < deadline).count();
+            if early > 1 {
+                return Err(invalid(format!(
+                    "agreement `{}`: {early} installments fall before the offer's acceptance deadline {deadline}; at most one may",
+                    a.id
+                )));
+            }
+        }
+        if sum != tcv {
+            return Err(invalid(format!(
+                "agreement `{}`: installments sum to {sum} but the contract is worth {tcv} {}",
+                a.id, offer.currency
+            )));
+        }
+    }
+    if let Some(e) = a.end {
+        if e > end {
+            return Err(invalid(format!(
+                "agreement `{}` runs past its {}-month contract term ({end})",
+                a.id, c.months
+            )));
+        }
+    }
+    let _ = m;
+    Ok(())
+}
+
+fn check_upgrade(a: &Agreement, old_id: &str, doc: &PriceBookDoc) -> Result<(), CatalogueError> {
+    let Some(old) = doc.agreements.iter().find(|o| o.id == old_id) else {
+        return Err(invalid(format!("agreement `{}` replaces `{old_id}`, which is not defined", a.id)));
+    };
+    let (Some(oc), Some(nc)) = (&old.contract, &a.contract) else {
+        return Err(invalid(format!("agreement `{}` replaces `{old_id}`, which has no contract", a.id)));
+    };
+    if old.customer != a.customer || old.product != a.product {
+        return Err(invalid(format!("agreement `{}` replaces `{old_id}` of another customer or product", a.id)));
+    }
+    let old_end = old.start.plus_months(oc.months);
+    if old.end != Some(a.start) || a.start >= old_end {
+        return Err(invalid(format!(
+            "agreement `{}`: an upgrade starts mid-term of `{old_id}`, which must end when the upgrade starts",
+            a.id
+        )));
+    }
+    let offer = |id: &str| doc.offers.iter().find(|o| o.id == id);
+    let (Some(oo), Some(no)) = (offer(&old.offer), offer(&a.offer)) else {
+        return Ok(());
+    };
+    let per_month = |o: &Offer, c: &AgreementContract| contract_value(o, c).map(|v| v / Decimal::from(c.months));
+    let fewer_units = oc.quantities.iter().any(|q| {
+        nc.quantities
+            .iter()
+            .find(|n| n.dimension == q.dimension)
+            .map_or(oo.contract_shape != Some(ContractShape::Tiered), |n| n.quantity < q.quantity)
+    });
+    if fewer_units || per_month(no, nc) < per_month(oo, oc) {
+        return Err(invalid(format!(
+            "agreement `{}` would downgrade `{old_id}` mid-term; downgrades happen only at renewal",
+            a.id
+        )));
+    }
+    Ok(())
 }
 
 fn valid_product_code(code: &str) -> bool {

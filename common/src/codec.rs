@@ -8,7 +8,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Current payload format.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 /// Why a payload could not be decoded; undecodable messages go to the dead-letter path with this.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -88,6 +88,53 @@ mod tests {
         let bytes = encode(&r);
         assert_eq!(bytes[0], FORMAT_VERSION);
         assert_eq!(decode::<UsageRecord>(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn every_price_model_roundtrips_inside_a_rated_record() {
+        use crate::pricing::{Package, PerDuration, Tier, UsagePrice};
+        use crate::rated::{ChargeType, RatedRecord};
+        let d = |s: &str| s.parse().unwrap();
+        let prices = [
+            None,
+            Some(UsagePrice::Graduated(vec![
+                Tier { up_to: Some(d("10")), rate: d("0.5") },
+                Tier { up_to: None, rate: d("0.1") },
+            ])),
+            Some(UsagePrice::Volume(vec![Tier { up_to: None, rate: d("0.25") }])),
+            Some(UsagePrice::Package(Package { size: d("100"), price: d("5") })),
+            Some(UsagePrice::PerDuration(PerDuration {
+                rate: d("6"),
+                per: d("3600"),
+                increment: d("1"),
+                minimum: d("60"),
+            })),
+            Some(UsagePrice::Byol),
+        ];
+        for month_price in prices {
+            let r = RatedRecord {
+                record_id: crate::id::RecordId(7),
+                dedup_key: crate::id::DedupKey(9),
+                seller: "s".into(),
+                product: "p".into(),
+                customer: "c".into(),
+                dimension: "d".into(),
+                hour: crate::time::Hour(500_000),
+                quantity: d("3"),
+                covered_quantity: d("1"),
+                billable_quantity: d("2"),
+                unit_rate: d("0.5"),
+                currency: crate::money::Currency::USD,
+                amount: d("1.0"),
+                month_price,
+                pricing_model: "m".into(),
+                charge_type: ChargeType::Usage,
+                agreement_id: "a".into(),
+                offer_id: "o".into(),
+                price_book_version: "v".into(),
+            };
+            assert_eq!(decode::<RatedRecord>(&encode(&r)).unwrap(), r);
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`id`]: deterministic 128-bit dedup keys and record ids (the exactly-once backbone).
 //! - [`usage`]: a validated usage record, as accepted by ingest.
 //! - [`reject`]: why a record was refused, by name.
+//! - [`pricing`]: the usage pricing models and their arithmetic.
 //! - [`catalogue`]: the price book as data: marketplace profile, sellers, products, offers,
 //!   customers and agreements.
 //! - [`rated`]: a rated hourly line item and a monthly charge line.
@@ -16,12 +17,13 @@
 //! Nothing here performs I/O except [`catalogue::PriceBook::load`], which reads one file.
 
 pub mod catalogue;
-pub mod config;
 pub mod codec;
+pub mod config;
 pub mod id;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod money;
+pub mod pricing;
 pub mod rated;
 pub mod reject;
 #[cfg(feature = "kafka")]

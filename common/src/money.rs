@@ -156,7 +156,12 @@ pub mod decimal_text {
                 )))
             }
         }
-        d.deserialize_any(V)
+        // Binary codecs (the topic payloads) are not self-describing: ask for the string.
+        if d.is_human_readable() {
+            d.deserialize_any(V)
+        } else {
+            d.deserialize_str(V)
+        }
     }
 }
 

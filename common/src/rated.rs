@@ -7,6 +7,7 @@
 
 use crate::id::{DedupKey, RecordId};
 use crate::money::Currency;
+use crate::pricing::UsagePrice;
 use crate::time::{Hour, Month};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -16,23 +17,44 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChargeType {
-    /// Metered usage at per-unit prices.
+    /// Metered usage.
     Usage,
+    /// A monthly fee, prorated by 1/30 per day (PRC-11).
+    MonthlyFee,
+    /// A contract's whole value, invoiced at acceptance (PRC-14).
+    ContractUpfront,
+    /// One date of a flexible payment schedule (PRC-19).
+    Installment,
+    /// A credit: the unused part of an upgraded contract, a free-trial instance (negative).
+    Credit,
+    /// Usage that arrived after its month was closed, booked on the next open month.
+    Adjustment,
 }
 
 impl ChargeType {
-    /// The name stored in tables and exports.
+    /// Every charge type, in invoice order.
+    pub const ALL: [ChargeType; 6] = [
+        ChargeType::Usage,
+        ChargeType::MonthlyFee,
+        ChargeType::ContractUpfront,
+        ChargeType::Installment,
+        ChargeType::Credit,
+        ChargeType::Adjustment,
+    ];
+    /// The name stored in tables and exports (RPT-6).
     pub fn as_str(self) -> &'static str {
         match self {
             ChargeType::Usage => "usage",
+            ChargeType::MonthlyFee => "monthly_fee",
+            ChargeType::ContractUpfront => "contract_upfront",
+            ChargeType::Installment => "installment",
+            ChargeType::Credit => "credit",
+            ChargeType::Adjustment => "adjustment",
         }
     }
     /// Parses [`Self::as_str`].
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "usage" => Some(ChargeType::Usage),
-            _ => None,
-        }
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
     }
 }
 
@@ -61,16 +83,23 @@ pub struct RatedRecord {
     pub hour: Hour,
     /// Quantity metered.
     pub quantity: Decimal,
-    /// Part of the quantity covered by annual subscriptions (X, capped at the quantity).
+    /// Part of the quantity covered by annual or contract units (X, capped at the quantity) or
+    /// by a SaaS free trial.
     pub covered_quantity: Decimal,
-    /// Quantity charged: `quantity − covered_quantity`, never negative.
+    /// Quantity charged: `quantity − covered_quantity` after the model's own rounding (per-duration
+    /// minimum and increment), never negative.
     pub billable_quantity: Decimal,
-    /// Price per unit.
+    /// Price per unit (for tiers: the first tier's rate; for packages: the block price).
     pub unit_rate: Decimal,
     /// Currency of the rate and amount.
     pub currency: Currency,
-    /// `billable_quantity × unit_rate`, exact.
+    /// The record's exact amount; zero for month-priced models (see `month_price`).
     pub amount: Decimal,
+    /// For month-priced models (tiers, packages): the price the month's billable total is
+    /// priced at, carried so that the fold needs no price book.
+    pub month_price: Option<UsagePrice>,
+    /// Pricing model of the dimension's price ([`UsagePrice::model`]).
+    pub pricing_model: String,
     /// Charge type.
     pub charge_type: ChargeType,
     /// Agreement in force.
@@ -92,6 +121,7 @@ impl RatedRecord {
             month: self.month(),
             customer: self.customer.clone(),
             product: self.product.clone(),
+            agreement_id: self.agreement_id.clone(),
             dimension: self.dimension.clone(),
             charge_type: self.charge_type,
             currency: self.currency,
@@ -99,7 +129,9 @@ impl RatedRecord {
     }
 }
 
-/// Identity of an invoice line: one per (month, customer, product, dimension, charge type, currency).
+/// Identity of an invoice line: one per (month, customer, product, agreement, dimension, charge
+/// type, currency) — per agreement, so a customer who moves from a public to a private offer
+/// mid-month gets a line for each (BIL-6).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ChargeLineKey {
     /// Billing month.
@@ -108,6 +140,8 @@ pub struct ChargeLineKey {
     pub customer: String,
     /// Product code.
     pub product: String,
+    /// Agreement.
+    pub agreement_id: String,
     /// Dimension key.
     pub dimension: String,
     /// Charge type.
@@ -127,10 +161,16 @@ pub struct ChargeLine {
     pub seller: String,
     /// Product code.
     pub product: String,
+    /// Agreement in force.
+    pub agreement_id: String,
+    /// Offer whose prices applied.
+    pub offer_id: String,
     /// Dimension key.
     pub dimension: String,
     /// Charge type.
     pub charge_type: ChargeType,
+    /// Pricing model (`per_unit`, `graduated`, `volume`, `package`, `per_duration`, `byol`).
+    pub pricing_model: String,
     /// Currency.
     pub currency: Currency,
     /// Sum of metered quantities.

@@ -42,6 +42,31 @@ impl Timestamp {
     pub const fn plus_millis(self, ms: i64) -> Self {
         Timestamp(self.0.saturating_add(ms))
     }
+    /// The same wall-clock instant `n` calendar months later (a 31st becomes the last day of a
+    /// shorter month), for contract terms.
+    pub fn plus_months(self, n: u32) -> Self {
+        let d = self.to_datetime();
+        d.checked_add_months(chrono::Months::new(n)).map_or(Timestamp(i64::MAX), |d| Timestamp(d.timestamp_millis()))
+    }
+    /// The UTC calendar day (days since the epoch).
+    pub const fn day(self) -> i64 {
+        self.0.div_euclid(DAY_MS)
+    }
+    /// The billing month this instant falls in.
+    pub fn month(self) -> Month {
+        self.hour().month()
+    }
+}
+
+/// Milliseconds per day.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// When a price change notified at `notified_at` reaches existing subscribers: the first day of
+/// the month after the notice period ends (PRC-18: 16 Mar + 90 d → 1 Jul; 31 Dec → 1 Apr). A
+/// period ending on a 1st still moves to the next month ("the month following" it) [DEC, Q7].
+pub fn existing_subscriber_effective(notified_at: Timestamp, notice_days: u32) -> Timestamp {
+    let period_end = Timestamp(notified_at.day() * DAY_MS).plus_millis(i64::from(notice_days) * DAY_MS);
+    period_end.month().end()
 }
 
 impl fmt::Display for Timestamp {
@@ -146,6 +171,18 @@ pub fn parse_duration_ms(s: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn price_change_notice_moves_to_the_first_of_the_month_after_90_days() {
+        let t = |s: &str| Timestamp::parse_rfc3339(s).unwrap();
+        let eff = |s: &str| existing_subscriber_effective(t(s), 90).to_string();
+        assert_eq!(eff("2026-03-16T09:00:00Z"), "2026-07-01T00:00:00.000Z"); // AWS's example
+        assert_eq!(eff("2026-12-31T00:00:00Z"), "2027-04-01T00:00:00.000Z");
+        assert_eq!(eff("2026-03-03T00:00:00Z"), "2026-07-01T00:00:00.000Z"); // period ends 1 Jun
+        assert_eq!(eff("2026-03-02T00:00:00Z"), "2026-06-01T00:00:00.000Z"); // ends 31 May
+        assert_eq!(eff("2028-02-29T12:00:00Z"), "2028-06-01T00:00:00.000Z"); // leap day + 90 = 29 May
+        assert_eq!(t("2026-01-31T00:00:00Z").plus_months(1).to_string(), "2026-02-28T00:00:00.000Z");
+    }
 
     #[test]
     fn hour_floors_and_boundary_splits_two_hours() {

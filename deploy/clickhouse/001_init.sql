@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS {database}.rated_usage
     agreement_id       String,
     offer_id           String,
     price_book_version String,
+    pricing_model      String,          -- per_unit | graduated | volume | package | per_duration | byol
+    month_price        String,          -- JSON price of a month-priced model (tiers, packages); '' otherwise
     source_partition   Int32,           -- rated-topic partition and offset it was read from
     source_offset      Int64,
     inserted_at        DateTime
@@ -45,15 +47,22 @@ CREATE TABLE IF NOT EXISTS {database}.monthly_charges
     manufacturer           String,
     channel                String,          -- direct | cppo | dsor
     product                String,
+    agreement_id           String,
+    offer_id               String,
     dimension              String,
     charge_type            String,
+    pricing_model          String,
     currency               String,
     quantity               Decimal(38, 9),
     covered_quantity       Decimal(38, 9),
     billable_quantity      Decimal(38, 9),
     unit_rate              Decimal(38, 12), -- the rate when one applied all month (see mixed_rates)
     mixed_rates            UInt8,           -- 1 when the month spans a price change
-    amount_unrounded       Decimal(38, 18), -- exact sum of the line items
+    month_price            String,          -- JSON price the month-priced quantity is priced at ('' if none)
+    month_price_hour       DateTime,        -- hour of the record that set month_price (latest wins)
+    month_priced_quantity  Decimal(38, 9),  -- billable quantity priced by month_price
+    record_amounts         Decimal(38, 18), -- exact sum of the record-priced line items
+    amount_unrounded       Decimal(38, 18), -- record_amounts + month_price(month_priced_quantity), exact
     customer_billed_amount Decimal(38, 9),  -- rounded half-up once to the currency's minor unit
     records                UInt64,
     source_partition       Int32,           -- the rated partition that owns this line
@@ -62,7 +71,7 @@ CREATE TABLE IF NOT EXISTS {database}.monthly_charges
 )
 ENGINE = ReplacingMergeTree(version)
 PARTITION BY toYYYYMM(month)
-ORDER BY (month, customer, product, dimension, charge_type, currency);
+ORDER BY (month, customer, product, agreement_id, dimension, charge_type, currency);
 
 CREATE TABLE IF NOT EXISTS {database}.rejected_records
 (

@@ -12,8 +12,8 @@
 //! another quantity (conflicting), and invalid records of every kind ingest must name.
 
 use common::catalogue::{
-    Agreement, AnnualCoverage, Customer, Delivery, Dimension, MarketplaceProfile, Offer, PriceBookDoc, PriceVersion, Product,
-    QuantityKind, Seller, UsageCategory, UsagePrice, Visibility,
+    Agreement, AnnualCoverage, Customer, Delivery, Dimension, FxRate, LateUsage, ListingFees, MarketplaceProfile, Offer,
+    PriceBookDoc, PriceVersion, Product, QuantityKind, Seller, UsageCategory, UsagePrice, Visibility,
 };
 use common::money::Currency;
 use common::time::{Hour, Month, Timestamp, HOUR_MS};
@@ -132,8 +132,25 @@ fn dims(list: &[(&str, UsageCategory, &str)]) -> Vec<Dimension> {
 fn prices(from: Timestamp, list: &[(&str, &str)]) -> Vec<PriceVersion> {
     vec![PriceVersion {
         effective_from: from,
+        notified_at: None,
         usage: list.iter().map(|(d, r)| ((*d).to_owned(), UsagePrice::PerUnit(r.parse().expect("constant rates parse")))).collect(),
     }]
+}
+
+/// AWS's listing-fee schedule since 5 Jan 2024 (PRC-22).
+pub fn aws_listing_fees() -> ListingFees {
+    let d = |s: &str| s.parse().expect("constant fee parses");
+    ListingFees {
+        public_saas: d("0.03"),
+        public_server: d("0.20"),
+        private: d("0.03"),
+        tier_1_from: d("1000000"),
+        private_tier_1: d("0.02"),
+        tier_2_from: d("10000000"),
+        private_tier_2: d("0.015"),
+        renewal: d("0.015"),
+        channel_uplift: d("0.005"),
+    }
 }
 
 /// The AWS-compatible marketplace profile (domain-rules decisions table).
@@ -150,6 +167,12 @@ pub fn aws_profile() -> MarketplaceProfile {
         max_allocations: 2500,
         max_tags: 5,
         usage_rate_decimals: 8,
+        contract_rate_decimals: 3,
+        price_change_notice_days: Some(90),
+        late_usage: Some(LateUsage::Refuse),
+        listing_fees: Some(aws_listing_fees()),
+        broker_id: Some("AWS_INC".into()),
+        reporting_currency: Some(Currency::USD),
     }
 }
 
@@ -214,6 +237,12 @@ impl Scenario {
                 currency: Currency::USD,
                 buyers: vec![],
                 prices: prices(listed, &[("users", "0.014"), ("gb_ingest", "0.10")]),
+                expires_at: None,
+                monthly_fee: None,
+                contract_prices: vec![],
+                contract_shape: None,
+                free_trial: None,
+                resale: None,
             },
             Offer {
                 id: "acme-vm-public".into(),
@@ -222,6 +251,12 @@ impl Scenario {
                 currency: Currency::USD,
                 buyers: vec![],
                 prices: prices(listed, &[("m5_large", "0.50"), ("c5_xlarge", "0.34"), ("m5_2xlarge", "1.00")]),
+                expires_at: None,
+                monthly_fee: None,
+                contract_prices: vec![],
+                contract_shape: None,
+                free_trial: None,
+                resale: None,
             },
             Offer {
                 id: "globex-platform-public".into(),
@@ -230,6 +265,12 @@ impl Scenario {
                 currency: Currency::USD,
                 buyers: vec![],
                 prices: prices(listed, &globex_rates),
+                expires_at: None,
+                monthly_fee: None,
+                contract_prices: vec![],
+                contract_shape: None,
+                free_trial: None,
+                resale: None,
             },
             Offer {
                 id: "initech-ml-public".into(),
@@ -238,6 +279,12 @@ impl Scenario {
                 currency: Currency::USD,
                 buyers: vec![],
                 prices: prices(listed, &[("inference_hrs", "0.90"), ("training_hrs", "3.25")]),
+                expires_at: None,
+                monthly_fee: None,
+                contract_prices: vec![],
+                contract_shape: None,
+                free_trial: None,
+                resale: None,
             },
         ];
 
@@ -333,6 +380,9 @@ impl Scenario {
                     start,
                     end,
                     annual,
+                    signed: None,
+                    contract: None,
+                    renewal: false,
                 });
             }
         }
@@ -344,6 +394,12 @@ impl Scenario {
                 currency: Currency::new("EUR").expect("EUR is a currency"),
                 buyers: private_buyers,
                 prices: prices(listed, &[("inference_hrs", "0.75"), ("training_hrs", "2.80")]),
+                expires_at: None,
+                monthly_fee: None,
+                contract_prices: vec![],
+                contract_shape: None,
+                free_trial: None,
+                resale: None,
             });
         }
         let doc = PriceBookDoc {
@@ -354,6 +410,13 @@ impl Scenario {
             offers,
             customers,
             agreements,
+            resale: vec![],
+            fx_rates: vec![FxRate {
+                from: Currency::new("EUR").expect("EUR is a currency"),
+                to: Currency::USD,
+                rate: "1.08".parse().expect("constant rate parses"),
+                effective_from: listed,
+            }],
         };
         Scenario { config, doc, keys, usage }
     }

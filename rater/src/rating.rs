@@ -1,16 +1,21 @@
 //! PURE. Prices one accepted usage record exactly.
 //!
 //! The price comes from the customer's agreement in force at the record's hour, its offer, and the
-//! offer's price version effective then ([`PriceBook::price_at`]). Models:
-//! - per unit: `amount = quantity × rate` (PRC-13);
-//! - annual coverage, the Y−X rule (PRC-12): with X annual subscriptions of an instance type
-//!   active in the hour and Y instances running, `billable = max(0, Y − X)`; coverage never
-//!   transfers to another instance type and counts only between its start and end.
+//! offer's price version in force for that agreement then ([`PriceBook::price_at`], which applies
+//! the price-change notice rule). In order:
+//! 1. coverage: annual subscriptions and container contract units net the quantity per hour,
+//!    the Y−X rule (PRC-12): `billable = max(0, Y − X)`, never transferring to another instance
+//!    type and counting only between their start and end; a SaaS free trial covers everything;
+//! 2. the model's own rounding of the billable quantity (per-duration minimum and increment);
+//! 3. the amount: exact for record-priced models; zero for month-priced ones (tiers, packages),
+//!    whose price travels with the record for the monthly fold ([`common::pricing`]).
 //!
-//! No rounding here: amounts are exact and rounded once per invoice line by the aggregator.
+//! No rounding to money here: amounts are exact and rounded once per invoice line.
 
-use common::catalogue::{PriceBook, UsagePrice};
+use common::catalogue::PriceBook;
 use common::id::{DedupKey, RecordId};
+pub use common::pricing::exact_mul;
+use common::pricing::PricedBy;
 use common::rated::{ChargeType, RatedRecord};
 use common::reject::{RejectCode, Rejection};
 use common::usage::UsageRecord;
@@ -28,19 +33,21 @@ pub fn rate(record: &UsageRecord, key: DedupKey, id: RecordId, book: &PriceBook)
             ),
         ));
     };
-    let (covered, billable, unit_rate) = match p.price {
-        UsagePrice::PerUnit(rate) => {
-            let annual = Decimal::from(PriceBook::annual_units(p.agreement, &record.dimension, hour));
-            let covered = record.quantity.min(annual);
-            (covered, record.quantity - covered, *rate)
-        }
+    let covered = if book.in_saas_trial(p.agreement, p.offer, hour) {
+        record.quantity
+    } else {
+        let units = Decimal::from(PriceBook::annual_units(p.agreement, &record.dimension, hour));
+        record.quantity.min(units)
     };
-    let amount = exact_mul(billable, unit_rate).ok_or_else(|| {
+    let inexact = || {
         Rejection::new(
             RejectCode::InvalidQuantity,
-            format!("quantity {} × rate {unit_rate} cannot be computed exactly", record.quantity),
+            format!("quantity {} at {} cannot be priced exactly", record.quantity, p.price.model()),
         )
-    })?;
+    };
+    let billable = p.price.charged_quantity(record.quantity - covered).ok_or_else(inexact)?;
+    let amount = p.price.record_amount(billable).ok_or_else(inexact)?;
+    let month_price = (p.price.priced_by() == PricedBy::Month).then(|| p.price.clone());
     Ok(RatedRecord {
         record_id: id,
         dedup_key: key,
@@ -52,21 +59,16 @@ pub fn rate(record: &UsageRecord, key: DedupKey, id: RecordId, book: &PriceBook)
         quantity: record.quantity,
         covered_quantity: covered,
         billable_quantity: billable,
-        unit_rate,
+        unit_rate: p.price.display_rate(),
         currency: p.offer.currency,
         amount,
+        month_price,
+        pricing_model: p.price.model().to_owned(),
         charge_type: ChargeType::Usage,
         agreement_id: p.agreement.id.clone(),
         offer_id: p.offer.id.clone(),
         price_book_version: book.version().to_owned(),
     })
-}
-
-/// `a × b` if it is representable without rounding (rust_decimal would otherwise round
-/// silently when the 96-bit mantissa overflows).
-pub fn exact_mul(a: Decimal, b: Decimal) -> Option<Decimal> {
-    let product = a.checked_mul(b)?;
-    (product.scale() == a.scale() + b.scale() || product.is_zero()).then_some(product)
 }
 
 #[cfg(test)]

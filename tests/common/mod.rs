@@ -47,8 +47,15 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
             buyers: vec![],
             prices: vec![PriceVersion {
                 effective_from: since,
+                notified_at: None,
                 usage: RATES.iter().map(|(k, r)| ((*k).to_owned(), UsagePrice::PerUnit(r.parse().unwrap()))).collect(),
             }],
+            expires_at: None,
+            monthly_fee: None,
+            contract_prices: vec![],
+            contract_shape: None,
+            free_trial: None,
+            resale: None,
         }],
         customers: (0..customers)
             .map(|i| Customer { id: format!("c{i:04}"), name: String::new(), customer_identifier: None, aws_account_id: Some(format!("{:012}", 500_000 + i)) })
@@ -62,8 +69,13 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
                 start: since,
                 end: None,
                 annual: vec![],
+                signed: None,
+                contract: None,
+                renewal: false,
             })
             .collect(),
+        resale: vec![],
+        fx_rates: vec![],
     }
 }
 
