@@ -70,6 +70,9 @@ enum Command {
         /// Only print lines of this month (YYYY-MM).
         #[arg(long)]
         month: Option<String>,
+        /// Also close the month: fees, contracts, credits, listing fees and each party's net.
+        #[arg(long, requires = "month")]
+        close: bool,
     },
     /// Print invoice lines from the store.
     Charges(ReportArgs),
@@ -191,7 +194,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 anyhow::Ok(())
             })?;
         }
-        Command::Rate { price_book, usage, now, month } => {
+        Command::Rate { price_book, usage, now, month, close } => {
             let book = PriceBook::load(&price_book)?;
             let text = if usage.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())?
@@ -199,7 +202,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 std::fs::read_to_string(&usage).with_context(|| format!("reading {}", usage.display()))?
             };
             let now = now.map(|n| Timestamp::parse_rfc3339(&n)).transpose().map_err(anyhow::Error::msg)?;
-            let rated = rate::rate_lines(&book, &text, now, month.as_deref())?;
+            let rated = rate::rate_lines(&book, &text, now, month.as_deref(), close)?;
             outln!(out, "{}", serde_json::to_string_pretty(&rated)?);
         }
         Command::Charges(ReportArgs { data_dir, month, format }) => {

@@ -5,12 +5,13 @@
 //! path users' records take. Input: JSON lines in the API's record format, each with its
 //! `ProductCode` (the native bulk format). Output: deterministic, sorted JSON.
 
+use aggregator::close::{ami_trial_agreements, close_month, close_totals, CloseTotals, MonthClose, TrialHourUsage};
 use aggregator::invoice::{invoice_totals, InvoiceTotal};
 use aggregator::rollup::MonthlyRollup;
 use common::catalogue::PriceBook;
 use common::rated::ChargeLine;
 use common::reject::{RejectCode, Rejection};
-use common::time::Timestamp;
+use common::time::{Month, Timestamp};
 use ingest::validate::{validate, Caller, Context};
 use ingest::wire::WireRecord;
 use rater::decision::{Decision, Rater};
@@ -41,11 +42,31 @@ pub struct RateOutput {
     pub counts: BTreeMap<String, u64>,
     /// Refused lines, in input order.
     pub refused: Vec<RefusedLine>,
+    /// With `--close`: the closed month (invoice lines with fees, contracts, credits and nets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub month_close: Option<MonthClose>,
+    /// With `--close`: invoice totals, party nets and listing fees of the closed month.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub close_totals: Option<CloseTotals>,
 }
 
 /// Rates `usage` (JSON lines) against `book`. With `now`, acceptance windows apply as if the
-/// records arrived then; without, history is rated as is.
-pub fn rate_lines(book: &PriceBook, usage: &str, now: Option<Timestamp>, month: Option<&str>) -> anyhow::Result<RateOutput> {
+/// records arrived then; without, history is rated as is. With `close`, the month (which must be
+/// given) is also closed.
+pub fn rate_lines(
+    book: &PriceBook,
+    usage: &str,
+    now: Option<Timestamp>,
+    month: Option<&str>,
+    close: bool,
+) -> anyhow::Result<RateOutput> {
+    let close_month_of = match (close, month) {
+        (true, Some(m)) => Some(Month::parse(m).map_err(anyhow::Error::msg)?),
+        (true, None) => anyhow::bail!("--close needs --month"),
+        _ => None,
+    };
+    let trial_agreements: Vec<String> = close_month_of.map(|m| ami_trial_agreements(book, m)).unwrap_or_default();
+    let mut trial_hours = Vec::new();
     let received_at = now.unwrap_or(Timestamp(0));
     let cx = Context { book, caller: Caller::Trusted, now, received_at };
     let mut rater = Rater::new();
@@ -64,6 +85,15 @@ pub fn rate_lines(book: &PriceBook, usage: &str, now: Option<Timestamp>, month: 
             Err(rej) => Err(rej),
             Ok(record) => match rater.decide(&record, book) {
                 Decision::Rated(r) => {
+                    if trial_agreements.contains(&r.agreement_id) {
+                        trial_hours.push(TrialHourUsage {
+                            agreement_id: r.agreement_id.clone(),
+                            hour: r.hour,
+                            dimension: r.dimension.clone(),
+                            billable_quantity: r.billable_quantity,
+                            unit_rate: r.unit_rate,
+                        });
+                    }
                     rollup.fold(&r)?;
                     rater.commit();
                     Ok("Success")
@@ -85,7 +115,17 @@ pub fn rate_lines(book: &PriceBook, usage: &str, now: Option<Timestamp>, month: 
         lines.retain(|l| l.month == m);
     }
     let invoice_totals = invoice_totals(&lines);
-    Ok(RateOutput { price_book_version: book.version().to_owned(), charge_lines: lines, invoice_totals, counts, refused })
+    let month_close = close_month_of.map(|m| close_month(book, m, &lines, &trial_hours)).transpose()?;
+    let close_totals = month_close.as_ref().map(|c| close_totals(&c.lines));
+    Ok(RateOutput {
+        price_book_version: book.version().to_owned(),
+        charge_lines: lines,
+        invoice_totals,
+        counts,
+        refused,
+        month_close,
+        close_totals,
+    })
 }
 
 #[cfg(test)]
@@ -101,7 +141,7 @@ mod tests {
             format!(r#"{{"ProductCode":"acme-analytics","CustomerIdentifier":"cid-alpha","Dimension":"users","Timestamp":"2026-11-02T10:00:00Z","Quantity":{q}}}"#)
         };
         let input = [rec(100), rec(100), rec(90)].join("\n");
-        let out = rate_lines(&book, &input, None, None).unwrap();
+        let out = rate_lines(&book, &input, None, None, false).unwrap();
         assert_eq!(out.charge_lines.len(), 1);
         assert_eq!(out.charge_lines[0].amount.to_string(), "1.40");
         assert_eq!(out.counts["Success"], 1);

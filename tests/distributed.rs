@@ -332,7 +332,7 @@ async fn end_to_end_equals_ground_truth_and_the_embedded_answer() {
         r["ProductCode"] = json!("p");
         r.to_string() + "\n"
     }).collect();
-    let embedded = meterline::rate::rate_lines(&book, &lines, None, None).unwrap();
+    let embedded = meterline::rate::rate_lines(&book, &lines, None, None, false).unwrap();
     assert_eq!(embedded.charge_lines.len(), got.len());
     for l in &embedded.charge_lines {
         let (unrounded, billed, records) = got[&(l.customer.clone(), l.dimension.clone())];

@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`rollup`]: PURE. Folds [`common::rated::RatedRecord`]s into one exact accumulator per
 //!   (month, customer, product, dimension, charge type, currency) and rounds each line once.
+//! - [`close`]: PURE. Month close: fees, contracts, trial credits, listing fees, each party's
+//!   net, FX for reporting; invoice lines with the RPT-6 columns, as CSV and JSON.
 //! - [`invoice`]: PURE. Invoice totals per customer and currency as sums of rounded lines.
 //!
 //! - `schema` (feature `distributed`): the versioned ClickHouse migrations of `deploy/clickhouse/`.
@@ -12,6 +14,7 @@
 //! Data enters as rated records (from the embedded store or the rated topic) and leaves as
 //! [`common::rated::ChargeLine`]s (to the store or ClickHouse).
 
+pub mod close;
 pub mod invoice;
 #[cfg(feature = "distributed")]
 pub mod pipeline;

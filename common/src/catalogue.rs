@@ -106,6 +106,24 @@ pub struct MarketplaceProfile {
     pub reporting_currency: Option<Currency>,
 }
 
+impl ListingFees {
+    /// AWS's schedule effective 5 Jan 2024 (PRC-22), for profiles that choose it explicitly.
+    pub fn aws_2024() -> Self {
+        let d = |s: &str| s.parse().unwrap_or_default();
+        ListingFees {
+            public_saas: d("0.03"),
+            public_server: d("0.20"),
+            private: d("0.03"),
+            tier_1_from: d("1000000"),
+            private_tier_1: d("0.02"),
+            tier_2_from: d("10000000"),
+            private_tier_2: d("0.015"),
+            renewal: d("0.015"),
+            channel_uplift: d("0.005"),
+        }
+    }
+}
+
 fn default_contract_decimals() -> u32 {
     3
 }

@@ -137,22 +137,6 @@ fn prices(from: Timestamp, list: &[(&str, &str)]) -> Vec<PriceVersion> {
     }]
 }
 
-/// AWS's listing-fee schedule since 5 Jan 2024 (PRC-22).
-pub fn aws_listing_fees() -> ListingFees {
-    let d = |s: &str| s.parse().expect("constant fee parses");
-    ListingFees {
-        public_saas: d("0.03"),
-        public_server: d("0.20"),
-        private: d("0.03"),
-        tier_1_from: d("1000000"),
-        private_tier_1: d("0.02"),
-        tier_2_from: d("10000000"),
-        private_tier_2: d("0.015"),
-        renewal: d("0.015"),
-        channel_uplift: d("0.005"),
-    }
-}
-
 /// The AWS-compatible marketplace profile (domain-rules decisions table).
 pub fn aws_profile() -> MarketplaceProfile {
     MarketplaceProfile {
@@ -170,7 +154,7 @@ pub fn aws_profile() -> MarketplaceProfile {
         contract_rate_decimals: 3,
         price_change_notice_days: Some(90),
         late_usage: Some(LateUsage::Refuse),
-        listing_fees: Some(aws_listing_fees()),
+        listing_fees: Some(ListingFees::aws_2024()),
         broker_id: Some("AWS_INC".into()),
         reporting_currency: Some(Currency::USD),
     }

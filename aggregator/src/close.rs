@@ -1,0 +1,767 @@
+//! PURE. Month close: a month's usage lines plus the price book's terms in, invoice lines out.
+//!
+//! The fold ([`crate::rollup`]) gives one exact line per (agreement, dimension) of metered usage.
+//! Closing a month adds everything that is not metered and prices who gets what:
+//! - monthly fees, prorated by 1/30 per day at start and cancellation (PRC-11);
+//! - contract value upfront at acceptance, or per installment on its date (an installment dated
+//!   before acceptance is invoiced at acceptance); the unused part of an upgraded contract as a
+//!   prorated credit (PRC-14, PRC-19);
+//! - the AMI free trial: in each trial hour one instance of the most expensive instance type
+//!   running is free, as a credit on that type's line (PRC-17);
+//! - for every line: seller of record and manufacturer, the listing fee by offer type and total
+//!   contract value (+ the channel uplift for resale), the wholesale cost of goods a channel
+//!   partner owes the manufacturer, and each party's net (PRC-20–22), each computed on that
+//!   party's own share and rounded half-up once per line;
+//! - a reporting amount through the effective-dated FX table (reporting only).
+//!
+//! Every amount is exact until it is rounded once per line; the unrounded amount stays beside it.
+
+use common::catalogue::{
+    contract_value, Agreement, Channel, Delivery, LateUsage, ListingFees, Offer, PriceBook, TrialKind, Visibility,
+};
+use common::money::{round_to_minor, Currency};
+use common::rated::{ChargeLine, ChargeType};
+use common::time::{Hour, Month, Timestamp, DAY_MS};
+use rust_decimal::Decimal;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// Why a month cannot be closed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CloseError {
+    /// The marketplace profile lacks a parameter the close needs (nothing is assumed).
+    #[error("marketplace `{marketplace}` sets no {what}: month close needs it (no AWS default is assumed)")]
+    MissingProfile {
+        /// Profile id.
+        marketplace: String,
+        /// Missing parameter.
+        what: &'static str,
+    },
+    /// A line names an agreement or offer the price book does not have.
+    #[error("charge line of agreement `{0}` has no agreement or offer in this price book")]
+    UnknownAgreement(String),
+    /// Arithmetic left the exact range.
+    #[error("amount of {0} overflows exact decimal arithmetic")]
+    Overflow(String),
+}
+
+/// One hour of one instance type under a trial agreement (input to the AMI trial credit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrialHourUsage {
+    /// Agreement.
+    pub agreement_id: String,
+    /// Hour.
+    pub hour: Hour,
+    /// Instance-type dimension.
+    pub dimension: String,
+    /// Billable instances that hour.
+    pub billable_quantity: Decimal,
+    /// Hourly rate of that type.
+    pub unit_rate: Decimal,
+}
+
+/// One invoice line as month close writes it (the RPT-6 columns).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InvoiceLine {
+    /// Billing month, `YYYY-MM`.
+    pub billing_month: String,
+    /// Usage period start (UTC).
+    pub usage_period_start: String,
+    /// Usage period end (UTC, exclusive).
+    pub usage_period_end: String,
+    /// Marketplace profile.
+    pub marketplace: String,
+    /// Billing entity.
+    pub broker_id: String,
+    /// Invoice the line belongs to: one per (month, customer, currency, invoice date).
+    pub invoice_id: String,
+    /// Invoice date.
+    pub invoice_date: String,
+    /// Seller of record (the partner for resale).
+    pub seller_of_record: String,
+    /// Manufacturer (ISV).
+    pub manufacturer: String,
+    /// direct | cppo | dsor.
+    pub channel: String,
+    /// Customer (payer).
+    pub customer: String,
+    /// Legacy `CustomerIdentifier`, if known.
+    pub customer_identifier: String,
+    /// AWS account id, if known.
+    pub payer_account_id: String,
+    /// Product code.
+    pub product: String,
+    /// Offer.
+    pub offer_id: String,
+    /// public | private.
+    pub offer_visibility: String,
+    /// Agreement.
+    pub agreement_id: String,
+    /// Dimension key (empty for agreement-level charges).
+    pub dimension: String,
+    /// Unit shown on the invoice.
+    pub usage_unit: String,
+    /// usage | monthly_fee | contract_upfront | installment | credit | adjustment.
+    pub charge_type: ChargeType,
+    /// What the line is, in words.
+    pub description: String,
+    /// Pricing model of usage lines.
+    pub pricing_model: String,
+    /// Quantity billed.
+    pub quantity: Decimal,
+    /// Rate, when one applied.
+    pub unit_rate: Option<Decimal>,
+    /// Currency of every amount on the line.
+    pub currency: Currency,
+    /// Exact amount.
+    pub amount_unrounded: Decimal,
+    /// What the customer is billed: rounded half-up once to the minor unit.
+    pub customer_billed_amount: Decimal,
+    /// Listing-fee rate applied to the seller of record's share.
+    pub listing_fee_rate: Decimal,
+    /// The seller of record's listing fee, rounded.
+    pub listing_fee: Decimal,
+    /// Wholesale a partner owes the manufacturer, rounded (0 for direct sales).
+    pub cost_of_goods: Decimal,
+    /// The manufacturer's listing fee on the wholesale, rounded (0 for direct sales).
+    pub manufacturer_listing_fee: Decimal,
+    /// Seller of record's net: billed − listing fee − cost of goods.
+    pub seller_net: Decimal,
+    /// Manufacturer's net on resale: cost of goods − its fee (0 for direct sales).
+    pub manufacturer_net: Decimal,
+    /// Reporting currency, if the profile sets one.
+    pub reporting_currency: Option<Currency>,
+    /// The billed amount converted for reporting (absent when no FX rate is known).
+    pub reporting_amount: Option<Decimal>,
+    /// Rated records folded into a usage line.
+    pub metering_records: u64,
+}
+
+/// A closed month.
+#[derive(Debug, Clone, Serialize)]
+pub struct MonthClose {
+    /// Month.
+    pub month: String,
+    /// Marketplace profile.
+    pub marketplace: String,
+    /// Price-book version used.
+    pub price_book_version: String,
+    /// The profile's policy for usage arriving after the close.
+    pub late_usage: LateUsage,
+    /// Invoice lines, sorted by customer, currency, product, agreement, charge type, dimension.
+    pub lines: Vec<InvoiceLine>,
+    /// Notes the operator should read (e.g. a missing FX rate).
+    pub warnings: Vec<String>,
+}
+
+/// Closes `month`: `usage` are the month's usage lines from the fold; `trial_hours` the hourly
+/// items of agreements with an AMI one-instance trial ([`ami_trial_agreements`]).
+pub fn close_month(
+    book: &PriceBook,
+    month: Month,
+    usage: &[ChargeLine],
+    trial_hours: &[TrialHourUsage],
+) -> Result<MonthClose, CloseError> {
+    let profile = book.marketplace();
+    let missing = |what| CloseError::MissingProfile { marketplace: profile.id.clone(), what };
+    let fees = profile.listing_fees.as_ref().ok_or_else(|| missing("listing_fees"))?;
+    let late_usage = profile.late_usage.ok_or_else(|| missing("late_usage"))?;
+    let mut cx = Closer { book, month, fees, lines: Vec::new(), warnings: Vec::new() };
+
+    for u in usage.iter().filter(|u| u.month == month.to_string()) {
+        let (a, o) = cx.agreement_offer(&u.agreement_id)?;
+        let unit = book.dimension(&u.product, &u.dimension).map(|d| d.unit.clone()).unwrap_or_default();
+        let draft = Draft {
+            charge_type: u.charge_type,
+            dimension: u.dimension.clone(),
+            unit,
+            description: format!("{} usage of {}", u.pricing_model, u.dimension),
+            pricing_model: u.pricing_model.clone(),
+            quantity: u.billable_quantity,
+            unit_rate: u.unit_rate,
+            amount: u.amount_unrounded,
+            invoice_date: month.end(),
+            records: u.records,
+            wholesale: Wholesale::Usage { dimension: &u.dimension, quantity: u.billable_quantity },
+        };
+        cx.push(a, o, draft)?;
+    }
+    for a in &book.doc().agreements {
+        let Some(o) = book.offer(&a.offer) else { return Err(CloseError::UnknownAgreement(a.id.clone())) };
+        cx.monthly_fee(a, o)?;
+        cx.contract_charges(a, o)?;
+    }
+    cx.ami_trial_credits(trial_hours)?;
+
+    let mut lines = cx.lines;
+    lines.sort_by(|x, y| {
+        (&x.customer, x.currency, &x.product, &x.agreement_id, x.charge_type, &x.dimension, &x.invoice_date).cmp(&(
+            &y.customer,
+            y.currency,
+            &y.product,
+            &y.agreement_id,
+            y.charge_type,
+            &y.dimension,
+            &y.invoice_date,
+        ))
+    });
+    Ok(MonthClose {
+        month: month.to_string(),
+        marketplace: profile.id.clone(),
+        price_book_version: book.version().to_owned(),
+        late_usage,
+        lines,
+        warnings: cx.warnings,
+    })
+}
+
+/// Agreements whose offer has an AMI one-instance free trial overlapping `month`: the shell
+/// reads their hourly items for [`close_month`].
+pub fn ami_trial_agreements(book: &PriceBook, month: Month) -> Vec<String> {
+    book.doc()
+        .agreements
+        .iter()
+        .filter(|a| {
+            book.offer(&a.offer).and_then(|o| o.free_trial.as_ref()).is_some_and(|t| {
+                t.kind == TrialKind::AmiOneInstance
+                    && a.start < month.end()
+                    && trial_end(a, t.days) > month.start()
+            })
+        })
+        .map(|a| a.id.clone())
+        .collect()
+}
+
+fn trial_end(a: &Agreement, days: u32) -> Timestamp {
+    a.start.plus_millis(i64::from(days) * DAY_MS)
+}
+
+/// What a line's wholesale (cost of goods) is computed from.
+enum Wholesale<'a> {
+    /// Usage of a dimension.
+    Usage { dimension: &'a str, quantity: Decimal },
+    /// A share of the contract value (upfront, installment, credit): wholesale is the same share
+    /// of the wholesale contract value.
+    Contract { fraction: Decimal },
+    /// Monthly fees and trial credits: the list discount applies to the amount itself.
+    Amount,
+}
+
+struct Draft<'a> {
+    charge_type: ChargeType,
+    dimension: String,
+    unit: String,
+    description: String,
+    pricing_model: String,
+    quantity: Decimal,
+    unit_rate: Option<Decimal>,
+    amount: Decimal,
+    invoice_date: Timestamp,
+    records: u64,
+    wholesale: Wholesale<'a>,
+}
+
+struct Closer<'b> {
+    book: &'b PriceBook,
+    month: Month,
+    fees: &'b ListingFees,
+    lines: Vec<InvoiceLine>,
+    warnings: Vec<String>,
+}
+
+impl<'b> Closer<'b> {
+    fn agreement_offer(&self, id: &str) -> Result<(&'b Agreement, &'b Offer), CloseError> {
+        let a = self.book.agreement(id).ok_or_else(|| CloseError::UnknownAgreement(id.to_owned()))?;
+        let o = self.book.offer(&a.offer).ok_or_else(|| CloseError::UnknownAgreement(id.to_owned()))?;
+        Ok((a, o))
+    }
+
+    fn in_month(&self, t: Timestamp) -> bool {
+        self.month.start() <= t && t < self.month.end()
+    }
+
+    /// PRC-11: the fee times active days / 30, or the whole fee for a whole month.
+    fn monthly_fee(&mut self, a: &'b Agreement, o: &'b Offer) -> Result<(), CloseError> {
+        let Some(fee) = o.monthly_fee else { return Ok(()) };
+        let from = a.start.max(self.month.start());
+        let to = a.end.unwrap_or(Timestamp(i64::MAX)).min(self.month.end());
+        if from >= to {
+            return Ok(());
+        }
+        let whole = from == self.month.start() && to == self.month.end();
+        let days = (to.millis() - from.millis() + DAY_MS - 1) / DAY_MS;
+        let amount = if whole { fee } else { fee * Decimal::from(days.min(30)) / Decimal::from(30) };
+        let description = if whole {
+            "monthly fee".to_owned()
+        } else {
+            format!("monthly fee, {days}/30 of the month ({} to {})", date(from), date(to))
+        };
+        self.push(
+            a,
+            o,
+            Draft {
+                charge_type: ChargeType::MonthlyFee,
+                dimension: String::new(),
+                unit: "month".into(),
+                description,
+                pricing_model: "monthly_fee".into(),
+                quantity: if whole { Decimal::ONE } else { Decimal::from(days.min(30)) },
+                unit_rate: Some(if whole { fee } else { fee / Decimal::from(30) }),
+                amount,
+                invoice_date: self.month.end(),
+                records: 0,
+                wholesale: Wholesale::Amount,
+            },
+        )
+    }
+
+    /// PRC-14/19: upfront at acceptance, or installments on their dates; upgrade credits.
+    fn contract_charges(&mut self, a: &'b Agreement, o: &'b Offer) -> Result<(), CloseError> {
+        let Some(c) = &a.contract else { return Ok(()) };
+        let tcv = contract_value(o, c).ok_or_else(|| CloseError::Overflow(a.id.clone()))?;
+        let signed = a.signed_at();
+        let describe = || {
+            c.quantities.iter().map(|q| format!("{} × {}", q.quantity, q.dimension)).collect::<Vec<_>>().join(", ")
+        };
+        if c.installments.is_empty() {
+            if self.in_month(signed) {
+                self.push(
+                    a,
+                    o,
+                    Draft {
+                        charge_type: ChargeType::ContractUpfront,
+                        dimension: String::new(),
+                        unit: "contract".into(),
+                        description: format!("{}-month contract, {}, invoiced at acceptance", c.months, describe()),
+                        pricing_model: "contract".into(),
+                        quantity: Decimal::ONE,
+                        unit_rate: Some(tcv),
+                        amount: tcv,
+                        invoice_date: signed,
+                        records: 0,
+                        wholesale: Wholesale::Contract { fraction: Decimal::ONE },
+                    },
+                )?;
+            }
+        } else {
+            // An upgrade cancels the replaced contract's installments from its start on.
+            let cancelled_from = self.upgraded_at(a);
+            for (n, i) in c.installments.iter().enumerate() {
+                let date = i.date.max(signed);
+                if !self.in_month(date) || cancelled_from.is_some_and(|u| i.date >= u) {
+                    continue;
+                }
+                self.push(
+                    a,
+                    o,
+                    Draft {
+                        charge_type: ChargeType::Installment,
+                        dimension: String::new(),
+                        unit: "installment".into(),
+                        description: format!(
+                            "installment {} of {} of the {}-month contract ({})",
+                            n + 1,
+                            c.installments.len(),
+                            c.months,
+                            describe()
+                        ),
+                        pricing_model: "contract".into(),
+                        quantity: Decimal::ONE,
+                        unit_rate: Some(i.amount),
+                        amount: i.amount,
+                        invoice_date: date,
+                        records: 0,
+                        wholesale: Wholesale::Contract { fraction: i.amount / tcv },
+                    },
+                )?;
+            }
+        }
+        if let Some(old_id) = &c.replaces {
+            if self.in_month(a.start) {
+                self.upgrade_credit(a, old_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// When an agreement's contract was replaced by an upgrade, the upgrade's start.
+    fn upgraded_at(&self, a: &Agreement) -> Option<Timestamp> {
+        self.book
+            .doc()
+            .agreements
+            .iter()
+            .find(|n| n.contract.as_ref().and_then(|c| c.replaces.as_deref()) == Some(a.id.as_str()))
+            .map(|n| n.start)
+    }
+
+    /// The unused part of the replaced contract, pro rata by day: what was invoiced for it minus
+    /// the value of the days used.
+    fn upgrade_credit(&mut self, new: &'b Agreement, old_id: &str) -> Result<(), CloseError> {
+        let (old, oo) = self.agreement_offer(old_id)?;
+        let Some(oc) = &old.contract else { return Ok(()) };
+        let tcv = contract_value(oo, oc).ok_or_else(|| CloseError::Overflow(old.id.clone()))?;
+        let end = old.start.plus_months(oc.months);
+        let term_days = Decimal::from((end.millis() - old.start.millis()) / DAY_MS);
+        let used_days = Decimal::from((new.start.millis() - old.start.millis()) / DAY_MS);
+        let invoiced: Decimal = if oc.installments.is_empty() {
+            tcv
+        } else {
+            oc.installments.iter().filter(|i| i.date < new.start).map(|i| i.amount).sum()
+        };
+        let credit = invoiced - tcv * used_days / term_days;
+        if credit <= Decimal::ZERO {
+            return Ok(());
+        }
+        self.push(
+            old,
+            oo,
+            Draft {
+                charge_type: ChargeType::Credit,
+                dimension: String::new(),
+                unit: "contract".into(),
+                description: format!(
+                    "prorated credit for the unused {} of {} days of `{}`, upgraded by `{}`",
+                    term_days - used_days,
+                    term_days,
+                    old.id,
+                    new.id
+                ),
+                pricing_model: "contract".into(),
+                quantity: Decimal::ONE,
+                unit_rate: None,
+                amount: -credit,
+                invoice_date: new.start,
+                records: 0,
+                wholesale: Wholesale::Contract { fraction: -credit / tcv },
+            },
+        )
+    }
+
+    /// PRC-17: one instance of the most expensive type running in each trial hour is free.
+    fn ami_trial_credits(&mut self, hours: &[TrialHourUsage]) -> Result<(), CloseError> {
+        let mut by_hour: BTreeMap<(&str, Hour), &TrialHourUsage> = BTreeMap::new();
+        for h in hours.iter().filter(|h| h.billable_quantity >= Decimal::ONE && h.hour.month() == self.month) {
+            let best = by_hour.entry((h.agreement_id.as_str(), h.hour)).or_insert(h);
+            // Most expensive wins; ties go to the first dimension by name, so the credit is stable.
+            if (h.unit_rate, std::cmp::Reverse(&h.dimension)) > (best.unit_rate, std::cmp::Reverse(&best.dimension)) {
+                *best = h;
+            }
+        }
+        let mut credits: BTreeMap<(&str, &str), (Decimal, Decimal, Decimal)> = BTreeMap::new();
+        for ((agreement, hour), h) in by_hour {
+            let Ok((a, o)) = self.agreement_offer(agreement) else { continue };
+            let Some(t) = o.free_trial.as_ref().filter(|t| t.kind == TrialKind::AmiOneInstance) else { continue };
+            if hour.start() < a.start || hour.start() >= trial_end(a, t.days) {
+                continue;
+            }
+            let c = credits.entry((agreement, h.dimension.as_str())).or_default();
+            c.0 += Decimal::ONE;
+            c.1 += h.unit_rate;
+            c.2 = h.unit_rate;
+        }
+        for ((agreement, dimension), (hours, amount, rate)) in credits {
+            let (a, o) = self.agreement_offer(agreement)?;
+            let unit = self.book.dimension(&a.product, dimension).map(|d| d.unit.clone()).unwrap_or_default();
+            self.push(
+                a,
+                o,
+                Draft {
+                    charge_type: ChargeType::Credit,
+                    dimension: dimension.to_owned(),
+                    unit,
+                    description: format!("free trial: one {dimension} instance free in {hours} trial hours (the most expensive type running)"),
+                    pricing_model: "free_trial".into(),
+                    quantity: hours,
+                    unit_rate: Some(rate),
+                    amount: -amount,
+                    invoice_date: self.month.end(),
+                    records: 0,
+                    wholesale: Wholesale::Amount,
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The listing-fee rate of an agreement (PRC-22).
+    fn fee_rate(&self, a: &Agreement, o: &Offer, channel: Channel) -> Decimal {
+        let delivery = self.book.product(&o.product).map_or(Delivery::Saas, |p| p.delivery);
+        let tcv = a.contract.as_ref().and_then(|c| contract_value(o, c)).unwrap_or_default();
+        listing_fee_rate(self.fees, o.visibility, delivery, a.renewal, tcv, channel)
+    }
+
+    /// The exact wholesale a partner owes the manufacturer for a line.
+    fn wholesale(&self, a: &Agreement, o: &Offer, amount: Decimal, w: &Wholesale<'_>) -> Option<Decimal> {
+        let r = self.book.resale(o.resale.as_deref()?)?;
+        if let Some(discount) = r.discount {
+            let keep = Decimal::ONE - discount;
+            let list = self.book.offer(r.list_offer.as_deref()?)?;
+            return match w {
+                Wholesale::Usage { dimension, quantity } => {
+                    let version = list.prices.iter().rev().find(|v| v.effective_from < self.month.end())?;
+                    version.usage.get(*dimension)?.month_amount(*quantity).map(|l| l * keep)
+                }
+                Wholesale::Contract { fraction } => {
+                    let c = a.contract.as_ref()?;
+                    contract_value(list, c).map(|l| l * keep * fraction)
+                }
+                Wholesale::Amount => Some(amount * keep),
+            };
+        }
+        match w {
+            Wholesale::Usage { dimension, quantity } => r.wholesale_usage.get(*dimension)?.month_amount(*quantity),
+            Wholesale::Contract { fraction } => {
+                let c = a.contract.as_ref()?;
+                let card = Offer { contract_prices: r.wholesale_contract.clone(), ..o.clone() };
+                contract_value(&card, c).map(|v| v * fraction)
+            }
+            Wholesale::Amount => Some(amount),
+        }
+    }
+
+    fn push(&mut self, a: &Agreement, o: &Offer, d: Draft<'_>) -> Result<(), CloseError> {
+        let book = self.book;
+        let profile = book.marketplace();
+        let minor = o.currency.minor_units().unwrap_or(2);
+        let resale = o.resale.as_deref().and_then(|id| book.resale(id));
+        let product_seller = book.product(&o.product).map(|p| p.seller.clone()).unwrap_or_default();
+        let (sor, manufacturer, channel) = match resale {
+            Some(r) => (r.partner.clone(), r.manufacturer.clone(), r.channel),
+            None => (product_seller.clone(), product_seller, Channel::Direct),
+        };
+        let rate = self.fee_rate(a, o, channel);
+        let billed = round_to_minor(d.amount, minor);
+        let cost_of_goods = match channel {
+            Channel::Direct => round_to_minor(Decimal::ZERO, minor),
+            _ => {
+                let w = self.wholesale(a, o, d.amount, &d.wholesale);
+                if w.is_none() {
+                    self.warnings.push(format!(
+                        "agreement `{}`: no wholesale price for `{}`; cost of goods recorded as 0",
+                        a.id, d.dimension
+                    ));
+                }
+                round_to_minor(w.unwrap_or_default(), minor)
+            }
+        };
+        // Each party's fee on its own share [DEC, Q9]: the seller of record on its margin, the
+        // manufacturer on the wholesale.
+        let listing_fee = round_to_minor((billed - cost_of_goods) * rate, minor);
+        let manufacturer_listing_fee = round_to_minor(cost_of_goods * rate, minor);
+        let customer = book.customer(&a.customer);
+        let reporting_currency = profile.reporting_currency;
+        let reporting_amount = match reporting_currency {
+            Some(to) => match book.fx_rate(o.currency, to, d.invoice_date.min(self.month.end())) {
+                Some(fx) => Some(round_to_minor(billed * fx, to.minor_units().unwrap_or(2))),
+                None => {
+                    self.warnings.push(format!("no FX rate {} → {to} for {}; reporting amount left empty", o.currency, self.month));
+                    None
+                }
+            },
+            None => None,
+        };
+        let invoice_date = date(d.invoice_date);
+        self.lines.push(InvoiceLine {
+            billing_month: self.month.to_string(),
+            usage_period_start: self.month.start().to_string(),
+            usage_period_end: self.month.end().to_string(),
+            marketplace: profile.id.clone(),
+            broker_id: profile.broker_id.clone().unwrap_or_default(),
+            invoice_id: format!("INV-{}-{}-{}-{}", self.month, a.customer, o.currency, invoice_date.replace('-', "")),
+            invoice_date,
+            seller_of_record: sor,
+            manufacturer,
+            channel: channel.as_str().to_owned(),
+            customer: a.customer.clone(),
+            customer_identifier: customer.and_then(|c| c.customer_identifier.clone()).unwrap_or_default(),
+            payer_account_id: customer.and_then(|c| c.aws_account_id.clone()).unwrap_or_default(),
+            product: o.product.clone(),
+            offer_id: o.id.clone(),
+            offer_visibility: match o.visibility {
+                Visibility::Public => "public".into(),
+                Visibility::Private => "private".into(),
+            },
+            agreement_id: a.id.clone(),
+            dimension: d.dimension,
+            usage_unit: d.unit,
+            charge_type: d.charge_type,
+            description: d.description,
+            pricing_model: d.pricing_model,
+            quantity: d.quantity.normalize(),
+            unit_rate: d.unit_rate,
+            currency: o.currency,
+            amount_unrounded: d.amount,
+            customer_billed_amount: billed,
+            listing_fee_rate: rate,
+            listing_fee,
+            cost_of_goods,
+            manufacturer_listing_fee,
+            seller_net: billed - listing_fee - cost_of_goods,
+            manufacturer_net: cost_of_goods - manufacturer_listing_fee,
+            reporting_currency,
+            reporting_amount,
+            metering_records: d.records,
+        });
+        Ok(())
+    }
+}
+
+/// PRC-22: public offers by delivery type; private offers by total contract value (usage-only
+/// private offers count as below the first threshold); renewals at the renewal rate; resale adds
+/// the channel uplift.
+pub fn listing_fee_rate(
+    f: &ListingFees,
+    visibility: Visibility,
+    delivery: Delivery,
+    renewal: bool,
+    tcv: Decimal,
+    channel: Channel,
+) -> Decimal {
+    let base = if renewal {
+        f.renewal
+    } else if visibility == Visibility::Public {
+        match delivery {
+            Delivery::Saas => f.public_saas,
+            Delivery::Ami | Delivery::Container | Delivery::Ml => f.public_server,
+        }
+    } else if tcv >= f.tier_2_from {
+        f.private_tier_2
+    } else if tcv >= f.tier_1_from {
+        f.private_tier_1
+    } else {
+        f.private
+    };
+    if channel == Channel::Direct {
+        base
+    } else {
+        base + f.channel_uplift
+    }
+}
+
+fn date(t: Timestamp) -> String {
+    t.to_datetime().format("%Y-%m-%d").to_string()
+}
+
+/// Totals of a closed month per (customer, currency): what each invoice asks, and per party.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CloseTotals {
+    /// Σ billed per (customer, currency).
+    pub invoices: Vec<(String, Currency, Decimal)>,
+    /// Σ net per (party, currency), both as seller of record and as manufacturer.
+    pub party_net: Vec<(String, Currency, Decimal)>,
+    /// Σ listing fees per currency (the marketplace's revenue).
+    pub listing_fees: Vec<(Currency, Decimal)>,
+}
+
+/// Sums of rounded line amounts; never across currencies.
+pub fn close_totals(lines: &[InvoiceLine]) -> CloseTotals {
+    let mut invoices: BTreeMap<(String, Currency), Decimal> = BTreeMap::new();
+    let mut party: BTreeMap<(String, Currency), Decimal> = BTreeMap::new();
+    let mut fees: HashMap<Currency, Decimal> = HashMap::new();
+    for l in lines {
+        *invoices.entry((l.customer.clone(), l.currency)).or_default() += l.customer_billed_amount;
+        *party.entry((l.seller_of_record.clone(), l.currency)).or_default() += l.seller_net;
+        if l.channel != "direct" {
+            *party.entry((l.manufacturer.clone(), l.currency)).or_default() += l.manufacturer_net;
+        }
+        *fees.entry(l.currency).or_default() += l.listing_fee + l.manufacturer_listing_fee;
+    }
+    let mut listing_fees: Vec<(Currency, Decimal)> = fees.into_iter().collect();
+    listing_fees.sort();
+    CloseTotals {
+        invoices: invoices.into_iter().map(|((c, k), v)| (c, k, v)).collect(),
+        party_net: party.into_iter().map(|((c, k), v)| (c, k, v)).collect(),
+        listing_fees,
+    }
+}
+
+/// The CSV header of [`to_csv`].
+pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records";
+
+/// The lines as CSV (RFC 4180 quoting), header first.
+pub fn to_csv(lines: &[InvoiceLine]) -> String {
+    let q = |s: &str| {
+        if s.contains([',', '"', '\n']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_owned()
+        }
+    };
+    let opt = |d: Option<Decimal>| d.map(|d| d.to_string()).unwrap_or_default();
+    let mut out = String::from(CSV_HEADER);
+    out.push('\n');
+    for l in lines {
+        let fields = [
+            q(&l.billing_month),
+            q(&l.usage_period_start),
+            q(&l.usage_period_end),
+            q(&l.marketplace),
+            q(&l.broker_id),
+            q(&l.invoice_id),
+            q(&l.invoice_date),
+            q(&l.seller_of_record),
+            q(&l.manufacturer),
+            q(&l.channel),
+            q(&l.customer),
+            q(&l.customer_identifier),
+            q(&l.payer_account_id),
+            q(&l.product),
+            q(&l.offer_id),
+            q(&l.offer_visibility),
+            q(&l.agreement_id),
+            q(&l.dimension),
+            q(&l.usage_unit),
+            l.charge_type.as_str().to_owned(),
+            q(&l.description),
+            q(&l.pricing_model),
+            l.quantity.to_string(),
+            opt(l.unit_rate),
+            l.currency.to_string(),
+            l.amount_unrounded.to_string(),
+            l.customer_billed_amount.to_string(),
+            l.listing_fee_rate.to_string(),
+            l.listing_fee.to_string(),
+            l.cost_of_goods.to_string(),
+            l.manufacturer_listing_fee.to_string(),
+            l.seller_net.to_string(),
+            l.manufacturer_net.to_string(),
+            l.reporting_currency.map(|c| c.to_string()).unwrap_or_default(),
+            opt(l.reporting_amount),
+            l.metering_records.to_string(),
+        ];
+        out.push_str(&fields.join(","));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    fn aws() -> ListingFees {
+        ListingFees::aws_2024()
+    }
+
+    #[test]
+    fn listing_fee_tiers_edge_56() {
+        let f = aws();
+        let private = |tcv: &str, renewal, channel| {
+            listing_fee_rate(&f, Visibility::Private, Delivery::Saas, renewal, d(tcv), channel).to_string()
+        };
+        assert_eq!(private("999999.99", false, Channel::Direct), "0.03");
+        assert_eq!(private("1000000.00", false, Channel::Direct), "0.02");
+        assert_eq!(private("10000000.00", false, Channel::Direct), "0.015");
+        assert_eq!(private("5000", true, Channel::Direct), "0.015");
+        assert_eq!(private("999999.99", false, Channel::Cppo), "0.035");
+        let public = |delivery| listing_fee_rate(&f, Visibility::Public, delivery, false, d("0"), Channel::Direct).to_string();
+        assert_eq!(public(Delivery::Saas), "0.03");
+        assert_eq!(public(Delivery::Ami), "0.20");
+        assert_eq!(public(Delivery::Container), "0.20");
+    }
+}

@@ -1,0 +1,458 @@
+//! Every pricing model of domain-rules §3, through the `rate --close` command users run: the
+//! price book `docs/examples/price-models.toml` plus usage records in, charge lines and the closed
+//! month's invoice lines out. Each test names the worked example or §6 edge case it proves.
+//! The full November close is also a golden file (`UPDATE_GOLDEN=1` rewrites it; read the diff).
+
+use serde_json::{json, Value};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+const MODELS: &str = include_str!("../docs/examples/price-models.toml");
+
+/// Runs `meterline rate` on `book` text and `usage`; Ok(stdout JSON) or Err(stderr).
+fn run(book: &str, usage: &str, args: &[&str]) -> Result<(String, Value), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("book.toml");
+    std::fs::write(&path, book).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meterline"))
+        .args(["rate", "--price-book", path.to_str().unwrap(), "--usage", "-"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(usage.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v = serde_json::from_str(&text).unwrap();
+    Ok((text, v))
+}
+
+fn close(usage: &str, month: &str) -> Value {
+    run(MODELS, usage, &["--month", month, "--close"]).unwrap().1
+}
+
+/// The error a modified price book is refused with.
+fn refused(edit: impl Fn(&str) -> String) -> String {
+    let book = edit(MODELS);
+    assert_ne!(book, MODELS, "the edit changed nothing");
+    run(&book, "", &[]).expect_err("the price book should be refused")
+}
+
+fn rec(product: &str, account: &str, dim: &str, ts: &str, q: i64) -> String {
+    json!({ "ProductCode": product, "CustomerAWSAccountId": account, "Dimension": dim, "Timestamp": ts, "Quantity": q })
+        .to_string()
+        + "\n"
+}
+
+/// `n` hourly records from `start`.
+fn hourly(product: &str, account: &str, dim: &str, start: &str, n: i64, q: i64) -> String {
+    let t0 = common::time::Timestamp::parse_rfc3339(start).unwrap().millis() / 1000;
+    (0..n)
+        .map(|h| {
+            json!({ "ProductCode": product, "CustomerAWSAccountId": account, "Dimension": dim, "Timestamp": t0 + h * 3600, "Quantity": q })
+                .to_string()
+                + "\n"
+        })
+        .collect()
+}
+
+/// Invoice lines of the close matching every (field, value).
+fn lines<'a>(v: &'a Value, filter: &[(&str, &str)]) -> Vec<&'a Value> {
+    v["month_close"]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| filter.iter().all(|(k, want)| l[*k].as_str() == Some(*want)))
+        .collect()
+}
+
+fn one<'a>(v: &'a Value, filter: &[(&str, &str)]) -> &'a Value {
+    let found = lines(v, filter);
+    assert_eq!(found.len(), 1, "expected one line for {filter:?}, got {found:#?}");
+    found[0]
+}
+
+fn billed(v: &Value, filter: &[(&str, &str)]) -> String {
+    one(v, filter)["customer_billed_amount"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn graduated_volume_package_and_per_unit_price_the_month_in_any_order() {
+    let mut usage = hourly("saas-tiers", "100000000001", "api_calls", "2026-11-01T00:00:00Z", 30, 100);
+    usage += &rec("saas-tiers", "100000000001", "storage_gb", "2026-11-02T00:00:00Z", 1000);
+    usage += &hourly("saas-tiers", "100000000001", "events", "2026-11-03T00:00:00Z", 5, 500);
+    usage += &hourly("saas-tiers", "100000000001", "seats", "2026-11-01T00:00:00Z", 720, 100);
+    let v = close(&usage, "2026-11");
+    let tier = |dim| billed(&v, &[("customer", "tierco"), ("dimension", dim)]);
+    assert_eq!(tier("api_calls"), "200.00"); // 1,000 × 0.10 + 2,000 × 0.05
+    assert_eq!(tier("storage_gb"), "400.00"); // volume: all 1,000 GB at the 0.40 tier (up_to is inclusive)
+    assert_eq!(tier("events"), "6.00"); // 2,500 events → 3 blocks of 1,000 × $2
+    assert_eq!(tier("seats"), "1008.00"); // §3.5: 72,000 × 0.014
+    assert_eq!(one(&v, &[("dimension", "api_calls")])["pricing_model"], "graduated");
+    // Reversed input: the same invoice.
+    let reversed: String = usage.lines().rev().map(|l| format!("{l}\n")).collect();
+    assert_eq!(close(&reversed, "2026-11")["month_close"], v["month_close"]);
+}
+
+#[test]
+fn ami_partial_hours_round_up_per_record_edge_36() {
+    // 10 full hours and 5 minutes → 11 billable hours × $0.12 = $1.32; an instance stopped and
+    // started within one hour (20 + 15 minutes) is one hour.
+    let mut usage = hourly("vm-seconds", "100000000004", "m5_large", "2026-11-01T00:00:00Z", 10, 3600);
+    usage += &rec("vm-seconds", "100000000004", "m5_large", "2026-11-01T10:00:00Z", 300);
+    usage += &rec("vm-seconds", "100000000004", "m5_large", "2026-11-02T10:00:00Z", 2100);
+    let v = close(&usage, "2026-11");
+    let line = one(&v, &[("customer", "secco")]);
+    assert_eq!(line["customer_billed_amount"], "1.44");
+    assert_eq!(line["quantity"], "43200"); // 12 hours in seconds
+}
+
+#[test]
+fn container_per_second_with_a_one_minute_minimum_edge_37() {
+    let usage = rec("container-app", "100000000005", "task_seconds", "2026-11-03T10:00:00Z", 1230)
+        + &rec("container-app", "100000000005", "task_seconds", "2026-11-03T11:00:00Z", 30);
+    let v = close(&usage, "2026-11");
+    // 20 m 30 s at $6/h = $2.05; 30 s → 60 s = $0.10.
+    assert_eq!(billed(&v, &[("customer", "boxco"), ("dimension", "task_seconds")]), "2.15");
+}
+
+#[test]
+fn annual_coverage_expiry_and_amendments_edge_39() {
+    let a = "100000000002";
+    let usage = [
+        rec("vm-hourly", a, "m5_large", "2026-11-14T23:00:00Z", 3), // X = 2 → 1 billable
+        rec("vm-hourly", a, "m5_large", "2026-11-15T00:00:00Z", 3), // type changed: X = 0 → 3
+        rec("vm-hourly", a, "m5_xlarge", "2026-11-16T00:00:00Z", 3), // X = 2 → 1
+        rec("vm-hourly", a, "m5_xlarge", "2026-11-20T00:00:00Z", 3), // units added: X = 3 → 0
+        rec("vm-hourly", a, "c5_xlarge", "2026-11-10T09:00:00Z", 1), // covered until 10:00
+        rec("vm-hourly", a, "c5_xlarge", "2026-11-10T10:00:00Z", 1), // expired: hourly from then
+    ]
+    .concat();
+    let v = close(&usage, "2026-11");
+    let b = |dim| billed(&v, &[("customer", "vmco"), ("dimension", dim)]);
+    assert_eq!(b("m5_large"), "2.00");
+    assert_eq!(b("m5_xlarge"), "1.00");
+    assert_eq!(b("c5_xlarge"), "0.34");
+    // Public server offer: the 20 % listing fee.
+    assert_eq!(one(&v, &[("customer", "vmco"), ("dimension", "m5_large")])["listing_fee"], "0.40");
+}
+
+#[test]
+fn container_contract_units_net_usage_and_price_changes_follow_the_notice_rule_edges_42_44() {
+    let usage = rec("container-app", "100000000005", "vcpu_hours", "2026-11-02T00:00:00Z", 10)
+        + &rec("container-app", "100000000006", "vcpu_hours", "2026-11-02T00:00:00Z", 10)
+        + &rec("container-app", "100000000005", "vcpu_hours", "2026-08-02T00:00:00Z", 10);
+    let v = close(&usage, "2026-11");
+    // boxco: 2 contract units cover 2 of 10 → 8 billable; the September decrease reached it at
+    // once (0.80), the October increase only on 1 Jan 2027: 8 × 0.80.
+    assert_eq!(billed(&v, &[("customer", "boxco"), ("dimension", "vcpu_hours")]), "6.40");
+    // newbox subscribed after the increase took effect: a new subscriber pays 1.20 at once.
+    assert_eq!(billed(&v, &[("customer", "newbox"), ("dimension", "vcpu_hours")]), "12.00");
+    // August, before the decrease: 8 × 1.00.
+    let aug = close(&usage, "2026-08");
+    assert_eq!(billed(&aug, &[("customer", "boxco"), ("dimension", "vcpu_hours")]), "8.00");
+}
+
+#[test]
+fn price_increase_reaches_existing_subscribers_on_the_first_of_the_month_after_90_days_edge_43() {
+    let usage = rec("pricechange", "100000000016", "users", "2026-06-30T23:00:00Z", 100)
+        + &rec("pricechange", "100000000016", "users", "2026-07-01T00:00:00Z", 100)
+        + &rec("pricechange", "100000000017", "users", "2026-04-02T00:00:00Z", 100);
+    let june = close(&usage, "2026-06");
+    assert_eq!(billed(&june, &[("customer", "oldco")]), "10.00"); // still 0.10 on 30 Jun
+    let july = close(&usage, "2026-07");
+    assert_eq!(billed(&july, &[("customer", "oldco")]), "12.00"); // 16 Mar + 90 d → 1 Jul
+    let april = close(&usage, "2026-04");
+    assert_eq!(billed(&april, &[("customer", "newco")]), "12.00"); // new subscriber: at once
+}
+
+#[test]
+fn private_offer_ends_and_the_public_price_applies_from_its_end_edge_46() {
+    let usage = rec("pricechange", "100000000018", "users", "2026-11-14T23:00:00Z", 100)
+        + &rec("pricechange", "100000000018", "users", "2026-11-15T00:00:00Z", 100);
+    let v = close(&usage, "2026-11");
+    assert_eq!(billed(&v, &[("agreement_id", "agmnt-priv")]), "5.00");
+    assert_eq!(billed(&v, &[("agreement_id", "agmnt-priv-public")]), "12.00");
+    assert_eq!(one(&v, &[("agreement_id", "agmnt-priv")])["offer_visibility"], "private");
+}
+
+#[test]
+fn monthly_fee_is_prorated_by_one_thirtieth_per_day_edge_38() {
+    let nov = close("", "2026-11");
+    // Subscribed for the last 10 days: 10/30 × $99 = $33.00 (§3.3).
+    assert_eq!(billed(&nov, &[("customer", "monthco"), ("charge_type", "monthly_fee")]), "33.00");
+    // A whole month is the whole fee, whatever its length (28, 30 or 31 days).
+    for month in ["2027-02", "2026-12", "2027-04"] {
+        let v = close("", month);
+        assert_eq!(billed(&v, &[("customer", "monthco"), ("charge_type", "monthly_fee")]), "99.00", "{month}");
+    }
+    // Cancelled on 8 Feb 2027 (7 days used in a 28-day month): 7/30 × 99 = 23.10.
+    let book = MODELS.replace(
+        "id = \"agmnt-monthly\"\ncustomer = \"monthco\"\nproduct = \"container-app\"\noffer = \"container-monthly\"\nstart = \"2026-11-21T00:00:00Z\"",
+        "id = \"agmnt-monthly\"\ncustomer = \"monthco\"\nproduct = \"container-app\"\noffer = \"container-monthly\"\nstart = \"2026-11-21T00:00:00Z\"\nend = \"2027-02-08T00:00:00Z\"",
+    );
+    let (_, feb) = run(&book, "", &["--month", "2027-02", "--close"]).unwrap();
+    assert_eq!(billed(&feb, &[("customer", "monthco"), ("charge_type", "monthly_fee")]), "23.10");
+    let (_, mar) = run(&book, "", &["--month", "2027-03", "--close"]).unwrap();
+    assert!(lines(&mar, &[("customer", "monthco")]).is_empty());
+}
+
+#[test]
+fn ami_free_trial_makes_one_instance_of_the_most_expensive_type_free_edge_40() {
+    let a = "100000000003";
+    // Trial 10–24 Nov. 12 Nov 10:00: m5.large ($0.50) + m5.xlarge ($1.00) → the xlarge is free.
+    // 25 Nov 10:00: after the trial, both are charged.
+    let usage = [
+        rec("vm-hourly", a, "m5_large", "2026-11-12T10:00:00Z", 1),
+        rec("vm-hourly", a, "m5_xlarge", "2026-11-12T10:00:00Z", 1),
+        rec("vm-hourly", a, "m5_large", "2026-11-25T10:00:00Z", 1),
+        rec("vm-hourly", a, "m5_xlarge", "2026-11-25T10:00:00Z", 1),
+    ]
+    .concat();
+    let v = close(&usage, "2026-11");
+    let credit = one(&v, &[("customer", "trialco"), ("charge_type", "credit")]);
+    assert_eq!(credit["dimension"], "m5_xlarge");
+    assert_eq!(credit["customer_billed_amount"], "-1.00");
+    let total: rust_decimal::Decimal = lines(&v, &[("customer", "trialco")])
+        .iter()
+        .map(|l| l["customer_billed_amount"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    assert_eq!(total.to_string(), "2.00"); // 0.50 in the trial hour + 1.50 after it
+}
+
+#[test]
+fn saas_free_trial_usage_is_not_charged() {
+    let usage = rec("saas-tiers", "100000000015", "seats", "2026-11-12T10:00:00Z", 100)
+        + &rec("saas-tiers", "100000000015", "seats", "2026-11-20T10:00:00Z", 100);
+    let v = close(&usage, "2026-11");
+    let line = one(&v, &[("customer", "saastrial")]);
+    assert_eq!(line["customer_billed_amount"], "1.40"); // only the 20 Nov hour
+}
+
+#[test]
+fn contracts_upfront_upgrade_credit_and_overage_sections_3_6_3_7_edge_41() {
+    let mut usage = hourly("saas-contract", "100000000008", "extra_hosts", "2026-11-01T00:00:00Z", 720, 5);
+    usage += &rec("data-contract", "100000000009", "overage_gb", "2026-11-12T00:00:00Z", 37);
+    let v = close(&usage, "2026-11");
+    // §3.6: 500 GB × $16.00 at acceptance.
+    let upfront = one(&v, &[("customer", "dataco"), ("charge_type", "contract_upfront")]);
+    assert_eq!(upfront["customer_billed_amount"], "8000.00");
+    assert_eq!(upfront["invoice_date"], "2026-11-05");
+    assert_eq!(billed(&v, &[("customer", "dataco"), ("dimension", "overage_gb")]), "1.85");
+    // Upgrade Basic → Standard on 16 Nov: Standard upfront, and the unused 197 of 365 Basic days
+    // credited: 1,000 × 197/365 = 539.726… → −539.73.
+    assert_eq!(billed(&v, &[("agreement_id", "agmnt-standard"), ("charge_type", "contract_upfront")]), "2000.00");
+    assert_eq!(billed(&v, &[("agreement_id", "agmnt-basic"), ("charge_type", "credit")]), "-539.73");
+    // §3.7: 5 extra hosts all month at $0.10 → $360.00, across the two agreements.
+    let hosts: rust_decimal::Decimal = lines(&v, &[("customer", "standardco"), ("dimension", "extra_hosts")])
+        .iter()
+        .map(|l| l["customer_billed_amount"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    assert_eq!(hosts.to_string(), "360.00");
+}
+
+#[test]
+fn future_dated_agreement_invoices_before_its_start_and_refuses_earlier_usage_edge_48() {
+    let usage = rec("data-contract", "100000000010", "overage_gb", "2026-12-15T00:00:00Z", 5)
+        + &rec("data-contract", "100000000010", "overage_gb", "2027-01-01T00:00:00Z", 5);
+    let (_, v) = run(MODELS, &usage, &["--month", "2026-11", "--close"]).unwrap();
+    // §3.11: $100,000 on acceptance (15 Nov), although the entitlement starts 1 Jan.
+    let first = one(&v, &[("customer", "bigco"), ("charge_type", "installment")]);
+    assert_eq!(first["customer_billed_amount"], "100000.00");
+    assert_eq!(first["invoice_date"], "2026-11-15");
+    // Usage before the start date is refused; from 1 Jan it is priced.
+    assert_eq!(v["refused"][0]["line"], 1);
+    assert_eq!(v["counts"]["Success"], 1);
+    let later = close("", "2027-11");
+    assert_eq!(billed(&later, &[("customer", "bigco"), ("charge_type", "installment")]), "100000.00");
+}
+
+#[test]
+fn cppo_and_dsor_split_the_money_between_partner_and_manufacturer_edge_57() {
+    let usage = hourly("suite", "100000000011", "api_calls", "2026-11-02T00:00:00Z", 10, 100_000)
+        + &hourly("suite", "100000000012", "api_calls", "2026-11-02T00:00:00Z", 10, 100_000);
+    let v = close(&usage, "2026-11");
+    // §3.12: list $100,000, 20 % off → wholesale $80,000; the partner bills $90,000; fee 3.5 %
+    // on each party's own share.
+    let c = one(&v, &[("customer", "retailco"), ("charge_type", "contract_upfront")]);
+    assert_eq!(
+        [&c["seller_of_record"], &c["manufacturer"], &c["channel"]],
+        [&json!("channelco"), &json!("acme"), &json!("cppo")]
+    );
+    assert_eq!(c["customer_billed_amount"], "90000.00");
+    assert_eq!(c["cost_of_goods"], "80000.00");
+    assert_eq!(c["listing_fee_rate"], "0.035");
+    assert_eq!(c["listing_fee"], "350.00");
+    assert_eq!(c["seller_net"], "9650.00");
+    assert_eq!(c["manufacturer_listing_fee"], "2800.00");
+    assert_eq!(c["manufacturer_net"], "77200.00");
+    // Usage: buyer $0.0024, wholesale = list $0.0025 × 0.8 = $0.0020 per call.
+    let u = one(&v, &[("customer", "retailco"), ("dimension", "api_calls")]);
+    assert_eq!((u["customer_billed_amount"].as_str(), u["cost_of_goods"].as_str()), (Some("2400.00"), Some("2000.00")));
+    // DSOR with a custom wholesale card.
+    let g = one(&v, &[("customer", "govco"), ("charge_type", "contract_upfront")]);
+    assert_eq!((g["channel"].as_str(), g["seller_of_record"].as_str()), (Some("dsor"), Some("dsorco")));
+    assert_eq!((g["customer_billed_amount"].as_str(), g["cost_of_goods"].as_str()), (Some("95000.00"), Some("85000.00")));
+    // Every party's net plus the fees adds up to what the buyers pay.
+    let sum = |field: &str| -> rust_decimal::Decimal {
+        lines(&v, &[])
+            .iter()
+            .filter(|l| l["currency"] == "USD")
+            .map(|l| l[field].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        sum("customer_billed_amount"),
+        sum("seller_net") + sum("manufacturer_net") + sum("listing_fee") + sum("manufacturer_listing_fee")
+    );
+}
+
+#[test]
+fn currencies_are_invoiced_apart_and_converted_for_reporting_only_edge_53() {
+    let usage = rec("saas-tiers", "100000000013", "seats", "2026-11-20T00:00:00Z", 100);
+    let v = close(&usage, "2026-11");
+    let eur = one(&v, &[("customer", "eurco"), ("currency", "EUR")]);
+    assert_eq!(eur["customer_billed_amount"], "50000.00");
+    assert_eq!(eur["reporting_amount"], "54000.00"); // 1 Nov: 1.08 USD per EUR
+    let invoices: Vec<(String, String)> = v["close_totals"]["invoices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i[0] == "eurco")
+        .map(|i| (i[1].as_str().unwrap().to_owned(), i[2].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(invoices, [("EUR".to_owned(), "50000.00".to_owned()), ("USD".to_owned(), "1.40".to_owned())]);
+}
+
+#[test]
+fn byol_is_metered_for_reporting_and_never_charged() {
+    let usage = hourly("byol-agent", "100000000014", "nodes", "2026-11-01T00:00:00Z", 24, 10);
+    let v = close(&usage, "2026-11");
+    let line = one(&v, &[("customer", "byolco")]);
+    assert_eq!((line["quantity"].as_str(), line["customer_billed_amount"].as_str()), (Some("240"), Some("0.00")));
+    assert_eq!(line["pricing_model"], "byol");
+}
+
+#[test]
+fn listing_fee_on_the_saas_usage_example_section_3_14() {
+    // §3.14: public SaaS usage of $1,011.70 → fee $30.35 (3 %, per line) → net $981.35.
+    let mut usage = hourly("saas-tiers", "100000000001", "seats", "2026-11-01T00:00:00Z", 720, 100);
+    usage += &rec("saas-tiers", "100000000001", "api_calls", "2026-11-02T00:00:00Z", 37);
+    let v = close(&usage, "2026-11");
+    let fee: rust_decimal::Decimal = lines(&v, &[("customer", "tierco")])
+        .iter()
+        .map(|l| l["listing_fee"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    let net: rust_decimal::Decimal = lines(&v, &[("customer", "tierco")])
+        .iter()
+        .map(|l| l["seller_net"].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap())
+        .sum();
+    assert_eq!((fee.to_string(), net.to_string()), ("30.35".into(), "981.35".into()));
+}
+
+#[test]
+fn a_profile_without_listing_fees_cannot_close_edge_59() {
+    let book = MODELS.replace("[marketplace.listing_fees]", "[unused_fees]").replace("[unused_fees]\n", "");
+    let book = book
+        .lines()
+        .filter(|l| !l.starts_with("public_") && !l.starts_with("private") && !l.starts_with("tier_") && !l.starts_with("renewal =") && !l.starts_with("channel_uplift"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let err = run(&book, "", &["--month", "2026-11", "--close"]).unwrap_err();
+    assert!(err.contains("sets no listing_fees"), "{err}");
+}
+
+#[test]
+fn catalogue_mistakes_are_refused_with_the_reason_edges_46_47_49_50() {
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "contract rates allow at most 3",
+            refused(|b| b.replace("dimension = \"gb\", rate = \"16.00\"", "dimension = \"gb\", rate = \"16.0001\"")),
+        ),
+        (
+            "after the contract term ends",
+            refused(|b| b.replace("date = \"2028-11-15T00:00:00Z\"", "date = \"2030-02-01T00:00:00Z\"")),
+        ),
+        (
+            "at most one may",
+            refused(|b| b.replace("date = \"2027-11-15T00:00:00Z\"", "date = \"2026-11-20T00:00:00Z\"")),
+        ),
+        ("installments sum to", refused(|b| b.replace("amount = \"100000\" },\n]", "amount = \"99999\" },\n]"))),
+        (
+            "the offer is void",
+            refused(|b| b.replace("expires_at = \"2026-11-30T00:00:00Z\"", "expires_at = \"2026-11-10T00:00:00Z\"")),
+        ),
+        // Standard's 12-month price below Basic's: the mid-term "upgrade" is a downgrade.
+        ("downgrade", refused(|b| b.replace("dimension = \"tier_standard\", rate = \"2000\"", "dimension = \"tier_standard\", rate = \"900\""))),
+        (
+            "currency mismatch in the resale chain",
+            refused(|b| b.replace("partner = \"channelco\"\nchannel = \"cppo\"\ncurrency = \"USD\"", "partner = \"channelco\"\nchannel = \"cppo\"\ncurrency = \"EUR\"")),
+        ),
+        (
+            "overlapping agreements",
+            refused(|b| {
+                b.replace(
+                    "offer = \"pricechange-public\"\nstart = \"2026-11-15T00:00:00Z\"",
+                    "offer = \"pricechange-public\"\nstart = \"2026-11-01T00:00:00Z\"",
+                )
+            }),
+        ),
+        ("not allowed (public: 1, 12, 24, 36", refused(|b| b.replace("{ months = 1, dimension = \"tier_basic\"", "{ months = 6, dimension = \"tier_basic\""))),
+        ("private offers do not support BYOL", refused(|b| b.replace("usage = { users = { per_unit = \"0.05\" } }", "usage = { users = \"byol\" }"))),
+    ];
+    for (want, err) in cases {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+}
+
+#[test]
+fn sixty_one_installments_are_refused_edge_47() {
+    let many: String = (0..61)
+        .map(|i| format!("  {{ date = \"2027-{:02}-01T00:00:00Z\", amount = \"1\" }},\n", 1 + i % 12))
+        .collect();
+    let err = refused(|b| {
+        let start = b.find("installments = [\n").unwrap();
+        let end = start + b[start..].find("]\n").unwrap();
+        format!("{}installments = [\n{many}{}", &b[..start], &b[end..])
+    });
+    assert!(err.contains("61 installments"), "{err}");
+}
+
+#[test]
+fn past_dated_installment_is_invoiced_at_acceptance_edge_47() {
+    let book = MODELS.replace("{ date = \"2026-11-15T00:00:00Z\", amount = \"100000\" }", "{ date = \"2026-11-01T00:00:00Z\", amount = \"100000\" }");
+    let (_, v) = run(&book, "", &["--month", "2026-11", "--close"]).unwrap();
+    assert_eq!(one(&v, &[("customer", "bigco"), ("charge_type", "installment")])["invoice_date"], "2026-11-15");
+}
+
+#[test]
+fn november_close_of_every_model_is_golden() {
+    let a = |n: u32| format!("1000000000{n:02}");
+    let mut usage = String::new();
+    usage += &hourly("saas-tiers", &a(1), "api_calls", "2026-11-01T00:00:00Z", 30, 100);
+    usage += &hourly("vm-hourly", &a(2), "m5_large", "2026-11-14T20:00:00Z", 8, 3);
+    usage += &hourly("vm-hourly", &a(3), "m5_xlarge", "2026-11-12T00:00:00Z", 3, 2);
+    usage += &rec("vm-seconds", &a(4), "m5_large", "2026-11-01T10:00:00Z", 300);
+    usage += &rec("container-app", &a(5), "task_seconds", "2026-11-03T10:00:00Z", 1230);
+    usage += &rec("container-app", &a(5), "vcpu_hours", "2026-11-03T10:00:00Z", 10);
+    usage += &rec("container-app", &a(7), "vcpu_hours", "2026-11-25T10:00:00Z", 4);
+    usage += &hourly("saas-contract", &a(8), "extra_hosts", "2026-11-15T22:00:00Z", 4, 5);
+    usage += &rec("data-contract", &a(9), "overage_gb", "2026-11-12T00:00:00Z", 37);
+    usage += &rec("suite", &a(11), "api_calls", "2026-11-02T00:00:00Z", 1_000_000);
+    usage += &rec("suite", &a(13), "api_calls", "2026-11-02T00:00:00Z", 1_000);
+    usage += &rec("byol-agent", &a(14), "nodes", "2026-11-02T00:00:00Z", 10);
+    usage += &rec("saas-tiers", &a(15), "seats", "2026-11-12T00:00:00Z", 10);
+    usage += &rec("pricechange", &a(18), "users", "2026-11-14T23:00:00Z", 100);
+    usage += &rec("pricechange", &a(18), "users", "2026-11-15T00:00:00Z", 100);
+    let (text, _) = run(MODELS, &usage, &["--month", "2026-11", "--close"]).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/month_close_2026_11.json");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(path, &text).unwrap();
+    }
+    assert_eq!(text, std::fs::read_to_string(path).expect("run with UPDATE_GOLDEN=1 once"), "differs from {path}");
+}
