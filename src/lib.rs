@@ -9,11 +9,13 @@
 //! - [`server`]: SHELL. The ingest HTTP API over the embedded pipeline.
 //! - [`rate`]: the `rate` command: price-book file + usage file → charge lines, through the same
 //!   pure cores, with no store and no HTTP.
+//! - [`close`]: SHELL. `meterline close`: month close over the store, CSV/JSON export.
 //! - [`demo`]: a realistic month, posted through the real HTTP API.
 //! - [`report`]: what a billing person reads at the end.
 //!
 //! Data enters at `ingest::http` (via [`server`]) and leaves in the store's `monthly_charges`.
 
+pub mod close;
 pub mod demo;
 pub mod pipeline;
 pub mod rate;

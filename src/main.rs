@@ -74,6 +74,22 @@ enum Command {
         #[arg(long, requires = "month")]
         close: bool,
     },
+    /// Close a month: write its invoice lines (fees, contracts, credits, each party's net) to the
+    /// store and export them as CSV and JSON.
+    Close {
+        /// Where the database lives.
+        #[arg(long, default_value = "meterline-data")]
+        data_dir: PathBuf,
+        /// The price book (default: the data directory's `price-book.toml`).
+        #[arg(long)]
+        price_book: Option<PathBuf>,
+        /// Month to close, YYYY-MM.
+        #[arg(long)]
+        month: String,
+        /// Where the CSV and JSON go (default: the data directory's `close/`).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Print invoice lines from the store.
     Charges(ReportArgs),
     /// Print invoice totals per customer, month and currency.
@@ -204,6 +220,14 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let now = now.map(|n| Timestamp::parse_rfc3339(&n)).transpose().map_err(anyhow::Error::msg)?;
             let rated = rate::rate_lines(&book, &text, now, month.as_deref(), close)?;
             outln!(out, "{}", serde_json::to_string_pretty(&rated)?);
+        }
+        Command::Close { data_dir, price_book, month, out_dir } => {
+            let db = db_path(&data_dir)?;
+            let book = PriceBook::load(&price_book.unwrap_or_else(|| data_dir.join("price-book.toml")))?;
+            let month = common::time::Month::parse(&month).map_err(anyhow::Error::msg)?;
+            let now = Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
+            let closed = meterline::close::close(&db, &book, month, &out_dir.unwrap_or_else(|| data_dir.join("close")), now)?;
+            out.push_str(&meterline::close::summary(&closed));
         }
         Command::Charges(ReportArgs { data_dir, month, format }) => {
             let conn = Store::open_read_only(&db_path(&data_dir)?)?;

@@ -12,11 +12,12 @@
 //! Amounts and quantities are stored as decimal TEXT: exact, and readable by any SQL client.
 //! One [`Store::apply`] call is one transaction: a batch is all durable or not at all.
 
+use aggregator::close::{MonthClose, TrialHourUsage, CSV_HEADER, FIELD_COUNT};
 use aggregator::rollup::LineSums;
 use common::id::{DedupKey, RecordId};
 use common::money::Currency;
 use common::rated::{ChargeLine, ChargeLineKey, ChargeType, RatedRecord};
-use common::time::{Hour, Month};
+use common::time::{Hour, Month, Timestamp};
 use rusqlite::{params, Connection, OptionalExtension};
 use rust_decimal::Decimal;
 use std::path::Path;
@@ -94,6 +95,15 @@ CREATE TABLE IF NOT EXISTS monthly_charges (
     amount                TEXT NOT NULL,
     records               INTEGER NOT NULL,
     PRIMARY KEY (month, customer, product, agreement_id, dimension, charge_type, currency)
+);
+
+-- Months closed by `meterline close`: their invoice lines are final (corrections go to a later month).
+CREATE TABLE IF NOT EXISTS closed_months (
+    month              TEXT PRIMARY KEY,
+    marketplace        TEXT NOT NULL,
+    price_book_version TEXT NOT NULL,
+    closed_at_ms       INTEGER NOT NULL,
+    lines              INTEGER NOT NULL
 );
 
 CREATE TABLE IF NOT EXISTS ingest_counts (
@@ -206,6 +216,14 @@ impl Store {
             return Err(StoreError::TooOld(version));
         }
         conn.execute_batch(SCHEMA)?;
+        // The invoice lines of closed months: one TEXT column per RPT-6 field, named as in the
+        // CSV export, so analysts query the same names everywhere.
+        let columns: Vec<String> = CSV_HEADER.split(',').map(|c| format!("{c} TEXT NOT NULL")).collect();
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS invoice_lines ({});
+             CREATE INDEX IF NOT EXISTS invoice_lines_month ON invoice_lines(billing_month, customer);",
+            columns.join(", ")
+        ))?;
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Store { conn })
     }
@@ -413,6 +431,65 @@ impl Store {
                 amount: dec(T, "amount", &r.get::<_, String>(12)?)?,
                 records: r.get::<_, i64>(13)? as u64,
             });
+        }
+        Ok(out)
+    }
+
+    /// Hourly usage items of `agreements` in `month` (for the AMI trial credit at close).
+    pub fn trial_hours(conn: &Connection, month: Month, agreements: &[String]) -> Result<Vec<TrialHourUsage>, StoreError> {
+        const T: &str = "rated_usage";
+        let mut st = conn.prepare_cached(
+            "SELECT agreement_id, hour, dimension, billable_quantity, unit_rate FROM rated_usage
+             WHERE month = ?1 AND agreement_id = ?2",
+        )?;
+        let mut out = Vec::new();
+        for a in agreements {
+            let mut rows = st.query(params![month.to_string(), a])?;
+            while let Some(r) = rows.next()? {
+                out.push(TrialHourUsage {
+                    agreement_id: r.get(0)?,
+                    hour: Hour(r.get(1)?),
+                    dimension: r.get(2)?,
+                    billable_quantity: dec(T, "billable_quantity", &r.get::<_, String>(3)?)?,
+                    unit_rate: dec(T, "unit_rate", &r.get::<_, String>(4)?)?,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces a month's invoice lines and marks it closed, in one transaction (closing again
+    /// after corrections rewrites the month; nothing else changes).
+    pub fn write_close(&mut self, close: &MonthClose, closed_at: Timestamp) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute("DELETE FROM invoice_lines WHERE billing_month = ?1", [&close.month])?;
+        {
+            let placeholders: Vec<String> = (1..=FIELD_COUNT).map(|i| format!("?{i}")).collect();
+            let mut ins = tx.prepare(&format!(
+                "INSERT INTO invoice_lines ({CSV_HEADER}) VALUES ({})",
+                placeholders.join(", ")
+            ))?;
+            for line in &close.lines {
+                ins.execute(rusqlite::params_from_iter(line.fields()))?;
+            }
+        }
+        tx.execute(
+            "INSERT OR REPLACE INTO closed_months (month, marketplace, price_book_version, closed_at_ms, lines)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![close.month, close.marketplace, close.price_book_version, closed_at.millis(), close.lines.len() as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Closed months, oldest first.
+    pub fn closed_months(conn: &Connection) -> Result<Vec<Month>, StoreError> {
+        let mut st = conn.prepare_cached("SELECT month FROM closed_months ORDER BY month")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for m in rows {
+            let m = m?;
+            out.push(Month::parse(&m).map_err(|_| corrupt("closed_months", "month", &m))?);
         }
         Ok(out)
     }

@@ -676,61 +676,70 @@ pub fn close_totals(lines: &[InvoiceLine]) -> CloseTotals {
     }
 }
 
-/// The CSV header of [`to_csv`].
+/// Number of columns of an invoice line.
+pub const FIELD_COUNT: usize = 36;
+
+/// The CSV header of [`to_csv`] (and the column names of the `invoice_lines` tables).
 pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records";
+
+impl InvoiceLine {
+    /// The line's values as text, in [`CSV_HEADER`] order (CSV export and SQL tables).
+    pub fn fields(&self) -> Vec<String> {
+        let opt = |d: Option<Decimal>| d.map(|d| d.to_string()).unwrap_or_default();
+        vec![
+            self.billing_month.clone(),
+            self.usage_period_start.clone(),
+            self.usage_period_end.clone(),
+            self.marketplace.clone(),
+            self.broker_id.clone(),
+            self.invoice_id.clone(),
+            self.invoice_date.clone(),
+            self.seller_of_record.clone(),
+            self.manufacturer.clone(),
+            self.channel.clone(),
+            self.customer.clone(),
+            self.customer_identifier.clone(),
+            self.payer_account_id.clone(),
+            self.product.clone(),
+            self.offer_id.clone(),
+            self.offer_visibility.clone(),
+            self.agreement_id.clone(),
+            self.dimension.clone(),
+            self.usage_unit.clone(),
+            self.charge_type.as_str().to_owned(),
+            self.description.clone(),
+            self.pricing_model.clone(),
+            self.quantity.to_string(),
+            opt(self.unit_rate),
+            self.currency.to_string(),
+            self.amount_unrounded.to_string(),
+            self.customer_billed_amount.to_string(),
+            self.listing_fee_rate.to_string(),
+            self.listing_fee.to_string(),
+            self.cost_of_goods.to_string(),
+            self.manufacturer_listing_fee.to_string(),
+            self.seller_net.to_string(),
+            self.manufacturer_net.to_string(),
+            self.reporting_currency.map(|c| c.to_string()).unwrap_or_default(),
+            opt(self.reporting_amount),
+            self.metering_records.to_string(),
+        ]
+    }
+}
 
 /// The lines as CSV (RFC 4180 quoting), header first.
 pub fn to_csv(lines: &[InvoiceLine]) -> String {
-    let q = |s: &str| {
+    let q = |s: String| {
         if s.contains([',', '"', '\n']) {
             format!("\"{}\"", s.replace('"', "\"\""))
         } else {
-            s.to_owned()
+            s
         }
     };
-    let opt = |d: Option<Decimal>| d.map(|d| d.to_string()).unwrap_or_default();
     let mut out = String::from(CSV_HEADER);
     out.push('\n');
     for l in lines {
-        let fields = [
-            q(&l.billing_month),
-            q(&l.usage_period_start),
-            q(&l.usage_period_end),
-            q(&l.marketplace),
-            q(&l.broker_id),
-            q(&l.invoice_id),
-            q(&l.invoice_date),
-            q(&l.seller_of_record),
-            q(&l.manufacturer),
-            q(&l.channel),
-            q(&l.customer),
-            q(&l.customer_identifier),
-            q(&l.payer_account_id),
-            q(&l.product),
-            q(&l.offer_id),
-            q(&l.offer_visibility),
-            q(&l.agreement_id),
-            q(&l.dimension),
-            q(&l.usage_unit),
-            l.charge_type.as_str().to_owned(),
-            q(&l.description),
-            q(&l.pricing_model),
-            l.quantity.to_string(),
-            opt(l.unit_rate),
-            l.currency.to_string(),
-            l.amount_unrounded.to_string(),
-            l.customer_billed_amount.to_string(),
-            l.listing_fee_rate.to_string(),
-            l.listing_fee.to_string(),
-            l.cost_of_goods.to_string(),
-            l.manufacturer_listing_fee.to_string(),
-            l.seller_net.to_string(),
-            l.manufacturer_net.to_string(),
-            l.reporting_currency.map(|c| c.to_string()).unwrap_or_default(),
-            opt(l.reporting_amount),
-            l.metering_records.to_string(),
-        ];
-        out.push_str(&fields.join(","));
+        out.push_str(&l.fields().into_iter().map(q).collect::<Vec<_>>().join(","));
         out.push('\n');
     }
     out
@@ -746,6 +755,11 @@ mod tests {
 
     fn aws() -> ListingFees {
         ListingFees::aws_2024()
+    }
+
+    #[test]
+    fn csv_header_names_every_field() {
+        assert_eq!(CSV_HEADER.split(',').count(), FIELD_COUNT);
     }
 
     #[test]

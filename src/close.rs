@@ -1,0 +1,73 @@
+//! SHELL. `meterline close`: closes a month of the embedded store for the price book's
+//! marketplace profile, writes the invoice lines (`invoice_lines`, `closed_months`) and exports
+//! them as CSV and JSON, then says what each invoice asks and what each party nets.
+
+use crate::report::money;
+use crate::store::Store;
+use aggregator::close::{ami_trial_agreements, close_month, close_totals, to_csv, MonthClose};
+use common::catalogue::PriceBook;
+use common::time::{Month, Timestamp};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// What a close wrote.
+#[derive(Debug)]
+pub struct Closed {
+    /// The closed month.
+    pub close: MonthClose,
+    /// CSV export.
+    pub csv: PathBuf,
+    /// JSON export.
+    pub json: PathBuf,
+}
+
+/// Closes `month` in the store at `db`, exporting to `out_dir`.
+pub fn close(db: &Path, book: &PriceBook, month: Month, out_dir: &Path, now: Timestamp) -> anyhow::Result<Closed> {
+    let mut store = Store::open(db)?;
+    let usage = Store::charge_lines(store.conn(), Some(&month.to_string()))?;
+    let trial = Store::trial_hours(store.conn(), month, &ami_trial_agreements(book, month))?;
+    let close = close_month(book, month, &usage, &trial)?;
+    store.write_close(&close, now)?;
+    std::fs::create_dir_all(out_dir)?;
+    let csv = out_dir.join(format!("invoice-lines-{month}.csv"));
+    let json = out_dir.join(format!("invoice-lines-{month}.json"));
+    std::fs::write(&csv, to_csv(&close.lines))?;
+    std::fs::write(&json, serde_json::to_string_pretty(&close)?)?;
+    Ok(Closed { close, csv, json })
+}
+
+/// The summary a billing person reads after a close.
+pub fn summary(c: &Closed) -> String {
+    let mut s = String::new();
+    let totals = close_totals(&c.close.lines);
+    let _ = writeln!(
+        s,
+        "Closed {} for marketplace `{}` (price book {}): {} invoice lines; late usage: {:?}.",
+        c.close.month,
+        c.close.marketplace,
+        c.close.price_book_version,
+        c.close.lines.len(),
+        c.close.late_usage
+    );
+    let _ = writeln!(s, "\nInvoices: {} (customer × currency)", totals.invoices.len());
+    let mut by_currency: std::collections::BTreeMap<String, rust_decimal::Decimal> = Default::default();
+    for (_, cur, amount) in &totals.invoices {
+        *by_currency.entry(cur.to_string()).or_default() += amount;
+    }
+    for (cur, amount) in &by_currency {
+        let _ = writeln!(s, "  billed {:>18} {cur}", money(*amount));
+    }
+    let _ = writeln!(s, "\nNet per party (seller of record or manufacturer):");
+    for (party, cur, net) in &totals.party_net {
+        let _ = writeln!(s, "  {party:<24} {:>18} {cur}", money(*net));
+    }
+    let _ = writeln!(s, "\nListing fees (the marketplace's share):");
+    for (cur, fee) in &totals.listing_fees {
+        let _ = writeln!(s, "  {:>18} {cur}", money(*fee));
+    }
+    for w in &c.close.warnings {
+        let _ = writeln!(s, "warning: {w}");
+    }
+    let _ = writeln!(s, "\nExported {} and {}", c.csv.display(), c.json.display());
+    s
+}
