@@ -90,6 +90,15 @@ enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+    /// Validate a price book; with --previous, also check it may replace that one (published
+    /// dimensions are add-only).
+    CheckPriceBook {
+        /// The price book in force until now.
+        #[arg(long)]
+        previous: Option<PathBuf>,
+        /// The new price book.
+        price_book: PathBuf,
+    },
     /// Print invoice lines from the store.
     Charges(ReportArgs),
     /// Print invoice totals per customer, month and currency.
@@ -228,6 +237,22 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let now = Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
             let closed = meterline::close::close(&db, &book, month, &out_dir.unwrap_or_else(|| data_dir.join("close")), now)?;
             out.push_str(&meterline::close::summary(&closed));
+        }
+        Command::CheckPriceBook { previous, price_book } => {
+            let book = PriceBook::load(&price_book)?;
+            if let Some(prev) = previous {
+                book.check_evolution(&PriceBook::load(&prev)?)?;
+            }
+            let d = book.doc();
+            outln!(
+                out,
+                "{}: valid (version {}, {} products, {} offers, {} agreements)",
+                price_book.display(),
+                book.version(),
+                d.products.len(),
+                d.offers.len(),
+                d.agreements.len()
+            );
         }
         Command::Charges(ReportArgs { data_dir, month, format }) => {
             let conn = Store::open_read_only(&db_path(&data_dir)?)?;

@@ -456,3 +456,27 @@ fn november_close_of_every_model_is_golden() {
     }
     assert_eq!(text, std::fs::read_to_string(path).expect("run with UPDATE_GOLDEN=1 once"), "differs from {path}");
 }
+
+#[test]
+fn a_new_price_book_may_add_dimensions_but_never_rename_or_remove_published_ones_edge_49() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = dir.path().join("old.toml");
+    std::fs::write(&old, MODELS).unwrap();
+    let check = |new_text: String| {
+        let new = dir.path().join("new.toml");
+        std::fs::write(&new, new_text).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_meterline"))
+            .args(["check-price-book", "--previous", old.to_str().unwrap(), new.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let added = check(MODELS.replace(
+        "  { key = \"seats\", category = \"users\", unit = \"user-hour\" },\n]",
+        "  { key = \"seats\", category = \"users\", unit = \"user-hour\" },\n  { key = \"exports\", category = \"units\" },\n]",
+    ));
+    assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
+    assert!(String::from_utf8_lossy(&added.stdout).contains("valid"));
+    let renamed = check(MODELS.replace("{ key = \"seats\", category", "{ key = \"users\", category").replace("seats = { per_unit", "users = { per_unit"));
+    assert!(!renamed.status.success());
+    assert!(String::from_utf8_lossy(&renamed.stderr).contains("published dimension `seats` was removed or renamed"));
+}

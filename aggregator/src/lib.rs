@@ -9,12 +9,15 @@
 //!
 //! - `schema` (feature `distributed`): the versioned ClickHouse migrations of `deploy/clickhouse/`.
 //! - `sink` (feature `distributed`): SHELL. Row types and ClickHouse reads and writes.
+//! - `closing` (feature `distributed`): SHELL. `aggregator close`: month close over ClickHouse.
 //! - `pipeline` (feature `distributed`): SHELL. Rated topic → fold → ClickHouse, exactly once.
 //!
 //! Data enters as rated records (from the embedded store or the rated topic) and leaves as
 //! [`common::rated::ChargeLine`]s (to the store or ClickHouse).
 
 pub mod close;
+#[cfg(feature = "distributed")]
+pub mod closing;
 pub mod invoice;
 #[cfg(feature = "distributed")]
 pub mod pipeline;

@@ -27,6 +27,16 @@ enum Command {
     Run,
     /// Apply the ClickHouse migrations and exit.
     Migrate,
+    /// Close a month: append its invoice lines (fees, contracts, credits, each party's net) to
+    /// `invoice_lines` and export them as CSV and JSON.
+    Close {
+        /// Month to close, YYYY-MM.
+        #[arg(long)]
+        month: String,
+        /// Where the CSV and JSON go.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
 }
 
 fn client(cfg: &common::config::ClickHouseConfig) -> clickhouse::Client {
@@ -52,6 +62,22 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
+    if let Some(Command::Close { month, out_dir }) = &args.command {
+        let month = common::time::Month::parse(month).map_err(anyhow::Error::msg)?;
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        let now = common::time::Timestamp::from_millis(i64::try_from(since_epoch.as_millis())?);
+        let close = aggregator::closing::close(&base.with_database(&ch.database), &book, month, out_dir, now).await?;
+        let billed: std::collections::BTreeMap<String, rust_decimal::Decimal> =
+            close.lines.iter().fold(Default::default(), |mut m, l| {
+                *m.entry(l.currency.to_string()).or_default() += l.customer_billed_amount;
+                m
+            });
+        println!("closed {month}: {} invoice lines; billed {billed:?}; exported to {}", close.lines.len(), out_dir.display());
+        for w in &close.warnings {
+            println!("warning: {w}");
+        }
+        return Ok(());
+    }
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
     println!("aggregator consuming {} as group {} → ClickHouse {}/{}", cfg.kafka.topics.rated, cfg.aggregator.group, ch.url, ch.database);
     let stats = aggregator::pipeline::run(&cfg, book, base.with_database(&ch.database), common::shell::shutdown_signal()).await?;

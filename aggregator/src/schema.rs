@@ -4,7 +4,10 @@
 use clickhouse::Client;
 
 /// (version, file name, SQL) in order.
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(1, "001_init.sql", include_str!("../../deploy/clickhouse/001_init.sql"))];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "001_init.sql", include_str!("../../deploy/clickhouse/001_init.sql")),
+    (2, "002_invoice_lines.sql", include_str!("../../deploy/clickhouse/002_invoice_lines.sql")),
+];
 
 /// Splits a migration file into statements (`;` at a line end), dropping comment-only lines.
 pub fn statements(sql: &str, database: &str) -> Vec<String> {
@@ -72,5 +75,8 @@ mod tests {
         assert_eq!(s.len(), 4);
         assert!(s.iter().all(|x| x.starts_with("CREATE TABLE IF NOT EXISTS meterline.")));
         assert!(s.iter().all(|x| !x.contains("--") && !x.ends_with(';')));
+        let s = statements(MIGRATIONS[1].2, "meterline");
+        assert_eq!(s.len(), 2);
+        assert!(s[1].starts_with("CREATE VIEW IF NOT EXISTS meterline.invoice_lines_current"));
     }
 }

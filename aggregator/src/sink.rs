@@ -6,11 +6,12 @@
 //! rounding. Rows are RowBinary in table column order (`with_validation(false)`: ClickHouse
 //! 18.16 lacks `RowBinaryWithNamesAndTypes`).
 
+use crate::close::{InvoiceLine, TrialHourUsage};
 use crate::rollup::LineSums;
 use clickhouse::{Client, Row};
 use common::money::{round_to_minor, Currency};
 use common::pricing::UsagePrice;
-use common::rated::{ChargeLineKey, ChargeType, RatedRecord};
+use common::rated::{ChargeLine, ChargeLineKey, ChargeType, RatedRecord};
 use common::time::{Hour, Month, Timestamp};
 use common::topic::{DeadLetter, RejectedEvent};
 use rust_decimal::Decimal;
@@ -257,6 +258,155 @@ impl ChargeRow {
         };
         Ok((key, sums))
     }
+}
+
+/// One invoice line of a month close (`invoice_lines`), columns in table order.
+#[derive(Debug, Clone, Row, Serialize, Deserialize)]
+pub struct InvoiceRow {
+    close_version: u64,
+    billing_month: u16,
+    usage_period_start: u32,
+    usage_period_end: u32,
+    marketplace: String,
+    broker_id: String,
+    invoice_id: String,
+    invoice_date: u16,
+    seller_of_record: String,
+    manufacturer: String,
+    channel: String,
+    customer: String,
+    customer_identifier: String,
+    payer_account_id: String,
+    product: String,
+    offer_id: String,
+    offer_visibility: String,
+    agreement_id: String,
+    dimension: String,
+    usage_unit: String,
+    charge_type: String,
+    description: String,
+    pricing_model: String,
+    quantity: i128,
+    unit_rate: Option<i128>,
+    currency: String,
+    amount_unrounded: i128,
+    customer_billed_amount: i128,
+    listing_fee_rate: i128,
+    listing_fee: i128,
+    cost_of_goods: i128,
+    manufacturer_listing_fee: i128,
+    seller_net: i128,
+    manufacturer_net: i128,
+    reporting_currency: String,
+    reporting_amount: Option<i128>,
+    metering_records: u64,
+}
+
+impl InvoiceRow {
+    /// The row of `l` in the close made at `close_version` (ms since the epoch).
+    pub fn new(l: &InvoiceLine, month: Month, close_version: u64) -> Result<Self, SinkError> {
+        let day = |s: &str| {
+            Timestamp::parse_rfc3339(&format!("{s}T00:00:00Z"))
+                .map(days)
+                .map_err(|what| SinkError::Corrupt { table: "invoice_lines", what })
+        };
+        // Prorations (1/30 of a fee, unused days of a contract) are quotients: the exact
+        // column keeps them to 18 places, the invoice figure is rounded from the full value.
+        let exact = l.amount_unrounded.round_dp(AMOUNT_SCALE);
+        Ok(InvoiceRow {
+            close_version,
+            billing_month: days(month.start()),
+            usage_period_start: secs(month.start()),
+            usage_period_end: secs(month.end()),
+            marketplace: l.marketplace.clone(),
+            broker_id: l.broker_id.clone(),
+            invoice_id: l.invoice_id.clone(),
+            invoice_date: day(&l.invoice_date)?,
+            seller_of_record: l.seller_of_record.clone(),
+            manufacturer: l.manufacturer.clone(),
+            channel: l.channel.clone(),
+            customer: l.customer.clone(),
+            customer_identifier: l.customer_identifier.clone(),
+            payer_account_id: l.payer_account_id.clone(),
+            product: l.product.clone(),
+            offer_id: l.offer_id.clone(),
+            offer_visibility: l.offer_visibility.clone(),
+            agreement_id: l.agreement_id.clone(),
+            dimension: l.dimension.clone(),
+            usage_unit: l.usage_unit.clone(),
+            charge_type: l.charge_type.as_str().to_owned(),
+            description: l.description.clone(),
+            pricing_model: l.pricing_model.clone(),
+            quantity: mantissa("quantity", l.quantity, QTY_SCALE)?,
+            unit_rate: l.unit_rate.map(|r| mantissa("unit_rate", r.round_dp(RATE_SCALE), RATE_SCALE)).transpose()?,
+            currency: l.currency.to_string(),
+            amount_unrounded: mantissa("amount_unrounded", exact, AMOUNT_SCALE)?,
+            customer_billed_amount: mantissa("customer_billed_amount", l.customer_billed_amount, BILLED_SCALE)?,
+            listing_fee_rate: mantissa("listing_fee_rate", l.listing_fee_rate, RATE_SCALE)?,
+            listing_fee: mantissa("listing_fee", l.listing_fee, BILLED_SCALE)?,
+            cost_of_goods: mantissa("cost_of_goods", l.cost_of_goods, BILLED_SCALE)?,
+            manufacturer_listing_fee: mantissa("manufacturer_listing_fee", l.manufacturer_listing_fee, BILLED_SCALE)?,
+            seller_net: mantissa("seller_net", l.seller_net, BILLED_SCALE)?,
+            manufacturer_net: mantissa("manufacturer_net", l.manufacturer_net, BILLED_SCALE)?,
+            reporting_currency: l.reporting_currency.map(|c| c.to_string()).unwrap_or_default(),
+            reporting_amount: l.reporting_amount.map(|a| mantissa("reporting_amount", a, BILLED_SCALE)).transpose()?,
+            metering_records: l.metering_records,
+        })
+    }
+}
+
+/// The month's invoice lines as the fold left them in `monthly_charges`.
+pub async fn load_month_lines(client: &Client, month: Month) -> Result<Vec<ChargeLine>, SinkError> {
+    let rows: Vec<ChargeRow> = client
+        .query("SELECT ?fields FROM monthly_charges FINAL WHERE month = toDate(?)")
+        .bind(month.start().to_datetime().format("%Y-%m-%d").to_string())
+        .fetch_all()
+        .await
+        .map_err(ch("monthly_charges"))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let (key, sums) = row.to_state()?;
+        out.push(sums.to_line(&key).map_err(|e| SinkError::Corrupt { table: "monthly_charges", what: e.to_string() })?);
+    }
+    out.sort_by(|a, b| (&a.customer, &a.product, &a.agreement_id, &a.dimension).cmp(&(&b.customer, &b.product, &b.agreement_id, &b.dimension)));
+    Ok(out)
+}
+
+#[derive(Row, Deserialize)]
+struct TrialRow {
+    agreement_id: String,
+    usage_hour: u32,
+    dimension: String,
+    billable_quantity: i128,
+    unit_rate: i128,
+}
+
+/// Hourly items of `agreements` in `month` (the AMI trial credit).
+pub async fn load_trial_hours(client: &Client, month: Month, agreements: &[String]) -> Result<Vec<TrialHourUsage>, SinkError> {
+    if agreements.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<TrialRow> = client
+        .query(
+            "SELECT agreement_id, toUInt32(usage_hour) AS usage_hour, dimension, billable_quantity, unit_rate
+             FROM rated_usage FINAL WHERE month = toDate(?) AND has(?, agreement_id)",
+        )
+        .bind(month.start().to_datetime().format("%Y-%m-%d").to_string())
+        .bind(agreements)
+        .fetch_all()
+        .await
+        .map_err(ch("rated_usage"))?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(TrialHourUsage {
+                agreement_id: r.agreement_id,
+                hour: Timestamp(i64::from(r.usage_hour) * 1000).hour(),
+                dimension: r.dimension,
+                billable_quantity: from_mantissa(r.billable_quantity, QTY_SCALE)?,
+                unit_rate: from_mantissa(r.unit_rate, RATE_SCALE)?,
+            })
+        })
+        .collect()
 }
 
 /// A month price as stored in text columns (JSON; empty for record-priced lines).

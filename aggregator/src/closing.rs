@@ -1,0 +1,31 @@
+//! SHELL (distributed mode). `aggregator close`: month close over ClickHouse. Reads the month's
+//! lines from `monthly_charges` (and the hourly items of AMI-trial agreements from
+//! `rated_usage`), closes it with the pure [`crate::close`] core, appends the invoice lines to
+//! `invoice_lines` under a new close version, and exports CSV and JSON.
+
+use crate::close::{ami_trial_agreements, close_month, to_csv, MonthClose};
+use crate::sink::{insert_rows, load_month_lines, load_trial_hours, InvoiceRow};
+use clickhouse::Client;
+use common::catalogue::PriceBook;
+use common::time::{Month, Timestamp};
+use std::path::Path;
+
+/// Closes `month`; `client` is bound to the Meterline database.
+pub async fn close(
+    client: &Client,
+    book: &PriceBook,
+    month: Month,
+    out_dir: &Path,
+    now: Timestamp,
+) -> anyhow::Result<MonthClose> {
+    let usage = load_month_lines(client, month).await?;
+    let trial = load_trial_hours(client, month, &ami_trial_agreements(book, month)).await?;
+    let close = close_month(book, month, &usage, &trial)?;
+    let version = u64::try_from(now.millis()).unwrap_or_default();
+    let rows = close.lines.iter().map(|l| InvoiceRow::new(l, month, version)).collect::<Result<Vec<_>, _>>()?;
+    insert_rows(client, "invoice_lines", &rows).await?;
+    std::fs::create_dir_all(out_dir)?;
+    std::fs::write(out_dir.join(format!("invoice-lines-{month}.csv")), to_csv(&close.lines))?;
+    std::fs::write(out_dir.join(format!("invoice-lines-{month}.json")), serde_json::to_string_pretty(&close)?)?;
+    Ok(close)
+}
