@@ -184,7 +184,8 @@ impl std::fmt::Display for LineCheck {
 pub fn verify_lines_against_line_items(conn: &rusqlite::Connection) -> anyhow::Result<LineCheck> {
     let mut st = conn.prepare(
         "SELECT record_id, dedup_key, seller, product, customer, dimension, hour, quantity, covered_quantity,
-                billable_quantity, unit_rate, currency, amount, agreement_id, offer_id, pricing_model, month_price
+                billable_quantity, unit_rate, currency, amount, agreement_id, offer_id, pricing_model, month_price,
+                booked_month, charge_type
          FROM rated_usage",
     )?;
     let mut rows = st.query([])?;
@@ -208,7 +209,8 @@ pub fn verify_lines_against_line_items(conn: &rusqlite::Connection) -> anyhow::R
             amount: d(r.get(12)?)?,
             month_price: r.get::<_, Option<String>>(16)?.map(|j| serde_json::from_str(&j)).transpose()?,
             pricing_model: r.get(15)?,
-            charge_type: ChargeType::Usage,
+            booked_month: r.get::<_, Option<String>>(17)?.map(|m| Month::parse(&m)).transpose().map_err(anyhow::Error::msg)?,
+            charge_type: ChargeType::parse(&r.get::<_, String>(18)?).context("charge_type")?,
             agreement_id: r.get(13)?,
             offer_id: r.get(14)?,
             price_book_version: String::new(),

@@ -73,6 +73,9 @@ enum Command {
         /// Also close the month: fees, contracts, credits, listing fees and each party's net.
         #[arg(long, requires = "month")]
         close: bool,
+        /// Treat months up to this one (YYYY-MM) as closed: late usage follows the profile's policy.
+        #[arg(long)]
+        closed_through: Option<String>,
     },
     /// Close a month: write its invoice lines (fees, contracts, credits, each party's net) to the
     /// store and export them as CSV and JSON.
@@ -219,7 +222,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 anyhow::Ok(())
             })?;
         }
-        Command::Rate { price_book, usage, now, month, close } => {
+        Command::Rate { price_book, usage, now, month, close, closed_through } => {
             let book = PriceBook::load(&price_book)?;
             let text = if usage.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())?
@@ -227,7 +230,10 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 std::fs::read_to_string(&usage).with_context(|| format!("reading {}", usage.display()))?
             };
             let now = now.map(|n| Timestamp::parse_rfc3339(&n)).transpose().map_err(anyhow::Error::msg)?;
-            let rated = rate::rate_lines(&book, &text, now, month.as_deref(), close)?;
+            let closed_through =
+                closed_through.map(|m| common::time::Month::parse(&m)).transpose().map_err(anyhow::Error::msg)?;
+            let opts = rate::RateOptions { now, month: month.as_deref(), close, closed_through };
+            let rated = rate::rate_lines(&book, &text, &opts)?;
             outln!(out, "{}", serde_json::to_string_pretty(&rated)?);
         }
         Command::Close { data_dir, price_book, month, out_dir } => {

@@ -163,6 +163,9 @@ impl Writer {
     /// or in memory.
     fn commit_batch(&mut self, jobs: &[Job]) -> Result<Vec<Vec<SinkOutcome>>, StoreError> {
         let now = self.clock.now();
+        // `meterline close` runs as another process: read the closed months at every batch (a
+        // one-row table), so late usage follows the profile's policy from the close on.
+        self.rater.set_closed_through(Store::closed_months(self.store.conn())?.last().copied());
         let book = Arc::clone(&self.book);
         let mut decisions: Vec<Vec<Decision>> = Vec::with_capacity(jobs.len());
         for job in jobs {

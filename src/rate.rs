@@ -50,16 +50,23 @@ pub struct RateOutput {
     pub close_totals: Option<CloseTotals>,
 }
 
-/// Rates `usage` (JSON lines) against `book`. With `now`, acceptance windows apply as if the
-/// records arrived then; without, history is rated as is. With `close`, the month (which must be
-/// given) is also closed.
-pub fn rate_lines(
-    book: &PriceBook,
-    usage: &str,
-    now: Option<Timestamp>,
-    month: Option<&str>,
-    close: bool,
-) -> anyhow::Result<RateOutput> {
+/// How `rate` runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RateOptions<'a> {
+    /// Apply acceptance windows as if the records arrived at this instant (else history is
+    /// rated as is).
+    pub now: Option<Timestamp>,
+    /// Only report this month (YYYY-MM).
+    pub month: Option<&'a str>,
+    /// Also close `month`.
+    pub close: bool,
+    /// Months up to this one are already closed: late usage follows the profile's policy.
+    pub closed_through: Option<Month>,
+}
+
+/// Rates `usage` (JSON lines) against `book`.
+pub fn rate_lines(book: &PriceBook, usage: &str, opts: &RateOptions<'_>) -> anyhow::Result<RateOutput> {
+    let RateOptions { now, month, close, closed_through } = *opts;
     let close_month_of = match (close, month) {
         (true, Some(m)) => Some(Month::parse(m).map_err(anyhow::Error::msg)?),
         (true, None) => anyhow::bail!("--close needs --month"),
@@ -70,6 +77,7 @@ pub fn rate_lines(
     let received_at = now.unwrap_or(Timestamp(0));
     let cx = Context { book, caller: Caller::Trusted, now, received_at };
     let mut rater = Rater::new();
+    rater.set_closed_through(closed_through);
     let mut rollup = MonthlyRollup::new();
     let mut counts: BTreeMap<String, u64> = BTreeMap::new();
     let mut refused = Vec::new();
@@ -141,7 +149,7 @@ mod tests {
             format!(r#"{{"ProductCode":"acme-analytics","CustomerIdentifier":"cid-alpha","Dimension":"users","Timestamp":"2026-11-02T10:00:00Z","Quantity":{q}}}"#)
         };
         let input = [rec(100), rec(100), rec(90)].join("\n");
-        let out = rate_lines(&book, &input, None, None, false).unwrap();
+        let out = rate_lines(&book, &input, &RateOptions::default()).unwrap();
         assert_eq!(out.charge_lines.len(), 1);
         assert_eq!(out.charge_lines[0].amount.to_string(), "1.40");
         assert_eq!(out.counts["Success"], 1);

@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS rated_usage (
     price_book_version TEXT NOT NULL,
     pricing_model      TEXT NOT NULL,
     month_price        TEXT,            -- JSON price of month-priced models (tiers, packages)
+    booked_month       TEXT,            -- late usage for a closed month: the month it is billed on
     -- One row per (product, customer, dimension, hour) slot, enforced by the database itself.
     -- Leading with the hour keeps inserts on the index's newest pages (ids are random) and serves
     -- the dedup replay's range scan.
@@ -240,8 +241,8 @@ impl Store {
             let mut ins = tx.prepare_cached(
                 "INSERT INTO rated_usage (record_id, dedup_key, seller, product, customer, customer_ref, dimension, month, hour, usage_hour,
                  timestamp_ms, received_at_ms, quantity, allocations, covered_quantity, billable_quantity, unit_rate, currency, amount,
-                 charge_type, agreement_id, offer_id, price_book_version, pricing_model, month_price)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
+                 charge_type, agreement_id, offer_id, price_book_version, pricing_model, month_price, booked_month)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
             )?;
             for (r, u) in &batch.rated {
                 let allocations =
@@ -272,6 +273,7 @@ impl Store {
                     r.price_book_version,
                     r.pricing_model,
                     r.month_price.as_ref().and_then(|p| serde_json::to_string(p).ok()),
+                    r.booked_month.map(|m| m.to_string()),
                 ])?;
             }
             let mut rej = tx.prepare_cached(

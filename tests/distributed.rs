@@ -332,7 +332,7 @@ async fn end_to_end_equals_ground_truth_and_the_embedded_answer() {
         r["ProductCode"] = json!("p");
         r.to_string() + "\n"
     }).collect();
-    let embedded = meterline::rate::rate_lines(&book, &lines, None, None, false).unwrap();
+    let embedded = meterline::rate::rate_lines(&book, &lines, &Default::default()).unwrap();
     assert_eq!(embedded.charge_lines.len(), got.len());
     for l in &embedded.charge_lines {
         let (unrounded, billed, records) = got[&(l.customer.clone(), l.dimension.clone())];
@@ -355,7 +355,8 @@ async fn end_to_end_equals_ground_truth_and_the_embedded_answer() {
 
     // Month close over ClickHouse equals the embedded close of the same records, line for line.
     let month = embedded.charge_lines[0].month.clone();
-    let local = meterline::rate::rate_lines(&book, &lines, None, Some(&month), true).unwrap();
+    let local = meterline::rate::rate_lines(&book, &lines, &meterline::rate::RateOptions { month: Some(&month), close: true, ..Default::default() })
+        .unwrap();
     let expected = local.month_close.unwrap().lines;
     for _ in 0..2 {
         // Closing twice appends a second close version; the current view shows it once.

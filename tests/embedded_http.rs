@@ -35,7 +35,11 @@ impl Server {
     }
 
     async fn start_at(db: PathBuf, now: &str, max_in_flight: usize) -> Server {
-        let book = Arc::new(PriceBook::from_toml(BOOK).unwrap());
+        Server::start_with(db, BOOK, now, max_in_flight).await
+    }
+
+    async fn start_with(db: PathBuf, book: &str, now: &str, max_in_flight: usize) -> Server {
+        let book = Arc::new(PriceBook::from_toml(book).unwrap());
         let clock = Arc::new(ManualClock::new(Timestamp::parse_rfc3339(now).unwrap()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -353,4 +357,38 @@ async fn racing_writers_on_one_slot_charge_it_once() {
     let (db, _dir) = s.stop().await;
     let l = lines(&db);
     assert_eq!((l.len(), l[0].records), (1, 1));
+}
+
+#[tokio::test]
+async fn month_close_writes_invoice_lines_and_late_usage_becomes_a_correction_edge_34() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meterline.db");
+    let own = BOOK.replace("late_usage = \"refuse\"", "late_usage = \"correction_next_month\"");
+    let s = Server::start_with(db.clone(), &own, "2026-10-31T23:30:00Z", 500_000).await;
+    let rec = |dim: &str, ts: &str| json!([{ "Timestamp": ts, "CustomerIdentifier": "cid-alpha", "Dimension": dim, "Quantity": 100 }]);
+    let (status, v) = s.batch(ACME, "acme-analytics", rec("users", "2026-10-31T23:10:00Z")).await;
+    assert_eq!((status, statuses(&v)), (200, vec!["Success".to_owned()]));
+
+    // Close October while the server runs (as an operator would, from another process).
+    let book = PriceBook::from_toml(&own).unwrap();
+    let oct = common::time::Month::parse("2026-10").unwrap();
+    let closed = meterline::close::close(&db, &book, oct, &dir.path().join("close"), s.clock.now()).unwrap();
+    assert_eq!(closed.close.lines.len(), 1);
+    assert_eq!(closed.close.lines[0].customer_billed_amount.to_string(), "1.40");
+    assert_eq!(closed.close.lines[0].listing_fee.to_string(), "0.04");
+    let csv = std::fs::read_to_string(&closed.csv).unwrap();
+    assert_eq!(csv.lines().count(), 2);
+
+    // Still inside the window, but October is closed: booked on November as a correction.
+    let (status, v) = s.batch(ACME, "acme-analytics", rec("gb_ingest", "2026-10-31T23:20:00Z")).await;
+    assert_eq!((status, statuses(&v)), (200, vec!["Success".to_owned()]));
+    let (db, _dir) = s.stop().await;
+    let conn = Store::open_read_only(&db).unwrap();
+    let oct_lines = Store::charge_lines(&conn, Some("2026-10")).unwrap();
+    assert_eq!(oct_lines.len(), 1, "a closed month's lines do not change");
+    let nov = Store::charge_lines(&conn, Some("2026-11")).unwrap();
+    assert_eq!(nov.len(), 1);
+    assert_eq!((nov[0].charge_type.as_str(), nov[0].amount.to_string()), ("adjustment", "10.00".to_owned()));
+    let stored: i64 = conn.query_row("SELECT count(*) FROM invoice_lines WHERE billing_month = '2026-10'", [], |r| r.get(0)).unwrap();
+    assert_eq!(stored, 1);
 }

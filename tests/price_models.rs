@@ -480,3 +480,21 @@ fn a_new_price_book_may_add_dimensions_but_never_rename_or_remove_published_ones
     assert!(!renamed.status.success());
     assert!(String::from_utf8_lossy(&renamed.stderr).contains("published dimension `seats` was removed or renamed"));
 }
+
+#[test]
+fn late_usage_for_a_closed_month_follows_the_profile_policy_edge_34() {
+    let late = rec("saas-tiers", "100000000001", "seats", "2026-10-31T23:00:00Z", 100)
+        + &rec("saas-tiers", "100000000001", "seats", "2026-11-02T00:00:00Z", 100);
+    let args = ["--month", "2026-11", "--close", "--closed-through", "2026-10"];
+    // AWS profile: refused (its window has passed anyway).
+    let (_, aws) = run(MODELS, &late, &args).unwrap();
+    assert_eq!(aws["refused"][0]["status"], "TimestampOutOfBounds");
+    assert!(aws["refused"][0]["reason"].as_str().unwrap().contains("closed month"));
+    // Own profile: a correction line on November, marked as such, beside November's own usage.
+    let own = MODELS.replace("late_usage = \"refuse\"", "late_usage = \"correction_next_month\"");
+    let (_, v) = run(&own, &late, &args).unwrap();
+    let adj = one(&v, &[("customer", "tierco"), ("charge_type", "adjustment")]);
+    assert_eq!(adj["customer_billed_amount"], "1.40");
+    assert!(adj["description"].as_str().unwrap().starts_with("correction"));
+    assert_eq!(billed(&v, &[("customer", "tierco"), ("charge_type", "usage")]), "1.40");
+}

@@ -176,7 +176,11 @@ pub fn close_month(
             charge_type: u.charge_type,
             dimension: u.dimension.clone(),
             unit,
-            description: format!("{} usage of {}", u.pricing_model, u.dimension),
+            description: if u.charge_type == ChargeType::Adjustment {
+                format!("correction: late {} usage of {} for a month already closed", u.pricing_model, u.dimension)
+            } else {
+                format!("{} usage of {}", u.pricing_model, u.dimension)
+            },
             pricing_model: u.pricing_model.clone(),
             quantity: u.billable_quantity,
             unit_rate: u.unit_rate,

@@ -217,6 +217,7 @@ mod tests {
             amount: q * rate,
             month_price: None,
             pricing_model: "per_unit".into(),
+            booked_month: None,
             charge_type: ChargeType::Usage,
             agreement_id: "a".into(),
             offer_id: "o".into(),

@@ -128,6 +128,7 @@ mod tests {
                 amount: d("1.0"),
                 month_price,
                 pricing_model: "m".into(),
+                booked_month: Some(crate::time::Month { year: 2026, month: 11 }),
                 charge_type: ChargeType::Usage,
                 agreement_id: "a".into(),
                 offer_id: "o".into(),

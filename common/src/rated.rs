@@ -100,6 +100,9 @@ pub struct RatedRecord {
     pub month_price: Option<UsagePrice>,
     /// Pricing model of the dimension's price ([`UsagePrice::model`]).
     pub pricing_model: String,
+    /// Set when the usage month was already closed and the profile books late usage as a
+    /// correction: the (next open) month the `adjustment` line is booked on.
+    pub booked_month: Option<Month>,
     /// Charge type.
     pub charge_type: ChargeType,
     /// Agreement in force.
@@ -111,14 +114,18 @@ pub struct RatedRecord {
 }
 
 impl RatedRecord {
-    /// The billing month of the usage.
+    /// The month of the usage.
     pub fn month(&self) -> Month {
         self.hour.month()
+    }
+    /// The month the record is billed on: its own, or the correction month.
+    pub fn billing_month(&self) -> Month {
+        self.booked_month.unwrap_or_else(|| self.month())
     }
     /// The invoice line this record folds into.
     pub fn line_key(&self) -> ChargeLineKey {
         ChargeLineKey {
-            month: self.month(),
+            month: self.billing_month(),
             customer: self.customer.clone(),
             product: self.product.clone(),
             agreement_id: self.agreement_id.clone(),

@@ -2,11 +2,11 @@
 
 use crate::dedup::{DedupOutcome, Deduper};
 use crate::rating;
-use common::catalogue::PriceBook;
+use common::catalogue::{LateUsage, PriceBook};
 use common::id::RecordId;
-use common::rated::RatedRecord;
+use common::rated::{ChargeType, RatedRecord};
 use common::reject::{RejectCode, Rejection};
-use common::time::{Hour, Timestamp};
+use common::time::{Hour, Month, Timestamp};
 use common::usage::UsageRecord;
 
 /// The rater's verdict on a record.
@@ -32,12 +32,19 @@ pub enum Decision {
 #[derive(Debug, Default)]
 pub struct Rater {
     dedup: Deduper,
+    /// The latest closed month: usage for it or earlier follows the profile's late-usage policy.
+    closed_through: Option<Month>,
 }
 
 impl Rater {
     /// A rater with empty dedup state.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Months up to and including `month` are closed (the shell reads this from its store).
+    pub fn set_closed_through(&mut self, month: Option<Month>) {
+        self.closed_through = month;
     }
 
     /// Decides one record. A `Rated` decision stages a dedup claim that becomes permanent only
@@ -60,7 +67,9 @@ impl Rater {
                     ),
                 ),
             },
-            DedupOutcome::New => match rating::rate(record, key, record_id, book) {
+            DedupOutcome::New => match rating::rate(record, key, record_id, book)
+                .and_then(|rated| late_usage(rated, self.closed_through, book.marketplace().late_usage))
+            {
                 Ok(rated) => Decision::Rated(rated),
                 Err(rejection) => {
                     self.dedup.unstage(key);
@@ -98,6 +107,23 @@ impl Rater {
     /// Dedup keys held (bounded by the window).
     pub fn dedup_keys(&self) -> usize {
         self.dedup.len()
+    }
+}
+
+/// Usage for a closed month (HR-7, edge 34): refused, or booked as an `adjustment` on the next
+/// open month, by the profile's policy. An unset policy refuses: nothing is assumed.
+fn late_usage(mut rated: RatedRecord, closed_through: Option<Month>, policy: Option<LateUsage>) -> Result<RatedRecord, Rejection> {
+    let Some(closed) = closed_through.filter(|c| rated.month() <= *c) else { return Ok(rated) };
+    match policy {
+        Some(LateUsage::CorrectionNextMonth) => {
+            rated.booked_month = Some(closed.next());
+            rated.charge_type = ChargeType::Adjustment;
+            Ok(rated)
+        }
+        Some(LateUsage::Refuse) | None => Err(Rejection::new(
+            RejectCode::TimestampOutOfBounds,
+            format!("{} is in {}, a closed month; this marketplace refuses late usage", rated.hour, rated.month()),
+        )),
     }
 }
 
@@ -170,5 +196,24 @@ mod tests {
         assert!(matches!(rater.decide(&r, &book), Decision::Refused { rejection, .. } if rejection.code == RejectCode::NotPriced));
         rater.commit();
         assert_eq!(rater.dedup_keys(), 0);
+    }
+
+    #[test]
+    fn late_usage_for_a_closed_month_is_refused_or_booked_as_a_correction_edge_34() {
+        let oct = Month::parse("2026-10").unwrap();
+        let late = rec("2026-10-31T23:00:00Z", 100, "cust-a", "users");
+        // The example book's AWS profile refuses.
+        let book = PriceBook::from_toml(BOOK).unwrap();
+        let mut rater = Rater::new();
+        rater.set_closed_through(Some(oct));
+        assert!(matches!(rater.decide(&late, &book), Decision::Refused { rejection, .. } if rejection.message.contains("closed month")));
+        assert_eq!(rater.dedup_keys(), 0);
+        // An own profile books it on November as an adjustment; November usage is unaffected.
+        let own = BOOK.replace("late_usage = \"refuse\"", "late_usage = \"correction_next_month\"");
+        let book = PriceBook::from_toml(&own).unwrap();
+        let Decision::Rated(r) = rater.decide(&late, &book) else { panic!("booked") };
+        assert_eq!((r.charge_type, r.billing_month().to_string(), r.month().to_string()), (ChargeType::Adjustment, "2026-11".into(), "2026-10".into()));
+        let Decision::Rated(n) = rater.decide(&rec("2026-11-02T10:00:00Z", 1, "cust-a", "users"), &book) else { panic!() };
+        assert_eq!((n.charge_type, n.booked_month), (ChargeType::Usage, None));
     }
 }

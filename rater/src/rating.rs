@@ -64,6 +64,7 @@ pub fn rate(record: &UsageRecord, key: DedupKey, id: RecordId, book: &PriceBook)
         amount,
         month_price,
         pricing_model: p.price.model().to_owned(),
+        booked_month: None,
         charge_type: ChargeType::Usage,
         agreement_id: p.agreement.id.clone(),
         offer_id: p.offer.id.clone(),
