@@ -498,3 +498,29 @@ fn late_usage_for_a_closed_month_follows_the_profile_policy_edge_34() {
     assert!(adj["description"].as_str().unwrap().starts_with("correction"));
     assert_eq!(billed(&v, &[("customer", "tierco"), ("charge_type", "usage")]), "1.40");
 }
+
+#[test]
+fn a_softline_style_profile_states_every_parameter_and_closes_in_its_own_terms_edge_59() {
+    const SOFTLINE: &str = include_str!("../docs/examples/softline.toml");
+    // Decimal quantities pulled from the vendor: 2.5 vCPU-hours an hour for 10 hours.
+    let usage: String = (0..10)
+        .map(|h| {
+            json!({ "ProductCode": "iaas-vm", "CustomerIdentifier": "sl-0001", "Dimension": "vcpu_hours",
+                    "Timestamp": format!("2026-11-02T{h:02}:00:00Z"), "Quantity": 2.5 })
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let (_, v) = run(SOFTLINE, &usage, &["--month", "2026-11", "--close"]).unwrap();
+    let u = one(&v, &[("dimension", "vcpu_hours")]);
+    assert_eq!(u["customer_billed_amount"], "0.54"); // 25 × 0.0215 = 0.5375 → 0.54
+    assert_eq!((u["currency"].as_str(), u["broker_id"].as_str()), (Some("EUR"), Some("SOFTLINE_EU")));
+    assert_eq!(u["listing_fee_rate"], "0.10");
+    assert_eq!(billed(&v, &[("charge_type", "monthly_fee")]), "25.00");
+    // Without its fee schedule the profile cannot close: no AWS default fills the gap.
+    let start = SOFTLINE.find("[marketplace.listing_fees]").unwrap();
+    let end = SOFTLINE.find("[[fx_rates]]").unwrap();
+    let bare = format!("{}{}", &SOFTLINE[..start], &SOFTLINE[end..]);
+    let err = run(&bare, &usage, &["--month", "2026-11", "--close"]).unwrap_err();
+    assert!(err.contains("marketplace `softline` sets no listing_fees"), "{err}");
+}

@@ -550,6 +550,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_tiered_line_survives_the_clickhouse_row_and_prices_the_same() {
+        use crate::rollup::MonthlyRollup;
+        use common::id::{DedupKey, RecordId};
+        use common::pricing::{Tier, UsagePrice};
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let price = UsagePrice::Graduated(vec![Tier { up_to: Some(d("1000")), rate: d("0.10") }, Tier { up_to: None, rate: d("0.05") }]);
+        let mut rollup = MonthlyRollup::new();
+        let mut key = None;
+        for h in 0..30 {
+            let r = RatedRecord {
+                record_id: RecordId(h),
+                dedup_key: DedupKey(h),
+                seller: "s".into(),
+                product: "p".into(),
+                customer: "c".into(),
+                dimension: "api_calls".into(),
+                hour: Hour(498_192 + h as i64),
+                quantity: d("100"),
+                covered_quantity: Decimal::ZERO,
+                billable_quantity: d("100"),
+                unit_rate: d("0.10"),
+                currency: Currency::USD,
+                amount: Decimal::ZERO,
+                month_price: Some(price.clone()),
+                pricing_model: "graduated".into(),
+                booked_month: None,
+                charge_type: ChargeType::Usage,
+                agreement_id: "a".into(),
+                offer_id: "o".into(),
+                price_book_version: "v".into(),
+            };
+            key = Some(rollup.fold(&r).unwrap());
+        }
+        let key = key.unwrap();
+        let sums = rollup.sums(&key).unwrap();
+        let row = ChargeRow::new(&key, sums, "aws", 0, 29, Timestamp(0)).unwrap();
+        assert_eq!(row.customer_billed_amount, mantissa("x", d("200"), BILLED_SCALE).unwrap());
+        let (back_key, back) = row.to_state().unwrap();
+        assert_eq!((&back_key, &back), (&key, sums));
+    }
+
+    #[test]
     fn mantissas_are_exact_or_refused() {
         assert_eq!(mantissa("x", "1.5".parse().unwrap(), 9).unwrap(), 1_500_000_000);
         assert_eq!(mantissa("x", "0.00000001".parse().unwrap(), 12).unwrap(), 10_000);
