@@ -18,7 +18,7 @@ mod common;
 
 use ::common::money::round_to_minor;
 use ::common::time::{Timestamp, HOUR_MS};
-use common::{account, price_book, KEY, RATES};
+use common::{account, price_book, tiered_price, KEY, RATES, TIERED};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -242,6 +242,7 @@ fn workload(customers: usize, seed: u64) -> Workload {
     let mut records = Vec::new();
     let mut extra = Vec::new();
     let (mut conflicts, mut invalid) = (0, 0);
+    let mut tiered_quantity: BTreeMap<String, i64> = BTreeMap::new();
     for h in 1..=3 {
         let t = now_hour.plus_millis(-h * HOUR_MS + rng.gen_range(0..HOUR_MS)).millis() / 1000;
         for c in 0..customers {
@@ -259,11 +260,19 @@ fn workload(customers: usize, seed: u64) -> Workload {
                 }
                 records.push(rec);
             }
+            // Graduated tiers: the truth is the month's total priced once, whatever the order.
+            let q: i64 = rng.gen_range(0..4_000);
+            *tiered_quantity.entry(format!("c{c:04}")).or_default() += q;
+            records.push(json!({ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": TIERED, "Quantity": q }));
             if rng.gen_bool(0.02) {
                 extra.push(json!({ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": "D0", "Quantity": 1 }));
                 invalid += 1;
             }
         }
+    }
+    for (customer, q) in tiered_quantity {
+        let amount = tiered_price().month_amount(Decimal::from(q)).unwrap();
+        truth.insert((customer, TIERED.to_owned()), (amount, 3));
     }
     let accepted = records.len() as u64;
     let mut batches: Vec<Vec<Value>> = records.chunks(25).map(<[Value]>::to_vec).collect();

@@ -17,6 +17,18 @@ pub const KEY: &str = "crash-test-key";
 /// Dimensions and their rates.
 pub const RATES: [(&str, &str); 4] = [("d0", "0.01234567"), ("d1", "0.5"), ("d2", "1.25"), ("d3", "0.00000003")];
 
+/// A dimension priced by graduated tiers over the month: the fold, not the record, prices it.
+pub const TIERED: &str = "t0";
+
+/// `t0`'s price: the first 5,000 units of the month at $0.01, the rest at $0.002.
+pub fn tiered_price() -> UsagePrice {
+    use ::common::pricing::Tier;
+    UsagePrice::Graduated(vec![
+        Tier { up_to: Some("5000".parse().unwrap()), rate: "0.01".parse().unwrap() },
+        Tier { up_to: None, rate: "0.002".parse().unwrap() },
+    ])
+}
+
 /// One seller (`s1`, key [`KEY`]), one product `p` with the dimensions of [`RATES`], and
 /// `customers` customers `c0000…` (account ids `000000500000 + i`) holding open-ended agreements.
 pub fn price_book(customers: usize) -> PriceBookDoc {
@@ -36,7 +48,9 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
             delivery: Delivery::Saas,
             dimensions: RATES
                 .iter()
-                .map(|(k, _)| Dimension { key: (*k).into(), name: (*k).into(), category: UsageCategory::Units, unit: "u".into() })
+                .map(|(k, _)| *k)
+                .chain([TIERED])
+                .map(|k| Dimension { key: k.into(), name: k.into(), category: UsageCategory::Units, unit: "u".into() })
                 .collect(),
         }],
         offers: vec![Offer {
@@ -48,7 +62,11 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
             prices: vec![PriceVersion {
                 effective_from: since,
                 notified_at: None,
-                usage: RATES.iter().map(|(k, r)| ((*k).to_owned(), UsagePrice::PerUnit(r.parse().unwrap()))).collect(),
+                usage: RATES
+                    .iter()
+                    .map(|(k, r)| ((*k).to_owned(), UsagePrice::PerUnit(r.parse().unwrap())))
+                    .chain([(TIERED.to_owned(), tiered_price())])
+                    .collect(),
             }],
             expires_at: None,
             monthly_fee: None,
