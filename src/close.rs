@@ -42,12 +42,15 @@ pub fn summary(c: &Closed) -> String {
     let totals = close_totals(&c.close.lines);
     let _ = writeln!(
         s,
-        "Closed {} for marketplace `{}` (price book {}): {} invoice lines; late usage: {:?}.",
+        "Closed {} for marketplace `{}` (price book {}): {} invoice lines; later usage for it is {}.",
         c.close.month,
         c.close.marketplace,
         c.close.price_book_version,
         c.close.lines.len(),
-        c.close.late_usage
+        match c.close.late_usage {
+            common::catalogue::LateUsage::Refuse => "refused",
+            common::catalogue::LateUsage::CorrectionNextMonth => "booked on the next month as a correction",
+        }
     );
     let _ = writeln!(s, "\nInvoices: {} (customer × currency)", totals.invoices.len());
     let mut by_currency: std::collections::BTreeMap<String, rust_decimal::Decimal> = Default::default();
