@@ -613,7 +613,9 @@ pub struct PriceBook {
     customer_by_identifier: HashMap<String, usize>,
     customer_by_account: HashMap<String, usize>,
     /// (customer id, product code) → agreement indexes sorted by start.
-    agreements_by_customer_product: HashMap<(String, String), Vec<usize>>,
+    /// customer → product → agreement indexes sorted by start (nested so the per-record lookup
+    /// borrows its keys instead of allocating a tuple).
+    agreements_by_customer_product: HashMap<String, HashMap<String, Vec<usize>>>,
     seller_by_key_hash: HashMap<[u8; 32], usize>,
 }
 
@@ -818,7 +820,7 @@ impl PriceBook {
         }
         check_resale(&doc, &offer_by_id, &product_by_code, &seller_ids)?;
 
-        let mut agreements_by_customer_product: HashMap<(String, String), Vec<usize>> = HashMap::new();
+        let mut agreements_by_customer_product: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         let mut agreement_ids = HashSet::new();
         for (i, a) in doc.agreements.iter().enumerate() {
             if !agreement_ids.insert(a.id.as_str()) {
@@ -879,7 +881,12 @@ impl PriceBook {
                     )));
                 }
             }
-            agreements_by_customer_product.entry((a.customer.clone(), a.product.clone())).or_default().push(i);
+            agreements_by_customer_product
+                .entry(a.customer.clone())
+                .or_default()
+                .entry(a.product.clone())
+                .or_default()
+                .push(i);
         }
         for a in &doc.agreements {
             if let Some(old_id) = a.contract.as_ref().and_then(|c| c.replaces.as_deref()) {
@@ -887,7 +894,9 @@ impl PriceBook {
             }
         }
         // A customer holds one agreement per product at a time: public or private, never both (PRC-19).
-        for ((customer, product), list) in agreements_by_customer_product.iter_mut() {
+        for (customer, product, list) in
+            agreements_by_customer_product.iter_mut().flat_map(|(c, m)| m.iter_mut().map(move |(p, l)| (c, p, l)))
+        {
             list.sort_by_key(|&i| doc.agreements[i].start);
             for w in list.windows(2) {
                 let (a, b) = (&doc.agreements[w[0]], &doc.agreements[w[1]]);
@@ -968,7 +977,8 @@ impl PriceBook {
     /// All agreements of a customer for a product, by start.
     pub fn agreements(&self, customer: &str, product: &str) -> impl Iterator<Item = &Agreement> + '_ {
         self.agreements_by_customer_product
-            .get(&(customer.to_owned(), product.to_owned()))
+            .get(customer)
+            .and_then(|by_product| by_product.get(product))
             .into_iter()
             .flatten()
             .map(|&i| &self.doc.agreements[i])

@@ -15,7 +15,7 @@ use std::str::FromStr;
 use xxhash_rust::xxh3::Xxh3;
 
 /// Version of the fingerprint encoding, hashed into every id.
-pub const ID_SCHEME: u8 = 1;
+pub const ID_SCHEME: u8 = 2;
 
 /// Incrementally builds a fingerprint from length-prefixed fields (no two field lists encode alike).
 #[derive(Clone)]
@@ -47,6 +47,14 @@ impl Fingerprinter {
     /// Adds an integer field.
     pub fn i64(&mut self, v: i64) -> &mut Self {
         self.0.update(&v.to_le_bytes());
+        self
+    }
+    /// Adds an exact decimal by value: `5`, `5.0` and `5.00` are the same field (hashes the
+    /// normalised mantissa and scale, without formatting text on the hot path).
+    pub fn decimal(&mut self, d: rust_decimal::Decimal) -> &mut Self {
+        let n = d.normalize();
+        self.0.update(&n.mantissa().to_le_bytes());
+        self.0.update(&n.scale().to_le_bytes());
         self
     }
     /// Adds a previous fingerprint.

@@ -85,10 +85,10 @@ impl UsageRecord {
     /// [`Self::record_id`] when the dedup key is already known (saves one hash on the hot path).
     pub fn record_id_for(&self, key: DedupKey) -> RecordId {
         let mut f = Fingerprinter::new(b'r');
-        f.u128(key.0).str(&self.quantity.normalize().to_string());
+        f.u128(key.0).decimal(self.quantity);
         f.i64(self.allocations.len() as i64);
         for a in &self.allocations {
-            f.str(&a.quantity.normalize().to_string()).i64(a.tags.len() as i64);
+            f.decimal(a.quantity).i64(a.tags.len() as i64);
             for t in &a.tags {
                 f.str(&t.key).str(&t.value);
             }
