@@ -218,11 +218,11 @@ async fn post_input(http: &reqwest::Client, url: &str, input: &Input) -> String 
 }
 
 /// The series every mode must show after [`known_input`].
-async fn check_key_series(http: &reqwest::Client, prom: &Prometheus, input: &Input, job: &str) {
+async fn check_key_series(http: &reqwest::Client, prom: &Prometheus, input: &Input, binaries: f64) {
     let rec = |m: &str, stage: &str| format!("sum({m}{{stage=\"{stage}\",seller=\"s1\",product=\"p\"}})");
     let n_calls = input.calls.len() as f64;
     let received: f64 = input.calls.iter().map(|c| c.len() as f64).sum();
-    eventually(http, prom, &format!("sum(up{{job=~\"{job}\"}})"), 1.0).await;
+    eventually(http, prom, "sum(up)", binaries).await;
     // Ingest: everything received, the three invalid records rejected by reason.
     eventually(http, prom, &rec("meterline_records_received_total", "ingest"), received).await;
     eventually(http, prom, &rec("meterline_records_accepted_total", "ingest"), received - 3.0).await;
@@ -246,7 +246,7 @@ async fn check_key_series(http: &reqwest::Client, prom: &Prometheus, input: &Inp
     // Every call answered 200, each observed once by the ack-latency histogram.
     eventually(http, prom, "sum(meterline_http_request_duration_seconds_count{path=\"/v1/BatchMeterUsage\",code=\"200\"})", n_calls).await;
     eventually(http, prom, "sum(meterline_ingest_in_flight_records)", 0.0).await;
-    eventually(http, prom, "count(meterline_build_info == 1)", if job == "meterline" { 1.0 } else { 3.0 }).await;
+    eventually(http, prom, "count(meterline_build_info == 1)", binaries).await;
     // Latency histograms saw every decided record.
     eventually(http, prom, "sum(meterline_received_to_rated_seconds_count{stage=\"rater\"})", received - 3.0).await;
 }
@@ -307,7 +307,7 @@ async fn prometheus_scrapes_the_embedded_pipeline_and_the_key_series_match_the_i
 
     let input = known_input();
     let conflict_id = post_input(&http, &url, &input).await;
-    check_key_series(&http, &prom, &input, "meterline").await;
+    check_key_series(&http, &prom, &input, 1.0).await;
     eventually(&http, &prom, "sum(meterline_batch_records_sum{stage=\"rater\"})", input.calls.iter().map(|c| c.len() as f64).sum()).await;
     eventually(&http, &prom, "sum(meterline_commits_total{kind=\"sqlite_group_commit\"}) >= bool 1", 1.0).await;
     eventually(&http, &prom, "sum(meterline_commit_failures_total) or vector(0)", 0.0).await;
@@ -418,4 +418,141 @@ fn compose_file_and_manifests_parse_and_wire_the_stack() {
         }
     }
     assert_eq!(deployments, ["meterline-aggregator", "meterline-ingest", "meterline-rater"].map(String::from).into_iter().collect());
+}
+
+/// The distributed binaries' path (built by `cargo build --workspace --all-features`).
+fn stage_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().and_then(Path::parent).unwrap().join(name);
+    assert!(p.exists(), "{} is missing: build the distributed binaries first (cargo build --workspace --all-features)", p.display());
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_distributed_binaries_and_sigterm_drains_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = testkit::Broker::start(testkit::BrokerStorage::File(dir.path().join("broker").join("tansu.db"))).await.unwrap();
+    let clickhouse = testkit::ClickHouse::start().await.unwrap();
+    let (db, _) = clickhouse.database("obs").await.unwrap();
+    let book_path = dir.path().join("price-book.toml");
+    std::fs::write(&book_path, PriceBook::new(price_book(CUSTOMERS)).unwrap().to_toml().unwrap()).unwrap();
+    let (ingest_port, rater_port, aggregator_port) = (testkit::free_port(), testkit::free_port(), testkit::free_port());
+    let config = dir.path().join("meterline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"price_book = "{book}"
+[kafka]
+bootstrap = "{bootstrap}"
+partitions = 4
+session_timeout_ms = 4000
+[kafka.topics]
+raw = "{raw}"
+rated = "{rated}"
+rejected = "{rejected}"
+dead_letter = "{dead}"
+[clickhouse]
+url = "{ch}"
+database = "{db}"
+[ingest]
+listen = "127.0.0.1:{ingest_port}"
+[rater]
+group = "{rg}"
+linger_ms = 100
+metrics_listen = "127.0.0.1:{rater_port}"
+[aggregator]
+group = "{ag}"
+flush_interval_ms = 300
+metrics_listen = "127.0.0.1:{aggregator_port}"
+"#,
+            book = book_path.display(),
+            bootstrap = broker.bootstrap(),
+            raw = broker.topic("raw"),
+            rated = broker.topic("rated"),
+            rejected = broker.topic("rejected"),
+            dead = broker.topic("dead"),
+            ch = clickhouse.url(),
+            rg = broker.group("rater"),
+            ag = broker.group("aggregator"),
+        ),
+    )
+    .unwrap();
+    let log = |name: &str| dir.path().join(format!("{name}.log"));
+    let mut procs: Vec<(&str, Child)> = Vec::new();
+    for (name, args) in [("ingest", vec![]), ("rater", vec![]), ("aggregator", vec!["run"])] {
+        let child = Command::new(stage_bin(name))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", format!("warn,{name}=info"))
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log(name)).unwrap())
+            .spawn()
+            .unwrap();
+        procs.push((name, child));
+    }
+    let text = |name: &str| std::fs::read_to_string(log(name)).unwrap_or_default();
+    let http = reqwest::Client::new();
+    // Every stage answers its probes once it works.
+    for (name, port) in [("ingest", ingest_port), ("rater", rater_port), ("aggregator", aggregator_port)] {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let ok = matches!(http.get(format!("http://127.0.0.1:{port}/ready")).send().await, Ok(r) if r.status() == 200);
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name} never became ready:\n{}", text(name));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(http.get(format!("http://127.0.0.1:{port}/health")).send().await.unwrap().status(), 200);
+    }
+    let jobs: Vec<Job> = [("meterline-ingest", ingest_port), ("meterline-rater", rater_port), ("meterline-aggregator", aggregator_port)]
+        .iter()
+        .map(|(n, p)| Job { name: (*n).into(), targets: vec![format!("127.0.0.1:{p}")] })
+        .collect();
+    let prom = Prometheus::start(&jobs, &[repo("deploy/prometheus/alerts.yml")]).await.unwrap();
+
+    let input = known_input();
+    post_input(&http, &format!("http://127.0.0.1:{ingest_port}"), &input).await;
+    check_key_series(&http, &prom, &input, 3.0).await;
+    let slots = input.slots as f64;
+    // The aggregator folded each slot once and wrote it; the rejections reached their table.
+    eventually(&http, &prom, "sum(meterline_records_accepted_total{stage=\"aggregator\"})", slots).await;
+    eventually(&http, &prom, "sum(meterline_clickhouse_rows_written_total{table=\"rated_usage\"})", slots).await;
+    eventually(&http, &prom, "sum(meterline_clickhouse_rows_written_total{table=\"rejected_records\"})", 4.0).await;
+    eventually(&http, &prom, "sum(meterline_clickhouse_rows_written_total{table=\"monthly_charges\"}) >= bool 40", 1.0).await;
+    eventually(&http, &prom, "sum(meterline_rated_to_clickhouse_seconds_count)", slots).await;
+    eventually(&http, &prom, "sum(meterline_clickhouse_insert_duration_seconds_count{table=\"rated_usage\"}) >= bool 1", 1.0).await;
+    eventually(&http, &prom, "sum(meterline_clickhouse_insert_errors_total) or vector(0)", 0.0).await;
+    // Commits of each kind happened; none failed.
+    for (stage, kind) in [("rater", "kafka_offsets"), ("aggregator", "clickhouse_flush"), ("aggregator", "kafka_offsets")] {
+        eventually(&http, &prom, &format!("sum(meterline_commits_total{{stage=\"{stage}\",kind=\"{kind}\"}}) >= bool 1"), 1.0).await;
+    }
+    eventually(&http, &prom, "sum(meterline_commit_failures_total) or vector(0)", 0.0).await;
+    eventually(&http, &prom, "sum(meterline_kafka_delivery_errors_total) or vector(0)", 0.0).await;
+    eventually(&http, &prom, "count(meterline_kafka_producer_queue_messages)", 2.0).await;
+    eventually(&http, &prom, "sum(meterline_batch_records_sum{stage=\"rater\"})", input.calls.iter().map(|c| c.len() as f64).sum::<f64>() - 3.0).await;
+    // Consumer lag is reported per partition and drains to zero once everything is committed.
+    eventually(&http, &prom, "count(meterline_consumer_lag_records{stage=\"rater\"})", 4.0).await;
+    eventually(&http, &prom, "sum(meterline_consumer_lag_records{stage=\"rater\"})", 0.0).await;
+    eventually(&http, &prom, "count(meterline_consumer_lag_records{stage=\"aggregator\"})", 4.0).await;
+    eventually(&http, &prom, "sum(meterline_consumer_lag_records{stage=\"aggregator\"})", 0.0).await;
+    every_query_runs(&http, &prom).await;
+    rules_are_healthy(&http, &prom).await;
+
+    // SIGTERM: each stage finishes its work, commits and exits 0.
+    for (name, child) in procs.iter_mut().rev() {
+        sigterm_and_wait(child, name, &text(name));
+    }
+    assert!(text("rater").contains("rater stopped: last batch committed"), "{}", text("rater"));
+    assert!(text("aggregator").contains("everything read is in ClickHouse"), "{}", text("aggregator"));
+    assert!(text("ingest").contains("ingest stopped: producer flushed"), "{}", text("ingest"));
+    assert!(text("rater").contains("batch committed"), "one line per batch:\n{}", text("rater"));
+    assert!(text("aggregator").contains("flushed to ClickHouse"), "one line per flush:\n{}", text("aggregator"));
+    for name in ["ingest", "rater", "aggregator"] {
+        assert!(!text(name).contains(KEY), "the API key reached {name}'s log");
+    }
+    let folded: u64 = clickhouse.query_text(&format!("SELECT sum(records) FROM {db}.monthly_charges FINAL")).await.unwrap().trim().parse().unwrap();
+    assert_eq!(folded, input.slots, "the metrics agree with ClickHouse");
 }
