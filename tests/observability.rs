@@ -532,7 +532,13 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
     eventually(&http, &prom, "sum(meterline_commit_failures_total) or vector(0)", 0.0).await;
     eventually(&http, &prom, "sum(meterline_kafka_delivery_errors_total) or vector(0)", 0.0).await;
     eventually(&http, &prom, "count(meterline_kafka_producer_queue_messages)", 2.0).await;
-    eventually(&http, &prom, "sum(meterline_batch_records_sum{stage=\"rater\"})", input.calls.iter().map(|c| c.len() as f64).sum::<f64>() - 3.0).await;
+    eventually(
+        &http,
+        &prom,
+        "sum(meterline_batch_records_sum{stage=\"rater\"})",
+        input.calls.iter().map(|c| c.len() as f64).sum::<f64>() - 3.0,
+    )
+    .await;
     // Consumer lag is reported per partition and drains to zero once everything is committed.
     eventually(&http, &prom, "count(meterline_consumer_lag_records{stage=\"rater\"})", 4.0).await;
     eventually(&http, &prom, "sum(meterline_consumer_lag_records{stage=\"rater\"})", 0.0).await;
@@ -541,11 +547,58 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
     every_query_runs(&http, &prom).await;
     rules_are_healthy(&http, &prom).await;
 
+    // SIGTERM the rater while a burst arrives: it finishes its batch, commits and exits 0. A new
+    // rater then decides only what the old one had not: nothing is decided twice.
+    let burst = burst_input();
+    let burst_len = burst.len() as u64;
+    let url = format!("http://127.0.0.1:{ingest_port}");
+    let poster = tokio::spawn({
+        let http = http.clone();
+        async move { post_calls(&http, &url, &burst).await }
+    });
+    // Stop it once it is deciding the burst (its batches linger 100 ms: most likely mid-batch).
+    let already = (input.calls.iter().map(|c| c.len()).sum::<usize>() - 3) as u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while rater_received(&http, rater_port).await <= already {
+        assert!(Instant::now() < deadline, "the rater never started on the burst:\n{}", text("rater"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rater = procs.iter_mut().find(|(n, _)| *n == "rater").unwrap();
+    sigterm_and_wait(&mut rater.1, "rater", &text("rater"));
+    poster.await.unwrap();
+    let first = text("rater");
+    assert!(first.contains("rater stopped: last batch committed"), "{first}");
+    let decided_before = decided_in(&first);
+    rater.1 = Command::new(stage_bin("rater"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn,rater=info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log("rater2")).unwrap())
+        .spawn()
+        .unwrap();
+    let total = input.slots + burst_len;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let q = format!("SELECT sum(records) FROM {db}.monthly_charges FINAL");
+        let n: u64 = clickhouse.query_text(&q).await.unwrap().trim().parse().unwrap_or(0);
+        if n == total {
+            break;
+        }
+        assert!(n < total && Instant::now() < deadline, "{n} of {total} records folded:\n{}\n{}", text("rater2"), text("aggregator"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let decided_after = rater_received(&http, rater_port).await;
+    let raw_records = input.calls.iter().map(|c| c.len() as u64).sum::<u64>() - 3 + burst_len;
+    eprintln!("rater decided {decided_before} records before SIGTERM, its successor {decided_after}, of {raw_records}");
+    assert_eq!(decided_before + decided_after, raw_records, "a gracefully stopped rater left nothing decided uncommitted");
+
     // SIGTERM: each stage finishes its work, commits and exits 0.
     for (name, child) in procs.iter_mut().rev() {
         sigterm_and_wait(child, name, &text(name));
     }
-    assert!(text("rater").contains("rater stopped: last batch committed"), "{}", text("rater"));
+    assert!(text("rater2").contains("rater stopped: last batch committed"), "{}", text("rater2"));
     assert!(text("aggregator").contains("everything read is in ClickHouse"), "{}", text("aggregator"));
     assert!(text("ingest").contains("ingest stopped: producer flushed"), "{}", text("ingest"));
     assert!(text("rater").contains("batch committed"), "one line per batch:\n{}", text("rater"));
@@ -553,6 +606,44 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
     for name in ["ingest", "rater", "aggregator"] {
         assert!(!text(name).contains(KEY), "the API key reached {name}'s log");
     }
-    let folded: u64 = clickhouse.query_text(&format!("SELECT sum(records) FROM {db}.monthly_charges FINAL")).await.unwrap().trim().parse().unwrap();
-    assert_eq!(folded, input.slots, "the metrics agree with ClickHouse");
+}
+
+/// Records of the 2nd to 5th hour before this one, one per (customer, dimension) and hour.
+fn burst_input() -> Vec<Value> {
+    let mut out = Vec::new();
+    for h in 2..=5 {
+        let ts = (Timestamp(now().millis() - h * HOUR_MS).hour().start().millis() + 10 * 60_000) / 1000;
+        for c in 0..CUSTOMERS {
+            for (dim, _) in RATES {
+                out.push(json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(c), "Dimension": dim, "Quantity": 2 }));
+            }
+        }
+    }
+    out
+}
+
+/// Posts `records` in calls of 10, 50 ms apart (a trickle that keeps the rater mid-batch), each
+/// until it is answered 200.
+async fn post_calls(http: &reqwest::Client, url: &str, records: &[Value]) {
+    for chunk in records.chunks(10) {
+        post_input(http, url, &Input { calls: vec![chunk.to_vec()], revenue: Decimal::ZERO, slots: 0 }).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `meterline_records_received_total` of the rater listening on `port`, read from its /metrics.
+async fn rater_received(http: &reqwest::Client, port: u16) -> u64 {
+    let Ok(r) = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await else { return 0 };
+    let text = r.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("meterline_records_received_total{") && l.contains("stage=\"rater\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// `decided` of the rater's last `rater stopped` line.
+fn decided_in(log: &str) -> u64 {
+    let line = log.lines().rev().find(|l| l.contains("rater stopped")).expect("a `rater stopped` line");
+    let tail = &line[line.find("decided: ").expect("stats with `decided`") + 9..];
+    tail[..tail.find(|c: char| !c.is_ascii_digit()).unwrap()].parse().unwrap()
 }
