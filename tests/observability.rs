@@ -283,7 +283,7 @@ fn sigterm_and_wait(child: &mut Child, name: &str, log: &str) {
             return;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
+            child.kill().ok();
             panic!("{name} did not exit within 30 s of SIGTERM:\n{log}");
         }
         std::thread::sleep(Duration::from_millis(100));

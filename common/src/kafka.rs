@@ -161,7 +161,8 @@ pub fn report_lag(m: &crate::metrics::Metrics, stage: &str, stats: &rdkafka::Sta
                 let lag = if p.consumer_lag >= 0 { p.consumer_lag } else { p.hi_offset - p.lo_offset.max(0) };
                 m.consumer_lag.with_label_values(&[stage, &label]).set(lag.max(0));
             } else {
-                let _ = m.consumer_lag.remove_label_values(&[stage, &label]);
+                // Absent already is fine: the series is gone either way.
+                m.consumer_lag.remove_label_values(&[stage, &label]).ok();
             }
         }
     }

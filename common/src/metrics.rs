@@ -274,7 +274,7 @@ impl Metrics {
         }
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail for well-formed families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).ok();
         String::from_utf8(buf).unwrap_or_default()
     }
 

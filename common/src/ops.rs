@@ -75,7 +75,8 @@ pub async fn serve_configured(binary: &str, listen: Option<&str>, m: Arc<Metrics
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let addr = serve(listen, m, async {
-        let _ = stopped.await;
+        // Either a send or the handle dropped: stop in both cases.
+        stopped.await.ok();
     })
     .await?;
     println!("{binary} metrics on http://{addr}/metrics");

@@ -91,7 +91,7 @@ impl Prometheus {
 /// Whether `GET /-/ready` answers 200 (a plain HTTP/1.0 request: testkit needs no HTTP client).
 fn ready(port: u16) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok();
     if s.write_all(b"GET /-/ready HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
         return false;
     }
