@@ -2,7 +2,8 @@
 # Installs the real servers that Meterline's integration tests start (see testkit/):
 #   * ClickHouse server + client from Debian's package (18.16.1 on bookworm);
 #   * the Tansu 0.6.0 Kafka-compatible broker, built once with cargo and cached under
-#     ${METERLINE_CACHE:-$HOME/.cache/meterline}/tansu-0.6.0/bin/tansu.
+#     ${METERLINE_CACHE:-$HOME/.cache/meterline}/tansu-0.6.0/bin/tansu;
+#   * Prometheus and promtool from Debian's package (2.42 on bookworm).
 # Idempotent: anything already present and working is reused, so running it again is cheap.
 # Tests never use the ClickHouse system service; testkit starts its own server processes on
 # free loopback ports, so the service is kept from starting during the package install.
@@ -23,6 +24,30 @@ as_root() {
         sudo "$@"
     else
         die "need root (or sudo) to run: $*"
+    fi
+}
+
+# Installs Debian packages ($2…) for step $1 without letting their postinst start a system
+# service (tests start their own servers): a policy-rc.d is added only when none exists, and
+# exactly what was added is removed. Stale lists are refreshed once and the install retried.
+apt_install_without_starting() {
+    local name="$1" added_policy=""
+    shift
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
+        added_policy="yes"
+        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    step "$name: installing $* with apt-get"
+    if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; then
+        # Stale lists point at package versions the mirror no longer has: refresh once, retry.
+        step "$name: install failed, running apt-get update and retrying once"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    fi
+    if [ -n "$added_policy" ]; then
+        as_root rm -f /usr/sbin/policy-rc.d
+        trap - EXIT
     fi
 }
 
@@ -66,31 +91,7 @@ else
         as_root apt-get update -qq
     fi
 
-    # Keep the package's postinst from starting the system service (tests start their own
-    # servers). Only add a policy-rc.d when none exists, and remove exactly what we added.
-    added_policy=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
-        added_policy="yes"
-        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-
-    apt_install() {
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            clickhouse-server clickhouse-client >/dev/null
-    }
-    step "clickhouse: installing clickhouse-server clickhouse-client with apt-get"
-    if ! apt_install; then
-        # Stale lists point at package versions the mirror no longer has: refresh once, retry.
-        step "clickhouse: install failed, running apt-get update and retrying once"
-        as_root apt-get update -qq
-        apt_install
-    fi
-
-    if [ -n "$added_policy" ]; then
-        as_root rm -f /usr/sbin/policy-rc.d
-        trap - EXIT
-    fi
+    apt_install_without_starting clickhouse clickhouse-server clickhouse-client
 
     CLICKHOUSE_BIN="$(find_clickhouse)" || die "clickhouse-server installed but none of /usr/bin/clickhouse, /usr/bin/clickhouse-server, /usr/sbin/clickhouse-server found"
     step "clickhouse: installed $CLICKHOUSE_BIN"
@@ -144,8 +145,23 @@ TANSU_VERSION_FOUND="$("$TANSU_BIN" --version 2>/dev/null | head -n1 || true)"
 step "tansu: ${TANSU_VERSION_FOUND:-unknown version}"
 
 # ---------------------------------------------------------------------------------------------
-# 3. Summary: how testkit finds the binaries (these are also its defaults).
+# 3. Prometheus (server + promtool) from Debian's package: tests/observability.rs scrapes the
+#    pipeline with a real server; scripts/test.sh runs `promtool check/test rules`. The package's
+#    service is kept from starting, as for ClickHouse (testkit starts its own on loopback).
+# ---------------------------------------------------------------------------------------------
+if [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; then
+    step "prometheus: found /usr/bin/prometheus and /usr/bin/promtool, skipping install"
+else
+    command -v apt-get >/dev/null 2>&1 || die "prometheus is missing and apt-get is not available; install Debian's prometheus package"
+    apt_install_without_starting prometheus prometheus
+    [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ] || die "prometheus installed but /usr/bin/prometheus or /usr/bin/promtool is missing"
+fi
+step "prometheus: $(/usr/bin/prometheus --version 2>&1 | head -n1)"
+
+# ---------------------------------------------------------------------------------------------
+# 4. Summary: how testkit finds the binaries (these are also its defaults).
 # ---------------------------------------------------------------------------------------------
 step "done; testkit finds these by default, or export them explicitly:"
 printf 'export METERLINE_TANSU_BIN=%q\n' "$TANSU_BIN"
 printf 'export METERLINE_CLICKHOUSE_BIN=%q\n' "$CLICKHOUSE_BIN"
+printf 'export METERLINE_PROMETHEUS_BIN=%q\n' /usr/bin/prometheus

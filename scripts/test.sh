@@ -12,5 +12,9 @@ export RUST_BACKTRACE=1
 # --all-features: the distributed binaries (ingest, rater, aggregator) are built first, because
 # tests/distributed.rs runs them as separate processes against real servers.
 cargo build --workspace --all-targets --all-features --locked
+# The alert rules: syntax, the Prometheus config that loads them, and one unit test per alert.
+promtool check rules deploy/prometheus/alerts.yml
+promtool check config deploy/prometheus/prometheus.yml
+promtool test rules deploy/prometheus/alerts.test.yml
 cargo test --workspace --all-features --locked -- --test-threads="${METERLINE_TEST_THREADS:-1}"
 cargo bench --workspace --all-features --locked --no-run

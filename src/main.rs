@@ -210,12 +210,18 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                      \x20 POST http://{addr}/v1/BatchMeterUsage   AWS BatchMeterUsage JSON, header X-Api-Key\n\
                      \x20 POST http://{addr}/                     with X-Amz-Target: AWSMPMeteringService.BatchMeterUsage\n\
                      \x20 POST http://{addr}/v1/MeterUsage        AWS MeterUsage JSON\n\
-                     \x20 POST http://{addr}/v1/usage             native bulk, JSON lines\n",
+                     \x20 POST http://{addr}/v1/usage             native bulk, JSON lines\n\
+                     \x20 GET  http://{addr}/metrics             Prometheus metrics (and /health, /ready)\n",
                     db.display()
                 ))?;
                 let clock = Arc::new(ingest::clock::SystemClock);
+                // SIGINT or SIGTERM (what systemd and Kubernetes send): drain, commit, exit 0.
                 let stats = server::serve(listener, &db, book, clock, max_in_flight, async {
-                    let _ = tokio::signal::ctrl_c().await;
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    }
                 })
                 .await?;
                 eprintln!("stopped after {} transactions, {} records", stats.transactions, stats.records);

@@ -16,6 +16,9 @@
 use crate::store::{BatchWrite, RejectedRow, Store, StoreError};
 use aggregator::rollup::{LineSums, MonthlyRollup};
 use common::catalogue::PriceBook;
+use common::metrics::{Metrics, Outcome, RecordLabels, Tally};
+use common::money::Currency;
+use rust_decimal::Decimal;
 use common::rated::ChargeLineKey;
 use common::time::HOUR_MS;
 use common::usage::UsageRecord;
@@ -89,6 +92,18 @@ pub struct Embedded {
 impl Embedded {
     /// Opens the store at `db`, rebuilds state, and starts the writer thread.
     pub fn start(db: &Path, book: Arc<PriceBook>, clock: Arc<dyn Clock>, max_in_flight: usize) -> Result<Self, StoreError> {
+        Self::start_with_metrics(db, book, clock, max_in_flight, Metrics::new("meterline"))
+    }
+
+    /// [`Embedded::start`], the writer counting into `metrics` under the stage `rater` (it
+    /// dedups and rates; the HTTP side counts as `ingest`).
+    pub fn start_with_metrics(
+        db: &Path,
+        book: Arc<PriceBook>,
+        clock: Arc<dyn Clock>,
+        max_in_flight: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let store = Store::open(db)?;
         let mut rater = Rater::new();
         let windows = book.windows();
@@ -101,10 +116,14 @@ impl Embedded {
             rollup.restore(key, sums);
         }
         tracing::info!(dedup_keys = rater.dedup_keys(), lines = rollup.len(), "embedded store opened, state rebuilt");
+        metrics.init_catalogue(STAGE, &book);
+        metrics.in_flight_limit.set(max_in_flight as i64);
+        metrics.dedup_budget.with_label_values(&[STAGE]).set(common::config::DEFAULT_DEDUP_BUDGET_BYTES as i64);
+        metrics.set_dedup(STAGE, 0, rater.dedup_keys(), rater.dedup_keys());
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = std::thread::Builder::new()
             .name("meterline-writer".into())
-            .spawn(move || Writer { store, rater, rollup, book, clock }.run(rx))
+            .spawn(move || Writer { store, rater, rollup, book, clock, metrics }.run(rx))
             .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         Ok(Embedded { sink: EmbeddedSink { tx, in_flight: InFlight::new(max_in_flight) }, writer })
     }
@@ -122,7 +141,11 @@ struct Writer {
     rollup: MonthlyRollup,
     book: Arc<PriceBook>,
     clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
 }
+
+/// The writer dedups and rates: it counts as the rater stage, so one dashboard serves both modes.
+const STAGE: &str = "rater";
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) -> Result<WriterStats, StoreError> {
@@ -140,15 +163,19 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let started = std::time::Instant::now();
             match self.commit_batch(&jobs) {
                 Ok(outcomes) => {
                     stats.transactions += 1;
+                    let refused: usize = jobs.iter().map(|j| j.refused.len()).sum();
+                    tracing::info!(calls = jobs.len(), records = n, refused_by_validation = refused, ms = started.elapsed().as_millis() as u64, "group commit");
                     for (job, out) in jobs.into_iter().zip(outcomes) {
                         stats.records += (job.accepted.len() + job.refused.len()) as u64;
                         let _ = job.reply.send(Ok(out));
                     }
                 }
                 Err(e) => {
+                    self.metrics.commit_failures.with_label_values(&[STAGE, "sqlite_group_commit"]).inc();
                     tracing::error!(error = %e, "batch not written; callers get 503 and retry");
                     for job in jobs {
                         let _ = job.reply.send(Err(SinkError::Unavailable(e.to_string())));
@@ -176,8 +203,26 @@ impl Writer {
         let mut touched: HashMap<ChargeLineKey, LineSums> = HashMap::new();
         let mut write = BatchWrite::default();
         let mut counts: HashMap<&'static str, u64> = HashMap::new();
+        // Counted into the metrics only once the commit succeeded.
+        let mut tally = Tally::default();
+        let mut amounts: Vec<(Currency, Decimal)> = Vec::new();
+        let (event_to_rated, received_to_rated) = (
+            self.metrics.event_to_rated_seconds.with_label_values(&[STAGE]),
+            self.metrics.received_to_rated_seconds.with_label_values(&[STAGE]),
+        );
         for (job, ds) in jobs.iter().zip(&decisions) {
             for (record, d) in job.accepted.iter().zip(ds) {
+                let labels = RecordLabels::new(&book, &record.product, &record.seller);
+                event_to_rated.observe((now.millis() - record.timestamp.millis()).max(0) as f64 / 1000.0);
+                received_to_rated.observe((now.millis() - record.received_at.millis()).max(0) as f64 / 1000.0);
+                tally.add(
+                    labels,
+                    match d {
+                        Decision::Rated(_) => Outcome::Accepted,
+                        Decision::Identical { .. } => Outcome::Duplicate,
+                        Decision::Refused { rejection, .. } => Outcome::refused(rejection.code),
+                    },
+                );
                 match d {
                     Decision::Rated(rated) => {
                         let key = rated.line_key();
@@ -193,10 +238,15 @@ impl Writer {
                             return Err(StoreError::Corrupt { table: "monthly_charges", column: "amount", value: "overflow".into() });
                         }
                         write.rated.push((rated, record));
+                        match amounts.iter_mut().find(|(c, _)| *c == rated.currency) {
+                            Some((_, sum)) => *sum += rated.amount,
+                            None => amounts.push((rated.currency, rated.amount)),
+                        }
                         *counts.entry(STATUS_ACCEPTED).or_default() += 1;
                     }
                     Decision::Identical { .. } => *counts.entry(STATUS_IDENTICAL).or_default() += 1,
                     Decision::Refused { record_id, rejection } => {
+                        tracing::debug!(record_id = %record_id, seller = %record.seller, product = %record.product, reason = rejection.code.as_str(), message = %rejection.message, "record refused");
                         *counts.entry(rejection.code.as_str()).or_default() += 1;
                         write.rejected.push(RejectedRow {
                             received_at_ms: record.received_at.millis(),
@@ -237,6 +287,14 @@ impl Writer {
         }
         let w = self.book.windows();
         self.rater.evict(now, w.acceptance_ms, DEDUP_SLACK_MS);
+        let m = &self.metrics;
+        tally.flush(m, STAGE);
+        for (currency, amount) in amounts {
+            m.add_rated_amount(currency, amount);
+        }
+        m.commits.with_label_values(&[STAGE, "sqlite_group_commit"]).inc();
+        m.batch_records.with_label_values(&[STAGE]).observe(jobs.iter().map(|j| j.accepted.len() + j.refused.len()).sum::<usize>() as f64);
+        m.set_dedup(STAGE, 0, self.rater.dedup_keys(), self.rater.dedup_keys());
 
         Ok(decisions
             .into_iter()

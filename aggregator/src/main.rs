@@ -1,7 +1,8 @@
 //! `aggregator` (distributed mode): rated topic → monthly charges in ClickHouse.
 //!
 //! - `aggregator run --config meterline.toml`: applies pending migrations, then runs until
-//!   SIGINT/SIGTERM (finishing the current flush).
+//!   SIGINT/SIGTERM (finishing the current flush). `/metrics`, `/health` and `/ready` on
+//!   `aggregator.metrics_listen`.
 //! - `aggregator migrate --config meterline.toml`: applies `deploy/clickhouse/` migrations only.
 
 use anyhow::Context;
@@ -79,8 +80,14 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
+    let metrics = common::metrics::Metrics::new("aggregator");
+    let _ops = common::ops::serve_configured("aggregator", cfg.aggregator.metrics_listen.as_deref(), Arc::clone(&metrics))
+        .await
+        .context("binding aggregator.metrics_listen")?;
     println!("aggregator consuming {} as group {} → ClickHouse {}/{}", cfg.kafka.topics.rated, cfg.aggregator.group, ch.url, ch.database);
-    let stats = aggregator::pipeline::run(&cfg, book, base.with_database(&ch.database), common::shell::shutdown_signal()).await?;
+    let stats =
+        aggregator::pipeline::run_with_metrics(&cfg, book, base.with_database(&ch.database), metrics, common::shell::shutdown_signal())
+            .await?;
     eprintln!("aggregator stopped: {stats:?}");
     Ok(())
 }

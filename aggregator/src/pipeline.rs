@@ -28,6 +28,7 @@ use common::catalogue::PriceBook;
 use common::codec;
 use common::config::PipelineConfig;
 use common::id::DedupKey;
+use common::metrics::{Metrics, Outcome, RecordLabels};
 use common::rated::{ChargeLineKey, RatedRecord};
 use common::time::{Timestamp, HOUR_MS};
 use common::topic::{DeadLetter, RejectedEvent};
@@ -90,12 +91,17 @@ struct PartState {
     max_hour: i64,
     touched: HashSet<ChargeLineKey>,
     rows: Vec<RatedRow>,
+    /// When each pending row's rated record was produced (ms), for the rated → ClickHouse latency.
+    produced_ms: Vec<i64>,
     dead: Vec<DeadLetterRow>,
 }
 
 impl PartState {
     fn pending(&self) -> usize {
         self.rows.len() + self.dead.len()
+    }
+    fn seen_keys(&self) -> usize {
+        self.seen.values().map(HashSet::len).sum()
     }
     fn evict(&mut self, window_ms: i64) {
         let oldest = self.max_hour - (window_ms + DEDUP_SLACK_MS) / HOUR_MS;
@@ -105,6 +111,27 @@ impl PartState {
 
 fn now() -> Timestamp {
     Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+}
+
+/// One insert, timed and counted (rows on success, an error otherwise).
+async fn timed_insert<T>(m: &Metrics, client: &Client, table: &'static str, rows: &[T]) -> Result<(), SinkError>
+where
+    T: clickhouse::Row + clickhouse::RowWrite + for<'a> clickhouse::RowOwned,
+    for<'a> T: clickhouse::Row<Value<'a> = T>,
+{
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let r = sink::insert_rows(client, table, rows).await;
+    match &r {
+        Ok(()) => {
+            m.clickhouse_seconds.with_label_values(&[table]).observe(started.elapsed().as_secs_f64());
+            m.clickhouse_rows.with_label_values(&[table]).inc_by(rows.len() as u64);
+        }
+        Err(_) => m.clickhouse_errors.with_label_values(&[table]).inc(),
+    }
+    r
 }
 
 /// The partitions of `topic` this instance owns: `configured`, or all of them.
@@ -129,6 +156,9 @@ async fn owned_partitions<C: ConsumerContext + 'static>(consumer: &StreamConsume
     Err(AggregatorError::Kafka(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)))
 }
 
+/// The stage label the aggregator counts under.
+const STAGE: &str = "aggregator";
+
 /// The aggregator's shell state.
 struct Aggregator<'a> {
     cfg: &'a PipelineConfig,
@@ -140,12 +170,29 @@ struct Aggregator<'a> {
     side_dead: Vec<DeadLetterRow>,
     side_offsets: BTreeMap<(String, i32), i64>,
     stats: AggregatorStats,
+    metrics: Arc<Metrics>,
+    book: Arc<PriceBook>,
 }
 
 /// Runs until `shutdown`, then flushes what is pending (if ClickHouse takes it) and returns.
 pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shutdown: impl Future<Output = ()>) -> Result<AggregatorStats, AggregatorError> {
+    run_with_metrics(cfg, book, client, Metrics::new("aggregator"), shutdown).await
+}
+
+/// [`run`], counting into `metrics` (stage `aggregator`).
+pub async fn run_with_metrics(
+    cfg: &PipelineConfig,
+    book: Arc<PriceBook>,
+    client: Client,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<AggregatorStats, AggregatorError> {
     let k = &cfg.kafka;
-    let rated: StreamConsumer = common::kafka::consumer_config(k, &cfg.aggregator.group).create()?;
+    metrics.set_config("partitions", i64::from(k.partitions));
+    metrics.set_config("aggregator_flush_max_records", cfg.aggregator.flush_max_records as i64);
+    let lag = common::kafka::LagContext { metrics: Arc::clone(&metrics), stage: STAGE };
+    let rated: StreamConsumer<common::kafka::LagContext> =
+        common::kafka::with_statistics(common::kafka::consumer_config(k, &cfg.aggregator.group)).create_with_context(lag)?;
     let side: StreamConsumer = common::kafka::consumer_config(k, &format!("{}-side", cfg.aggregator.group)).create()?;
 
     let mut agg = Aggregator {
@@ -158,6 +205,8 @@ pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shu
         side_dead: Vec::new(),
         side_offsets: BTreeMap::new(),
         stats: AggregatorStats::default(),
+        metrics,
+        book,
     };
     // Explicit assignment, no group protocol: progress lives in ClickHouse, so each partition
     // starts right after the offset its lines include (and concurrent writers of one partition
@@ -184,6 +233,7 @@ pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shu
     }
     side.assign(&side_tpl)?;
     tracing::info!(partitions = ?owned, "aggregator assigned");
+    agg.metrics.set_ready(true);
 
     let interval = Duration::from_millis(cfg.aggregator.flush_interval_ms);
     let mut tick = tokio::time::interval(interval);
@@ -194,7 +244,14 @@ pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shu
             // Order: stop, then flush, then new input — pending work is written before more is taken.
             biased;
             () = &mut shutdown => {
-                let _ = tokio::time::timeout(Duration::from_secs(10), agg.flush(&rated, &side)).await;
+                agg.metrics.set_ready(false);
+                tracing::info!(pending = agg.pending(), "shutdown requested: flushing what is pending");
+                match tokio::time::timeout(Duration::from_secs(10), agg.flush(&rated, &side)).await {
+                    Ok(Ok(())) => tracing::info!(stats = ?agg.stats, "aggregator stopped: everything read is in ClickHouse"),
+                    // Nothing is lost: ClickHouse holds the progress, the next start replays.
+                    Ok(Err(e)) => tracing::warn!(error = %e, "aggregator stopped without its last flush; the next start replays it"),
+                    Err(_) => tracing::warn!("aggregator stopped without its last flush (timed out); the next start replays it"),
+                }
                 return Ok(agg.stats);
             }
             _ = tick.tick() => agg.flush(&rated, &side).await?,
@@ -245,6 +302,7 @@ impl Aggregator<'_> {
             }
         }
         tracing::info!(partition = p, committed = ?st.committed, lines = st.rollup.len(), "partition state loaded from ClickHouse");
+        self.metrics.dedup_keys.with_label_values(&[STAGE, &p.to_string()]).set(st.seen_keys() as i64);
         self.stats.loads += 1;
         self.parts.insert(p, st);
         Ok(())
@@ -267,6 +325,7 @@ impl Aggregator<'_> {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(partition = p, offset = o, reason = %e, "undecodable rated message dead-lettered");
+                self.metrics.dead_letters.with_label_values(&[STAGE]).inc();
                 st.dead.push(DeadLetterRow::from(&DeadLetter {
                     source_topic: msg.topic().to_owned(),
                     source_partition: p,
@@ -280,8 +339,10 @@ impl Aggregator<'_> {
             }
         };
         let hour = r.hour.0;
+        let labels = RecordLabels::new(&self.book, &r.product, &r.seller);
         if st.seen.get(&hour).is_some_and(|s| s.contains(&r.dedup_key.0)) {
             self.stats.duplicates_skipped += 1;
+            self.metrics.outcome(STAGE, &labels, Outcome::Duplicate);
             return Ok(());
         }
         let row = RatedRow::new(&r, p, o, now())?;
@@ -293,12 +354,16 @@ impl Aggregator<'_> {
             st.evict(window_ms);
         }
         st.rows.push(row);
+        st.produced_ms.push(msg.timestamp().to_millis().unwrap_or_else(|| now().millis()));
         self.stats.folded += 1;
+        self.metrics.outcome(STAGE, &labels, Outcome::Accepted);
         Ok(())
     }
 
     fn on_side(&mut self, msg: &BorrowedMessage<'_>) {
         let payload = msg.payload().unwrap_or_default();
+        // Only messages this stage could not decode are its dead letters (the rater counts its own).
+        let dead_before = if msg.topic() == self.cfg.kafka.topics.rejected { self.side_dead.len() } else { usize::MAX };
         let topics = &self.cfg.kafka.topics;
         if msg.topic() == topics.rejected {
             match codec::decode::<RejectedEvent>(payload) {
@@ -329,6 +394,7 @@ impl Aggregator<'_> {
             self.side_dead.push(row);
         }
         self.side_offsets.insert((msg.topic().to_owned(), msg.partition()), msg.offset() + 1);
+        self.metrics.dead_letters.with_label_values(&[STAGE]).inc_by(self.side_dead.len().saturating_sub(dead_before) as u64);
     }
 
     /// Writes everything pending (retrying while ClickHouse is unavailable), then commits the
@@ -339,12 +405,14 @@ impl Aggregator<'_> {
         let mut dead = std::mem::take(&mut self.side_dead);
         let mut lines = Vec::new();
         let mut advanced: Vec<(i32, i64)> = Vec::new();
+        let mut produced_ms = Vec::new();
         for (p, st) in &mut self.parts {
             let Some(last) = st.last_offset else { continue };
             if st.committed == Some(last) {
                 continue;
             }
             rows.append(&mut st.rows);
+            produced_ms.append(&mut st.produced_ms);
             dead.append(&mut st.dead);
             for key in st.touched.drain() {
                 if let Some(sums) = st.rollup.sums(&key) {
@@ -359,18 +427,20 @@ impl Aggregator<'_> {
         }
         let started = Instant::now();
         let mut backoff = Duration::from_millis(200);
+        let m = Arc::clone(&self.metrics);
         loop {
             let attempt = async {
                 // Line items before lines: the lines are the commit marker.
-                sink::insert_rows(&self.client, "rated_usage", &rows).await?;
-                sink::insert_rows(&self.client, "dead_letters", &dead).await?;
-                sink::insert_rows(&self.client, "rejected_records", &rejected).await?;
-                sink::insert_rows(&self.client, "monthly_charges", &lines).await
+                timed_insert(&m, &self.client, "rated_usage", &rows).await?;
+                timed_insert(&m, &self.client, "dead_letters", &dead).await?;
+                timed_insert(&m, &self.client, "rejected_records", &rejected).await?;
+                timed_insert(&m, &self.client, "monthly_charges", &lines).await
             };
             match attempt.await {
                 Ok(()) => break,
                 Err(e @ SinkError::ClickHouse { .. }) => {
                     self.stats.flush_retries += 1;
+                    m.commit_failures.with_label_values(&[STAGE, "clickhouse_flush"]).inc();
                     tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ClickHouse insert failed; retrying, consuming nothing meanwhile");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -381,7 +451,26 @@ impl Aggregator<'_> {
         self.stats.flushes += 1;
         self.stats.rejected += rejected.len() as u64;
         self.stats.dead_letters += dead.len() as u64;
-        tracing::debug!(rows = rows.len(), lines = lines.len(), rejected = rejected.len(), ms = started.elapsed().as_millis() as u64, "flushed to ClickHouse");
+        m.commits.with_label_values(&[STAGE, "clickhouse_flush"]).inc();
+        m.batch_records.with_label_values(&[STAGE]).observe((rows.len() + dead.len() + rejected.len()) as f64);
+        let done_ms = now().millis();
+        let latency = m.rated_to_clickhouse_seconds.with_label_values(&[STAGE]);
+        for p in &produced_ms {
+            latency.observe((done_ms - p).max(0) as f64 / 1000.0);
+        }
+        let seen: usize = self.parts.values().map(PartState::seen_keys).sum();
+        for (p, st) in &self.parts {
+            m.set_dedup(STAGE, *p, st.seen_keys(), seen);
+        }
+        tracing::info!(
+            rows = rows.len(),
+            lines = lines.len(),
+            rejected = rejected.len(),
+            dead_letters = dead.len(),
+            partitions = ?advanced.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+            ms = started.elapsed().as_millis() as u64,
+            "flushed to ClickHouse"
+        );
         let mut tpl = TopicPartitionList::new();
         for (p, last) in &advanced {
             if let Some(st) = self.parts.get_mut(p) {
@@ -391,8 +480,12 @@ impl Aggregator<'_> {
         }
         if tpl.count() > 0 {
             // Advisory (ClickHouse holds the truth); a failure only lengthens the next replay.
-            if let Err(e) = rated.commit(&tpl, CommitMode::Async) {
-                tracing::debug!(error = %e, "rated offset commit failed");
+            match rated.commit(&tpl, CommitMode::Async) {
+                Ok(()) => m.commits.with_label_values(&[STAGE, "kafka_offsets"]).inc(),
+                Err(e) => {
+                    m.commit_failures.with_label_values(&[STAGE, "kafka_offsets"]).inc();
+                    tracing::debug!(error = %e, "rated offset commit failed");
+                }
             }
         }
         if !self.side_offsets.is_empty() {

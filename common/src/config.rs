@@ -188,12 +188,33 @@ pub struct RaterSection {
     /// Longest a batch waits to fill (ms).
     #[serde(default = "default_linger")]
     pub linger_ms: u64,
+    /// Where `/metrics`, `/health` and `/ready` are served (`host:port`); none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// Memory budgeted for dedup state: the threshold of the "dedup state near its bound"
+    /// alert. Not enforced (refusing records would lose billed usage): size it to the share of
+    /// the container's memory limit that dedup may take.
+    #[serde(default = "default_dedup_budget")]
+    pub dedup_memory_budget_bytes: u64,
 }
 
 impl Default for RaterSection {
     fn default() -> Self {
-        RaterSection { group: default_rater_group(), max_batch: default_batch(), linger_ms: default_linger() }
+        RaterSection {
+            group: default_rater_group(),
+            max_batch: default_batch(),
+            linger_ms: default_linger(),
+            metrics_listen: None,
+            dedup_memory_budget_bytes: default_dedup_budget(),
+        }
     }
+}
+
+/// 2 GiB of dedup state: about 45 M keys at the estimated 48 bytes each.
+pub const DEFAULT_DEDUP_BUDGET_BYTES: u64 = 2 << 30;
+
+fn default_dedup_budget() -> u64 {
+    DEFAULT_DEDUP_BUDGET_BYTES
 }
 
 fn default_rater_group() -> String {
@@ -223,6 +244,9 @@ pub struct AggregatorSection {
     /// partitions between them with disjoint lists.
     #[serde(default)]
     pub partitions: Option<Vec<i32>>,
+    /// Where `/metrics`, `/health` and `/ready` are served (`host:port`); none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for AggregatorSection {
@@ -232,6 +256,7 @@ impl Default for AggregatorSection {
             flush_max_records: default_flush_rows(),
             flush_interval_ms: default_flush_interval(),
             partitions: None,
+            metrics_listen: None,
         }
     }
 }

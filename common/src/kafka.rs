@@ -135,3 +135,52 @@ pub fn replay_partition(
         }
     }
 }
+
+/// How often librdkafka reports statistics to a consumer's context (ms): the refresh interval
+/// of `meterline_consumer_lag_records`. Set with [`with_statistics`].
+pub const STATISTICS_INTERVAL_MS: u32 = 2_000;
+
+/// Turns on librdkafka's statistics for a consumer whose context calls [`report_lag`].
+pub fn with_statistics(mut c: ClientConfig) -> ClientConfig {
+    c.set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string());
+    c
+}
+
+/// Sets `meterline_consumer_lag_records{stage, partition}` from a statistics report: records
+/// between each fetched partition's high watermark and its committed offset. Partitions this
+/// consumer no longer fetches lose their series.
+pub fn report_lag(m: &crate::metrics::Metrics, stage: &str, stats: &rdkafka::Statistics) {
+    for topic in stats.topics.values() {
+        for p in topic.partitions.values() {
+            if p.partition < 0 {
+                continue; // librdkafka's internal "unassigned" partition
+            }
+            let label = p.partition.to_string();
+            if p.fetch_state == "active" && p.hi_offset >= 0 {
+                // Before the first commit the committed offset is unknown (-1001): all of it is lag.
+                let lag = if p.consumer_lag >= 0 { p.consumer_lag } else { p.hi_offset - p.lo_offset.max(0) };
+                m.consumer_lag.with_label_values(&[stage, &label]).set(lag.max(0));
+            } else {
+                // Absent already is fine: the series is gone either way.
+                m.consumer_lag.remove_label_values(&[stage, &label]).ok();
+            }
+        }
+    }
+}
+
+/// A consumer context that only reports lag (consumers with no rebalance hooks).
+#[derive(Debug, Clone)]
+pub struct LagContext {
+    /// Where to report.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Stage label.
+    pub stage: &'static str,
+}
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        report_lag(&self.metrics, self.stage, &statistics);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}

@@ -13,6 +13,8 @@
 //! - [`codec`]: the one topic payload codec (bincode 2 behind a format-version byte).
 //! - [`topic`]: what travels on each topic, and the partition key.
 //! - [`config`]: the distributed mode's configuration file and environment overrides.
+//! - [`metrics`]: every Prometheus metric, one registry per process; `ops` (feature `ops`)
+//!   serves it with `/health` and `/ready`.
 //!
 //! Nothing here performs I/O except [`catalogue::PriceBook::load`], which reads one file.
 
@@ -22,7 +24,10 @@ pub mod config;
 pub mod id;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod metrics;
 pub mod money;
+#[cfg(feature = "ops")]
+pub mod ops;
 pub mod pricing;
 pub mod rated;
 pub mod reject;

@@ -28,6 +28,7 @@ pub struct KafkaSink {
     rejected_topic: String,
     in_flight: InFlight,
     delivery_timeout: Duration,
+    metrics: Option<std::sync::Arc<common::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -47,7 +48,16 @@ impl KafkaSink {
             rejected_topic: k.topics.rejected.clone(),
             in_flight: InFlight::new(max_in_flight),
             delivery_timeout,
+            metrics: None,
         })
+    }
+
+    /// Counts delivery errors into `m` and reports the producer queue depth at each scrape.
+    pub fn with_metrics(mut self, m: std::sync::Arc<common::metrics::Metrics>) -> Self {
+        let producer = self.producer.clone();
+        m.on_scrape(move |m| m.producer_queue.with_label_values(&["ingest"]).set(i64::from(producer.in_flight_count())));
+        self.metrics = Some(m);
+        self
     }
 
     /// Waits for outstanding deliveries (graceful shutdown).
@@ -66,14 +76,21 @@ impl KafkaSink {
             let ev = RejectedEvent::new(r.received_at, &r.seller, &r.product, "", r.record_id, r.rejection.code, r.rejection.message.clone(), r.raw.clone());
             deliveries.push(self.enqueue(&self.rejected_topic, r.seller.as_bytes().to_vec(), codec::encode(&ev))?);
         }
-        for d in join_all(deliveries).await {
-            match d {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(SinkError::Unavailable(format!("broker did not acknowledge: {e}"))),
-                Err(_) => return Err(SinkError::Unavailable("delivery report lost".into())),
+        let n_raw = accepted.len();
+        let mut first_failure = None;
+        for (i, d) in join_all(deliveries).await.into_iter().enumerate() {
+            let failed = match d {
+                Ok(Ok(_)) => continue,
+                Ok(Err((e, _))) => format!("broker did not acknowledge: {e}"),
+                Err(_) => "delivery report lost".to_owned(),
+            };
+            if let Some(m) = &self.metrics {
+                let topic = if i < n_raw { &self.raw_topic } else { &self.rejected_topic };
+                m.delivery_errors.with_label_values(&["ingest", topic]).inc();
             }
+            first_failure.get_or_insert(failed);
         }
-        Ok(())
+        first_failure.map_or(Ok(()), |f| Err(SinkError::Unavailable(f)))
     }
 
     fn enqueue(&self, topic: &str, key: Vec<u8>, payload: Vec<u8>) -> Result<rdkafka::producer::DeliveryFuture, SinkError> {

@@ -8,6 +8,7 @@
 //! - [`sink`]: where validated records go to become durable (the embedded store, or Kafka in
 //!   distributed mode); the HTTP answer waits for it.
 //! - [`http`]: SHELL. The axum router: authentication, body limits, back-pressure, responses.
+//! - [`metered`]: SHELL. Any sink, counted into the process's metrics (stage `ingest`).
 //! - `kafka_sink` (feature `distributed`): SHELL. The raw topic as the sink, answered after the
 //!   broker's acknowledgement.
 //!
@@ -18,6 +19,7 @@ pub mod clock;
 pub mod http;
 #[cfg(feature = "distributed")]
 pub mod kafka_sink;
+pub mod metered;
 pub mod sink;
 pub mod validate;
 pub mod wire;

@@ -2,6 +2,7 @@
 //!
 //! `ingest --config meterline.toml` loads the shared configuration, creates missing topics,
 //! and serves until SIGINT/SIGTERM, then drains: in-flight calls finish and the producer flushes.
+//! `/metrics`, `/health` and `/ready` are served on the API's listener.
 
 use anyhow::Context;
 use clap::Parser;
@@ -10,6 +11,8 @@ use common::config::PipelineConfig;
 use ingest::clock::SystemClock;
 use ingest::http::{router, HttpLimits, IngestState};
 use ingest::kafka_sink::KafkaSink;
+use ingest::metered::Metered;
+use common::metrics::Metrics;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,13 +35,29 @@ async fn main() -> anyhow::Result<()> {
     let cfg = PipelineConfig::load(&args.config)?;
     let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
-    let sink = KafkaSink::new(&cfg.kafka, cfg.ingest.max_in_flight, Duration::from_millis(cfg.ingest.delivery_timeout_ms))?;
+    let metrics = Metrics::new("ingest");
+    metrics.in_flight_limit.set(cfg.ingest.max_in_flight as i64);
+    metrics.set_config("partitions", i64::from(cfg.kafka.partitions));
+    let sink = KafkaSink::new(&cfg.kafka, cfg.ingest.max_in_flight, Duration::from_millis(cfg.ingest.delivery_timeout_ms))?
+        .with_metrics(Arc::clone(&metrics));
     let listen = args.listen.unwrap_or(cfg.ingest.listen.clone());
     let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     println!("ingest listening on http://{addr} → topic {}", cfg.kafka.topics.raw);
-    let state = Arc::new(IngestState { book, sink: sink.clone(), clock: Arc::new(SystemClock), limits: HttpLimits::default() });
-    axum::serve(listener, router(state)).with_graceful_shutdown(common::shell::shutdown_signal()).await?;
+    let metered = Metered::new(sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
+    let state = Arc::new(IngestState { book, sink: metered, clock: Arc::new(SystemClock), limits: HttpLimits::default() });
+    // `/metrics` and `/ready` beside the API; every call timed until its answer (the ack).
+    let app = common::ops::instrument(router(state), &metrics);
+    metrics.set_ready(true);
+    let stopping = Arc::clone(&metrics);
+    let shutdown = async move {
+        common::shell::shutdown_signal().await;
+        // Out of the load balancer first; in-flight calls still finish.
+        stopping.set_ready(false);
+        tracing::info!("shutdown requested: draining in-flight calls");
+    };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     sink.flush(Duration::from_secs(10));
+    tracing::info!("ingest stopped: producer flushed");
     Ok(())
 }

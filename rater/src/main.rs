@@ -1,4 +1,7 @@
 //! `rater` (distributed mode): raw topic → dedup + rating → rated and rejected topics.
+//!
+//! SIGINT/SIGTERM: the current batch is finished (outputs acknowledged, offsets committed), then
+//! the process exits 0. `/metrics`, `/health` and `/ready` on `rater.metrics_listen`.
 
 use anyhow::Context;
 use clap::Parser;
@@ -22,8 +25,12 @@ async fn main() -> anyhow::Result<()> {
     let cfg = PipelineConfig::load(&args.config)?;
     let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
+    let metrics = common::metrics::Metrics::new("rater");
+    let _ops = common::ops::serve_configured("rater", cfg.rater.metrics_listen.as_deref(), Arc::clone(&metrics))
+        .await
+        .context("binding rater.metrics_listen")?;
     println!("rater consuming {} as group {}", cfg.kafka.topics.raw, cfg.rater.group);
-    let stats = rater::pipeline::run(&cfg, book, common::shell::shutdown_signal()).await?;
+    let stats = rater::pipeline::run_with_metrics(&cfg, book, metrics, common::shell::shutdown_signal()).await?;
     eprintln!("rater stopped: {stats:?}");
     Ok(())
 }

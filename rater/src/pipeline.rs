@@ -29,8 +29,11 @@ use futures::future::join_all;
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use common::metrics::{Histogram, Metrics, Outcome, RecordLabels, Tally};
+use common::money::Currency;
+use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -85,11 +88,16 @@ pub struct RaterStats {
     pub batches: u64,
 }
 
-/// Records revoked partitions so their state is dropped (and rebuilt if they come back).
-#[derive(Clone, Default)]
-struct RebalanceLog(Arc<Mutex<Vec<i32>>>);
+/// Records revoked partitions so their state is dropped (and rebuilt if they come back), and
+/// reports consumer lag from librdkafka's statistics.
+#[derive(Clone)]
+struct RebalanceLog(Arc<Mutex<Vec<i32>>>, Arc<Metrics>);
 
-impl ClientContext for RebalanceLog {}
+impl ClientContext for RebalanceLog {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        common::kafka::report_lag(&self.1, STAGE, &statistics);
+    }
+}
 impl ConsumerContext for RebalanceLog {
     fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
@@ -102,21 +110,32 @@ impl ConsumerContext for RebalanceLog {
 
 /// Runs the rater until `shutdown` resolves (then finishes and commits the current batch).
 pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, shutdown: impl Future<Output = ()>) -> Result<RaterStats, RaterError> {
+    run_with_metrics(cfg, book, Metrics::new("rater"), shutdown).await
+}
+
+/// [`run`], counting into `metrics` (stage `rater`).
+pub async fn run_with_metrics(
+    cfg: &PipelineConfig,
+    book: Arc<PriceBook>,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RaterStats, RaterError> {
     let k = &cfg.kafka;
-    let revoked = RebalanceLog::default();
-    let consumer: StreamConsumer<RebalanceLog> =
-        common::kafka::consumer_config(k, &cfg.rater.group).create_with_context(revoked.clone())?;
+    let revoked = RebalanceLog(Arc::default(), Arc::clone(&metrics));
+    let consumer: StreamConsumer<RebalanceLog> = common::kafka::with_statistics(common::kafka::consumer_config(k, &cfg.rater.group))
+        .create_with_context(revoked.clone())?;
     consumer.subscribe(&[k.topics.raw.as_str()])?;
     let producer: FutureProducer = common::kafka::producer_config(k).create()?;
     let mut states: HashMap<i32, Rater> = HashMap::new();
     let mut stats = RaterStats::default();
     let window_ms = book.windows().acceptance_ms;
     let linger = Duration::from_millis(cfg.rater.linger_ms);
+    let obs = Observer::new(metrics, cfg, &book, &producer);
     tokio::pin!(shutdown);
     let mut stopping = false;
 
     while !stopping {
-        let mut batch = Batch::default();
+        let mut batch = Batch::new();
         let deadline = Instant::now() + linger;
         // Fill a batch: up to max_batch records or linger, whichever first.
         while batch.len < cfg.rater.max_batch {
@@ -127,7 +146,12 @@ pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, shutdown: impl Futu
             tokio::select! {
                 // Finish the current batch before taking more when asked to stop.
                 biased;
-                () = &mut shutdown => { stopping = true; break; }
+                () = &mut shutdown => {
+                    stopping = true;
+                    obs.metrics.set_ready(false);
+                    tracing::info!(records = batch.len, "shutdown requested: finishing the current batch");
+                    break;
+                }
                 m = tokio::time::timeout(wait.max(Duration::from_millis(50)), consumer.recv()) => match m {
                     Err(_) => if batch.len > 0 { break },
                     Ok(Err(e)) => {
@@ -141,29 +165,88 @@ pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, shutdown: impl Futu
                             stats.rebuilds += 1;
                         }
                         let rater = states.get_mut(&p).expect("state present after rebuild");
-                        decide_one(&msg, rater, &book, cfg, &producer, &mut batch, &mut stats)?;
+                        decide_one(&msg, rater, &book, cfg, &producer, &mut batch, &mut stats, &obs)?;
                     }
                 }
             }
         }
         if batch.len > 0 {
-            commit_batch(&consumer, batch, &mut states, &mut stats).await?;
+            commit_batch(&consumer, batch, &mut states, &mut stats, &obs).await?;
             let now = now();
             for r in states.values_mut() {
                 r.evict(now, window_ms, DEDUP_SLACK_MS);
             }
+            obs.dedup(&states);
         }
     }
+    tracing::info!(?stats, "rater stopped: last batch committed");
     Ok(stats)
 }
 
-#[derive(Default)]
-struct Batch {
+/// The rater's metric handles, looked up once.
+struct Observer {
+    metrics: Arc<Metrics>,
+    event_to_rated: Histogram,
+    received_to_rated: Histogram,
+}
+
+impl Observer {
+    fn new(metrics: Arc<Metrics>, cfg: &PipelineConfig, book: &PriceBook, producer: &FutureProducer) -> Self {
+        metrics.init_catalogue(STAGE, book);
+        metrics.set_config("partitions", i64::from(cfg.kafka.partitions));
+        metrics.set_config("rater_max_batch", cfg.rater.max_batch as i64);
+        metrics.dedup_budget.with_label_values(&[STAGE]).set(cfg.rater.dedup_memory_budget_bytes as i64);
+        let p = producer.clone();
+        metrics.on_scrape(move |m| m.producer_queue.with_label_values(&[STAGE]).set(i64::from(p.in_flight_count())));
+        metrics.set_ready(true);
+        Observer {
+            event_to_rated: metrics.event_to_rated_seconds.with_label_values(&[STAGE]),
+            received_to_rated: metrics.received_to_rated_seconds.with_label_values(&[STAGE]),
+            metrics,
+        }
+    }
+
+    fn dedup(&self, states: &HashMap<i32, Rater>) {
+        let total: usize = states.values().map(Rater::dedup_keys).sum();
+        for (p, r) in states {
+            self.metrics.set_dedup(STAGE, *p, r.dedup_keys(), total);
+        }
+        if states.is_empty() {
+            self.metrics.dedup_bytes.with_label_values(&[STAGE]).set(0);
+        }
+    }
+}
+
+/// The stage label the rater counts under.
+const STAGE: &str = "rater";
+
+struct Batch<'o> {
     len: usize,
     deliveries: Vec<(String, DeliveryFuture)>,
     /// Next offset to commit per partition.
     next_offsets: BTreeMap<i32, i64>,
     topic: String,
+    /// Outcomes, added to the registry once the batch is committed.
+    tally: Tally<'o>,
+    /// Rated amounts per currency (exact), added to the revenue counter at commit.
+    amounts: Vec<(Currency, Decimal)>,
+    dead_lettered: u64,
+    started: Instant,
+}
+
+impl Batch<'_> {
+    fn new() -> Self {
+        Batch {
+            len: 0,
+            deliveries: Vec::new(),
+            next_offsets: BTreeMap::new(),
+            topic: String::new(),
+            tally: Tally::default(),
+            amounts: Vec::new(),
+            dead_lettered: 0,
+            started: Instant::now(),
+        }
+    }
 }
 
 fn now() -> Timestamp {
@@ -203,14 +286,16 @@ async fn rebuild(cfg: &PipelineConfig, p: i32, window_ms: i64) -> Result<Rater, 
     Ok(rater)
 }
 
-fn decide_one(
+#[allow(clippy::too_many_arguments)]
+fn decide_one<'b>(
     msg: &BorrowedMessage<'_>,
     rater: &mut Rater,
-    book: &PriceBook,
+    book: &'b PriceBook,
     cfg: &PipelineConfig,
     producer: &FutureProducer,
-    batch: &mut Batch,
+    batch: &mut Batch<'b>,
     stats: &mut RaterStats,
+    obs: &Observer,
 ) -> Result<(), RaterError> {
     let t = &cfg.kafka.topics;
     let p = msg.partition();
@@ -232,24 +317,33 @@ fn decide_one(
             };
             tracing::warn!(partition = p, offset = msg.offset(), reason = %e, "undecodable raw message dead-lettered");
             stats.dead_lettered += 1;
+            batch.dead_lettered += 1;
             let bytes = codec::encode(&dl);
             return send(producer, &t.dead_letter, None, &[], &bytes, batch);
         }
     };
     stats.decided += 1;
     let key = partition_key(&record.product, &record.customer);
+    let labels = RecordLabels::new(book, &record.product, &record.seller);
+    let decided_at = now();
+    obs.event_to_rated.observe(secs_between(record.timestamp, decided_at));
+    obs.received_to_rated.observe(secs_between(record.received_at, decided_at));
     match rater.decide(&record, book) {
         Decision::Rated(r) => {
             stats.rated += 1;
+            batch.tally.add(labels, Outcome::Accepted);
+            add_amount(&mut batch.amounts, r.currency, r.amount);
             send(producer, &t.rated, Some(p), &key, &codec::encode(&r), batch)
         }
         Decision::Identical { .. } => {
             stats.identical += 1;
+            batch.tally.add(labels, Outcome::Duplicate);
             Ok(())
         }
         Decision::Refused { record_id, rejection } => {
             stats.refused += 1;
-            tracing::debug!(record_id = %record_id, reason = %rejection, "record refused");
+            batch.tally.add(labels, Outcome::refused(rejection.code));
+            tracing::debug!(record_id = %record_id, seller = %record.seller, product = %record.product, reason = rejection.code.as_str(), message = %rejection.message, "record refused");
             let ev = RejectedEvent::new(
                 record.received_at,
                 &record.seller,
@@ -278,7 +372,19 @@ fn raw_summary(r: &UsageRecord) -> String {
     )
 }
 
-fn send(producer: &FutureProducer, topic: &str, partition: Option<i32>, key: &[u8], payload: &[u8], batch: &mut Batch) -> Result<(), RaterError> {
+/// Seconds from `from` to `to` (0 when `from` is later: clocks of two machines).
+fn secs_between(from: Timestamp, to: Timestamp) -> f64 {
+    (to.millis() - from.millis()).max(0) as f64 / 1000.0
+}
+
+fn add_amount(amounts: &mut Vec<(Currency, Decimal)>, currency: Currency, amount: Decimal) {
+    match amounts.iter_mut().find(|(c, _)| *c == currency) {
+        Some((_, sum)) => *sum += amount,
+        None => amounts.push((currency, amount)),
+    }
+}
+
+fn send(producer: &FutureProducer, topic: &str, partition: Option<i32>, key: &[u8], payload: &[u8], batch: &mut Batch<'_>) -> Result<(), RaterError> {
     let mut rec = FutureRecord::to(topic).key(key).payload(payload);
     if let Some(p) = partition {
         rec = rec.partition(p);
@@ -303,17 +409,21 @@ fn send(producer: &FutureProducer, topic: &str, partition: Option<i32>, key: &[u
 /// Waits for every output of the batch, then makes dedup claims permanent and commits offsets.
 async fn commit_batch(
     consumer: &StreamConsumer<RebalanceLog>,
-    batch: Batch,
+    batch: Batch<'_>,
     states: &mut HashMap<i32, Rater>,
     stats: &mut RaterStats,
+    obs: &Observer,
 ) -> Result<(), RaterError> {
+    let m = &obs.metrics;
     let (topics, futures): (Vec<String>, Vec<DeliveryFuture>) = batch.deliveries.into_iter().unzip();
     for (topic, d) in topics.into_iter().zip(join_all(futures).await) {
-        match d {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(RaterError::Produce { topic, reason: e.to_string() }),
-            Err(_) => return Err(RaterError::Produce { topic, reason: "delivery report lost".into() }),
-        }
+        let reason = match d {
+            Ok(Ok(_)) => continue,
+            Ok(Err((e, _))) => e.to_string(),
+            Err(_) => "delivery report lost".into(),
+        };
+        m.delivery_errors.with_label_values(&[STAGE, &topic]).inc();
+        return Err(RaterError::Produce { topic, reason });
     }
     for r in states.values_mut() {
         r.commit();
@@ -324,10 +434,36 @@ async fn commit_batch(
     }
     // A partition revoked meanwhile cannot be committed by us; its new owner replays and the
     // rebuild makes that harmless.
-    if let Err(e) = consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
-        tracing::warn!(error = %e, "offset commit failed; the records will be redelivered and recognised");
-    }
+    let committed = match consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
+        Ok(()) => {
+            m.commits.with_label_values(&[STAGE, "kafka_offsets"]).inc();
+            true
+        }
+        Err(e) => {
+            m.commit_failures.with_label_values(&[STAGE, "kafka_offsets"]).inc();
+            tracing::warn!(error = %e, "offset commit failed; the records will be redelivered and recognised");
+            false
+        }
+    };
     stats.batches += 1;
-    tracing::debug!(records = batch.len, "batch committed");
+    // The outputs are acknowledged: count the batch, and log it in one line.
+    m.batch_records.with_label_values(&[STAGE]).observe(batch.len as f64);
+    m.dead_letters.with_label_values(&[STAGE]).inc_by(batch.dead_lettered);
+    let mut per_currency = Vec::with_capacity(batch.amounts.len());
+    for (currency, amount) in &batch.amounts {
+        m.add_rated_amount(*currency, *amount);
+        per_currency.push(format!("{amount} {currency}"));
+    }
+    batch.tally.flush(m, STAGE);
+    tracing::info!(
+        records = batch.len,
+        dead_lettered = batch.dead_lettered,
+        partitions = ?batch.next_offsets.keys().collect::<Vec<_>>(),
+        rated_amount = %per_currency.join(", "),
+        offsets_committed = committed,
+        ms = batch.started.elapsed().as_millis() as u64,
+        totals = ?stats,
+        "batch committed"
+    );
     Ok(())
 }

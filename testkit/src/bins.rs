@@ -139,3 +139,17 @@ pub fn clickhouse_bin() -> Result<PathBuf> {
 pub(crate) fn clickhouse_is_multicall(bin: &Path) -> bool {
     bin.file_name().is_some_and(|n| n == "clickhouse")
 }
+
+/// Path of the Prometheus server binary: `$METERLINE_PROMETHEUS_BIN`, `/usr/bin/prometheus`
+/// (Debian's package, installed by `scripts/install-test-deps.sh`), then `prometheus` on `PATH`.
+pub fn prometheus_bin() -> Result<PathBuf> {
+    let var = crate::prometheus::PROMETHEUS_BIN_ENV;
+    if let Some(path) = from_env(var)? {
+        return Ok(path);
+    }
+    let candidates = [PathBuf::from("/usr/bin/prometheus")];
+    if let Some(path) = candidates.iter().find(|p| is_executable(p)) {
+        return Ok(path.clone());
+    }
+    on_path("prometheus").ok_or_else(|| missing("Prometheus server", var, &candidates))
+}

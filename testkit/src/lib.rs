@@ -17,6 +17,7 @@
 //!   log tails for readiness errors, unique name suffixes.
 //! * [`broker`]: [`Broker`], start/kill/restart Tansu; per-test topic and group names; topic
 //!   creation through rdkafka's `AdminClient`.
+//! * [`prometheus`]: [`Prometheus`], a real Prometheus scraping loopback targets every second.
 //! * [`clickhouse_server`]: [`ClickHouse`], start/kill/restart ClickHouse from a generated XML
 //!   config; per-test databases; a plain-text query helper for asserts.
 //!
@@ -34,9 +35,11 @@ pub mod bins;
 pub mod broker;
 pub mod clickhouse_server;
 pub mod ports;
+pub mod prometheus;
 mod process;
 
 pub use bins::{clickhouse_bin, tansu_bin};
 pub use broker::{Broker, BrokerStorage};
+pub use prometheus::{Job, Prometheus};
 pub use clickhouse_server::ClickHouse;
 pub use ports::free_port;

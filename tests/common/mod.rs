@@ -2,8 +2,7 @@
 #![allow(dead_code)]
 
 use ::common::catalogue::{
-    Agreement, Customer, Delivery, Dimension, Offer, PriceBookDoc, PriceVersion, Product, Seller, UsageCategory, UsagePrice,
-    Visibility,
+    Agreement, Customer, Delivery, Dimension, Offer, PriceBookDoc, PriceVersion, Product, Seller, UsageCategory, UsagePrice, Visibility,
 };
 use ::common::time::Timestamp;
 
@@ -76,7 +75,12 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
             resale: None,
         }],
         customers: (0..customers)
-            .map(|i| Customer { id: format!("c{i:04}"), name: String::new(), customer_identifier: None, aws_account_id: Some(format!("{:012}", 500_000 + i)) })
+            .map(|i| Customer {
+                id: format!("c{i:04}"),
+                name: String::new(),
+                customer_identifier: None,
+                aws_account_id: Some(format!("{:012}", 500_000 + i)),
+            })
             .collect(),
         agreements: (0..customers)
             .map(|i| Agreement {
@@ -96,4 +100,3 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
         fx_rates: vec![],
     }
 }
-

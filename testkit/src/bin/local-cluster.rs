@@ -55,10 +55,12 @@ async fn main() -> anyhow::Result<()> {
     let broker = Broker::start(BrokerStorage::File(dir.join("broker").join("tansu.db"))).await?;
     let clickhouse = ClickHouse::start().await?;
     let config = dir.join("meterline.toml");
+    // /metrics, /health and /ready of the rater and the aggregator (ingest serves them on its port).
+    let (rater_metrics, aggregator_metrics) = (testkit::free_port(), testkit::free_port());
     std::fs::write(
         &config,
         format!(
-            "price_book = \"{}\"\n\n[kafka]\nbootstrap = \"{}\"\npartitions = 4\nsession_timeout_ms = 6000\n\n[clickhouse]\nurl = \"{}\"\ndatabase = \"meterline\"\n\n[ingest]\nlisten = \"127.0.0.1:{}\"\n",
+            "price_book = \"{}\"\n\n[kafka]\nbootstrap = \"{}\"\npartitions = 4\nsession_timeout_ms = 6000\n\n[clickhouse]\nurl = \"{}\"\ndatabase = \"meterline\"\n\n[ingest]\nlisten = \"127.0.0.1:{}\"\n\n[rater]\nmetrics_listen = \"127.0.0.1:{rater_metrics}\"\n\n[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_metrics}\"\n",
             price_book.display(),
             broker.bootstrap(),
             clickhouse.url(),
@@ -75,7 +77,8 @@ async fn main() -> anyhow::Result<()> {
          \x20 broker      {bootstrap}   (Tansu, file-backed in {dir}/broker)\n\
          \x20 clickhouse  {ch}   (database meterline)\n\
          \x20 config      {cfg}\n\
-         \x20 logs        {dir}/ingest.log, rater.log, aggregator.log\n\n\
+         \x20 logs        {dir}/ingest.log, rater.log, aggregator.log\n\
+         \x20 metrics     http://127.0.0.1:{port}/metrics  http://127.0.0.1:{rater_metrics}/metrics  http://127.0.0.1:{aggregator_metrics}/metrics\n\n\
          Look at the monthly charges:\n\
          \x20 clickhouse-client --port {tcp} --query \"SELECT month, customer, product, dimension, currency, customer_billed_amount FROM meterline.monthly_charges FINAL ORDER BY month, customer\"\n\
          Ctrl-C stops everything.",
