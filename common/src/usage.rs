@@ -64,7 +64,34 @@ pub struct UsageRecord {
     pub received_at: Timestamp,
 }
 
+/// Largest quantity any marketplace profile accepts (ingest refuses more, by name).
+pub const MAX_QUANTITY: i64 = 1_000_000_000_000_000;
+/// Most decimal places of any quantity.
+pub const MAX_QUANTITY_SCALE: u32 = 9;
+
 impl UsageRecord {
+    /// The quantity bounds ingest guarantees. Consumers of the raw topic re-check them, so a
+    /// record from another producer (or a future bug) is refused by name instead of being rated
+    /// into a negative or overflowing charge (found by the `rater_core` fuzz target).
+    pub fn check_bounds(&self) -> Result<(), String> {
+        let bad = |what: &str, q: Decimal| {
+            if q.is_sign_negative() && !q.is_zero() {
+                Some(format!("{what} {q} is negative"))
+            } else if q > Decimal::from(MAX_QUANTITY) {
+                Some(format!("{what} {q} exceeds the maximum of {MAX_QUANTITY}"))
+            } else if q.normalize().scale() > MAX_QUANTITY_SCALE {
+                Some(format!("{what} {q} has more than {MAX_QUANTITY_SCALE} decimal places"))
+            } else {
+                None
+            }
+        };
+        let allocations = self.allocations.iter().map(|a| bad("an allocated quantity", a.quantity));
+        match std::iter::once(bad("Quantity", self.quantity)).chain(allocations).flatten().next() {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+
     /// The UTC hour the usage belongs to.
     pub fn hour(&self) -> Hour {
         self.timestamp.hour()

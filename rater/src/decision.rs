@@ -50,6 +50,9 @@ impl Rater {
     /// Decides one record. A `Rated` decision stages a dedup claim that becomes permanent only
     /// with [`Rater::commit`].
     pub fn decide(&mut self, record: &UsageRecord, book: &PriceBook) -> Decision {
+        if let Err(why) = record.check_bounds() {
+            return Decision::Refused { record_id: record.record_id(), rejection: Rejection::new(RejectCode::InvalidQuantity, why) };
+        }
         let key = record.dedup_key();
         let record_id = record.record_id_for(key);
         match self.dedup.check_and_stage(key, record.hour(), record_id) {
@@ -215,5 +218,25 @@ mod tests {
         assert_eq!((r.charge_type, r.billing_month().to_string(), r.month().to_string()), (ChargeType::Adjustment, "2026-11".into(), "2026-10".into()));
         let Decision::Rated(n) = rater.decide(&rec("2026-11-02T10:00:00Z", 1, "cust-a", "users"), &book) else { panic!() };
         assert_eq!((n.charge_type, n.booked_month), (ChargeType::Usage, None));
+    }
+
+    /// Regression (fuzz target `rater_core`): a raw-topic record with a negative quantity was
+    /// rated into a negative charge; records out of ingest's bounds are refused by name.
+    #[test]
+    fn out_of_bounds_quantities_from_the_topic_are_refused_not_rated() {
+        let book = PriceBook::from_toml(BOOK).unwrap();
+        let mut rater = Rater::new();
+        let mut negative = rec("2026-11-02T10:00:00Z", -5, "cust-a", "users");
+        let mut huge = rec("2026-11-02T11:00:00Z", 0, "cust-a", "users");
+        huge.quantity = Decimal::MAX;
+        let mut too_fine = rec("2026-11-02T12:00:00Z", 0, "cust-a", "users");
+        too_fine.quantity = Decimal::new(1, 10);
+        for r in [&mut negative, &mut huge, &mut too_fine] {
+            match rater.decide(r, &book) {
+                Decision::Refused { rejection, .. } => assert_eq!(rejection.code, RejectCode::InvalidQuantity, "{rejection:?}"),
+                other => panic!("expected InvalidQuantity, got {other:?}"),
+            }
+        }
+        assert_eq!(rater.dedup_keys(), 0);
     }
 }
