@@ -55,6 +55,9 @@ enum Command {
         /// Records allowed to wait for the store before callers get 429.
         #[arg(long, default_value_t = server::DEFAULT_MAX_IN_FLIGHT)]
         max_in_flight: usize,
+        /// TLS, key rotation, per-seller limits, body deadline.
+        #[command(flatten)]
+        hardening: server::HardeningArgs,
     },
     /// Rate a file of usage records (JSON lines with ProductCode) and print the charge lines as JSON.
     Rate {
@@ -195,8 +198,10 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let text = rt.block_on(demo::run(opts))?;
             out.push_str(&text);
         }
-        Command::Serve { price_book, data_dir, listen, max_in_flight } => {
+        Command::Serve { price_book, data_dir, listen, max_in_flight, hardening } => {
             let book = Arc::new(PriceBook::load(&price_book)?);
+            let opts = hardening.options(&price_book)?;
+            let scheme = if opts.tls.is_some() { "https" } else { "http" };
             std::fs::create_dir_all(&data_dir)?;
             let db = data_dir.join("meterline.db");
             let rt = tokio::runtime::Runtime::new()?;
@@ -206,7 +211,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 // One write, tolerant of a reader that went away; scripts (and the crash test)
                 // read the address from the first line.
                 emit(&format!(
-                    "Meterline listening on http://{addr}  (store {})\n\
+                    "Meterline listening on {scheme}://{addr}  (store {})\n\
                      \x20 POST http://{addr}/v1/BatchMeterUsage   AWS BatchMeterUsage JSON, header X-Api-Key\n\
                      \x20 POST http://{addr}/                     with X-Amz-Target: AWSMPMeteringService.BatchMeterUsage\n\
                      \x20 POST http://{addr}/v1/MeterUsage        AWS MeterUsage JSON\n\
@@ -216,7 +221,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 ))?;
                 let clock = Arc::new(ingest::clock::SystemClock);
                 // SIGINT or SIGTERM (what systemd and Kubernetes send): drain, commit, exit 0.
-                let stats = server::serve(listener, &db, book, clock, max_in_flight, async {
+                let stats = server::serve_with(listener, &db, book, clock, max_in_flight, opts, async {
                     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
                     tokio::select! {
                         _ = tokio::signal::ctrl_c() => {}

@@ -85,6 +85,10 @@ pub struct KafkaConfig {
     /// Extra librdkafka settings (applied first; protected keys are refused).
     #[serde(default)]
     pub client: BTreeMap<String, String>,
+    /// librdkafka settings read from files at load (e.g. `"sasl.password" = "/run/secrets/kafka"`),
+    /// so secrets stay out of the config file; merged into `client`.
+    #[serde(default)]
+    pub client_files: BTreeMap<String, PathBuf>,
 }
 
 impl fmt::Debug for KafkaConfig {
@@ -124,6 +128,9 @@ pub struct ClickHouseConfig {
     /// Password; set it through `METERLINE__CLICKHOUSE__PASSWORD`, never in the file.
     #[serde(default)]
     pub password: Option<String>,
+    /// Or read the password from this file at load (a mounted secret); trailing newline dropped.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for ClickHouseConfig {
@@ -157,11 +164,43 @@ pub struct IngestSection {
     /// How long to wait for the broker's acknowledgement before answering 503.
     #[serde(default = "default_delivery_timeout")]
     pub delivery_timeout_ms: u64,
+    /// `[ingest.security]`: TLS, key rotation, per-seller limits, body deadline.
+    #[serde(default)]
+    pub security: IngestSecurity,
+}
+
+/// `ingest` hardening settings (issue 7); all optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSecurity {
+    /// PEM certificate chain: serve HTTPS (needs `tls_key`).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Extra API keys (`[[keys]]` TOML), reloaded with the price book's keys on SIGHUP or change.
+    #[serde(default)]
+    pub keys_file: Option<PathBuf>,
+    /// Per-seller records per second (off when absent).
+    #[serde(default)]
+    pub seller_records_per_sec: Option<u32>,
+    /// Per-seller burst in records.
+    #[serde(default)]
+    pub seller_burst: Option<u32>,
+    /// How long a request body may take to arrive (ms) before 408.
+    #[serde(default)]
+    pub body_timeout_ms: Option<u64>,
 }
 
 impl Default for IngestSection {
     fn default() -> Self {
-        IngestSection { listen: default_listen(), max_in_flight: default_in_flight(), delivery_timeout_ms: default_delivery_timeout() }
+        IngestSection {
+            listen: default_listen(),
+            max_in_flight: default_in_flight(),
+            delivery_timeout_ms: default_delivery_timeout(),
+            security: IngestSecurity::default(),
+        }
     }
 }
 
@@ -300,7 +339,33 @@ impl PipelineConfig {
             .merge(Env::prefixed("METERLINE__").split("__"))
             .extract()
             .map_err(|e| ConfigError::Load(format!("{} ({})", e, path.display())))?;
-        cfg.validate()
+        cfg.read_secret_files()?.validate()
+    }
+
+    /// Reads `clickhouse.password_file` and `kafka.client_files` into the values they stand for.
+    /// Errors name the setting and the file, never the content.
+    pub fn read_secret_files(mut self) -> Result<Self, ConfigError> {
+        fn secret(setting: &str, path: &Path) -> Result<String, ConfigError> {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Load(format!("{setting}: cannot read {}: {e}", path.display())))?;
+            Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+        }
+        if let Some(ch) = self.clickhouse.as_mut() {
+            if let Some(p) = ch.password_file.clone() {
+                if ch.password.is_some() {
+                    return Err(ConfigError::Invalid("clickhouse: set password or password_file, not both".into()));
+                }
+                ch.password = Some(secret("clickhouse.password_file", &p)?);
+            }
+        }
+        for (key, p) in std::mem::take(&mut self.kafka.client_files) {
+            if self.kafka.client.contains_key(&key) {
+                return Err(ConfigError::Invalid(format!("kafka: `{key}` is set in both client and client_files")));
+            }
+            let v = secret(&format!("kafka.client_files.\"{key}\""), &p)?;
+            self.kafka.client.insert(key, v);
+        }
+        Ok(self)
     }
 
     /// Parses TOML text (no environment), then validates.
@@ -366,5 +431,22 @@ mod tests {
         c.kafka.client.insert("sasl.password".into(), "hunter3".into());
         let s = format!("{c:?}");
         assert!(!s.contains("hunter2") && !s.contains("hunter3"), "{s}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_stay_unprinted() {
+        let dir = std::env::temp_dir().join(format!("meterline-secrets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ch, kf) = (dir.join("ch"), dir.join("kafka"));
+        std::fs::write(&ch, "s3cret-ch\n").unwrap();
+        std::fs::write(&kf, "s3cret-kafka").unwrap();
+        let text = EXAMPLE.replace("[clickhouse]", &format!("[clickhouse]\npassword_file = {:?}", ch.display().to_string()));
+        let text = format!("{text}\n[kafka.client_files]\n\"sasl.password\" = {:?}\n", kf.display().to_string());
+        let c = PipelineConfig::from_toml(&text).unwrap().read_secret_files().unwrap();
+        assert_eq!(c.clickhouse.as_ref().unwrap().password.as_deref(), Some("s3cret-ch"));
+        assert_eq!(c.kafka.client.get("sasl.password").map(String::as_str), Some("s3cret-kafka"));
+        let s = format!("{c:?}");
+        assert!(!s.contains("s3cret"), "{s}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -15,13 +15,14 @@
 //! `Retry-After`) fails a whole call, and then nothing of it was stored.
 
 use crate::clock::Clock;
+use crate::guard::{ReadBody, Security};
+use crate::limit::{retry_after_secs, Limited};
 use crate::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
 use crate::validate::{validate, Caller, Context};
 use crate::wire::{
     BatchMeterUsageRequest, BatchMeterUsageResponse, BulkResponse, BulkResult, ErrorBody, MeterUsageFlags,
     UsageRecordResult, WireRecord,
 };
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -60,6 +61,8 @@ pub struct IngestState<S> {
     pub clock: Arc<dyn Clock>,
     /// HTTP limits.
     pub limits: HttpLimits,
+    /// Keys, per-seller limits, body deadline.
+    pub security: Security,
 }
 
 /// Builds the router.
@@ -82,11 +85,18 @@ pub struct ApiError {
     kind: &'static str,
     message: String,
     retry_after: Option<u32>,
+    close: bool,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, kind, message: message.into(), retry_after: None }
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, kind, message: message.into(), retry_after: None, close: false }
+    }
+
+    /// Asks the server to close the connection after this answer (the client may still be sending).
+    pub(crate) fn closing(mut self) -> Self {
+        self.close = true;
+        self
     }
 }
 
@@ -97,6 +107,9 @@ impl IntoResponse for ApiError {
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
         if let Some(s) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        if self.close {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         resp
     }
@@ -129,7 +142,7 @@ fn json_response<T: serde::Serialize>(value: &T) -> Response {
 }
 
 /// The seller behind the request's API key.
-fn authenticate<'b>(headers: &HeaderMap, book: &'b PriceBook) -> Result<&'b Seller, ApiError> {
+fn authenticate<'b, S>(headers: &HeaderMap, st: &'b IngestState<S>) -> Result<&'b Seller, ApiError> {
     let key = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
@@ -142,8 +155,38 @@ fn authenticate<'b>(headers: &HeaderMap, book: &'b PriceBook) -> Result<&'b Sell
             "an API key is required: send `X-Api-Key: <key>` or `Authorization: Bearer <key>`",
         ));
     };
-    book.seller_for_key(key)
+    st.security
+        .keys
+        .seller(key, &st.book, st.clock.now())
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "UnrecognizedClientException", "the API key is not valid"))
+}
+
+/// Takes `records` from the seller's budget (429 with `Retry-After` when it is spent).
+fn admit_seller<S>(st: &IngestState<S>, seller: &Seller, records: usize) -> Result<(), ApiError> {
+    let Some(limiter) = &st.security.limiter else { return Ok(()) };
+    match limiter.check(&seller.id, records) {
+        Ok(()) => Ok(()),
+        Err(Limited::RetryAfter(wait)) => {
+            let secs = retry_after_secs(wait);
+            Err(ApiError {
+                retry_after: Some(secs),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "ThrottlingException",
+                    format!(
+                        "seller `{}` is over its rate of {} records/s; retry after {secs} s",
+                        seller.id,
+                        limiter.limits().records_per_sec
+                    ),
+                )
+            })
+        }
+        Err(Limited::TooLarge { burst }) => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "ValidationException",
+            format!("{records} records in one call exceed seller `{}`'s burst of {burst}; split the call", seller.id),
+        )),
+    }
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -170,7 +213,7 @@ fn owns(book: &PriceBook, seller: &Seller, product: &str) -> Result<(), ApiError
         _ => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "AccessDeniedException",
-            format!("product `{product}` is not one of this API key's products"),
+            format!("product `{}` is not one of this API key's products", crate::validate::truncate(product, 64)),
         )),
     }
 }
@@ -230,11 +273,11 @@ fn validate_all<'a>(
     (slots, accepted, refused)
 }
 
-async fn aws_json<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn aws_json<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
     let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
     match target.rsplit('.').next() {
-        Some("BatchMeterUsage") => batch_meter_usage(State(st), headers, body).await,
-        Some("MeterUsage") => meter_usage(State(st), headers, body).await,
+        Some("BatchMeterUsage") => batch_meter_usage(State(st), headers, ReadBody(body)).await,
+        Some("MeterUsage") => meter_usage(State(st), headers, ReadBody(body)).await,
         _ => ApiError::new(
             StatusCode::BAD_REQUEST,
             "UnknownOperationException",
@@ -244,7 +287,7 @@ async fn aws_json<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: 
     }
 }
 
-async fn batch_meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn batch_meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
     match batch_inner(&st, &headers, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -253,7 +296,7 @@ async fn batch_meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, 
 
 async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     check_content_type(headers)?;
-    let seller = authenticate(headers, &st.book)?;
+    let seller = authenticate(headers, st)?;
     let req: BatchMeterUsageRequest<'_> = serde_json::from_slice(body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for BatchMeterUsage: {e}")))?;
     let Some(product) = req.product_code.as_deref().filter(|p| !p.is_empty()) else {
@@ -271,6 +314,7 @@ async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
             ),
         ));
     }
+    admit_seller(st, seller, req.usage_records.len())?;
     let (slots, accepted, refused) =
         validate_all(req.usage_records.iter().map(|r| r.get()), Some(product), seller, &st.book, st.clock.as_ref());
     let n_refused = refused.len();
@@ -291,7 +335,7 @@ async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
     Ok(json_response(&BatchMeterUsageResponse { results, unprocessed_records: empty }))
 }
 
-async fn meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
     match meter_inner(&st, &headers, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -314,7 +358,7 @@ fn exception_for(code: RejectCode) -> &'static str {
 
 async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     check_content_type(headers)?;
-    let seller = authenticate(headers, &st.book)?;
+    let seller = authenticate(headers, st)?;
     let bad_json =
         |e: serde_json::Error| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for MeterUsage: {e}"));
     let record: WireRecord<'_> = serde_json::from_slice(body).map_err(bad_json)?;
@@ -323,6 +367,7 @@ async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidProductCodeException", "ProductCode is required"));
     };
     owns(&st.book, seller, product)?;
+    admit_seller(st, seller, 1)?;
     let now = st.clock.now();
     let cx = Context { book: &st.book, caller: Caller::Seller(seller), now: Some(now), received_at: now };
     let raw = std::str::from_utf8(body).unwrap_or_default();
@@ -357,7 +402,7 @@ async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
     }
 }
 
-async fn bulk<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn bulk<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
     match bulk_inner(&st, &headers, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -372,7 +417,7 @@ struct ProductOnly<'a> {
 
 async fn bulk_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     check_content_type(headers)?;
-    let seller = authenticate(headers, &st.book)?;
+    let seller = authenticate(headers, st)?;
     let text = std::str::from_utf8(body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("body is not UTF-8: {e}")))?;
     // (line number, raw line) of the non-blank lines.
@@ -391,6 +436,7 @@ async fn bulk_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body
             owns(&st.book, seller, &p).map_err(|e| ApiError { message: format!("line {n}: {}", e.message), ..e })?;
         }
     }
+    admit_seller(st, seller, lines.len())?;
     let now = st.clock.now();
     let cx = Context { book: &st.book, caller: Caller::Seller(seller), now: Some(now), received_at: now };
     let mut slots = Vec::with_capacity(lines.len());

@@ -12,11 +12,18 @@
 //! - `kafka_sink` (feature `distributed`): SHELL. The raw topic as the sink, answered after the
 //!   broker's acknowledgement.
 //!
+//! - [`auth`], [`limit`], [`guard`], [`tls`] (issue 7): hashed keys compared in constant time and
+//!   reloaded without a restart, per-seller rate limits, the body deadline and size limits, TLS.
+//!
 //! Data enters in [`http`] and leaves through a [`sink::UsageSink`]; a record is answered
 //! `Success` only after the sink reports it durable (design guarantee 1).
 
+pub mod auth;
 pub mod clock;
+pub mod guard;
 pub mod http;
+pub mod limit;
+pub mod tls;
 #[cfg(feature = "distributed")]
 pub mod kafka_sink;
 pub mod metered;

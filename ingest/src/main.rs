@@ -13,6 +13,7 @@ use ingest::http::{router, HttpLimits, IngestState};
 use ingest::kafka_sink::KafkaSink;
 use ingest::metered::Metered;
 use common::metrics::Metrics;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,11 +42,28 @@ async fn main() -> anyhow::Result<()> {
     let sink = KafkaSink::new(&cfg.kafka, cfg.ingest.max_in_flight, Duration::from_millis(cfg.ingest.delivery_timeout_ms))?
         .with_metrics(Arc::clone(&metrics));
     let listen = args.listen.unwrap_or(cfg.ingest.listen.clone());
+    let sec = &cfg.ingest.security;
+    let tls = match (&sec.tls_cert, &sec.tls_key) {
+        (Some(cert), Some(key)) => Some(ingest::tls::server_config(&ingest::tls::TlsFiles { cert: cert.clone(), key: key.clone() })?),
+        (None, None) => None,
+        _ => anyhow::bail!("ingest.security: tls_cert and tls_key go together"),
+    };
+    let sources = ingest::auth::KeySources { price_book: Some(cfg.price_book.clone()), keys_file: sec.keys_file.clone() };
+    let keys = ingest::auth::SharedKeys::new(sources.load(&book)?);
+    let reloads = ingest::auth::watch(keys.clone(), sources, Arc::clone(&book), Duration::from_secs(2));
+    let seller_limits = sec.seller_records_per_sec.and_then(NonZeroU32::new).map(|rate| {
+        let burst = sec.seller_burst.and_then(NonZeroU32::new).unwrap_or(rate.saturating_mul(NonZeroU32::new(2).expect("2 > 0")));
+        ingest::limit::SellerLimits { records_per_sec: rate, burst }
+    });
+    let security = ingest::guard::Security { keys, ..ingest::guard::Security::for_book(&book) }
+        .with_seller_limits(seller_limits)
+        .with_body_timeout(sec.body_timeout_ms.map_or(ingest::guard::DEFAULT_BODY_TIMEOUT, Duration::from_millis));
     let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
-    println!("ingest listening on http://{addr} → topic {}", cfg.kafka.topics.raw);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("ingest listening on {scheme}://{addr} → topic {}", cfg.kafka.topics.raw);
     let metered = Metered::new(sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
-    let state = Arc::new(IngestState { book, sink: metered, clock: Arc::new(SystemClock), limits: HttpLimits::default() });
+    let state = Arc::new(IngestState { book, sink: metered, clock: Arc::new(SystemClock), limits: HttpLimits::default(), security });
     // `/metrics` and `/ready` beside the API; every call timed until its answer (the ack).
     let app = common::ops::instrument(router(state), &metrics);
     metrics.set_ready(true);
@@ -56,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
         stopping.set_ready(false);
         tracing::info!("shutdown requested: draining in-flight calls");
     };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    ingest::tls::serve(listener, app, tls, shutdown).await?;
+    reloads.abort();
     sink.flush(Duration::from_secs(10));
     tracing::info!("ingest stopped: producer flushed");
     Ok(())

@@ -17,9 +17,9 @@ use std::collections::HashSet;
 /// Largest quantity under the AWS profile (2^31 − 1).
 pub const MAX_INTEGER_QUANTITY: i64 = 2_147_483_647;
 /// Largest quantity under decimal profiles (keeps amounts far from `Decimal`'s limits).
-pub const MAX_DECIMAL_QUANTITY: i64 = 1_000_000_000_000_000;
+pub const MAX_DECIMAL_QUANTITY: i64 = common::usage::MAX_QUANTITY;
 /// Most decimal places of a quantity under decimal profiles.
-pub const MAX_QUANTITY_SCALE: u32 = 9;
+pub const MAX_QUANTITY_SCALE: u32 = common::usage::MAX_QUANTITY_SCALE;
 
 fn reject(code: RejectCode, msg: impl Into<String>) -> Rejection {
     Rejection::new(code, msg)
@@ -64,7 +64,11 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
         (Some(p), Some(b)) if p != b => {
             return Err(reject(
                 RejectCode::InvalidProductCode,
-                format!("record ProductCode `{p}` differs from the call's `{b}`; one product per call"),
+                format!(
+                    "record ProductCode `{}` differs from the call's `{}`; one product per call",
+                    truncate(p, 64),
+                    truncate(b, 64)
+                ),
             ))
         }
         (Some(p), _) => p,
@@ -72,7 +76,7 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
         (None, None) => return Err(reject(RejectCode::InvalidProductCode, "ProductCode is missing")),
     };
     let Some(product) = book.product(product_code) else {
-        return Err(reject(RejectCode::InvalidProductCode, format!("product `{product_code}` is unknown")));
+        return Err(reject(RejectCode::InvalidProductCode, format!("product `{}` is unknown", truncate(product_code, 64))));
     };
     let seller = match cx.caller {
         Caller::Seller(s) => {
@@ -101,7 +105,7 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
             .unwrap_or_default();
         return Err(reject(
             RejectCode::InvalidUsageDimension,
-            format!("dimension `{dimension}` is not published on product `{product_code}`{hint}"),
+            format!("dimension `{}` is not published on product `{product_code}`{hint}", truncate(dimension, 64)),
         ));
     }
 
@@ -225,7 +229,8 @@ fn resolve_customer(wire: &WireRecord<'_>, book: &PriceBook) -> Result<(String, 
     })
 }
 
-fn truncate(s: &str, n: usize) -> Cow<'_, str> {
+/// `s` cut to `n` characters (with `…`), so a hostile value cannot bloat a reason or a log line.
+pub(crate) fn truncate(s: &str, n: usize) -> Cow<'_, str> {
     if s.chars().count() <= n {
         Cow::Borrowed(s)
     } else {

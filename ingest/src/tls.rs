@@ -1,0 +1,81 @@
+//! SHELL. Serving the router over plain HTTP or, when a certificate is configured, TLS (rustls
+//! with the ring provider; TLS 1.2 and 1.3, HTTP/1.1).
+
+use axum::Router;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// PEM files of the server certificate chain and its private key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read or holds no usable PEM.
+    #[error("TLS {what} {path}: {why}")]
+    File {
+        /// `certificate` or `key`.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the pair.
+    #[error("TLS: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// A rustls server configuration from PEM files.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+    let file_err = |what, path: &PathBuf, why: String| TlsError::File { what, path: path.clone(), why };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| file_err("certificate", &files.cert, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(file_err("certificate", &files.cert, "no CERTIFICATE block".into()));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| file_err("key", &files.key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight calls finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<Arc<ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let Some(config) = tls else {
+        return axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    };
+    let handle = axum_server::Handle::<std::net::SocketAddr>::new();
+    let stopper = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        // In-flight calls get this long to finish; their records are durable or not answered.
+        stopper.graceful_shutdown(Some(Duration::from_secs(30)));
+    });
+    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(axum_server::tls_rustls::RustlsConfig::from_config(config))
+        .handshake_timeout(Duration::from_secs(10));
+    axum_server::Server::from_listener(listener).acceptor(acceptor).handle(handle).serve(app.into_make_service()).await
+}
