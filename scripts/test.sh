@@ -18,3 +18,8 @@ promtool check config deploy/prometheus/prometheus.yml
 promtool test rules deploy/prometheus/alerts.test.yml
 cargo test --workspace --all-features --locked -- --test-threads="${METERLINE_TEST_THREADS:-1}"
 cargo bench --workspace --all-features --locked --no-run
+
+# Issue 7: every fuzz target for a bounded time (cargo-fuzz on nightly, installed if missing), and
+# the supply-chain policy (cargo-deny; the advisory check needs GitHub, see SECURITY.md).
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}" bash scripts/fuzz.sh
+bash scripts/deny.sh
