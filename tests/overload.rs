@@ -150,9 +150,12 @@ async fn call(http: &reqwest::Client, url: &str, key: &str, product: &str, recor
 /// equal an offline rating (same cores, no HTTP, no store) of exactly the acknowledged records.
 fn check_against_ground_truth(book: &PriceBook, data: &std::path::Path, tally: &Tally) {
     let conn = Store::open_read_only(&data.join("meterline.db")).unwrap();
+    // One scan (rated_usage has no index on record_id; a lookup per id would scan per id).
+    let mut st = conn.prepare("SELECT record_id FROM rated_usage").unwrap();
+    let stored_ids: std::collections::HashSet<String> = st.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect();
     for id in tally.acked.keys() {
         let rid: RecordId = id.parse().unwrap();
-        assert!(Store::has_record(&conn, rid).unwrap(), "acknowledged record {id} is not in the store");
+        assert!(stored_ids.contains(&rid.to_string()), "acknowledged record {id} is not in the store");
     }
     let counts: HashMap<String, u64> = Store::status_counts(&conn).unwrap().into_iter().collect();
     assert_eq!(counts.get("Success").copied().unwrap_or(0), tally.acked.len() as u64, "accepted in the store = acknowledged");
@@ -180,7 +183,8 @@ fn env_secs(name: &str, default: u64) -> u64 {
 async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowledged_is_lost() {
     const CUSTOMERS: usize = 4000;
     const HOURS: i64 = 5;
-    const OUTSTANDING: usize = 2000;
+    // Below the default 1024 open files of both processes.
+    const OUTSTANDING: usize = 256;
     let overload_secs = env_secs("METERLINE_OVERLOAD_SECS", 12);
     let dir = tempfile::tempdir().unwrap();
     let book_path = dir.path().join("price-book.toml");
@@ -188,7 +192,7 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
     std::fs::write(&book_path, book.to_toml().unwrap()).unwrap();
     let data = dir.path().join("data");
     // A small in-flight bound makes shedding visible within seconds (the default is 500,000).
-    let server = serve(&book_path, &data, &["--max-in-flight", "10000"]);
+    let server = serve(&book_path, &data, &["--max-in-flight", "2000"]);
     let url = server.url.clone();
 
     // Unique slots: customer × dimension × hour, in batches of 25; replayed (identical resends)
@@ -209,7 +213,7 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
     }
     let batches = Arc::new(batches);
     let next = Arc::new(AtomicUsize::new(0));
-    let http = reqwest::Client::builder().pool_max_idle_per_host(OUTSTANDING).build().unwrap();
+    let http = reqwest::Client::builder().pool_max_idle_per_host(OUTSTANDING).timeout(Duration::from_secs(60)).build().unwrap();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let take = {
         let (batches, next) = (Arc::clone(&batches), Arc::clone(&next));
@@ -291,7 +295,10 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
             }
         }
     };
-    let before = (tally.lock().unwrap().calls_ok, tally.lock().unwrap().throttled + tally.lock().unwrap().unavailable);
+    let before = {
+        let t = tally.lock().unwrap();
+        (t.calls_ok, t.throttled + t.unavailable)
+    };
     phase(overload_secs, 2.0 * t_rate).await;
     let overload_end_ms = t0.elapsed().as_millis() as u64;
     let (ok_over, shed_over) = {
@@ -343,7 +350,7 @@ async fn soak_of_mixed_good_and_bad_traffic_bills_exactly_the_good_records() {
     let now = ingest::clock::SystemClock.now();
     let scenario = loadtest::scenario::Scenario::generate(loadtest::scenario::ScenarioConfig {
         customers: 300,
-        month: now.month(),
+        month: now.hour().month(),
         seed: 77,
         identical_resend_share: 0.05,
         conflict_share: 0.01,
@@ -378,7 +385,7 @@ async fn soak_of_mixed_good_and_bad_traffic_bills_exactly_the_good_records() {
         ("content type".into(), "text/csv", "a,b".into(), 415),
         ("oversized".into(), "application/json", format!(r#"{{"ProductCode":"{}","X":"{}"}}"#, foreign, "y".repeat(1_100_000)), 413),
     ];
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let next = Arc::new(AtomicUsize::new(0));
     let hostile_answered = Arc::new(AtomicU64::new(0));
