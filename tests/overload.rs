@@ -160,7 +160,7 @@ fn check_against_ground_truth(book: &PriceBook, data: &std::path::Path, tally: &
     let counts: HashMap<String, u64> = Store::status_counts(&conn).unwrap().into_iter().collect();
     assert_eq!(counts.get("Success").copied().unwrap_or(0), tally.acked.len() as u64, "accepted in the store = acknowledged");
     let usage: String = tally.acked.values().map(|v| format!("{v}\n")).collect();
-    let truth = meterline::rate::rate_lines(book, &usage, None, None).unwrap();
+    let truth = meterline::rate::rate_lines(book, &usage, &meterline::rate::RateOptions::default()).unwrap();
     assert!(truth.refused.is_empty(), "acknowledged records rate offline: {:?}", &truth.refused[..truth.refused.len().min(3)]);
     let key = |l: &::common::rated::ChargeLine| format!("{}|{}|{}|{}|{:?}|{}", l.month, l.customer, l.product, l.dimension, l.charge_type, l.currency);
     let stored: HashMap<String, (rust_decimal::Decimal, rust_decimal::Decimal)> =
