@@ -45,3 +45,39 @@ pub fn wire_line(i: usize) -> String {
         i % 1000
     )
 }
+
+/// A realistic world: the load generator's seeded catalogue (many customers, up to 24
+/// dimensions, annual coverage, a EUR private offer) and `hours` hours of its valid traffic from
+/// the start of the month, as validated usage records (no resends or invalid records: every
+/// record is a distinct slot).
+pub fn scenario(customers: usize, hours: i64) -> (PriceBook, Vec<UsageRecord>) {
+    use loadtest::scenario::{Scenario, ScenarioConfig};
+    use rand::SeedableRng;
+    let s = Scenario::generate(ScenarioConfig {
+        customers,
+        identical_resend_share: 0.0,
+        conflict_share: 0.0,
+        invalid_share: 0.0,
+        ..Default::default()
+    });
+    let book = PriceBook::new(s.doc.clone()).expect("the generated price book validates");
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+    let mut out = Vec::new();
+    let received = s.config.month.start();
+    for h in 0..hours {
+        let hour = common::time::Hour(s.config.month.first_hour().0 + h);
+        for batch in s.hour_traffic(hour, &mut rng) {
+            for r in &batch.records {
+                let text = r.to_string();
+                let w: ingest::wire::WireRecord<'_> = serde_json::from_str(&text).expect("generated records parse");
+                let cx =
+                    ingest::validate::Context { book: &book, caller: ingest::validate::Caller::Trusted, now: None, received_at: received };
+                if let Ok(mut u) = ingest::validate::validate(&w, Some(&batch.product), &cx) {
+                    u.canonicalise();
+                    out.push(u);
+                }
+            }
+        }
+    }
+    (book, out)
+}

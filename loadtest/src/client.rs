@@ -88,13 +88,11 @@ impl Client {
         Ok(results)
     }
 
-    /// One native bulk call (JSON lines, `ProductCode` on each record).
-    pub async fn bulk(&self, key: &str, product: &str, records: &[Value], tally: &mut Tally) -> anyhow::Result<Vec<Value>> {
+    /// One native bulk call: JSON lines, each record carrying its `ProductCode`.
+    pub async fn bulk(&self, key: &str, records: &[Value], tally: &mut Tally) -> anyhow::Result<Vec<Value>> {
         let mut body = Vec::with_capacity(records.len() * 160);
         for r in records {
-            let mut r = r.clone();
-            r["ProductCode"] = Value::String(product.to_owned());
-            serde_json::to_writer(&mut body, &r)?;
+            serde_json::to_writer(&mut body, r)?;
             body.push(b'\n');
         }
         let url = format!("{}/v1/usage", self.base);

@@ -5,10 +5,21 @@
 //!   dimensions, annual subscriptions, a private offer in EUR) and the hourly usage sellers would
 //!   send for it, with a configurable share of identical resends, conflicting resends and invalid
 //!   records.
-//! - [`client`]: posts that traffic through the real HTTP API (AWS `BatchMeterUsage` batches of 25
-//!   or the native bulk endpoint) and tallies the per-record answers and ack latencies.
+//! - [`traffic`]: that usage as a bounded, paced stream of calls (AWS batches of 25 or native bulk
+//!   calls), for the hours before now or for a month.
+//! - [`client`]: posts that traffic through the real HTTP API and tallies the per-record answers
+//!   and ack latencies.
+//! - [`probe`]: event → charge visible in ClickHouse, sampled.
+//! - [`prices`]: the price book flattened per (customer, product, dimension, hour), for SQL.
+//! - `kafka` (feature `kafka`): produces straight to the raw topic; reads it back raw (the
+//!   broker's limit).
 //!
-//! Traffic only ever goes to the URL it is given; the binary refuses non-loopback addresses.
+//! Traffic only ever goes to the addresses it is given; the binary refuses non-loopback ones.
 
 pub mod client;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+pub mod prices;
+pub mod probe;
 pub mod scenario;
+pub mod traffic;

@@ -1,10 +1,10 @@
 //! PURE. Deduplication over the acceptance window (domain-rules MET-11, design guarantee 3).
 //!
-//! State: for each UTC hour still inside the window, a map from [`DedupKey`] (product, customer,
-//! dimension, hour) to the [`RecordId`] that was accepted for it. A new record is either the
-//! first for its key, an identical resend (same record id: `Success`, no extra charge), or a
-//! conflict (other quantity or allocations: `DuplicateRecord`, the first stands). Records for one
-//! key are never summed.
+//! State: for each UTC hour still inside the window, the claims accepted for it: a [`DedupKey`]
+//! (product, customer, dimension, hour) and the [`RecordId`] that was accepted for it. A new record
+//! is either the first for its key, an identical resend (same record id: `Success`, no extra
+//! charge), or a conflict (other quantity or allocations: `DuplicateRecord`, the first stands).
+//! Records for one key are never summed.
 //!
 //! Claims are two-phase so that a key is never claimed before its record is durable (guarantee 2):
 //! [`Deduper::check_and_stage`] stages a claim (visible to later records of the same batch),
@@ -13,6 +13,16 @@
 //!
 //! Memory is bounded: hours older than the window (plus slack) are dropped whole by
 //! [`Deduper::evict_before`]; a restart rebuilds the state by replaying that many hours.
+//!
+//! Layout (issue 6, P5): an hour's claims live in one sorted array of 32-byte (key, record)
+//! pairs with no slack capacity, plus a small hash map of claims committed since the last merge.
+//! When that map reaches 1/8 of the array it is sorted and merged in place, so an hour costs
+//! 32 bytes per key plus at most ~1/8 of that in the map, instead of the ~45–90 bytes per key of a
+//! hash map of the same pairs (load factor and power-of-two growth). The array is searched by
+//! interpolation: fingerprints are uniform, so a key's rank is about `key / 2^128 × len`, and the
+//! search touches a few neighbouring cache lines instead of ~log2(len) scattered ones. Both
+//! 128-bit values are kept: the key exactly (no false duplicates) and the standing record id,
+//! which a `DuplicateRecord` refusal names.
 
 use common::id::{DedupKey, RecordId};
 use common::time::Hour;
@@ -54,11 +64,135 @@ impl Hasher for FingerprintHasher {
 
 type FpMap<V> = HashMap<u128, V, BuildHasherDefault<FingerprintHasher>>;
 
+/// One accepted claim: a slot's key and the record that holds it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Claim {
+    key: u128,
+    record: u128,
+}
+
+/// Merge the recent map into the sorted array once it holds this share of the array's length…
+const MERGE_DIVISOR: usize = 8;
+/// …or at least this many claims (small hours stay in the map).
+const MERGE_MIN: usize = 1024;
+
+/// The committed claims of one hour.
+#[derive(Debug, Default)]
+struct HourClaims {
+    /// Sorted by key, unique, capacity == length.
+    sorted: Vec<Claim>,
+    /// Committed since the last merge; disjoint from `sorted`.
+    recent: FpMap<u128>,
+}
+
+impl HourClaims {
+    fn len(&self) -> usize {
+        self.sorted.len() + self.recent.len()
+    }
+
+    fn get(&self, key: u128) -> Option<u128> {
+        if let Some(&r) = self.recent.get(&key) {
+            return Some(r);
+        }
+        find(&self.sorted, key).ok().map(|i| self.sorted[i].record)
+    }
+
+    /// Inserts or replaces a claim; true when the key is new.
+    fn insert(&mut self, key: u128, record: u128) -> bool {
+        if let Ok(i) = find(&self.sorted, key) {
+            self.sorted[i].record = record;
+            return false;
+        }
+        if self.recent.insert(key, record).is_some() {
+            return false;
+        }
+        if self.recent.len() >= MERGE_MIN.max(self.sorted.len() / MERGE_DIVISOR) {
+            self.merge();
+        }
+        true
+    }
+
+    /// Sorts the recent claims and merges them into the array from the back, in place.
+    fn merge(&mut self) {
+        let mut add: Vec<Claim> = self.recent.drain().map(|(key, record)| Claim { key, record }).collect();
+        self.recent = FpMap::default();
+        add.sort_unstable_by_key(|c| c.key);
+        let old = self.sorted.len();
+        self.sorted.reserve_exact(add.len());
+        self.sorted.resize(old + add.len(), Claim::default());
+        let (mut i, mut j) = (old, add.len());
+        for w in (0..old + add.len()).rev() {
+            if j == 0 {
+                break;
+            }
+            if i > 0 && self.sorted[i - 1].key > add[j - 1].key {
+                self.sorted[w] = self.sorted[i - 1];
+                i -= 1;
+            } else {
+                self.sorted[w] = add[j - 1];
+                j -= 1;
+            }
+        }
+    }
+
+    fn heap_bytes(&self) -> usize {
+        self.sorted.capacity() * std::mem::size_of::<Claim>() + map_bytes(&self.recent)
+    }
+}
+
+/// Heap bytes of a hashbrown map: its buckets plus one control byte each (plus a group's worth).
+fn map_bytes<V>(m: &FpMap<V>) -> usize {
+    let cap = m.capacity();
+    if cap == 0 {
+        return 0;
+    }
+    // hashbrown keeps `buckets` = next power of two ≥ cap × 8/7.
+    let buckets = (cap * 8 / 7).next_power_of_two();
+    buckets * (std::mem::size_of::<(u128, V)>() + 1) + 16
+}
+
+/// Position of `key` in `sorted` (or where it would go), by interpolation then a bracketing search.
+fn find(sorted: &[Claim], key: u128) -> Result<usize, usize> {
+    let n = sorted.len();
+    if n < 32 {
+        return sorted.binary_search_by_key(&key, |c| c.key);
+    }
+    // Uniform fingerprints: the expected rank of `key` is key / 2^128 × n (< n).
+    let g = (((key >> 64) * n as u128) >> 64) as usize;
+    let at = sorted[g].key;
+    if at == key {
+        return Ok(g);
+    }
+    let (lo, hi) = if at < key {
+        // Grow a window above g until its last element is ≥ key.
+        let (mut lo, mut step) = (g + 1, 16);
+        loop {
+            let hi = (g + step).min(n);
+            if hi == n || sorted[hi - 1].key >= key {
+                break (lo, hi);
+            }
+            lo = hi;
+            step *= 2;
+        }
+    } else {
+        let (mut hi, mut step) = (g, 16);
+        loop {
+            let lo = g.saturating_sub(step);
+            if lo == 0 || sorted[lo].key <= key {
+                break (lo, hi);
+            }
+            hi = lo;
+            step *= 2;
+        }
+    };
+    sorted[lo..hi].binary_search_by_key(&key, |c| c.key).map(|i| i + lo).map_err(|i| i + lo)
+}
+
 /// The dedup state of one partition (embedded: of the whole store).
 #[derive(Debug, Default)]
 pub struct Deduper {
     /// Committed claims, per hour.
-    hours: BTreeMap<i64, FpMap<u128>>,
+    hours: BTreeMap<i64, HourClaims>,
     /// Claims staged by the current batch, not yet durable.
     staged: FpMap<(i64, u128)>,
     /// Committed claims in total.
@@ -86,13 +220,19 @@ impl Deduper {
         self.hours.len()
     }
 
+    /// Heap bytes held by the claims (arrays at capacity, maps at bucket count), for P5.
+    pub fn heap_bytes(&self) -> usize {
+        let per_hour = std::mem::size_of::<HourClaims>() + 3 * std::mem::size_of::<usize>();
+        self.hours.values().map(|h| h.heap_bytes() + per_hour).sum::<usize>() + map_bytes(&self.staged)
+    }
+
     /// Classifies a record and, if it is new, stages its claim.
     pub fn check_and_stage(&mut self, key: DedupKey, hour: Hour, record: RecordId) -> DedupOutcome {
         let found = self
             .staged
             .get(&key.0)
             .map(|&(_, r)| r)
-            .or_else(|| self.hours.get(&hour.0).and_then(|m| m.get(&key.0).copied()));
+            .or_else(|| self.hours.get(&hour.0).and_then(|m| m.get(key.0)));
         match found {
             Some(r) if r == record.0 => DedupOutcome::Identical,
             Some(r) => DedupOutcome::Conflict { standing: RecordId(r) },
@@ -111,7 +251,7 @@ impl Deduper {
     /// Makes every staged claim permanent. Call only after the records are durable.
     pub fn commit(&mut self) {
         for (key, (hour, record)) in self.staged.drain() {
-            if self.hours.entry(hour).or_default().insert(key, record).is_none() {
+            if self.hours.entry(hour).or_default().insert(key, record) {
                 self.len += 1;
             }
         }
@@ -124,7 +264,7 @@ impl Deduper {
 
     /// Inserts a claim known to be durable already (replay on restart).
     pub fn restore(&mut self, key: DedupKey, hour: Hour, record: RecordId) {
-        if self.hours.entry(hour.0).or_default().insert(key.0, record.0).is_none() {
+        if self.hours.entry(hour.0).or_default().insert(key.0, record.0) {
             self.len += 1;
         }
     }
@@ -133,7 +273,7 @@ impl Deduper {
     /// so they can never collide with a dropped key.
     pub fn evict_before(&mut self, oldest: Hour) {
         let keep = self.hours.split_off(&oldest.0);
-        let dropped: usize = self.hours.values().map(HashMap::len).sum();
+        let dropped: usize = self.hours.values().map(HourClaims::len).sum();
         self.len -= dropped;
         self.hours = keep;
     }
@@ -189,5 +329,31 @@ mod tests {
         assert_eq!(d.len(), 15);
         assert_eq!(d.hours(), 3);
         assert_eq!(d.check_and_stage(k(900), Hour(9), r(1)), DedupOutcome::Identical);
+    }
+
+    #[test]
+    fn large_hours_merge_into_the_sorted_array_and_stay_exact() {
+        // Enough keys for several merges; spread keys like fingerprints (multiplicative hash).
+        let fp = |i: u128| i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) ^ (i << 3);
+        let mut d = Deduper::new();
+        for i in 0..20_000u128 {
+            assert_eq!(d.check_and_stage(k(fp(i)), Hour(5), r(i)), DedupOutcome::New, "key {i}");
+            if i % 100 == 99 {
+                d.commit();
+            }
+        }
+        d.commit();
+        assert_eq!(d.len(), 20_000);
+        for i in (0..20_000u128).step_by(7) {
+            assert_eq!(d.check_and_stage(k(fp(i)), Hour(5), r(i)), DedupOutcome::Identical);
+            assert_eq!(d.check_and_stage(k(fp(i)), Hour(5), r(i + 1)), DedupOutcome::Conflict { standing: r(i) });
+        }
+        assert_eq!(d.check_and_stage(k(fp(20_001)), Hour(5), r(1)), DedupOutcome::New);
+        // Extreme keys are found too.
+        for key in [0, 1, u128::MAX] {
+            d.restore(k(key), Hour(5), r(9));
+            assert_eq!(d.check_and_stage(k(key), Hour(5), r(9)), DedupOutcome::Identical);
+        }
+        assert!(d.heap_bytes() < 20_003 * 40, "{} bytes", d.heap_bytes());
     }
 }

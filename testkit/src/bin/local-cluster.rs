@@ -14,10 +14,12 @@ struct Args {
     price_book: PathBuf,
     dir: PathBuf,
     listen_port: u16,
+    partitions: u32,
+    session_timeout_ms: u32,
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { price_book: "docs/examples/price-book.toml".into(), dir: "meterline-cluster".into(), listen_port: 8080 };
+    let mut a = Args { price_book: "docs/examples/price-book.toml".into(), dir: "meterline-cluster".into(), listen_port: 8080, partitions: 4, session_timeout_ms: 6000 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -25,7 +27,9 @@ fn args() -> anyhow::Result<Args> {
             "--price-book" => a.price_book = value.into(),
             "--dir" => a.dir = value.into(),
             "--port" => a.listen_port = value.parse().context("--port")?,
-            other => anyhow::bail!("unknown flag {other} (use --price-book FILE, --dir DIR, --port N)"),
+            "--partitions" => a.partitions = value.parse().context("--partitions")?,
+            "--session-timeout-ms" => a.session_timeout_ms = value.parse().context("--session-timeout-ms")?,
+            other => anyhow::bail!("unknown flag {other} (use --price-book FILE, --dir DIR, --port N, --partitions N, --session-timeout-ms N)"),
         }
     }
     Ok(a)
@@ -60,9 +64,11 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "price_book = \"{}\"\n\n[kafka]\nbootstrap = \"{}\"\npartitions = 4\nsession_timeout_ms = 6000\n\n[clickhouse]\nurl = \"{}\"\ndatabase = \"meterline\"\n\n[ingest]\nlisten = \"127.0.0.1:{}\"\n\n[rater]\nmetrics_listen = \"127.0.0.1:{rater_metrics}\"\n\n[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_metrics}\"\n",
+            "price_book = \"{}\"\n\n[kafka]\nbootstrap = \"{}\"\npartitions = {}\nsession_timeout_ms = {}\n\n[clickhouse]\nurl = \"{}\"\ndatabase = \"meterline\"\n\n[ingest]\nlisten = \"127.0.0.1:{}\"\n\n[rater]\nmetrics_listen = \"127.0.0.1:{rater_metrics}\"\n\n[aggregator]\nmetrics_listen = \"127.0.0.1:{aggregator_metrics}\"\n",
             price_book.display(),
             broker.bootstrap(),
+            a.partitions,
+            a.session_timeout_ms,
             clickhouse.url(),
             a.listen_port
         ),
