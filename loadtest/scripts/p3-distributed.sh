@@ -70,6 +70,9 @@ while true; do
   if python3 -c "import sys; sys.exit(0 if $NOW - $LAST > 120 else 1)"; then echo "stalled at $N of $EXPECTED" >&2; break; fi
   sleep 0.1
 done
+# Where the CPU went during the run (broker, ClickHouse, stages; the load generator is separate).
+ps -eo pid,ppid,comm,time --no-headers | awk -v c="$CLUSTER" -v extra=" ${EXTRA[*]:-} " \
+  '$2 == c || index(extra, " " $1 " ") { print $3, $4 }' >"$DIR/cpu.txt"
 "$T/loadtest" consume --config "$CFG" --records "$RECORDS" --max-seconds 300 >"$DIR/consume.json"
 
 # P4: raw into ClickHouse, charges by SQL at query time.
