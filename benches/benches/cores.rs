@@ -5,7 +5,7 @@
 //! realistic world (many customers, up to 24 dimensions, annual coverage) unless named otherwise.
 //!
 //! Groups: `cores` (validate, dedup + rate, fold, codec: the historical numbers), `dedup`,
-//! `rating` (one entry per pricing model), `codec`, `fold`, and `p1`: the rater core side by side
+//! `rating` (one entry per pricing model of the price-models example book), `codec`, `fold`, and `p1`: the rater core side by side
 //! with a bare hash-map insert of the same keys (BENCHMARKS.md row P1).
 
 use common::catalogue::PriceBook;
@@ -14,7 +14,7 @@ use common::usage::UsageRecord;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, BenchmarkGroup, Criterion, Throughput};
 use ingest::validate::{validate, Caller, Context};
 use ingest::wire::WireRecord;
-use meterline_benches::{book, records, scenario, wire_line};
+use meterline_benches::{book, model_records, records, scenario, wire_line};
 use rater::decision::{Decision, Rater};
 use rater::dedup::Deduper;
 use std::collections::{HashMap, HashSet};
@@ -138,25 +138,25 @@ fn dedup(c: &mut Criterion, w: &World) {
     g.finish();
 }
 
-/// One entry per pricing model: its name and which records it prices. A new model (tiered,
-/// volume, …) is one more entry here.
-type ModelFilter = fn(&PriceBook, &UsageRecord) -> bool;
-const MODELS: &[(&str, ModelFilter)] = &[("per_unit", |b, r| annual_units(b, r) == 0), ("annual_coverage", |b, r| annual_units(b, r) > 0)];
-
-fn annual_units(book: &PriceBook, r: &UsageRecord) -> u64 {
-    book.price_at(&r.customer, &r.product, &r.dimension, r.hour())
-        .map_or(0, |p| PriceBook::annual_units(p.agreement, &r.dimension, r.hour()))
-}
-
+/// One entry per pricing model the price-models example book uses (`model_records` labels each
+/// record with the model that prices it), so a new model needs no new line here; the realistic
+/// world's per-unit records are benched too.
 fn rating(c: &mut Criterion, w: &World) {
-    for (model, applies) in MODELS {
-        let picked: Vec<_> = w.recs.iter().zip(&w.ids).filter(|(r, _)| applies(&w.book, r)).collect();
-        assert!(!picked.is_empty(), "the world has records for model {model}");
-        let mut g = group(c, "rating", picked.len());
-        g.bench_function(*model, |b| {
+    let (book, labelled) = model_records();
+    let mut by_model: std::collections::BTreeMap<String, Vec<&UsageRecord>> = std::collections::BTreeMap::new();
+    for (label, r) in &labelled {
+        by_model.entry(label.clone()).or_default().push(r);
+    }
+    let mut entries: Vec<(String, &PriceBook, Vec<&UsageRecord>)> =
+        vec![("realistic_world_per_unit".into(), &w.book, w.recs.iter().collect())];
+    entries.extend(by_model.into_iter().map(|(m, rs)| (m, &book, rs)));
+    for (model, book, recs) in entries {
+        let ids: Vec<_> = recs.iter().map(|r| (r.dedup_key(), r.record_id())).collect();
+        let mut g = group(c, "rating", recs.len());
+        g.bench_function(model.as_str(), |b| {
             b.iter(|| {
-                for (r, (k, _, id)) in &picked {
-                    black_box(rater::rating::rate(r, *k, *id, &w.book).ok());
+                for (r, (k, id)) in recs.iter().zip(&ids) {
+                    black_box(rater::rating::rate(r, *k, *id, book).ok());
                 }
             })
         });

@@ -81,3 +81,43 @@ pub fn scenario(customers: usize, hours: i64) -> (PriceBook, Vec<UsageRecord>) {
     }
     (book, out)
 }
+
+/// The price-models example book (every pricing model the price book supports).
+pub const MODELS_BOOK: &str = include_str!("../../docs/examples/price-models.toml");
+
+/// Records for every (agreement, dimension) of the price-models example book, one per hour of
+/// November 2026 in which that agreement prices the dimension, labelled by the model that prices
+/// it (`UsagePrice::model`, with `_with_annual_coverage` when annual coverage nets it): the rating bench's input,
+/// so a model added to the example book is benched without another line here.
+pub fn model_records() -> (PriceBook, Vec<(String, UsageRecord)>) {
+    let book = PriceBook::from_toml(MODELS_BOOK).expect("the price-models example book is valid");
+    let month = common::time::Month::parse("2026-11").expect("constant month");
+    let mut out = Vec::new();
+    for a in &book.doc().agreements {
+        let Some(product) = book.product(&a.product) else { continue };
+        for (i, d) in product.dimensions.iter().enumerate() {
+            for h in 0..month.hours() {
+                let hour = common::time::Hour(month.first_hour().0 + h);
+                let Some(p) = book.price_at(&a.customer, &a.product, &d.key, hour) else { continue };
+                if p.agreement.id != a.id {
+                    continue;
+                }
+                let covered = PriceBook::annual_units(p.agreement, &d.key, hour) > 0;
+                let label = format!("{}{}", p.price.model(), if covered { "_with_annual_coverage" } else { "" });
+                let r = UsageRecord {
+                    seller: product.seller.clone(),
+                    product: a.product.clone(),
+                    customer: a.customer.clone(),
+                    customer_ref: CustomerRef::CustomerId,
+                    dimension: d.key.clone(),
+                    timestamp: hour.start(),
+                    quantity: Decimal::from(1 + (h as usize + i) % 7),
+                    allocations: vec![],
+                    received_at: hour.start(),
+                };
+                out.push((label, r));
+            }
+        }
+    }
+    (book, out)
+}
