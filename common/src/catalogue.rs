@@ -448,6 +448,33 @@ pub struct Offer {
     pub resale: Option<String>,
 }
 
+impl Offer {
+    /// An offer with usage prices only: no fee, contract, trial, deadline or resale terms.
+    pub fn usage_only(
+        id: impl Into<String>,
+        product: impl Into<String>,
+        visibility: Visibility,
+        currency: Currency,
+        buyers: Vec<String>,
+        prices: Vec<PriceVersion>,
+    ) -> Self {
+        Offer {
+            id: id.into(),
+            product: product.into(),
+            visibility,
+            currency,
+            buyers,
+            prices,
+            expires_at: None,
+            monthly_fee: None,
+            contract_prices: vec![],
+            contract_shape: None,
+            free_trial: None,
+            resale: None,
+        }
+    }
+}
+
 /// Units of one dimension bought under a contract.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -214,62 +214,38 @@ impl Scenario {
         ];
         let globex_rates: Vec<(&str, &str)> = GLOBEX_DIMENSIONS.iter().map(|(k, _, r, _)| (*k, *r)).collect();
         let mut offers = vec![
-            Offer {
-                id: "acme-analytics-public".into(),
-                product: "acme-analytics".into(),
-                visibility: Visibility::Public,
-                currency: Currency::USD,
-                buyers: vec![],
-                prices: prices(listed, &[("users", "0.014"), ("gb_ingest", "0.10")]),
-                expires_at: None,
-                monthly_fee: None,
-                contract_prices: vec![],
-                contract_shape: None,
-                free_trial: None,
-                resale: None,
-            },
-            Offer {
-                id: "acme-vm-public".into(),
-                product: "acme-vm".into(),
-                visibility: Visibility::Public,
-                currency: Currency::USD,
-                buyers: vec![],
-                prices: prices(listed, &[("m5_large", "0.50"), ("c5_xlarge", "0.34"), ("m5_2xlarge", "1.00")]),
-                expires_at: None,
-                monthly_fee: None,
-                contract_prices: vec![],
-                contract_shape: None,
-                free_trial: None,
-                resale: None,
-            },
-            Offer {
-                id: "globex-platform-public".into(),
-                product: "globex-platform".into(),
-                visibility: Visibility::Public,
-                currency: Currency::USD,
-                buyers: vec![],
-                prices: prices(listed, &globex_rates),
-                expires_at: None,
-                monthly_fee: None,
-                contract_prices: vec![],
-                contract_shape: None,
-                free_trial: None,
-                resale: None,
-            },
-            Offer {
-                id: "initech-ml-public".into(),
-                product: "initech-ml".into(),
-                visibility: Visibility::Public,
-                currency: Currency::USD,
-                buyers: vec![],
-                prices: prices(listed, &[("inference_hrs", "0.90"), ("training_hrs", "3.25")]),
-                expires_at: None,
-                monthly_fee: None,
-                contract_prices: vec![],
-                contract_shape: None,
-                free_trial: None,
-                resale: None,
-            },
+            Offer::usage_only(
+                "acme-analytics-public",
+                "acme-analytics",
+                Visibility::Public,
+                Currency::USD,
+                vec![],
+                prices(listed, &[("users", "0.014"), ("gb_ingest", "0.10")]),
+            ),
+            Offer::usage_only(
+                "acme-vm-public",
+                "acme-vm",
+                Visibility::Public,
+                Currency::USD,
+                vec![],
+                prices(listed, &[("m5_large", "0.50"), ("c5_xlarge", "0.34"), ("m5_2xlarge", "1.00")]),
+            ),
+            Offer::usage_only(
+                "globex-platform-public",
+                "globex-platform",
+                Visibility::Public,
+                Currency::USD,
+                vec![],
+                prices(listed, &globex_rates),
+            ),
+            Offer::usage_only(
+                "initech-ml-public",
+                "initech-ml",
+                Visibility::Public,
+                Currency::USD,
+                vec![],
+                prices(listed, &[("inference_hrs", "0.90"), ("training_hrs", "3.25")]),
+            ),
         ];
 
         let mut customers = Vec::with_capacity(config.customers);
@@ -371,20 +347,14 @@ impl Scenario {
             }
         }
         if !private_buyers.is_empty() {
-            offers.push(Offer {
-                id: "initech-ml-private-eur".into(),
-                product: "initech-ml".into(),
-                visibility: Visibility::Private,
-                currency: Currency::new("EUR").expect("EUR is a currency"),
-                buyers: private_buyers,
-                prices: prices(listed, &[("inference_hrs", "0.75"), ("training_hrs", "2.80")]),
-                expires_at: None,
-                monthly_fee: None,
-                contract_prices: vec![],
-                contract_shape: None,
-                free_trial: None,
-                resale: None,
-            });
+            offers.push(Offer::usage_only(
+                "initech-ml-private-eur",
+                "initech-ml",
+                Visibility::Private,
+                Currency::new("EUR").expect("EUR is a currency"),
+                private_buyers,
+                prices(listed, &[("inference_hrs", "0.75"), ("training_hrs", "2.80")]),
+            ));
         }
         let doc = PriceBookDoc {
             version: format!("demo-{month}"),

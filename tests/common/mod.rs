@@ -52,13 +52,13 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
                 .map(|k| Dimension { key: k.into(), name: k.into(), category: UsageCategory::Units, unit: "u".into() })
                 .collect(),
         }],
-        offers: vec![Offer {
-            id: "o".into(),
-            product: "p".into(),
-            visibility: Visibility::Public,
-            currency: ::common::money::Currency::USD,
-            buyers: vec![],
-            prices: vec![PriceVersion {
+        offers: vec![Offer::usage_only(
+            "o",
+            "p",
+            Visibility::Public,
+            ::common::money::Currency::USD,
+            vec![],
+            vec![PriceVersion {
                 effective_from: since,
                 notified_at: None,
                 usage: RATES
@@ -67,13 +67,7 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
                     .chain([(TIERED.to_owned(), tiered_price())])
                     .collect(),
             }],
-            expires_at: None,
-            monthly_fee: None,
-            contract_prices: vec![],
-            contract_shape: None,
-            free_trial: None,
-            resale: None,
-        }],
+        )],
         customers: (0..customers)
             .map(|i| Customer {
                 id: format!("c{i:04}"),
