@@ -636,6 +636,7 @@ pub struct PriceBook {
     /// Per product: dimension key → index.
     dimension_by_key: Vec<HashMap<String, usize>>,
     offer_by_id: HashMap<String, usize>,
+    agreement_by_id: HashMap<String, usize>,
     customer_by_id: HashMap<String, usize>,
     customer_by_identifier: HashMap<String, usize>,
     customer_by_account: HashMap<String, usize>,
@@ -936,12 +937,15 @@ impl PriceBook {
             }
         }
 
+        // Month close looks agreements up by id once per line.
+        let agreement_by_id = doc.agreements.iter().enumerate().map(|(i, a)| (a.id.clone(), i)).collect();
         Ok(PriceBook {
             doc,
             windows,
             product_by_code,
             dimension_by_key,
             offer_by_id,
+            agreement_by_id,
             customer_by_id,
             customer_by_identifier,
             customer_by_account,
@@ -1068,7 +1072,7 @@ impl PriceBook {
 
     /// An agreement by id.
     pub fn agreement(&self, id: &str) -> Option<&Agreement> {
-        self.doc.agreements.iter().find(|a| a.id == id)
+        self.agreement_by_id.get(id).map(|&i| &self.doc.agreements[i])
     }
 
     /// The FX rate `from` → `to` in force at `t` (identity for the same currency).
