@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Installs the real servers that Meterline's integration tests start (see testkit/):
 #   * ClickHouse server + client from Debian's package (18.16.1 on bookworm);
-#   * the Tansu 0.6.0 Kafka-compatible broker, built once with cargo and cached under
-#     ${METERLINE_CACHE:-$HOME/.cache/meterline}/tansu-0.6.0/bin/tansu;
+#   * Apache Kafka 4.1.1's jars, copied once by Maven from Maven Central and cached under
+#     ${METERLINE_CACHE:-$HOME/.cache/meterline}/kafka-4.1.1/libs (testkit runs them with java);
 #   * Prometheus and promtool from Debian's package (2.42 on bookworm).
 # Idempotent: anything already present and working is reused, so running it again is cheap.
 # Tests never use the ClickHouse system service; testkit starts its own server processes on
 # free loopback ports, so the service is kept from starting during the package install.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 CACHE="${METERLINE_CACHE:-$HOME/.cache/meterline}"
-TANSU_VERSION="0.6.0"
-TANSU_ROOT="$CACHE/tansu-$TANSU_VERSION"
-TANSU_BIN="$TANSU_ROOT/bin/tansu"
+# Kept in step with testkit/kafka/pom.xml, testkit/src/bins.rs and deploy/compose.yaml.
+KAFKA_VERSION="4.1.1"
+KAFKA_ROOT="$CACHE/kafka-$KAFKA_VERSION"
 
 step() { printf '[install-test-deps] %s\n' "$*"; }
 die() { printf '[install-test-deps] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -111,38 +112,30 @@ fi
 step "clickhouse: $CLICKHOUSE_VERSION"
 
 # ---------------------------------------------------------------------------------------------
-# 2. Tansu broker
+# 2. Apache Kafka (KRaft), resolved from Maven Central by testkit/kafka/pom.xml into the cache.
+#    testkit runs it as `java -cp "$KAFKA_LIBS/*" kafka.Kafka` after Kafka's own StorageTool
+#    formats the node. The folder is complete once the marker file exists, so an interrupted
+#    copy is redone rather than trusted.
 # ---------------------------------------------------------------------------------------------
-# Runs and reports version $TANSU_VERSION (output captured first, see apt_knows_clickhouse).
-tansu_works() {
-    local out
-    [ -x "$1" ] || return 1
-    out="$("$1" --version 2>/dev/null || true)"
-    case "$out" in
-        *"$TANSU_VERSION"*) return 0 ;;
-        *) return 1 ;;
-    esac
-}
-
-if [ -n "${METERLINE_TANSU_BIN:-}" ] && tansu_works "$METERLINE_TANSU_BIN"; then
-    TANSU_BIN="$METERLINE_TANSU_BIN"
-    step "tansu: METERLINE_TANSU_BIN=$TANSU_BIN works, skipping build"
-elif tansu_works "$TANSU_BIN"; then
-    step "tansu: found $TANSU_BIN, skipping build"
+KAFKA_LIBS="$KAFKA_ROOT/libs"
+if [ -f "$KAFKA_ROOT/.complete" ] && [ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ]; then
+    step "kafka: found $KAFKA_LIBS, skipping download"
 else
-    command -v cargo >/dev/null 2>&1 || die "cargo is needed to build tansu $TANSU_VERSION"
-    mkdir -p "$TANSU_ROOT"
-    step "tansu: building tansu $TANSU_VERSION with cargo install (10-30 minutes on 2 cores; log: $CACHE/tansu-build.log)"
-    if ! cargo install --locked tansu --version "$TANSU_VERSION" --features dynostore,libsql \
-        --root "$TANSU_ROOT" >"$CACHE/tansu-build.log" 2>&1; then
-        tail -n 30 "$CACHE/tansu-build.log" >&2 || true
-        die "cargo install tansu $TANSU_VERSION failed (full log: $CACHE/tansu-build.log)"
+    command -v mvn >/dev/null 2>&1 || die "Maven (mvn) is needed to fetch Apache Kafka $KAFKA_VERSION from Maven Central"
+    command -v java >/dev/null 2>&1 || die "Java 17 or newer is needed to run Apache Kafka $KAFKA_VERSION"
+    rm -rf "$KAFKA_ROOT"
+    mkdir -p "$KAFKA_LIBS"
+    step "kafka: copying Apache Kafka $KAFKA_VERSION and its dependencies with Maven into $KAFKA_LIBS"
+    if ! mvn -q -B -f testkit/kafka/pom.xml dependency:copy-dependencies -DincludeScope=runtime \
+        -Dkafka.version="$KAFKA_VERSION" -DoutputDirectory="$KAFKA_LIBS" >"$CACHE/kafka-maven.log" 2>&1; then
+        tail -n 30 "$CACHE/kafka-maven.log" >&2 || true
+        die "mvn could not resolve Apache Kafka $KAFKA_VERSION (full log: $CACHE/kafka-maven.log)"
     fi
-    tansu_works "$TANSU_BIN" || die "tansu was built but $TANSU_BIN does not run"
-    step "tansu: installed $TANSU_BIN"
+    [ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ] || die "Maven ran but kafka_2.13-$KAFKA_VERSION.jar is not in $KAFKA_LIBS"
+    touch "$KAFKA_ROOT/.complete"
+    step "kafka: installed $(find "$KAFKA_LIBS" -name '*.jar' | wc -l) jars"
 fi
-TANSU_VERSION_FOUND="$("$TANSU_BIN" --version 2>/dev/null | head -n1 || true)"
-step "tansu: ${TANSU_VERSION_FOUND:-unknown version}"
+step "kafka: $(java -version 2>&1 | head -n1), Apache Kafka $KAFKA_VERSION"
 
 # ---------------------------------------------------------------------------------------------
 # 3. Prometheus (server + promtool) from Debian's package: tests/observability.rs scrapes the
@@ -162,6 +155,6 @@ step "prometheus: $(/usr/bin/prometheus --version 2>&1 | head -n1)"
 # 4. Summary: how testkit finds the binaries (these are also its defaults).
 # ---------------------------------------------------------------------------------------------
 step "done; testkit finds these by default, or export them explicitly:"
-printf 'export METERLINE_TANSU_BIN=%q\n' "$TANSU_BIN"
+printf 'export METERLINE_KAFKA_LIBS=%q\n' "$KAFKA_LIBS"
 printf 'export METERLINE_CLICKHOUSE_BIN=%q\n' "$CLICKHOUSE_BIN"
 printf 'export METERLINE_PROMETHEUS_BIN=%q\n' /usr/bin/prometheus

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian's clickhouse-server and the Tansu broker (built once, cached in ~/.cache/meterline).
+# Debian's clickhouse-server and Prometheus, and Apache Kafka's jars (Maven, cached in ~/.cache/meterline).
 bash scripts/install-test-deps.sh
 
 # Two cores: one test at a time keeps server-backed tests from starving each other.

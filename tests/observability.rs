@@ -6,7 +6,7 @@
 //!   query runs on that Prometheus, every alert rule loads and evaluates healthily, and SIGTERM
 //!   drains and exits 0 with logs that trace the rejection by record id and never show the key.
 //! - `prometheus_scrapes_the_distributed_binaries_and_sigterm_drains_them`: the same against
-//!   `ingest`, `rater` and `aggregator` on a real Tansu broker and ClickHouse, including
+//!   `ingest`, `rater` and `aggregator` on a real Apache Kafka and ClickHouse, including
 //!   ClickHouse rows, commits and consumer lag, then SIGTERM to each stage.
 //! - `dashboards_and_alerts_name_only_metrics_that_exist`: every metric named by a dashboard or an
 //!   alert is one of `common::metrics`; every alert has a runbook entry and a unit test.
@@ -372,6 +372,20 @@ fn compose_file_and_manifests_parse_and_wire_the_stack() {
     let kafka_env = serde_yaml::to_string(&compose["services"]["kafka"]["environment"]).unwrap();
     assert!(kafka_env.contains("KAFKA_PROCESS_ROLES") && kafka_env.contains("controller"), "Kafka runs in KRaft mode: {kafka_env}");
     assert!(!kafka_env.contains("ZOOKEEPER"), "no ZooKeeper");
+    // The compose broker takes the test broker's settings: every key of deploy/kafka/broker.properties
+    // appears as KAFKA_<KEY> with the same value, and the image is the version testkit runs.
+    let env = compose["services"]["kafka"]["environment"].as_mapping().unwrap();
+    for line in testkit::broker::SHARED_SETTINGS.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let (key, value) = line.split_once('=').unwrap();
+        let var = format!("KAFKA_{}", key.replace('.', "_").to_uppercase());
+        let got = env.get(serde_yaml::Value::from(var.as_str())).map(|v| match v {
+            serde_yaml::Value::String(s) => s.clone(),
+            other => serde_yaml::to_string(other).unwrap().trim().to_owned(),
+        });
+        assert_eq!(got.as_deref(), Some(value), "compose's kafka sets {var} as deploy/kafka/broker.properties sets {key}");
+    }
+    let image = compose["services"]["kafka"]["image"].as_str().unwrap();
+    assert_eq!(image, format!("apache/kafka:{}", testkit::bins::KAFKA_VERSION), "compose runs the Kafka the tests run");
     let grafana = serde_yaml::to_string(&compose["services"]["grafana"]["volumes"]).unwrap();
     assert!(grafana.contains("grafana/dashboards") && grafana.contains("grafana/provisioning"), "{grafana}");
     // The configuration the compose stack and the manifests mount loads and serves metrics
@@ -431,7 +445,7 @@ fn stage_bin(name: &str) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_distributed_binaries_and_sigterm_drains_them() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = testkit::Broker::start(testkit::BrokerStorage::File(dir.path().join("broker").join("tansu.db"))).await.unwrap();
+    let broker = testkit::Broker::start().await.unwrap();
     let clickhouse = testkit::ClickHouse::start().await.unwrap();
     let (db, _) = clickhouse.database("obs").await.unwrap();
     let book_path = dir.path().join("price-book.toml");
@@ -445,7 +459,7 @@ async fn prometheus_scrapes_the_distributed_binaries_and_sigterm_drains_them() {
 [kafka]
 bootstrap = "{bootstrap}"
 partitions = 4
-session_timeout_ms = 4000
+session_timeout_ms = 6000
 [kafka.topics]
 raw = "{raw}"
 rated = "{rated}"
@@ -526,7 +540,7 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
     eventually(&http, &prom, "sum(meterline_clickhouse_insert_duration_seconds_count{table=\"rated_usage\"}) >= bool 1", 1.0).await;
     eventually(&http, &prom, "sum(meterline_clickhouse_insert_errors_total) or vector(0)", 0.0).await;
     // Commits of each kind happened; none failed.
-    for (stage, kind) in [("rater", "kafka_offsets"), ("aggregator", "clickhouse_flush"), ("aggregator", "kafka_offsets")] {
+    for (stage, kind) in [("rater", "kafka_transaction"), ("aggregator", "clickhouse_flush"), ("aggregator", "kafka_offsets")] {
         eventually(&http, &prom, &format!("sum(meterline_commits_total{{stage=\"{stage}\",kind=\"{kind}\"}}) >= bool 1"), 1.0).await;
     }
     eventually(&http, &prom, "sum(meterline_commit_failures_total) or vector(0)", 0.0).await;

@@ -22,6 +22,8 @@ pub const PROTECTED_KAFKA_KEYS: &[&str] = &[
     "enable.auto.offset.store",
     "isolation.level",
     "transactional.id",
+    "transaction.timeout.ms",
+    "partition.assignment.strategy",
     "bootstrap.servers",
     "group.id",
 ];
@@ -235,6 +237,34 @@ pub struct RaterSection {
     /// the container's memory limit that dedup may take.
     #[serde(default = "default_dedup_budget")]
     pub dedup_memory_budget_bytes: u64,
+    /// Stable name of this rater instance. Its Kafka transactional id is `{group}-{instance_id}`,
+    /// so an instance restarted under the same name fences its predecessor's open transaction
+    /// at once instead of leaving it to `transaction_timeout_ms`. Two live instances must never
+    /// share it (the second fences the first). Default: `{hostname}-{pid}` (a pod restarts with
+    /// its name and pid 1 in Kubernetes).
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    /// How long one batch's Kafka transaction may stay open before the broker aborts it (ms):
+    /// bounds how long a crashed instance's open transaction holds back `read_committed`
+    /// readers of its rated partitions. Must exceed the time one batch takes to produce.
+    #[serde(default = "default_transaction_timeout")]
+    pub transaction_timeout_ms: u32,
+}
+
+impl RaterSection {
+    /// The transactional id of this instance: `{group}-{instance_id}`.
+    pub fn transactional_id(&self) -> String {
+        let instance = self.instance_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "rater".into());
+            format!("{host}-{}", std::process::id())
+        });
+        format!("{}-{instance}", self.group)
+    }
 }
 
 impl Default for RaterSection {
@@ -245,8 +275,14 @@ impl Default for RaterSection {
             linger_ms: default_linger(),
             metrics_listen: None,
             dedup_memory_budget_bytes: default_dedup_budget(),
+            instance_id: None,
+            transaction_timeout_ms: default_transaction_timeout(),
         }
     }
+}
+
+fn default_transaction_timeout() -> u32 {
+    30_000
 }
 
 /// 2 GiB of dedup state: about 45 M keys at the estimated 48 bytes each.
@@ -396,6 +432,12 @@ impl PipelineConfig {
             if a.is_empty() || names[i + 1..].contains(a) {
                 return Err(ConfigError::Invalid(format!("kafka.topics: `{a}` is empty or used twice")));
             }
+        }
+        if self.rater.transaction_timeout_ms <= u32::try_from(self.rater.linger_ms).unwrap_or(u32::MAX) {
+            return Err(ConfigError::Invalid(format!(
+                "rater.transaction_timeout_ms ({}) must exceed rater.linger_ms ({}): a batch's transaction spans its linger",
+                self.rater.transaction_timeout_ms, self.rater.linger_ms
+            )));
         }
         if self.rater.max_batch == 0 || self.aggregator.flush_max_records == 0 {
             return Err(ConfigError::Invalid("batch sizes must be at least 1".into()));

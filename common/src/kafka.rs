@@ -40,7 +40,20 @@ pub fn producer_config(k: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// A consumer configuration for `group`: manual offsets, `read_committed`.
+/// A transactional producer for the rater: [`producer_config`] plus `transactional.id` and the
+/// transaction timeout (the broker aborts a transaction left open longer than this).
+pub fn transactional_producer_config(k: &KafkaConfig, transactional_id: &str, timeout_ms: u32) -> ClientConfig {
+    let mut c = producer_config(k);
+    // librdkafka refuses a delivery timeout beyond the transaction's: a record cannot outlive it.
+    let delivery_ms = timeout_ms.min(30_000);
+    c.set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", timeout_ms.to_string())
+        .set("message.timeout.ms", delivery_ms.to_string());
+    c
+}
+
+/// A consumer configuration for `group`: manual offsets, `read_committed`, the cooperative-sticky
+/// assignor (a member joining or leaving moves only the partitions that change owner).
 pub fn consumer_config(k: &KafkaConfig, group: &str) -> ClientConfig {
     let mut c = client_config(k);
     c.set("group.id", group)
@@ -50,7 +63,7 @@ pub fn consumer_config(k: &KafkaConfig, group: &str) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", k.session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", (k.session_timeout_ms / 5).max(100).to_string())
-        .set("partition.assignment.strategy", "range");
+        .set("partition.assignment.strategy", "cooperative-sticky");
     c
 }
 

@@ -77,7 +77,8 @@ pub struct Metrics {
     pub clickhouse_errors: IntCounterVec,
     /// ClickHouse insert duration by table.
     pub clickhouse_seconds: HistogramVec,
-    /// Commits by stage and kind (`kafka_offsets`, `clickhouse_flush`, `sqlite_group_commit`).
+    /// Commits by stage and kind (`kafka_transaction`, `kafka_offsets`, `clickhouse_flush`,
+    /// `sqlite_group_commit`).
     pub commits: IntCounterVec,
     /// Failed commits by stage and kind.
     pub commit_failures: IntCounterVec,
@@ -194,7 +195,7 @@ impl Metrics {
             ),
             commits: b.counter(
                 "meterline_commits_total",
-                "Commits: kafka_offsets (consumer offsets after outputs were acknowledged), clickhouse_flush, sqlite_group_commit. Kafka transactions are not used.",
+                "Commits: kafka_transaction (the rater's batch: outputs and raw offsets in one Kafka transaction), kafka_offsets (the aggregator's consumer offsets, for lag), clickhouse_flush, sqlite_group_commit.",
                 &["stage", "kind"],
             ),
             commit_failures: b.counter("meterline_commit_failures_total", "Failed commits (aborted group commits, failed flush attempts, offset commits refused).", &["stage", "kind"]),

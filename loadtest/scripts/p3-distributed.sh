@@ -2,7 +2,7 @@
 # BENCHMARKS.md P3 (and the partition/instance scaling rows): the distributed mode end to end
 # against a raw consume of the same topic, same broker, same client library, same run.
 #
-#   1. `local-cluster` starts a file-backed Tansu broker, ClickHouse, ingest, rater, aggregator on
+#   1. `local-cluster` starts Apache Kafka (one KRaft node), ClickHouse, ingest, rater, aggregator on
 #      loopback (PARTITIONS partitions); RATERS-1 more raters join the group.
 #   2. `loadtest kafka` produces RECORDS records of the scenario straight to the raw topic as fast
 #      as it goes (acks=all), sampling event → row in ClickHouse every 250 ms.
@@ -28,7 +28,7 @@ cargo build --release --workspace --all-features --bins >&2
 "$T/loadtest" price-book --customers "$CUSTOMERS" --out "$DIR/price-book.toml" >/dev/null
 
 "$T/local-cluster" --price-book "$DIR/price-book.toml" --dir "$DIR/cluster" --port "$PORT" --partitions "$PARTITIONS" \
-  --session-timeout-ms "${SESSION_TIMEOUT_MS:-30000}" >"$DIR/cluster.out" 2>&1 &
+  --session-timeout-ms "${SESSION_TIMEOUT_MS:-10000}" >"$DIR/cluster.out" 2>&1 &
 CLUSTER=$!
 EXTRA=()
 cleanup() {
@@ -43,10 +43,10 @@ CH=$(sed -n 's/^url = "\(.*\)"/\1/p' "$CFG")
 q() { curl -sf --data-binary "$1" "$CH"; }
 for _ in $(seq 300); do q "SELECT count() FROM meterline.rated_usage" >/dev/null 2>&1 && break; sleep 0.2; done
 for i in $(seq 2 "$RATERS"); do
-  "$T/rater" --config "$CFG" >"$DIR/cluster/rater-$i.log" 2>&1 &
+  METERLINE__RATER__INSTANCE_ID="rater-$i" "$T/rater" --config "$CFG" >"$DIR/cluster/rater-$i.log" 2>&1 &
   EXTRA+=($!)
 done
-# Let the group settle: every partition's state rebuilt (Tansu rebalances one member at a time).
+# Let the group settle: every partition's state rebuilt.
 for _ in $(seq 240); do
   [ "$(cat "$DIR"/cluster/rater*.log | grep -c 'partition state rebuilt')" -ge "$PARTITIONS" ] && break
   sleep 0.5

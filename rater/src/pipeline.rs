@@ -1,22 +1,27 @@
 //! SHELL (distributed mode). Consume raw usage → decide (dedup + rating) → produce rated and
-//! rejected records → commit the raw offsets.
+//! rejected records and the raw offsets in one Kafka transaction.
 //!
-//! Exactly-once effect without relying on broker transactions:
-//! - Every rated record carries a deterministic id derived from its dedup key, and goes to the
-//!   rated partition with the same number as the raw partition it came from.
-//! - Dedup state is per raw partition. When a partition is (re)assigned, its state is rebuilt
-//!   before its first record is decided, by replaying the matching rated partition over the
-//!   acceptance window plus slack ([`common::kafka::replay_partition`]). Whatever an earlier
-//!   owner (or this process before a crash) produced is therefore known, and a redelivered raw
-//!   record is an identical resend, produced nothing.
-//! - Raw offsets are committed only after every output of the batch was acknowledged
-//!   (`commit_batch`). A crash in between redelivers the batch; see above.
-//! - A zombie instance that keeps producing after a rebalance writes records with the same ids;
-//!   the aggregator folds each dedup key once.
+//! Exactly-once effect, two lines of defence:
+//! 1. **Kafka transactions.** Each batch is one transaction of a transactional producer: its
+//!    rated, rejected and dead-letter records and the consumed raw offsets
+//!    (`send_offsets_to_transaction` with the consumer's group metadata) commit together or not at
+//!    all, and every reader (`aggregator`, the rebuild replay) is `read_committed`. A zombie (an
+//!    instance paused past its session timeout while its partitions moved on) is fenced: its
+//!    offsets carry a stale group generation, so its commit fails and its records are aborted;
+//!    a restarted instance with the same `rater.instance_id` fences its predecessor's open
+//!    transaction when it starts. An aborted batch rolls its dedup claims back and rewinds the
+//!    consumer to the committed offsets.
+//! 2. **Deterministic ids**, independent of the broker: every rated record carries an id derived
+//!    from its dedup key and goes to the rated partition with the raw partition's number. Dedup
+//!    state is per raw partition, rebuilt on (re)assignment by replaying the matching rated
+//!    partition over the acceptance window plus slack ([`common::kafka::replay_partition`]), so a
+//!    redelivered raw record is an identical resend and produces nothing; the aggregator folds
+//!    each dedup key once and ClickHouse writes are versioned.
 //!
-//! Undecodable raw messages go to the dead-letter topic with the reason; the partition flows on.
-//! A delivery failure ends the process with an error (the idempotent producer has already
-//! retried for `message.timeout.ms`): the supervisor restarts it and the rebuild takes over.
+//! The group uses the cooperative-sticky assignor: a member joining or leaving moves only the
+//! partitions that change owner. Undecodable raw messages go to the dead-letter topic with the
+//! reason; the partition flows on. A fatal producer error (fenced by a newer instance of the same
+//! id) ends the process with an error; the supervisor restarts it and the rebuild takes over.
 
 use crate::decision::{Decision, Rater};
 use common::catalogue::PriceBook;
@@ -27,7 +32,7 @@ use common::topic::{partition_key, DeadLetter, RejectedEvent};
 use common::usage::UsageRecord;
 use futures::future::join_all;
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaError};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -41,6 +46,9 @@ use std::time::{Duration, Instant};
 
 /// Dedup state is kept this much beyond the acceptance window.
 pub const DEDUP_SLACK_MS: i64 = HOUR_MS;
+
+/// Bound on each blocking transactional call (init, send offsets, commit, abort).
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What stopped the rater.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +94,8 @@ pub struct RaterStats {
     pub rebuilds: u64,
     /// Batches committed.
     pub batches: u64,
+    /// Batches whose transaction was aborted (and decided again).
+    pub aborted: u64,
 }
 
 /// Records revoked partitions so their state is dropped (and rebuilt if they come back), and
@@ -125,7 +135,12 @@ pub async fn run_with_metrics(
     let consumer: StreamConsumer<RebalanceLog> = common::kafka::with_statistics(common::kafka::consumer_config(k, &cfg.rater.group))
         .create_with_context(revoked.clone())?;
     consumer.subscribe(&[k.topics.raw.as_str()])?;
-    let producer: FutureProducer = common::kafka::producer_config(k).create()?;
+    let transactional_id = cfg.rater.transactional_id();
+    let producer: FutureProducer =
+        common::kafka::transactional_producer_config(k, &transactional_id, cfg.rater.transaction_timeout_ms).create()?;
+    // Fences any earlier producer with this id and aborts its open transaction.
+    tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))?;
+    tracing::info!(transactional_id, "transactional producer ready");
     let mut states: HashMap<i32, Rater> = HashMap::new();
     let mut stats = RaterStats::default();
     let window_ms = book.windows().acceptance_ms;
@@ -159,6 +174,13 @@ pub async fn run_with_metrics(
                     }
                     Ok(Ok(msg)) => {
                         drop_revoked(&revoked, &mut states);
+                        if batch.len == 0 {
+                            tokio::task::block_in_place(|| producer.begin_transaction())?;
+                            // The group generation these records are consumed under: the commit
+                            // presents it, so a batch that outlived a rebalance (a zombie's) is
+                            // refused by the broker even if this instance has rejoined since.
+                            batch.group = consumer.group_metadata();
+                        }
                         let p = msg.partition();
                         if !states.contains_key(&p) {
                             states.insert(p, rebuild(cfg, p, window_ms).await?);
@@ -171,7 +193,7 @@ pub async fn run_with_metrics(
             }
         }
         if batch.len > 0 {
-            commit_batch(&consumer, batch, &mut states, &mut stats, &obs).await?;
+            commit_batch(&consumer, &producer, batch, &mut states, &mut stats, &obs).await?;
             let now = now();
             for r in states.values_mut() {
                 r.evict(now, window_ms, DEDUP_SLACK_MS);
@@ -232,6 +254,8 @@ struct Batch<'o> {
     amounts: Vec<(Currency, Decimal)>,
     dead_lettered: u64,
     started: Instant,
+    /// The consumer's group metadata when the batch's transaction began.
+    group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
 }
 
 impl Batch<'_> {
@@ -245,6 +269,7 @@ impl Batch<'_> {
             amounts: Vec::new(),
             dead_lettered: 0,
             started: Instant::now(),
+            group: None,
         }
     }
 }
@@ -406,9 +431,14 @@ fn send(producer: &FutureProducer, topic: &str, partition: Option<i32>, key: &[u
     }
 }
 
-/// Waits for every output of the batch, then makes dedup claims permanent and commits offsets.
+/// Waits for every output of the batch, then commits the batch's transaction with its raw
+/// offsets and makes the dedup claims permanent. An abortable failure (a rebalance moved a
+/// partition, a delivery failed) aborts the transaction instead: the claims are rolled back and
+/// the consumer rewinds to the committed offsets, so the batch is decided again by whoever owns
+/// each partition now. Only a fatal error (this producer was fenced) ends the rater.
 async fn commit_batch(
     consumer: &StreamConsumer<RebalanceLog>,
+    producer: &FutureProducer,
     batch: Batch<'_>,
     states: &mut HashMap<i32, Rater>,
     stats: &mut RaterStats,
@@ -416,6 +446,7 @@ async fn commit_batch(
 ) -> Result<(), RaterError> {
     let m = &obs.metrics;
     let (topics, futures): (Vec<String>, Vec<DeliveryFuture>) = batch.deliveries.into_iter().unzip();
+    let mut failure = None;
     for (topic, d) in topics.into_iter().zip(join_all(futures).await) {
         let reason = match d {
             Ok(Ok(_)) => continue,
@@ -423,30 +454,33 @@ async fn commit_batch(
             Err(_) => "delivery report lost".into(),
         };
         m.delivery_errors.with_label_values(&[STAGE, &topic]).inc();
-        return Err(RaterError::Produce { topic, reason });
-    }
-    for r in states.values_mut() {
-        r.commit();
+        failure.get_or_insert(format!("producing to {topic}: {reason}"));
     }
     let mut tpl = TopicPartitionList::new();
     for (p, o) in &batch.next_offsets {
         tpl.add_partition_offset(&batch.topic, *p, Offset::Offset(*o))?;
     }
-    // A partition revoked meanwhile cannot be committed by us; its new owner replays and the
-    // rebuild makes that harmless.
-    let committed = match consumer.commit(&tpl, rdkafka::consumer::CommitMode::Sync) {
-        Ok(()) => {
-            m.commits.with_label_values(&[STAGE, "kafka_offsets"]).inc();
-            true
-        }
-        Err(e) => {
-            m.commit_failures.with_label_values(&[STAGE, "kafka_offsets"]).inc();
-            tracing::warn!(error = %e, "offset commit failed; the records will be redelivered and recognised");
-            false
-        }
+    let outcome = match failure {
+        Some(reason) => Err(reason),
+        None => tokio::task::block_in_place(|| commit_transaction(batch.group.as_ref(), producer, &tpl)),
     };
+    if let Err(reason) = outcome {
+        m.commit_failures.with_label_values(&[STAGE, "kafka_transaction"]).inc();
+        tracing::warn!(records = batch.len, reason = %reason, "batch transaction aborted: its records will be decided again");
+        tokio::task::block_in_place(|| producer.abort_transaction(TXN_TIMEOUT))?;
+        for r in states.values_mut() {
+            r.rollback();
+        }
+        rewind(consumer, &batch.topic, &batch.next_offsets);
+        stats.aborted += 1;
+        return Ok(());
+    }
+    for r in states.values_mut() {
+        r.commit();
+    }
+    m.commits.with_label_values(&[STAGE, "kafka_transaction"]).inc();
     stats.batches += 1;
-    // The outputs are acknowledged: count the batch, and log it in one line.
+    // The outputs are committed: count the batch, and log it in one line.
     m.batch_records.with_label_values(&[STAGE]).observe(batch.len as f64);
     m.dead_letters.with_label_values(&[STAGE]).inc_by(batch.dead_lettered);
     let mut per_currency = Vec::with_capacity(batch.amounts.len());
@@ -460,10 +494,65 @@ async fn commit_batch(
         dead_lettered = batch.dead_lettered,
         partitions = ?batch.next_offsets.keys().collect::<Vec<_>>(),
         rated_amount = %per_currency.join(", "),
-        offsets_committed = committed,
         ms = batch.started.elapsed().as_millis() as u64,
         totals = ?stats,
         "batch committed"
     );
     Ok(())
+}
+
+/// Adds the raw offsets to the open transaction and commits it, retrying retriable errors a few
+/// times. `Err` carries the reason; the caller aborts. A fatal error (a fenced producer) then
+/// fails the abort too, which ends the rater.
+fn commit_transaction(
+    group: Option<&rdkafka::consumer::ConsumerGroupMetadata>,
+    producer: &FutureProducer,
+    offsets: &TopicPartitionList,
+) -> Result<(), String> {
+    let group = group.ok_or("the consumer had no group metadata when the batch began")?;
+    let mut attempt = 0;
+    loop {
+        let result = producer
+            .send_offsets_to_transaction(offsets, group, TXN_TIMEOUT)
+            .and_then(|()| producer.commit_transaction(TXN_TIMEOUT));
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if retriable(&e) && attempt < 3 => attempt += 1,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn retriable(e: &KafkaError) -> bool {
+    let inner: Option<&RDKafkaError> = match e {
+        KafkaError::Transaction(t) => Some(t),
+        _ => None,
+    };
+    inner.is_some_and(|t| t.is_retriable() && !t.txn_requires_abort() && !t.is_fatal())
+}
+
+/// Seeks every partition of the aborted batch back to its committed offset (the start of the
+/// topic when none is committed). A partition no longer assigned cannot be sought: its new owner
+/// starts from the same committed offset anyway.
+fn rewind(consumer: &StreamConsumer<RebalanceLog>, topic: &str, partitions: &BTreeMap<i32, i64>) {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading committed offsets to rewind failed; the next rebalance or restart redelivers");
+            return;
+        }
+    };
+    for e in committed.elements() {
+        let to = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        if let Err(err) = consumer.seek(topic, e.partition(), to, Duration::from_secs(10)) {
+            tracing::debug!(partition = e.partition(), error = %err, "not rewound (no longer assigned)");
+        }
+    }
 }

@@ -12,14 +12,14 @@ use std::{
 
 use anyhow::{bail, Result};
 
-/// Env var that overrides the Tansu binary.
-pub const TANSU_BIN_ENV: &str = "METERLINE_TANSU_BIN";
+/// Env var naming the folder of Kafka's jars (overrides the cache).
+pub const KAFKA_LIBS_ENV: &str = "METERLINE_KAFKA_LIBS";
 /// Env var that overrides the ClickHouse server binary.
 pub const CLICKHOUSE_BIN_ENV: &str = "METERLINE_CLICKHOUSE_BIN";
-/// Env var naming the cache dir the install script builds Tansu into.
+/// Env var naming the cache dir the install script copies Kafka's jars into.
 pub const CACHE_ENV: &str = "METERLINE_CACHE";
-/// The Tansu version the tests (and the install script) use.
-pub const TANSU_VERSION: &str = "0.6.0";
+/// The Apache Kafka version the tests (and the install script, `testkit/kafka/pom.xml`) use.
+pub const KAFKA_VERSION: &str = "4.1.1";
 
 const INSTALL_HINT: &str = "run scripts/install-test-deps.sh (idempotent)";
 
@@ -77,34 +77,33 @@ pub fn cache_dir() -> Option<PathBuf> {
     }
 }
 
-/// Path of the Tansu 0.6.0 broker binary.
-///
-/// Order: `$METERLINE_TANSU_BIN`; `$METERLINE_CACHE/tansu-0.6.0/bin/tansu` (default cache
-/// `~/.cache/meterline`, where `scripts/install-test-deps.sh` builds it); `tansu` on `PATH`.
-/// The error names the env var and the install script.
-pub fn tansu_bin() -> Result<PathBuf> {
-    if let Some(path) = from_env(TANSU_BIN_ENV)? {
-        return Ok(path);
-    }
+/// The Kafka jars: `$METERLINE_KAFKA_LIBS`, else `$METERLINE_CACHE/kafka-4.1.1/libs` (default
+/// cache `~/.cache/meterline`), where `scripts/install-test-deps.sh` copies them with Maven from
+/// `testkit/kafka/pom.xml`. The folder must hold `kafka_2.13-4.1.1.jar`.
+pub fn kafka_libs() -> Result<PathBuf> {
+    let jar = format!("kafka_2.13-{KAFKA_VERSION}.jar");
     let mut looked = Vec::new();
-    if let Some(cache) = cache_dir() {
-        let path = cache
-            .join(format!("tansu-{TANSU_VERSION}"))
-            .join("bin")
-            .join("tansu");
-        if is_executable(&path) {
-            return Ok(path);
+    let candidates = env::var_os(KAFKA_LIBS_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(cache_dir().map(|c| c.join(format!("kafka-{KAFKA_VERSION}")).join("libs")));
+    for dir in candidates {
+        if dir.join(&jar).is_file() {
+            return Ok(dir);
         }
-        looked.push(path);
+        looked.push(dir.join(&jar));
     }
-    if let Some(path) = on_path("tansu") {
-        return Ok(path);
+    Err(missing(&format!("Apache Kafka {KAFKA_VERSION} ({jar})"), KAFKA_LIBS_ENV, &looked))
+}
+
+/// The `java` to run Kafka with: `$JAVA_HOME/bin/java`, else `java` on `PATH` (Kafka 4 needs 17+).
+pub fn java_bin() -> Result<PathBuf> {
+    let from_home = env::var_os("JAVA_HOME").map(|h| PathBuf::from(h).join("bin").join("java"));
+    if let Some(path) = from_home.as_ref().filter(|p| is_executable(p)) {
+        return Ok(path.clone());
     }
-    Err(missing(
-        &format!("Tansu {TANSU_VERSION} broker"),
-        TANSU_BIN_ENV,
-        &looked,
-    ))
+    on_path("java").ok_or_else(|| missing("Java (17 or newer)", "JAVA_HOME", &from_home.into_iter().collect::<Vec<_>>()))
 }
 
 /// Path of the ClickHouse server binary.

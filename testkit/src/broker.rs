@@ -1,31 +1,26 @@
-//! A real Kafka-protocol broker for tests: a Tansu 0.6.0 process on a free loopback port.
+//! A real Apache Kafka for tests: KRaft-mode Java processes on free loopback ports.
 //!
-//! Command line (one listener; Tansu 0.6.0 opens no other port unless `--otlp-endpoint-url` is
-//! given, which we never pass, and the OTEL/schema-registry env vars it reads are removed):
+//! One node is a combined broker + controller ([`Broker::start`]); three nodes form a cluster
+//! whose controllers are a static three-voter quorum, with topics at replication factor 3 and
+//! `min.insync.replicas=2` ([`Broker::start_cluster`]). Each node runs
 //!
 //! ```text
-//! tansu broker --listener-url tcp://127.0.0.1:PORT --advertised-listener-url tcp://127.0.0.1:PORT \
-//!              --storage-engine memory://tansu/          # BrokerStorage::Memory
-//!              --storage-engine sqlite:///FILE_NAME      # BrokerStorage::File, cwd = the file's dir
+//! java -cp '$KAFKA_LIBS/*' kafka.tools.StorageTool format -t CLUSTER_ID -c node.properties   # once
+//! java -cp '$KAFKA_LIBS/*' kafka.Kafka node.properties
 //! ```
 //!
-//! Tansu 0.6.0 resolves a `sqlite://` URL relative to its *working directory* (it pushes the
-//! URL's host and path, leading `/` stripped, onto `current_dir()`), so a file-backed broker is
-//! started with its cwd set to the database file's directory and the URL names only the file.
-//! The cluster id defaults to `tansu_cluster` and the node id is fixed at build time; neither is
-//! needed for a single broker.
+//! where `node.properties` is `deploy/kafka/broker.properties` (the settings compose uses too)
+//! plus the node's id, listeners, quorum and log dir in the broker's temp dir, and the
+//! replication keys raised for three nodes. The jars come from Maven Central through
+//! `testkit/kafka/pom.xml` ([`crate::bins::kafka_libs`]).
 //!
-//! Readiness means a real request succeeds: a TCP connect, then an rdkafka metadata fetch that
-//! lists at least one broker (30 s deadline; the error carries the tail of the broker's log).
-//!
-//! Known Tansu gaps, measured on the dev machine: with `memory://` storage a fetch from an
-//! offset inside a record batch returns nothing of that batch (see [`BrokerStorage::Memory`];
-//! `sqlite://` is correct), so resuming consumers need [`BrokerStorage::File`]; a consumer-group
-//! join can take up to about half of `session.timeout.ms` (use 6000 in tests); aborted
-//! transactions are visible to `read_committed` consumers; `kcat` cannot talk to it (rdkafka's
-//! vendored librdkafka can).
+//! Readiness means a real request succeeds: an rdkafka metadata fetch listing every node as a
+//! broker (60 s deadline; the error carries the tail of the node's log). [`Broker::kill`] is a
+//! SIGKILL; [`Broker::restart`] starts the same nodes on the same ports and log dirs, so the data
+//! survives (Kafka recovers its logs after an unclean stop).
 
 use std::{
+    fmt::Write as _,
     path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
@@ -40,96 +35,96 @@ use rdkafka::{
 use tempfile::TempDir;
 
 use crate::{
-    bins::tansu_bin,
-    ports::{free_port, port_is_free},
-    process::{log_tail, unique_name, ServerProcess},
+    bins::{java_bin, kafka_libs},
+    ports::free_port,
+    process::{log_tail, random_u64, unique_name, ServerProcess},
 };
 
-/// How long [`Broker::start`] and [`Broker::restart`] wait for the broker to answer metadata.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Broker::start`] and [`Broker::restart`] wait for every node to answer metadata.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long [`Broker::create_topic`] waits for the new topic to show up in metadata.
-const TOPIC_TIMEOUT: Duration = Duration::from_secs(15);
-/// Env var: when set, it becomes the broker's `RUST_LOG` (otherwise `RUST_LOG` is not passed on).
-pub const TANSU_LOG_ENV: &str = "METERLINE_TANSU_LOG";
-/// Env var: when set, server temp dirs (logs, ClickHouse data) are kept after drop.
+const TOPIC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Env var: when set, server temp dirs (logs, data) are kept after drop.
 pub const KEEP_ENV: &str = "METERLINE_TESTKIT_KEEP";
+/// The broker settings shared with `deploy/compose.yaml`, compiled in so a test binary finds
+/// them wherever it runs.
+pub const SHARED_SETTINGS: &str = include_str!("../../deploy/kafka/broker.properties");
 
-/// Where the broker keeps its messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BrokerStorage {
-    /// `memory://tansu/`: fast (~130 k msgs/s produce here); everything is lost on kill/restart.
-    ///
-    /// **Caveat (Tansu 0.6.0 bug):** this engine answers a fetch at offset X only with record
-    /// batches whose *base* offset is >= X. A consumer that resumes (committed offset, seek,
-    /// restart, rebalance) at an offset *inside* a multi-record batch gets nothing of that batch:
-    /// it stalls if the batch is the partition's last, and silently skips the batch's tail if
-    /// more batches follow. Use [`BrokerStorage::File`] for any test that resumes consumers; the
-    /// SQLite engine fetches record by record and is correct. Pinned by the self-test
-    /// `memory_broker_cannot_resume_inside_a_batch_known_tansu_gap`.
-    Memory,
-    /// A SQLite (libsql) file at this path: slower (~14 k msgs/s) but keeps messages, offsets and
-    /// topics across [`Broker::kill`] + [`Broker::restart`]. The parent directory is created if
-    /// missing; the file name must be plain (`[A-Za-z0-9._-]+`).
-    File(PathBuf),
+/// One KRaft node: its ports, files and (while running) its process.
+#[derive(Debug)]
+struct Node {
+    id: u32,
+    port: u16,
+    controller_port: u16,
+    properties: PathBuf,
+    log: PathBuf,
+    proc: Option<ServerProcess>,
 }
 
-/// A running Tansu broker process on `127.0.0.1`. Dropping it SIGKILLs the process.
+/// A running Kafka (one node or a three-node cluster) on `127.0.0.1`. Dropping it SIGKILLs every
+/// node.
 #[derive(Debug)]
 pub struct Broker {
-    /// The server, `None` between [`Broker::kill`] and [`Broker::restart`].
-    proc: Option<ServerProcess>,
-    bin: PathBuf,
-    port: u16,
-    storage: BrokerStorage,
-    /// `--storage-engine` value and the working directory it is resolved against.
-    storage_url: String,
-    cwd: PathBuf,
-    /// Holds `tansu.log` (stdout+stderr, appended across restarts); cwd for `Memory`.
+    nodes: Vec<Node>,
+    java: PathBuf,
+    libs: PathBuf,
+    /// Holds each node's properties, log dir and `kafka-N.log`.
     dir: TempDir,
 }
 
 impl Broker {
-    /// Starts a broker on a free loopback port and waits until it answers a metadata request.
-    ///
-    /// If the port turns out to be taken by the time Tansu binds it, retries with a new port
-    /// (up to 3 attempts).
-    pub async fn start(storage: BrokerStorage) -> Result<Broker> {
-        let bin = tansu_bin()?;
-        let dir = tempfile::Builder::new()
-            .prefix("meterline-tansu-")
-            .tempdir()
-            .context("creating the broker's temp dir")?;
-        let (storage_url, cwd) = match &storage {
-            BrokerStorage::Memory => ("memory://tansu/".to_string(), dir.path().to_path_buf()),
-            BrokerStorage::File(path) => sqlite_url(path)?,
-        };
-        let mut broker = Broker {
-            proc: None,
-            bin,
-            port: 0,
-            storage,
-            storage_url,
-            cwd,
-            dir,
-        };
-        const ATTEMPTS: usize = 3;
-        for attempt in 1..=ATTEMPTS {
-            broker.port = free_port();
-            match broker.launch().await {
-                Ok(()) => return Ok(broker),
-                Err(e) if attempt < ATTEMPTS && broker.lost_port_race() => {
-                    tracing::warn!(port = broker.port, error = %e, "testkit: broker port taken, retrying");
-                    broker.kill();
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        bail!("unreachable: broker start loop ended without a result")
+    /// Starts a single combined broker + controller and waits until it answers metadata.
+    pub async fn start() -> Result<Broker> {
+        Self::start_nodes(1).await
     }
 
-    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    /// Starts a three-node cluster (each node broker + controller; replication factor 3 and
+    /// `min.insync.replicas=2` for the topics it creates and its internal topics).
+    pub async fn start_cluster() -> Result<Broker> {
+        Self::start_nodes(3).await
+    }
+
+    async fn start_nodes(n: u32) -> Result<Broker> {
+        let java = java_bin()?;
+        let libs = kafka_libs()?;
+        let dir = tempfile::Builder::new()
+            .prefix("meterline-kafka-")
+            .tempdir()
+            .context("creating the broker's temp dir")?;
+        let mut nodes: Vec<Node> = (1..=n)
+            .map(|id| Node {
+                id,
+                port: free_port(),
+                controller_port: free_port(),
+                properties: dir.path().join(format!("node-{id}.properties")),
+                log: dir.path().join(format!("kafka-{id}.log")),
+                proc: None,
+            })
+            .collect();
+        let voters: Vec<String> =
+            nodes.iter().map(|nd| format!("{}@127.0.0.1:{}", nd.id, nd.controller_port)).collect();
+        let cluster_id = cluster_id();
+        for node in &nodes {
+            let props = node_properties(node, &voters.join(","), n, &dir.path().join(format!("data-{}", node.id)));
+            std::fs::write(&node.properties, props)
+                .with_context(|| format!("writing {}", node.properties.display()))?;
+        }
+        let mut broker = Broker { nodes: Vec::new(), java, libs, dir };
+        for node in &nodes {
+            broker.format(node, &cluster_id)?;
+        }
+        for node in &mut nodes {
+            node.proc = Some(broker.spawn(node)?);
+        }
+        broker.nodes = nodes;
+        broker.wait_ready().await?;
+        Ok(broker)
+    }
+
+    /// `127.0.0.1:PORT[,…]` of every node, for `bootstrap.servers`.
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        let all: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        all.join(",")
     }
 
     /// A `ClientConfig` with `bootstrap.servers` set to this broker; add the rest per test.
@@ -139,37 +134,68 @@ impl Broker {
         cfg
     }
 
-    /// The storage this broker was started with.
-    pub fn storage(&self) -> &BrokerStorage {
-        &self.storage
+    /// Number of nodes (1 or 3).
+    pub fn nodes(&self) -> usize {
+        self.nodes.len()
     }
 
-    /// The broker's pid, or `None` while it is killed.
+    /// The replication factor topics get here: 1 on one node, 3 on a cluster.
+    pub fn replication(&self) -> i32 {
+        if self.nodes.len() >= 3 {
+            3
+        } else {
+            1
+        }
+    }
+
+    /// The first node's pid, or `None` while it is killed.
     pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().map(ServerProcess::pid)
+        self.node_pid(0)
     }
 
-    /// The broker's log file (stdout and stderr of every run, appended).
+    /// Node `i`'s pid (0-based), or `None` while it is killed.
+    pub fn node_pid(&self, i: usize) -> Option<u32> {
+        self.nodes.get(i).and_then(|n| n.proc.as_ref()).map(ServerProcess::pid)
+    }
+
+    /// The first node's log file (stdout and stderr of every run, appended).
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("tansu.log")
+        self.nodes[0].log.clone()
     }
 
-    /// SIGKILLs the broker now (for fault tests). Idempotent. Clients see connection errors
+    /// SIGKILLs every node now (for fault tests). Idempotent. Clients see connection errors
     /// until [`Broker::restart`].
     pub fn kill(&mut self) {
-        if let Some(mut p) = self.proc.take() {
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+    }
+
+    /// SIGKILLs node `i` (0-based). Idempotent.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes.get_mut(i).and_then(|n| n.proc.take()) {
             p.kill();
         }
     }
 
-    /// Kills the broker if it runs, then starts it again on the same port with the same storage
-    /// and waits until it is ready. A `File` broker keeps its data; a `Memory` broker comes back
-    /// empty.
+    /// Kills every node that runs, then starts all of them again on the same ports and data and
+    /// waits until the cluster answers metadata with every node.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill();
-        self.launch()
-            .await
-            .with_context(|| format!("restarting the broker on port {}", self.port))
+        for i in 0..self.nodes.len() {
+            let proc = self.spawn(&self.nodes[i])?;
+            self.nodes[i].proc = Some(proc);
+        }
+        self.wait_ready().await.with_context(|| format!("restarting the broker on {}", self.bootstrap()))
+    }
+
+    /// Starts node `i` again (after [`Broker::kill_node`]) on its ports and data, and waits until
+    /// metadata lists every node.
+    pub async fn restart_node(&mut self, i: usize) -> Result<()> {
+        self.kill_node(i);
+        let proc = self.spawn(&self.nodes[i])?;
+        self.nodes[i].proc = Some(proc);
+        self.wait_ready().await.with_context(|| format!("restarting node {} of {}", i + 1, self.bootstrap()))
     }
 
     /// A topic name unique to this call: `{test}-{16 hex digits}` (characters outside
@@ -188,18 +214,16 @@ impl Broker {
         unique_name(test, '-', true)
     }
 
-    /// Creates `name` with `partitions` partitions and replication factor 1 through rdkafka's
+    /// Creates `name` with `partitions` partitions at [`Broker::replication`] through rdkafka's
     /// `AdminClient`, then waits until metadata shows every partition with a leader.
     /// An existing topic is an error (names from [`Broker::topic`] never collide).
     pub async fn create_topic(&self, name: &str, partitions: i32) -> Result<()> {
-        let admin: AdminClient<DefaultClientContext> = self
-            .client_config()
-            .create()
-            .context("creating an rdkafka AdminClient")?;
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let admin: AdminClient<DefaultClientContext> =
+            self.client_config().create().context("creating an rdkafka AdminClient")?;
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(self.replication()));
         let opts = AdminOptions::new()
-            .operation_timeout(Some(Duration::from_secs(10)))
-            .request_timeout(Some(Duration::from_secs(10)));
+            .operation_timeout(Some(Duration::from_secs(20)))
+            .request_timeout(Some(Duration::from_secs(20)));
         let results = admin
             .create_topics([&topic], &opts)
             .await
@@ -210,17 +234,13 @@ impl Broker {
             }
         }
         let deadline = Instant::now() + TOPIC_TIMEOUT;
-        let topic_name = name.to_string();
         loop {
             let bootstrap = self.bootstrap();
-            let t = topic_name.clone();
+            let t = name.to_string();
             let ready = run_blocking(move || {
-                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", bootstrap)
-                    .create()?;
-                let md = admin
-                    .inner()
-                    .fetch_metadata(Some(&t), Duration::from_secs(2))?;
+                let admin: AdminClient<DefaultClientContext> =
+                    ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+                let md = admin.inner().fetch_metadata(Some(&t), Duration::from_secs(2))?;
                 Ok(md.topics().iter().any(|mt| {
                     mt.name() == t
                         && mt.error().is_none()
@@ -237,106 +257,105 @@ impl Broker {
                 Ok(false) => bail!(
                     "topic {name} was created but metadata did not show {partitions} partitions with leaders within {TOPIC_TIMEOUT:?}"
                 ),
-                Err(e) => {
-                    return Err(e.context(format!(
-                        "waiting for topic {name} to appear in metadata"
-                    )))
-                }
+                Err(e) => return Err(e.context(format!("waiting for topic {name} to appear in metadata"))),
             }
         }
     }
 
-    /// Spawns Tansu on `self.port` and waits until it is ready.
-    async fn launch(&mut self) -> Result<()> {
-        let listener = format!("tcp://127.0.0.1:{}", self.port);
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("broker")
-            .arg("--listener-url")
-            .arg(&listener)
-            .arg("--advertised-listener-url")
-            .arg(&listener)
-            .arg("--storage-engine")
-            .arg(&self.storage_url)
-            .current_dir(&self.cwd)
-            // Tansu reads these from the env; keep a developer's shell from changing the broker.
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("SCHEMA_REGISTRY")
-            .env_remove("CLUSTER_ID")
-            .env_remove("LISTENER_URL")
-            .env_remove("ADVERTISED_LISTENER_URL")
-            .env_remove("STORAGE_ENGINE");
-        match std::env::var_os(TANSU_LOG_ENV) {
-            Some(level) => cmd.env("RUST_LOG", level),
-            None => cmd.env_remove("RUST_LOG"),
-        };
-        let log = self.log_path();
-        self.proc = Some(ServerProcess::spawn("tansu", cmd, &log)?);
-        self.wait_ready().await
+    /// Formats a node's log dir for `cluster_id` (Kafka's own storage tool).
+    fn format(&self, node: &Node, cluster_id: &str) -> Result<()> {
+        let out = self
+            .java_command()
+            .arg("kafka.tools.StorageTool")
+            .arg("format")
+            .arg("--ignore-formatted")
+            .arg("-t")
+            .arg(cluster_id)
+            .arg("-c")
+            .arg(&node.properties)
+            .output()
+            .context("running kafka.tools.StorageTool")?;
+        if !out.status.success() {
+            bail!(
+                "formatting kafka node {} failed ({}): {}{}",
+                node.id,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).lines().rev().take(20).collect::<Vec<_>>().join("\n"),
+                String::from_utf8_lossy(&out.stdout).lines().rev().take(5).collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(())
     }
 
-    /// Polls until a metadata request succeeds; fails early if the process exits.
+    fn spawn(&self, node: &Node) -> Result<ServerProcess> {
+        let mut cmd = self.java_command();
+        cmd.arg("-Xms128m").arg("-Xmx512m").arg("kafka.Kafka").arg(&node.properties);
+        ServerProcess::spawn("kafka", cmd, &node.log)
+    }
+
+    /// `java` with Kafka's class path and a console-only log4j2 config, like `kafka-run-class.sh`.
+    fn java_command(&self) -> Command {
+        let mut cmd = Command::new(&self.java);
+        let log4j = self.dir.path().join("log4j2.properties");
+        if !log4j.exists() {
+            // Errors surface as a missing-config warning in the node's log, nothing worse.
+            let _ = std::fs::write(&log4j, LOG4J2);
+        }
+        cmd.arg("-cp")
+            .arg(format!("{}/*", self.libs.display()))
+            .arg(format!("-Dlog4j2.configurationFile={}", log4j.display()))
+            .arg("-Djava.awt.headless=true")
+            .env_remove("KAFKA_OPTS")
+            .env_remove("KAFKA_HEAP_OPTS")
+            .env_remove("JAVA_TOOL_OPTIONS");
+        cmd
+    }
+
+    /// Polls until a metadata request lists every node as a broker; fails early if one exits.
     async fn wait_ready(&mut self) -> Result<()> {
         let started = Instant::now();
         let deadline = started + READY_TIMEOUT;
+        let want = self.nodes.len();
         let mut last_error = String::from("no attempt yet");
         loop {
-            if let Some(status) = self.proc.as_mut().and_then(ServerProcess::exited) {
-                bail!(
-                    "tansu broker on {} exited during startup ({status}); command used storage {} in {}{}",
-                    self.bootstrap(),
-                    self.storage_url,
-                    self.cwd.display(),
-                    self.tail()
-                );
+            for node in &mut self.nodes {
+                if let Some(status) = node.proc.as_mut().and_then(ServerProcess::exited) {
+                    let tail = log_tail(&[node.log.clone()], 40);
+                    bail!("kafka node {} on 127.0.0.1:{} exited during startup ({status}){tail}", node.id, node.port);
+                }
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "tansu broker on {} not ready after {READY_TIMEOUT:?} (last error: {last_error}){}",
+                    "kafka on {} not ready after {READY_TIMEOUT:?} (last error: {last_error}){}",
                     self.bootstrap(),
                     self.tail()
                 );
             }
-            // A plain connect first keeps librdkafka from logging refused connections in a loop.
-            let connect = tokio::time::timeout(
-                Duration::from_secs(1),
-                tokio::net::TcpStream::connect(("127.0.0.1", self.port)),
-            )
+            let bootstrap = self.bootstrap();
+            let md = run_blocking(move || {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", bootstrap)
+                    .set("log_level", "0")
+                    .create()?;
+                let md = admin.inner().fetch_metadata(None, Duration::from_secs(2))?;
+                Ok(md.brokers().len())
+            })
             .await;
-            match connect {
-                Ok(Ok(_)) => {
-                    let bootstrap = self.bootstrap();
-                    let md = run_blocking(move || {
-                        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                            .set("bootstrap.servers", bootstrap)
-                            .create()?;
-                        let md = admin.inner().fetch_metadata(None, Duration::from_secs(2))?;
-                        Ok(md.brokers().len())
-                    })
-                    .await;
-                    match md {
-                        Ok(n) if n > 0 => {
-                            tracing::debug!(port = self.port, elapsed = ?started.elapsed(), "testkit: broker ready");
-                            return Ok(());
-                        }
-                        Ok(_) => last_error = "metadata listed no brokers".into(),
-                        Err(e) => last_error = format!("{e:#}"),
-                    }
+            match md {
+                Ok(n) if n >= want => {
+                    tracing::debug!(nodes = want, elapsed = ?started.elapsed(), "testkit: kafka ready");
+                    return Ok(());
                 }
-                Ok(Err(e)) => last_error = format!("connect: {e}"),
-                Err(_) => last_error = "connect timed out".into(),
+                Ok(n) => last_error = format!("metadata listed {n} of {want} brokers"),
+                Err(e) => last_error = format!("{e:#}"),
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    /// After a failed start: did Tansu die because someone else took our port?
-    fn lost_port_race(&mut self) -> bool {
-        let exited = self.proc.as_mut().and_then(ServerProcess::exited).is_some();
-        exited && !port_is_free(self.port)
-    }
-
     fn tail(&self) -> String {
-        log_tail(&[self.log_path()], 40)
+        let logs: Vec<PathBuf> = self.nodes.iter().map(|n| n.log.clone()).collect();
+        log_tail(&logs, 30)
     }
 }
 
@@ -350,32 +369,58 @@ impl Drop for Broker {
     }
 }
 
-/// `(--storage-engine URL, working dir)` for a SQLite file: see the module docs for why the
-/// URL names only the file and the cwd is its directory.
-fn sqlite_url(path: &Path) -> Result<(String, PathBuf)> {
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .with_context(|| format!("broker storage file {} has no file name", path.display()))?;
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    {
-        bail!(
-            "broker storage file name {name:?} must match [A-Za-z0-9._-]+ (it goes into a sqlite:// URL)"
+/// Console-only logging at INFO (Kafka's own default is INFO to files under `kafka.logs.dir`).
+const LOG4J2: &str = "\
+rootLogger.level = INFO
+rootLogger.appenderRef.stdout.ref = STDOUT
+appender.console.type = Console
+appender.console.name = STDOUT
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+logger.state.name = state.change.logger
+logger.state.level = WARN
+";
+
+/// The node's `server.properties`: the shared settings, then what is particular to this node.
+/// Later keys win in Java's `Properties`, so the replication overrides for a cluster come last.
+fn node_properties(node: &Node, voters: &str, nodes: u32, data: &Path) -> String {
+    let mut p = String::from(SHARED_SETTINGS);
+    let _ = write!(
+        p,
+        "\n# --- testkit: node {id} of {nodes} ---\n\
+         process.roles=broker,controller\n\
+         node.id={id}\n\
+         controller.quorum.voters={voters}\n\
+         listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{cport}\n\
+         advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+         controller.listener.names=CONTROLLER\n\
+         inter.broker.listener.name=PLAINTEXT\n\
+         listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+         log.dirs={data}\n",
+        id = node.id,
+        port = node.port,
+        cport = node.controller_port,
+        data = data.display(),
+    );
+    if nodes >= 3 {
+        p.push_str(
+            "offsets.topic.replication.factor=3\n\
+             transaction.state.log.replication.factor=3\n\
+             transaction.state.log.min.isr=2\n\
+             default.replication.factor=3\n\
+             min.insync.replicas=2\n",
         );
     }
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("creating broker storage dir {}", parent.display()))?;
-    let parent = parent
-        .canonicalize()
-        .with_context(|| format!("resolving broker storage dir {}", parent.display()))?;
-    Ok((format!("sqlite:///{name}"), parent))
+    p
+}
+
+/// A KRaft cluster id: 16 random bytes in URL-safe base64 without padding (22 characters), the
+/// form `kafka-storage.sh random-uuid` prints.
+fn cluster_id() -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bits = (u128::from(random_u64()) << 64) | u128::from(random_u64());
+    // 22 characters × 6 bits = 132 bits; the top 4 are zero, as in a base64 of 16 bytes.
+    (0..22).rev().map(|i| ALPHABET[((bits >> (i * 6)) & 63) as usize] as char).collect()
 }
 
 /// Runs blocking rdkafka calls off the async runtime.
@@ -384,9 +429,7 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f)
-        .await
-        .context("blocking rdkafka task panicked or was cancelled")?
+    tokio::task::spawn_blocking(f).await.context("blocking rdkafka task panicked or was cancelled")?
 }
 
 #[cfg(test)]
@@ -394,11 +437,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sqlite_url_names_the_file_and_uses_its_dir_as_cwd() {
-        let dir = tempfile::tempdir().unwrap();
-        let (url, cwd) = sqlite_url(&dir.path().join("sub").join("tansu.db")).unwrap();
-        assert_eq!(url, "sqlite:///tansu.db");
-        assert_eq!(cwd, dir.path().join("sub").canonicalize().unwrap());
-        assert!(sqlite_url(&dir.path().join("bad name.db")).is_err());
+    fn cluster_ids_look_like_kafkas() {
+        let a = cluster_id();
+        assert_eq!(a.len(), 22);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{a}");
+        assert_ne!(a, cluster_id());
+    }
+
+    #[test]
+    fn a_cluster_node_raises_replication_after_the_shared_settings() {
+        let node = Node {
+            id: 2,
+            port: 1,
+            controller_port: 2,
+            properties: PathBuf::new(),
+            log: PathBuf::new(),
+            proc: None,
+        };
+        let p = node_properties(&node, "1@x:1,2@x:2,3@x:3", 3, Path::new("/d"));
+        let shared = p.find("offsets.topic.replication.factor=1").unwrap();
+        let raised = p.find("offsets.topic.replication.factor=3").unwrap();
+        assert!(raised > shared, "the cluster override must come after the shared value");
+        assert!(p.contains("min.insync.replicas=2"));
+        assert!(p.contains("node.id=2\n"));
+        let single = node_properties(&node, "2@x:2", 1, Path::new("/d"));
+        assert!(!single.contains("min.insync.replicas="));
     }
 }

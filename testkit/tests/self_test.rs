@@ -1,5 +1,6 @@
-//! Self-tests of testkit against the real servers it starts: a Tansu broker (produce with an
-//! idempotent `acks=all` producer, consume with groups, file-backed restart, committed offsets)
+//! Self-tests of testkit against the real servers it starts: Apache Kafka (produce with an
+//! idempotent `acks=all` producer, consume with groups, kill -9 and restart, committed offsets
+//! inside a batch, transactions and fencing, a three-node cluster losing a node)
 //! and ClickHouse 18.16 (Decimal(38, 9) round trip through the `clickhouse` crate, restart,
 //! `ReplacingMergeTree ... FINAL`). They also document what the stage tests may rely on.
 //!
@@ -14,10 +15,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use rdkafka::{
     consumer::{CommitMode, Consumer, StreamConsumer},
-    producer::{FutureProducer, FutureRecord},
+    producer::{BaseProducer, BaseRecord, FutureProducer, FutureRecord, Producer},
     Message, Offset, TopicPartitionList,
 };
-use testkit::{Broker, BrokerStorage, ClickHouse};
+use testkit::{Broker, ClickHouse};
 
 /// An idempotent, `acks=all` producer for `broker` that waits `linger_ms` to fill a batch.
 fn producer(broker: &Broker, linger_ms: u32) -> Result<FutureProducer> {
@@ -107,7 +108,7 @@ fn distinct_keys(got: &[Got]) -> HashSet<&str> {
 #[tokio::test]
 async fn broker_produces_and_consumes_with_an_idempotent_producer() -> Result<()> {
     let started = Instant::now();
-    let broker = Broker::start(BrokerStorage::Memory).await?;
+    let broker = Broker::start().await?;
     let topic = broker.topic("idempotent");
     broker.create_topic(&topic, 2).await?;
     produce(&broker, &topic, 1000).await?;
@@ -117,24 +118,16 @@ async fn broker_produces_and_consumes_with_an_idempotent_producer() -> Result<()
     assert_eq!(got.len(), 1000);
     assert_eq!(distinct_keys(&got).len(), 1000, "every key exactly once");
     let partitions: HashSet<i32> = got.iter().map(|(p, _, _)| *p).collect();
-    assert_eq!(
-        partitions,
-        HashSet::from([0, 1]),
-        "keys spread over both partitions"
-    );
-    eprintln!(
-        "idempotent produce/consume of 1000: {:?}",
-        started.elapsed()
-    );
+    assert_eq!(partitions, HashSet::from([0, 1]), "keys spread over both partitions");
+    eprintln!("idempotent produce/consume of 1000: {:?}", started.elapsed());
     Ok(())
 }
 
 #[tokio::test]
-async fn file_backed_broker_keeps_messages_across_a_restart() -> Result<()> {
+async fn broker_keeps_messages_across_a_kill_and_restart() -> Result<()> {
     let started = Instant::now();
-    let data = tempfile::tempdir()?;
-    let mut broker = Broker::start(BrokerStorage::File(data.path().join("tansu.db"))).await?;
-    let topic = broker.topic("file-backed");
+    let mut broker = Broker::start().await?;
+    let topic = broker.topic("restart");
     broker.create_topic(&topic, 1).await?;
     produce(&broker, &topic, 100).await?;
 
@@ -142,21 +135,19 @@ async fn file_backed_broker_keeps_messages_across_a_restart() -> Result<()> {
     assert!(broker.pid().is_none());
     broker.restart().await?;
 
-    let c = consumer(&broker, &broker.group("file-backed"), &topic)?;
+    let c = consumer(&broker, &broker.group("restart"), &topic)?;
     let got = consume(&c, 100, Duration::from_secs(40)).await?;
     assert_eq!(distinct_keys(&got).len(), 100);
     let offsets: Vec<i64> = got.iter().map(|(_, o, _)| *o).collect();
     assert_eq!(offsets, (0..100).collect::<Vec<i64>>());
-    eprintln!("file-backed restart: {:?}", started.elapsed());
+    eprintln!("kill -9 and restart: {:?}", started.elapsed());
     Ok(())
 }
 
 /// Consumes the first 50 of 100 messages, commits "next = 50" and returns.
 async fn consume_50_and_commit(broker: &Broker, group: &str, topic: &str) -> Result<()> {
     let c = consumer(broker, group, topic)?;
-    let first = consume(&c, 50, Duration::from_secs(30))
-        .await
-        .context("first consumer")?;
+    let first = consume(&c, 50, Duration::from_secs(30)).await.context("first consumer")?;
     let offsets: Vec<i64> = first.iter().map(|(_, o, _)| *o).collect();
     assert_eq!(offsets, (0..50).collect::<Vec<i64>>());
     // Commit "next to read" = last processed + 1, per partition.
@@ -169,36 +160,28 @@ async fn consume_50_and_commit(broker: &Broker, group: &str, topic: &str) -> Res
     for (p, o) in &next {
         tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
     }
-    c.commit(&tpl, CommitMode::Sync)
-        .context("committing offsets")?;
+    c.commit(&tpl, CommitMode::Sync).context("committing offsets")?;
     let committed = c.committed(Duration::from_secs(10))?;
-    let at = committed
-        .find_partition(topic, 0)
-        .context("partition 0 in committed offsets")?
-        .offset();
+    let at = committed.find_partition(topic, 0).context("partition 0 in committed offsets")?.offset();
     assert_eq!(at, Offset::Offset(50));
     Ok(())
 }
 
-/// File-backed on purpose: with `memory://` storage Tansu 0.6.0 cannot fetch from an offset
-/// inside a record batch (see `memory_broker_cannot_resume_inside_a_batch_known_tansu_gap`),
-/// and the 100 messages arrive in a few batches, so offset 50 is mid-batch.
+/// A long linger puts all 100 messages in one record batch, so the committed offset 50 is inside
+/// it: a consumer of the same group resumes exactly there (the gap Tansu's memory engine had).
 #[tokio::test]
-async fn committed_offsets_survive_a_consumer_restart() -> Result<()> {
+async fn committed_offsets_resume_inside_a_record_batch() -> Result<()> {
     let started = Instant::now();
-    let data = tempfile::tempdir()?;
-    let broker = Broker::start(BrokerStorage::File(data.path().join("tansu.db"))).await?;
+    let broker = Broker::start().await?;
     let topic = broker.topic("commit");
     let group = broker.group("commit");
     broker.create_topic(&topic, 1).await?;
-    produce(&broker, &topic, 100).await?;
+    produce_lingering(&broker, &topic, 100, 200).await?;
 
     consume_50_and_commit(&broker, &group, &topic).await?;
 
     let c = consumer(&broker, &group, &topic)?;
-    let rest = consume(&c, 50, Duration::from_secs(30))
-        .await
-        .context("second consumer, same group")?;
+    let rest = consume(&c, 50, Duration::from_secs(30)).await.context("second consumer, same group")?;
     let offsets: Vec<i64> = rest.iter().map(|(_, o, _)| *o).collect();
     assert_eq!(offsets, (50..100).collect::<Vec<i64>>(), "continues at 50");
     // Nothing beyond the 100 produced.
@@ -208,36 +191,111 @@ async fn committed_offsets_survive_a_consumer_restart() -> Result<()> {
     Ok(())
 }
 
-/// Pins a Tansu 0.6.0 bug so an upgrade that fixes it is noticed: the `memory://` (dynostore)
-/// engine answers a fetch at offset X only with batches whose *base* offset is >= X, so a
-/// consumer resuming inside a batch gets nothing from that batch (it stalls if that batch is
-/// the last one; it silently skips the batch's tail if more batches follow). The `sqlite://`
-/// engine fetches record by record and is fine. Use `BrokerStorage::File` for any test that
-/// resumes from a committed offset, seeks, or restarts consumers.
+fn transactional_producer(broker: &Broker, id: &str) -> Result<BaseProducer> {
+    let p: BaseProducer = broker
+        .client_config()
+        .set("transactional.id", id)
+        .set("transaction.timeout.ms", "10000")
+        .create()
+        .context("creating a transactional producer")?;
+    p.init_transactions(Duration::from_secs(30)).context("init_transactions")?;
+    Ok(p)
+}
+
+fn send_in_txn(p: &BaseProducer, topic: &str, keys: std::ops::Range<usize>) -> Result<()> {
+    for i in keys {
+        let key = format!("key-{i}");
+        p.send(BaseRecord::to(topic).key(&key).payload("v")).map_err(|(e, _)| e).context("enqueueing")?;
+    }
+    p.flush(Duration::from_secs(30)).context("flushing")?;
+    Ok(())
+}
+
+/// What the rater relies on: an aborted transaction is invisible to `read_committed`, a committed
+/// one visible, and `send_offsets_to_transaction` commits the group's offsets with the output.
 #[tokio::test]
-async fn memory_broker_cannot_resume_inside_a_batch_known_tansu_gap() -> Result<()> {
+async fn transactions_hide_aborted_records_and_commit_offsets_atomically() -> Result<()> {
     let started = Instant::now();
-    let broker = Broker::start(BrokerStorage::Memory).await?;
-    let topic = broker.topic("gap");
-    let group = broker.group("gap");
+    let broker = Broker::start().await?;
+    let input = broker.topic("txn-in");
+    let output = broker.topic("txn-out");
+    let group = broker.group("txn");
+    broker.create_topic(&input, 1).await?;
+    broker.create_topic(&output, 1).await?;
+    produce(&broker, &input, 10).await?;
+
+    let c = consumer(&broker, &group, &input)?;
+    consume(&c, 10, Duration::from_secs(30)).await?;
+    let p = transactional_producer(&broker, &broker.transactional_id("txn"))?;
+
+    p.begin_transaction()?;
+    send_in_txn(&p, &output, 0..5)?;
+    p.abort_transaction(Duration::from_secs(30))?;
+
+    p.begin_transaction()?;
+    send_in_txn(&p, &output, 5..10)?;
+    let mut offsets = TopicPartitionList::new();
+    offsets.add_partition_offset(&input, 0, Offset::Offset(10))?;
+    let meta = c.group_metadata().context("group metadata")?;
+    p.send_offsets_to_transaction(&offsets, &meta, Duration::from_secs(30))?;
+    p.commit_transaction(Duration::from_secs(30))?;
+
+    let reader = consumer(&broker, &broker.group("txn-reader"), &output)?;
+    let got = consume(&reader, 5, Duration::from_secs(30)).await?;
+    let keys: Vec<&str> = got.iter().map(|(_, _, k)| k.as_str()).collect();
+    assert_eq!(keys, ["key-5", "key-6", "key-7", "key-8", "key-9"], "only the committed transaction's records");
+    let extra = tokio::time::timeout(Duration::from_secs(2), reader.recv()).await;
+    assert!(extra.is_err(), "nothing of the aborted transaction");
+    let committed = c.committed(Duration::from_secs(10))?;
+    assert_eq!(committed.find_partition(&input, 0).context("input partition")?.offset(), Offset::Offset(10));
+    eprintln!("transactions: {:?}", started.elapsed());
+    Ok(())
+}
+
+/// A second producer with the same transactional id fences the first: its next transactional
+/// call fails as fatal, and what it had sent is aborted.
+#[tokio::test]
+async fn a_new_producer_with_the_same_transactional_id_fences_the_old_one() -> Result<()> {
+    let broker = Broker::start().await?;
+    let topic = broker.topic("fence");
     broker.create_topic(&topic, 1).await?;
-    // A long linger: all 100 in one batch, so offset 50 is certainly inside it.
-    produce_lingering(&broker, &topic, 100, 200).await?;
+    let id = broker.transactional_id("fence");
+    let zombie = transactional_producer(&broker, &id)?;
+    zombie.begin_transaction()?;
+    send_in_txn(&zombie, &topic, 0..3)?;
 
-    consume_50_and_commit(&broker, &group, &topic).await?;
+    let successor = transactional_producer(&broker, &id)?;
+    successor.begin_transaction()?;
+    send_in_txn(&successor, &topic, 3..4)?;
+    successor.commit_transaction(Duration::from_secs(30))?;
 
-    let c = consumer(&broker, &group, &topic)?;
-    let rest = consume(&c, 1, Duration::from_secs(8)).await;
-    assert!(
-        rest.is_err(),
-        "Tansu now resumes inside a batch on memory://; drop this test and the caveat in \
-         testkit's BrokerStorage::Memory docs"
-    );
-    // Once a later batch exists, the consumer jumps to it: offsets 50..99 are skipped.
-    produce(&broker, &topic, 10).await?;
-    let next = consume(&c, 1, Duration::from_secs(20)).await?;
-    assert_eq!(next[0].1, 100, "the tail of the straddled batch is skipped");
-    eprintln!("memory mid-batch gap confirmed: {:?}", started.elapsed());
+    let err = zombie.commit_transaction(Duration::from_secs(30)).expect_err("the zombie must be fenced");
+    eprintln!("zombie commit: {err}");
+    let reader = consumer(&broker, &broker.group("fence-reader"), &topic)?;
+    let got = consume(&reader, 1, Duration::from_secs(30)).await?;
+    assert_eq!(got[0].2, "key-3");
+    assert!(tokio::time::timeout(Duration::from_secs(2), reader.recv()).await.is_err(), "nothing of the zombie");
+    Ok(())
+}
+
+/// Three nodes at replication factor 3 and `min.insync.replicas=2`: with one node killed,
+/// `acks=all` produce and consume go on; the node rejoins on its data.
+#[tokio::test]
+async fn a_three_node_cluster_serves_through_the_loss_of_one_node() -> Result<()> {
+    let started = Instant::now();
+    let mut broker = Broker::start_cluster().await?;
+    assert_eq!(broker.nodes(), 3);
+    let topic = broker.topic("cluster");
+    broker.create_topic(&topic, 2).await?;
+    produce(&broker, &topic, 200).await?;
+    broker.kill_node(1);
+    assert!(broker.node_pid(1).is_none());
+    produce(&broker, &topic, 200).await.context("producing with one node down")?;
+    let c = consumer(&broker, &broker.group("cluster"), &topic)?;
+    let got = consume(&c, 400, Duration::from_secs(60)).await?;
+    assert_eq!(got.len(), 400);
+    broker.restart_node(1).await?;
+    eprintln!("three-node cluster with a node lost and back: {:?}", started.elapsed());
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! `local-cluster`: the distributed mode on one machine, on loopback, for trying it out.
 //!
-//! Starts a file-backed Tansu broker and a ClickHouse server (through `testkit`), writes a
+//! Starts Apache Kafka (one KRaft node) and a ClickHouse server (through `testkit`), writes a
 //! `meterline.toml` for them, starts the `ingest`, `rater` and `aggregator` binaries, prints
 //! where to post usage and where to look, and stops everything on Ctrl-C. Run it through
 //! `scripts/cluster.sh`, which installs the servers and builds the binaries first.
@@ -8,7 +8,7 @@
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use testkit::{Broker, BrokerStorage, ClickHouse};
+use testkit::{Broker, ClickHouse};
 
 struct Args {
     price_book: PathBuf,
@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
     let price_book = std::fs::canonicalize(&a.price_book).with_context(|| format!("price book {}", a.price_book.display()))?;
     let bin_dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
 
-    let broker = Broker::start(BrokerStorage::File(dir.join("broker").join("tansu.db"))).await?;
+    let broker = Broker::start().await?;
     let clickhouse = ClickHouse::start().await?;
     let config = dir.join("meterline.toml");
     // /metrics, /health and /ready of the rater and the aggregator (ingest serves them on its port).
@@ -80,7 +80,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "Meterline local cluster (loopback only)\n\
          \x20 ingest      POST http://127.0.0.1:{port}/v1/BatchMeterUsage   (header X-Api-Key; keys of {pb})\n\
-         \x20 broker      {bootstrap}   (Tansu, file-backed in {dir}/broker)\n\
+         \x20 broker      {bootstrap}   (Apache Kafka, KRaft, one node; data in a temp dir)\n\
          \x20 clickhouse  {ch}   (database meterline)\n\
          \x20 config      {cfg}\n\
          \x20 logs        {dir}/ingest.log, rater.log, aggregator.log\n\
