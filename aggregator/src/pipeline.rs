@@ -169,6 +169,8 @@ struct Aggregator<'a> {
     rejected: Vec<RejectedRow>,
     side_dead: Vec<DeadLetterRow>,
     side_offsets: BTreeMap<(String, i32), i64>,
+    /// Rated positions last committed to Kafka (advisory: for the lag gauge).
+    lag_committed: HashMap<i32, i64>,
     stats: AggregatorStats,
     metrics: Arc<Metrics>,
     book: Arc<PriceBook>,
@@ -204,6 +206,7 @@ pub async fn run_with_metrics(
         rejected: Vec::new(),
         side_dead: Vec::new(),
         side_offsets: BTreeMap::new(),
+        lag_committed: HashMap::new(),
         stats: AggregatorStats::default(),
         metrics,
         book,
@@ -360,6 +363,43 @@ impl Aggregator<'_> {
         Ok(())
     }
 
+    /// Commits the rated consumer's positions to Kafka for the lag gauge (advisory: ClickHouse
+    /// holds the progress). Everything consumed is folded and flushed by the time this runs, and
+    /// the position is past the transaction markers that follow each of the rater's batches,
+    /// which `last folded + 1` is not (the lag would never reach 0). `advanced` are the partitions
+    /// just flushed, a floor for their position.
+    fn commit_positions<C: ConsumerContext + 'static>(&mut self, rated: &StreamConsumer<C>, advanced: &[(i32, i64)]) {
+        let topic = &self.cfg.kafka.topics.rated;
+        let mut at: HashMap<i32, i64> = advanced.iter().map(|(p, last)| (*p, last + 1)).collect();
+        if let Ok(positions) = rated.position() {
+            for e in positions.elements_for_topic(topic) {
+                if let Offset::Offset(o) = e.offset() {
+                    let slot = at.entry(e.partition()).or_insert(o);
+                    *slot = (*slot).max(o);
+                }
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &at {
+            if self.lag_committed.get(p).is_none_or(|c| c < o) && self.parts.get(p).is_some_and(|st| st.pending() == 0) {
+                if tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).is_ok() {
+                    self.lag_committed.insert(*p, *o);
+                }
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        let m = &self.metrics;
+        match rated.commit(&tpl, CommitMode::Async) {
+            Ok(()) => m.commits.with_label_values(&[STAGE, "kafka_offsets"]).inc(),
+            Err(e) => {
+                m.commit_failures.with_label_values(&[STAGE, "kafka_offsets"]).inc();
+                tracing::debug!(error = %e, "rated offset commit failed");
+            }
+        }
+    }
+
     fn on_side(&mut self, msg: &BorrowedMessage<'_>) {
         let payload = msg.payload().unwrap_or_default();
         // Only messages this stage could not decode are its dead letters (the rater counts its own).
@@ -423,6 +463,8 @@ impl Aggregator<'_> {
         }
         let rejected = std::mem::take(&mut self.rejected);
         if rows.is_empty() && dead.is_empty() && lines.is_empty() && rejected.is_empty() && self.side_offsets.is_empty() {
+            // Nothing new, but the consumer may have moved past transaction markers since.
+            self.commit_positions(rated, &[]);
             return Ok(());
         }
         let started = Instant::now();
@@ -471,23 +513,12 @@ impl Aggregator<'_> {
             ms = started.elapsed().as_millis() as u64,
             "flushed to ClickHouse"
         );
-        let mut tpl = TopicPartitionList::new();
         for (p, last) in &advanced {
             if let Some(st) = self.parts.get_mut(p) {
                 st.committed = Some(*last);
             }
-            tpl.add_partition_offset(&self.cfg.kafka.topics.rated, *p, Offset::Offset(last + 1))?;
         }
-        if tpl.count() > 0 {
-            // Advisory (ClickHouse holds the truth); a failure only lengthens the next replay.
-            match rated.commit(&tpl, CommitMode::Async) {
-                Ok(()) => m.commits.with_label_values(&[STAGE, "kafka_offsets"]).inc(),
-                Err(e) => {
-                    m.commit_failures.with_label_values(&[STAGE, "kafka_offsets"]).inc();
-                    tracing::debug!(error = %e, "rated offset commit failed");
-                }
-            }
-        }
+        self.commit_positions(rated, &advanced);
         if !self.side_offsets.is_empty() {
             let mut side_tpl = TopicPartitionList::new();
             for ((topic, p), o) in std::mem::take(&mut self.side_offsets) {

@@ -170,8 +170,17 @@ pub fn report_lag(m: &crate::metrics::Metrics, stage: &str, stats: &rdkafka::Sta
             }
             let label = p.partition.to_string();
             if p.fetch_state == "active" && p.hi_offset >= 0 {
-                // Before the first commit the committed offset is unknown (-1001): all of it is lag.
-                let lag = if p.consumer_lag >= 0 { p.consumer_lag } else { p.hi_offset - p.lo_offset.max(0) };
+                // The rater commits its offsets inside its Kafka transactions, which the consumer
+                // does not see, and stores them locally after each commit: the stored offset is
+                // its progress. Others commit through the consumer. Before the first commit the
+                // offset is unknown (-1001): all of it is lag.
+                let lag = if p.consumer_lag_stored >= 0 {
+                    p.consumer_lag_stored
+                } else if p.consumer_lag >= 0 {
+                    p.consumer_lag
+                } else {
+                    p.hi_offset - p.lo_offset.max(0)
+                };
                 m.consumer_lag.with_label_values(&[stage, &label]).set(lag.max(0));
             } else {
                 // Absent already is fine: the series is gone either way.

@@ -478,6 +478,11 @@ async fn commit_batch(
     for r in states.values_mut() {
         r.commit();
     }
+    // The consumer cannot see offsets committed by the producer's transaction: store them locally
+    // (never committed by the consumer, auto-commit is off) so its lag statistics follow.
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        tracing::debug!(error = %e, "storing committed offsets for lag statistics failed (a partition moved)");
+    }
     m.commits.with_label_values(&[STAGE, "kafka_transaction"]).inc();
     stats.batches += 1;
     // The outputs are committed: count the batch, and log it in one line.
