@@ -171,6 +171,28 @@ fn price_increase_reaches_existing_subscribers_on_the_first_of_the_month_after_9
     assert_eq!(billed(&april, &[("customer", "newco")]), "12.00"); // new subscriber: at once
 }
 
+/// The same increase notified on `day` of March (effective for new subscribers that day).
+fn notified_in_march(day: &str) -> String {
+    let from = "effective_from = \"2026-03-16T00:00:00Z\"\nnotified_at = \"2026-03-16T00:00:00Z\"";
+    assert_eq!(MODELS.matches(from).count(), 1);
+    MODELS.replace(from, &from.replace("03-16", &format!("03-{day}")))
+}
+
+#[test]
+fn price_increase_notified_3_march_reaches_existing_subscribers_1_june_not_1_july_edge_43() {
+    // Corrected rule (domain-rules §3.10): the 90-day period starts on the notice day, so
+    // 2 Mar → last 30 May and 3 Mar → last 31 May both give 1 Jun; 4 Mar → last 1 Jun → 1 Jul.
+    // oldco (signed 1 Feb), 100 users: 10.00 at 0.10, 12.00 at 0.12.
+    let usage = rec("pricechange", "100000000016", "users", "2026-05-31T23:00:00Z", 100)
+        + &rec("pricechange", "100000000016", "users", "2026-06-01T00:00:00Z", 100);
+    for (day, may, june) in [("02", "10.00", "12.00"), ("03", "10.00", "12.00"), ("04", "10.00", "10.00")] {
+        let book = notified_in_march(day);
+        let month = |m| run(&book, &usage, &["--month", m, "--close"]).unwrap().1;
+        assert_eq!(billed(&month("2026-05"), &[("customer", "oldco")]), may, "notice {day} Mar, May");
+        assert_eq!(billed(&month("2026-06"), &[("customer", "oldco")]), june, "notice {day} Mar, June");
+    }
+}
+
 #[test]
 fn private_offer_ends_and_the_public_price_applies_from_its_end_edge_46() {
     let usage = rec("pricechange", "100000000018", "users", "2026-11-14T23:00:00Z", 100)

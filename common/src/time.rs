@@ -61,12 +61,17 @@ impl Timestamp {
 /// Milliseconds per day.
 pub const DAY_MS: i64 = 86_400_000;
 
-/// When a price change notified at `notified_at` reaches existing subscribers: the first day of
-/// the month after the notice period ends (PRC-18: 16 Mar + 90 d → 1 Jul; 31 Dec → 1 Apr). A
-/// period ending on a 1st still moves to the next month ("the month following" it) [DEC, Q7].
+/// When a price change notified at `notified_at` reaches existing subscribers (PRC-18, as
+/// corrected in domain-rules §3.10): the notice period starts on the notice day, so its last day
+/// is notice + (`notice_days` − 1); the change applies from the 1st of the month after that last
+/// day. 16 Mar → last 13 Jun → 1 Jul; 3 Mar → last 31 May → 1 Jun; 31 Dec → last 30 Mar → 1 Apr.
+/// A zero-day period (a profile without notice) applies from the start of the notice day.
 pub fn existing_subscriber_effective(notified_at: Timestamp, notice_days: u32) -> Timestamp {
-    let period_end = Timestamp(notified_at.day() * DAY_MS).plus_millis(i64::from(notice_days) * DAY_MS);
-    period_end.month().end()
+    let notice_day = Timestamp(notified_at.day() * DAY_MS);
+    match notice_days.checked_sub(1) {
+        None => notice_day,
+        Some(after_first) => notice_day.plus_millis(i64::from(after_first) * DAY_MS).month().end(),
+    }
 }
 
 impl fmt::Display for Timestamp {
@@ -173,14 +178,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn price_change_notice_moves_to_the_first_of_the_month_after_90_days() {
+    fn price_change_notice_moves_to_the_first_of_the_month_after_the_90_day_period() {
+        // The period's last day is notice + 89 days (domain-rules §3.10, corrected: 3 Mar used
+        // to give 1 Jul, reading the day after the period as inside it; it gives 1 Jun).
         let t = |s: &str| Timestamp::parse_rfc3339(s).unwrap();
         let eff = |s: &str| existing_subscriber_effective(t(s), 90).to_string();
-        assert_eq!(eff("2026-03-16T09:00:00Z"), "2026-07-01T00:00:00.000Z"); // AWS's example
-        assert_eq!(eff("2026-12-31T00:00:00Z"), "2027-04-01T00:00:00.000Z");
-        assert_eq!(eff("2026-03-03T00:00:00Z"), "2026-07-01T00:00:00.000Z"); // period ends 1 Jun
-        assert_eq!(eff("2026-03-02T00:00:00Z"), "2026-06-01T00:00:00.000Z"); // ends 31 May
-        assert_eq!(eff("2028-02-29T12:00:00Z"), "2028-06-01T00:00:00.000Z"); // leap day + 90 = 29 May
+        assert_eq!(eff("2026-03-16T09:00:00Z"), "2026-07-01T00:00:00.000Z"); // AWS's example: last 13 Jun
+        assert_eq!(eff("2026-12-31T00:00:00Z"), "2027-04-01T00:00:00.000Z"); // last 30 Mar
+        assert_eq!(eff("2026-03-02T00:00:00Z"), "2026-06-01T00:00:00.000Z"); // last 30 May
+        assert_eq!(eff("2026-03-03T00:00:00Z"), "2026-06-01T00:00:00.000Z"); // last 31 May
+        assert_eq!(eff("2026-03-03T23:59:59Z"), "2026-06-01T00:00:00.000Z"); // time of day is irrelevant
+        assert_eq!(eff("2026-03-04T00:00:00Z"), "2026-07-01T00:00:00.000Z"); // last 1 Jun
+        // Leap years: 29 Feb 2028 + 89 = 28 May → 1 Jun; a period crossing February differs by a
+        // month: 2 Dec 2027 + 89 = 29 Feb 2028 → 1 Mar, but 2 Dec 2026 + 89 = 1 Mar 2027 → 1 Apr.
+        assert_eq!(eff("2028-02-29T12:00:00Z"), "2028-06-01T00:00:00.000Z");
+        assert_eq!(eff("2027-12-02T00:00:00Z"), "2028-03-01T00:00:00.000Z");
+        assert_eq!(eff("2026-12-02T00:00:00Z"), "2027-04-01T00:00:00.000Z");
+        assert_eq!(eff("2028-03-03T00:00:00Z"), "2028-06-01T00:00:00.000Z"); // leap year, same as 2026
+        // Other periods follow the same reading; zero days applies from the notice day.
+        assert_eq!(existing_subscriber_effective(t("2026-03-03T10:00:00Z"), 1).to_string(), "2026-04-01T00:00:00.000Z");
+        assert_eq!(existing_subscriber_effective(t("2026-03-03T10:00:00Z"), 0).to_string(), "2026-03-03T00:00:00.000Z");
         assert_eq!(t("2026-01-31T00:00:00Z").plus_months(1).to_string(), "2026-02-28T00:00:00.000Z");
     }
 
