@@ -59,6 +59,15 @@ async fn main() -> anyhow::Result<()> {
         .with_seller_limits(seller_limits)
         .with_body_timeout(sec.body_timeout_ms.map_or(ingest::guard::DEFAULT_BODY_TIMEOUT, Duration::from_millis));
     let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+    let soft_fds = ingest::serve::raise_fd_limit();
+    let defaults = ingest::serve::ConnLimits::default();
+    let limits = ingest::serve::ConnLimits {
+        max_connections: ingest::serve::connection_cap(sec.max_connections, soft_fds),
+        header_read_timeout: sec.header_timeout_ms.map_or(defaults.header_read_timeout, Duration::from_millis),
+        idle_timeout: sec.idle_timeout_ms.map_or(defaults.idle_timeout, Duration::from_millis),
+        ..defaults
+    };
+    tracing::info!(soft_fds, max_connections = limits.max_connections, "connection cap");
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("ingest listening on {scheme}://{addr} → topic {}", cfg.kafka.topics.raw);
@@ -74,7 +83,7 @@ async fn main() -> anyhow::Result<()> {
         stopping.set_ready(false);
         tracing::info!("shutdown requested: draining in-flight calls");
     };
-    ingest::tls::serve(listener, app, tls, shutdown).await?;
+    ingest::serve::serve(listener, app, tls, limits, shutdown).await?;
     reloads.abort();
     sink.flush(Duration::from_secs(10));
     tracing::info!("ingest stopped: producer flushed");
