@@ -76,6 +76,29 @@ async fn main() -> anyhow::Result<()> {
     // `/metrics` and `/ready` beside the API; every call timed until its answer (the ack).
     let app = common::ops::instrument(router(state), &metrics);
     metrics.set_ready(true);
+    // While deliveries fail `/ready` is 503 (see `Metered`); the broker is probed once a second so
+    // readiness comes back even when the load balancer sends no calls meanwhile.
+    let probing = {
+        let (sink, metrics) = (sink.clone(), Arc::clone(&metrics));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if metrics.sink_writable() {
+                    continue;
+                }
+                let s = sink.clone();
+                match tokio::task::spawn_blocking(move || s.probe(Duration::from_secs(2))).await {
+                    Ok(Ok(())) => {
+                        tracing::info!("the broker answers again: ready");
+                        metrics.set_sink_writable(true);
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "the broker still refuses"),
+                    Err(e) => tracing::warn!(error = %e, "broker probe failed"),
+                }
+            }
+        })
+    };
     let stopping = Arc::clone(&metrics);
     let shutdown = async move {
         common::shell::shutdown_signal().await;
@@ -85,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     };
     ingest::serve::serve(listener, app, tls, limits, shutdown).await?;
     reloads.abort();
+    probing.abort();
     sink.flush(Duration::from_secs(10));
     tracing::info!("ingest stopped: producer flushed");
     Ok(())
