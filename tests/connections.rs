@@ -10,7 +10,8 @@
 //! - `/ready` follows whether the store accepts writes, and start-up on a store that refuses
 //!   them exits before saying "listening".
 //!
-//! Latencies and memory are printed for the report (SECURITY.md has release-build figures).
+//! Latencies and memory are printed for the report; `METERLINE_BIN=target/release/meterline`
+//! runs them against a release build (SECURITY.md has those figures).
 
 use ::common::catalogue::PriceBook;
 use ingest::clock::Clock;
@@ -43,7 +44,7 @@ fn write_book(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn spawn(book: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_meterline"))
+    Command::new(std::env::var("METERLINE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meterline").into()))
         .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
         .arg(book)
         .arg("--data-dir")
