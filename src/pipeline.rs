@@ -232,7 +232,8 @@ impl Writer {
                     tracing::info!(calls = jobs.len(), records = n, refused_by_validation = refused, ms = started.elapsed().as_millis() as u64, "group commit");
                     for (job, out) in jobs.into_iter().zip(outcomes) {
                         stats.records += (job.accepted.len() + job.refused.len()) as u64;
-                        let _ = job.reply.send(Ok(out));
+                        // A caller that went away is answered by nobody; its records are durable.
+                        drop(job.reply.send(Ok(out)));
                     }
                 }
                 Err(e) => {
@@ -240,7 +241,7 @@ impl Writer {
                     self.metrics.set_sink_writable(false);
                     tracing::error!(error = %e, "batch not written; callers get 503 and retry; /ready is 503 until a write commits");
                     for job in jobs {
-                        let _ = job.reply.send(Err(SinkError::Unavailable(e.to_string())));
+                        drop(job.reply.send(Err(SinkError::Unavailable(e.to_string()))));
                     }
                 }
             }
