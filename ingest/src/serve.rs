@@ -40,7 +40,8 @@ use tokio::sync::{watch, Semaphore};
 
 /// Default cap on open connections (before the open-file limit lowers it).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
-/// Descriptors kept free of client connections at least: the store, the broker, the log.
+/// Descriptors kept free of client connections at least: the store, the broker, the log, and the
+/// connections being refused over the cap (at most [`MAX_REFUSING`]).
 pub const MIN_RESERVED_FDS: u64 = 128;
 
 /// The connection-level limits.
@@ -206,7 +207,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 const OVER_CAP: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/x-amz-json-1.1\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 115\r\n\r\n{\"__type\":\"ServiceUnavailableException\",\"message\":\"too many open connections; retry after 1 s on a new connection\"}";
 
 /// Connections being answered [`OVER_CAP`] at once at most; beyond, they are closed at once.
-const MAX_REFUSING: usize = 256;
+const MAX_REFUSING: usize = 64;
 
 /// Serves `app` on `listener` under `limits` (TLS when `tls` is set) until `shutdown`, then
 /// closes idle connections, lets in-flight calls finish for `drain_timeout`, and returns.
