@@ -207,7 +207,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let db = data_dir.join("meterline.db");
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+                let listener = ingest::serve::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
                 let addr = listener.local_addr()?;
                 let clock = Arc::new(ingest::clock::SystemClock);
                 // The store opens writable (or the process exits naming why) before "listening".

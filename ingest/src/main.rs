@@ -58,7 +58,7 @@ async fn main() -> anyhow::Result<()> {
     let security = ingest::guard::Security { keys, ..ingest::guard::Security::for_book(&book) }
         .with_seller_limits(seller_limits)
         .with_body_timeout(sec.body_timeout_ms.map_or(ingest::guard::DEFAULT_BODY_TIMEOUT, Duration::from_millis));
-    let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = ingest::serve::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
     let soft_fds = ingest::serve::raise_fd_limit();
     let defaults = ingest::serve::ConnLimits::default();
     let limits = ingest::serve::ConnLimits {

@@ -89,6 +89,37 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
+/// Connections the kernel may queue before they are accepted (it caps this at `somaxconn`).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `listen` (`host:port`) with a deep accept queue: a burst of thousands of connections
+/// (hostile or not) must not overflow it, or a normal client's SYN is dropped and retried a
+/// second later. (`TcpListener::bind` uses 1,024.)
+pub async fn bind(listen: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("`{listen}` names no address"),
+        )
+    }))
+}
+
 /// PURE. The connection cap: `requested` (or [`DEFAULT_MAX_CONNECTIONS`]) but always below the
 /// open-file limit `soft_fds` by a reserve of a tenth of it (at least [`MIN_RESERVED_FDS`]).
 pub fn connection_cap(requested: Option<usize>, soft_fds: u64) -> usize {
