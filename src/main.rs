@@ -52,7 +52,8 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
-        /// Records allowed to wait for the store before callers get 429.
+        /// Most records allowed to wait for the store before callers get 429; below it the bound
+        /// follows the writer's measured rate (see --queue-target-ms).
         #[arg(long, default_value_t = server::DEFAULT_MAX_IN_FLIGHT)]
         max_in_flight: usize,
         /// TLS, key rotation, per-seller limits, body deadline.
@@ -206,8 +207,11 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let db = data_dir.join("meterline.db");
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+                let listener = ingest::serve::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
                 let addr = listener.local_addr()?;
+                let clock = Arc::new(ingest::clock::SystemClock);
+                // The store opens writable (or the process exits naming why) before "listening".
+                let started = server::start(&db, book, clock, max_in_flight, opts).await?;
                 // One write, tolerant of a reader that went away; scripts (and the crash test)
                 // read the address from the first line.
                 emit(&format!(
@@ -219,16 +223,16 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                      \x20 GET  http://{addr}/metrics             Prometheus metrics (and /health, /ready)\n",
                     db.display()
                 ))?;
-                let clock = Arc::new(ingest::clock::SystemClock);
                 // SIGINT or SIGTERM (what systemd and Kubernetes send): drain, commit, exit 0.
-                let stats = server::serve_with(listener, &db, book, clock, max_in_flight, opts, async {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-                    }
-                })
-                .await?;
+                let stats = started
+                    .run(listener, async {
+                        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                        }
+                    })
+                    .await?;
                 eprintln!("stopped after {} transactions, {} records", stats.transactions, stats.records);
                 anyhow::Ok(())
             })?;

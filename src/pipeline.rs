@@ -10,8 +10,13 @@
 //! On start the writer rebuilds its state from the store: dedup claims for the acceptance window
 //! plus slack (a bounded replay) and every line's exact sums.
 //!
-//! Back-pressure: at most `max_in_flight` records wait for the writer; beyond that callers get
-//! [`SinkError::Overloaded`] (HTTP 429 with `Retry-After`) instead of an unbounded queue.
+//! Back-pressure: at most a bound of records wait for the writer; beyond that callers get
+//! [`SinkError::Overloaded`] (HTTP 429 with `Retry-After`) instead of an unbounded queue. The
+//! bound follows the writer's measured rate ([`ingest::shed::QueueTarget`]): what it commits in
+//! the queue target (default 250 ms), never above `max_in_flight` (issue 12).
+//!
+//! Readiness: a failed commit marks the sink unwritable (`/ready` answers 503); while it is, the
+//! writer probes the store once a second and marks it writable again when a write commits.
 
 use crate::store::{BatchWrite, RejectedRow, Store, StoreError};
 use aggregator::rollup::{LineSums, MonthlyRollup};
@@ -23,12 +28,15 @@ use common::rated::ChargeLineKey;
 use common::time::HOUR_MS;
 use common::usage::UsageRecord;
 use ingest::clock::Clock;
+use ingest::shed::QueueTarget;
 use ingest::sink::{InFlight, RefusedRecord, SinkError, SinkOutcome, UsageSink};
 use rater::decision::{Decision, Rater};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// Dedup state is kept this much longer than the acceptance window.
 pub const DEDUP_SLACK_MS: i64 = HOUR_MS;
@@ -49,7 +57,7 @@ struct Job {
 /// The sink HTTP handlers write to; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EmbeddedSink {
-    tx: mpsc::UnboundedSender<Job>,
+    tx: mpsc::Sender<Job>,
     in_flight: InFlight,
 }
 
@@ -95,6 +103,19 @@ impl Embedded {
         Self::start_with_metrics(db, book, clock, max_in_flight, Metrics::new("meterline"))
     }
 
+    /// [`Embedded::start_with_metrics`] with the in-flight bound's queue target (the default is
+    /// [`ingest::shed::DEFAULT_QUEUE_TARGET`]); `max_in_flight` is the bound's ceiling.
+    pub fn start_with_target(
+        db: &Path,
+        book: Arc<PriceBook>,
+        clock: Arc<dyn Clock>,
+        max_in_flight: usize,
+        queue_target: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        Self::open(db, book, clock, QueueTarget::new(queue_target, max_in_flight), metrics)
+    }
+
     /// [`Embedded::start`], the writer counting into `metrics` under the stage `rater` (it
     /// dedups and rates; the HTTP side counts as `ingest`).
     pub fn start_with_metrics(
@@ -104,7 +125,13 @@ impl Embedded {
         max_in_flight: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
-        let store = Store::open(db)?;
+        Self::open(db, book, clock, QueueTarget::new(ingest::shed::DEFAULT_QUEUE_TARGET, max_in_flight), metrics)
+    }
+
+    fn open(db: &Path, book: Arc<PriceBook>, clock: Arc<dyn Clock>, shed: QueueTarget, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let mut store = Store::open(db)?;
+        // Refuse to start (and to say "listening") on a store that cannot take a write.
+        store.probe_write()?;
         let mut rater = Rater::new();
         let windows = book.windows();
         let oldest = clock.now().plus_millis(-(windows.acceptance_ms + DEDUP_SLACK_MS)).hour();
@@ -117,15 +144,18 @@ impl Embedded {
         }
         tracing::info!(dedup_keys = rater.dedup_keys(), lines = rollup.len(), "embedded store opened, state rebuilt");
         metrics.init_catalogue(STAGE, &book);
-        metrics.in_flight_limit.set(max_in_flight as i64);
+        let in_flight = InFlight::new(shed.bound());
+        metrics.in_flight_limit.set(shed.bound() as i64);
+        metrics.set_sink_writable(true);
         metrics.dedup_budget.with_label_values(&[STAGE]).set(common::config::DEFAULT_DEDUP_BUDGET_BYTES as i64);
         metrics.set_dedup(STAGE, 0, rater.dedup_keys(), rater.dedup_keys());
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
+        let admission = in_flight.clone();
         let writer = std::thread::Builder::new()
             .name("meterline-writer".into())
-            .spawn(move || Writer { store, rater, rollup, book, clock, metrics }.run(rx))
+            .spawn(move || Writer { store, rater, rollup, book, clock, metrics, shed, in_flight: admission }.run(rx))
             .map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        Ok(Embedded { sink: EmbeddedSink { tx, in_flight: InFlight::new(max_in_flight) }, writer })
+        Ok(Embedded { sink: EmbeddedSink { tx, in_flight }, writer })
     }
 
     /// Stops accepting, lets the writer finish what is queued, and waits for it.
@@ -142,16 +172,39 @@ struct Writer {
     book: Arc<PriceBook>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    /// The in-flight bound, moved after every commit from the measured rate.
+    shed: QueueTarget,
+    in_flight: InFlight,
 }
+
+/// How often an unwritable store is probed.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// The writer dedups and rates: it counts as the rater stage, so one dashboard serves both modes.
 const STAGE: &str = "rater";
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) -> Result<WriterStats, StoreError> {
+    fn run(mut self, rx: mpsc::Receiver<Job>) -> Result<WriterStats, StoreError> {
         let mut stats = WriterStats::default();
-        // Blocks until a job or until every sink handle is dropped (shutdown).
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            // Blocks until a job or until every sink handle is dropped (shutdown); while the store
+            // refuses writes, wakes once a second to probe it, so `/ready` comes back by itself
+            // even when the load balancer sends no calls meanwhile.
+            let first = if self.metrics.sink_writable() {
+                match rx.recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(PROBE_EVERY) {
+                    Ok(j) => j,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.probe();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
             let mut jobs = vec![first];
             let mut n = jobs[0].accepted.len();
             while n < MAX_RECORDS_PER_TXN {
@@ -166,24 +219,45 @@ impl Writer {
             let started = std::time::Instant::now();
             match self.commit_batch(&jobs) {
                 Ok(outcomes) => {
+                    let total: usize = jobs.iter().map(|j| j.accepted.len() + j.refused.len()).sum();
+                    let bound = self.shed.observe(total, started.elapsed());
+                    self.in_flight.set_max(bound);
+                    self.metrics.in_flight_limit.set(bound as i64);
+                    if !self.metrics.sink_writable() {
+                        tracing::info!("the store accepts writes again: ready");
+                        self.metrics.set_sink_writable(true);
+                    }
                     stats.transactions += 1;
                     let refused: usize = jobs.iter().map(|j| j.refused.len()).sum();
                     tracing::info!(calls = jobs.len(), records = n, refused_by_validation = refused, ms = started.elapsed().as_millis() as u64, "group commit");
                     for (job, out) in jobs.into_iter().zip(outcomes) {
                         stats.records += (job.accepted.len() + job.refused.len()) as u64;
-                        let _ = job.reply.send(Ok(out));
+                        // A caller that went away is answered by nobody; its records are durable.
+                        drop(job.reply.send(Ok(out)));
                     }
                 }
                 Err(e) => {
                     self.metrics.commit_failures.with_label_values(&[STAGE, "sqlite_group_commit"]).inc();
-                    tracing::error!(error = %e, "batch not written; callers get 503 and retry");
+                    self.metrics.set_sink_writable(false);
+                    tracing::error!(error = %e, "batch not written; callers get 503 and retry; /ready is 503 until a write commits");
                     for job in jobs {
-                        let _ = job.reply.send(Err(SinkError::Unavailable(e.to_string())));
+                        drop(job.reply.send(Err(SinkError::Unavailable(e.to_string()))));
                     }
                 }
             }
         }
         Ok(stats)
+    }
+
+    /// While the store refuses writes: tries one, and marks the sink writable when it commits.
+    fn probe(&mut self) {
+        match self.store.probe_write() {
+            Ok(()) => {
+                tracing::info!("the store accepts writes again: ready");
+                self.metrics.set_sink_writable(true);
+            }
+            Err(e) => tracing::debug!(error = %e, "the store still refuses writes"),
+        }
     }
 
     /// Decides, writes and commits one group of calls. On error nothing changed, in the database

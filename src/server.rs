@@ -7,6 +7,7 @@ use ingest::clock::Clock;
 use common::metrics::Metrics;
 use ingest::http::{router, HttpLimits, IngestState};
 use ingest::metered::Metered;
+use anyhow::Context as _;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -25,6 +26,34 @@ pub struct ServeOptions {
     pub seller_limits: Option<ingest::limit::SellerLimits>,
     /// How long a request body may take to arrive.
     pub body_timeout: Option<Duration>,
+    /// Connection limits (issue 12); `max_connections` is lowered below the open-file limit.
+    pub conn: ConnOptions,
+    /// Queue target of the in-flight bound (default [`ingest::shed::DEFAULT_QUEUE_TARGET`]).
+    pub queue_target: Option<Duration>,
+}
+
+/// Connection options; `None` = the default of [`ingest::serve::ConnLimits`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConnOptions {
+    /// Most connections open at once.
+    pub max_connections: Option<usize>,
+    /// Time to send a complete request head (also the keep-alive idle time between calls).
+    pub header_timeout: Option<Duration>,
+    /// Time a connection may stay open with no byte moving either way.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ConnOptions {
+    /// The limits, the connection cap kept below the (raised) open-file limit `soft_fds`.
+    pub fn limits(&self, soft_fds: u64) -> ingest::serve::ConnLimits {
+        let d = ingest::serve::ConnLimits::default();
+        ingest::serve::ConnLimits {
+            header_read_timeout: self.header_timeout.unwrap_or(d.header_read_timeout),
+            idle_timeout: self.idle_timeout.unwrap_or(d.idle_timeout),
+            max_connections: ingest::serve::connection_cap(self.max_connections, soft_fds),
+            ..d
+        }
+    }
 }
 
 /// `serve`'s command-line flags for [`ServeOptions`].
@@ -49,6 +78,29 @@ pub struct HardeningArgs {
     /// Seconds a request body may take to arrive before 408.
     #[arg(long)]
     pub body_timeout_secs: Option<f64>,
+    /// Most connections open at once (default 10,000, always below the open-file limit); one
+    /// more gets 503 with `Connection: close`.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Seconds a connection may take to send a request head, after opening or after its
+    /// previous answer (default 10).
+    #[arg(long)]
+    pub header_timeout_secs: Option<f64>,
+    /// Seconds a connection may stay open with nothing moving either way (default 60).
+    #[arg(long)]
+    pub idle_timeout_secs: Option<f64>,
+    /// Milliseconds of queue the in-flight bound aims at: it admits what the writer commits in
+    /// this time at its measured rate (default 250), never more than --max-in-flight.
+    #[arg(long)]
+    pub queue_target_ms: Option<u64>,
+}
+
+fn secs(flag: &str, v: Option<f64>) -> anyhow::Result<Option<Duration>> {
+    match v {
+        Some(s) if !(s.is_finite() && s > 0.0) => anyhow::bail!("--{flag} must be a positive number of seconds"),
+        Some(s) => Ok(Some(Duration::from_secs_f64(s))),
+        None => Ok(None),
+    }
 }
 
 impl HardeningArgs {
@@ -63,22 +115,28 @@ impl HardeningArgs {
             let default_burst = rate.saturating_mul(std::num::NonZeroU32::new(2).expect("2 > 0")).max(one_bulk_call);
             ingest::limit::SellerLimits { records_per_sec: rate, burst: self.seller_burst.unwrap_or(default_burst) }
         });
-        let body_timeout = match self.body_timeout_secs {
-            Some(s) if !(s.is_finite() && s > 0.0) => anyhow::bail!("--body-timeout-secs must be a positive number of seconds"),
-            Some(s) => Some(Duration::from_secs_f64(s)),
-            None => None,
-        };
+        let body_timeout = secs("body-timeout-secs", self.body_timeout_secs)?;
+        if self.queue_target_ms == Some(0) {
+            anyhow::bail!("--queue-target-ms must be at least 1");
+        }
         Ok(ServeOptions {
             tls,
             keys: ingest::auth::KeySources { price_book: Some(price_book.to_owned()), keys_file: self.keys_file.clone() },
             seller_limits,
             body_timeout,
+            conn: ConnOptions {
+                max_connections: self.max_connections,
+                header_timeout: secs("header-timeout-secs", self.header_timeout_secs)?,
+                idle_timeout: secs("idle-timeout-secs", self.idle_timeout_secs)?,
+            },
+            queue_target: self.queue_target_ms.map(Duration::from_millis),
         })
     }
 }
 
-/// Records allowed to wait for the writer before callers get 429.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 500_000;
+/// The most records allowed to wait for the writer before callers get 429: the ceiling of the
+/// adaptive bound, which follows the writer's measured rate below it (issue 12).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 100_000;
 
 /// Runs the API on `listener` until `shutdown` resolves, then drains: in-flight calls finish,
 /// the writer commits what is queued, and the store is closed.
@@ -103,30 +161,67 @@ pub async fn serve_with(
     opts: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<WriterStats> {
+    start(db, book, clock, max_in_flight, opts).await?.run(listener, shutdown).await
+}
+
+/// A server whose store opened writable, not yet serving: [`Started::run`] serves it. The
+/// binary prints "listening" only once this exists (issue 12: a full disk used to print it and
+/// then exit 1).
+#[derive(Debug)]
+pub struct Started {
+    embedded: Embedded,
+    app: axum::Router,
+    tls: Option<Arc<ingest::tls::ServerConfig>>,
+    metrics: Arc<Metrics>,
+    reloads: Option<tokio::task::JoinHandle<()>>,
+    limits: ingest::serve::ConnLimits,
+}
+
+/// Opens the store (refusing one that does not accept a write), loads keys and TLS, raises the
+/// open-file limit, and builds the router.
+pub async fn start(db: &Path, book: Arc<PriceBook>, clock: Arc<dyn Clock>, max_in_flight: usize, opts: ServeOptions) -> anyhow::Result<Started> {
     let tls = opts.tls.as_ref().map(ingest::tls::server_config).transpose()?;
     let keys = ingest::auth::SharedKeys::new(opts.keys.load(&book)?);
     let security = ingest::guard::Security { keys: keys.clone(), ..ingest::guard::Security::for_book(&book) }
         .with_seller_limits(opts.seller_limits)
         .with_body_timeout(opts.body_timeout.unwrap_or(ingest::guard::DEFAULT_BODY_TIMEOUT));
+    let metrics = Metrics::new("meterline");
+    let target = opts.queue_target.unwrap_or(ingest::shed::DEFAULT_QUEUE_TARGET);
+    let embedded = Embedded::start_with_target(db, Arc::clone(&book), Arc::clone(&clock), max_in_flight, target, Arc::clone(&metrics))
+        .with_context(|| format!("the store at {} does not open for writing (disk full? permissions?); fix it and restart", db.display()))?;
     let reloads = (opts.keys.price_book.is_some() || opts.keys.keys_file.is_some())
         .then(|| ingest::auth::watch(keys, opts.keys.clone(), Arc::clone(&book), Duration::from_secs(2)));
-    let metrics = Metrics::new("meterline");
-    let embedded = Embedded::start_with_metrics(db, Arc::clone(&book), Arc::clone(&clock), max_in_flight, Arc::clone(&metrics))?;
     let sink = Metered::new(embedded.sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
     let state = Arc::new(IngestState { book, sink, clock, limits: HttpLimits::default(), security });
     // `/metrics` and `/ready` beside the API (same names as the distributed binaries).
     let app = common::ops::instrument(router(state), &metrics);
-    metrics.set_ready(true);
-    let stopping = Arc::clone(&metrics);
-    let shutdown = async move {
-        shutdown.await;
-        stopping.set_ready(false);
-        tracing::info!("shutdown requested: draining in-flight calls, then the writer's queue");
-    };
-    let served = ingest::tls::serve(listener, app, tls, shutdown).await;
-    if let Some(r) = reloads {
-        r.abort();
+    let soft_fds = ingest::serve::raise_fd_limit();
+    let limits = opts.conn.limits(soft_fds);
+    tracing::info!(soft_fds, max_connections = limits.max_connections, "connection cap");
+    Ok(Started { embedded, app, tls, metrics, reloads, limits })
+}
+
+impl Started {
+    /// The connection limits in force.
+    pub fn limits(&self) -> ingest::serve::ConnLimits {
+        self.limits
     }
-    served?;
-    Ok(embedded.shutdown()?)
+
+    /// Serves on `listener` until `shutdown`, then drains and closes the store.
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<WriterStats> {
+        let Started { embedded, app, tls, metrics, reloads, limits } = self;
+        metrics.set_ready(true);
+        let stopping = Arc::clone(&metrics);
+        let shutdown = async move {
+            shutdown.await;
+            stopping.set_ready(false);
+            tracing::info!("shutdown requested: draining in-flight calls, then the writer's queue");
+        };
+        let served = ingest::serve::serve(listener, app, tls, limits, shutdown).await;
+        if let Some(r) = reloads {
+            r.abort();
+        }
+        served?;
+        Ok(embedded.shutdown()?)
+    }
 }

@@ -234,6 +234,15 @@ impl Store {
         &self.conn
     }
 
+    /// Writes one page in one transaction and commits it (the schema version, rewritten as it
+    /// is): whether the store accepts writes now, for start-up and `/ready` (issue 12).
+    pub fn probe_write(&mut self) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Writes one batch in one transaction.
     pub fn apply(&mut self, batch: &BatchWrite<'_>) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;

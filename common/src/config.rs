@@ -193,6 +193,16 @@ pub struct IngestSecurity {
     /// How long a request body may take to arrive (ms) before 408.
     #[serde(default)]
     pub body_timeout_ms: Option<u64>,
+    /// Most connections open at once (default 10,000, kept below the open-file limit).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// How long a connection may take to send a request head, after opening or after its
+    /// previous answer (ms, default 10,000).
+    #[serde(default)]
+    pub header_timeout_ms: Option<u64>,
+    /// How long a connection may stay open with nothing moving either way (ms, default 60,000).
+    #[serde(default)]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 impl Default for IngestSection {

@@ -54,6 +54,8 @@ pub struct Metrics {
     names: Vec<String>,
     hooks: Mutex<Vec<ScrapeHook>>,
     ready: AtomicBool,
+    /// The sink (store or broker) accepted its last write; `/ready` is 503 while it does not.
+    sink_writable: AtomicBool,
 
     /// Records that reached a stage.
     pub records_received: IntCounterVec,
@@ -247,6 +249,7 @@ impl Metrics {
             names: Vec::new(),
             hooks: Mutex::new(Vec::new()),
             ready: AtomicBool::new(false),
+            sink_writable: AtomicBool::new(true),
         };
         let m = Metrics { registry: b.registry, names: b.names, ..m };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), binary]).set(1);
@@ -284,9 +287,20 @@ impl Metrics {
         self.ready.store(ready, Ordering::SeqCst);
     }
 
-    /// Whether `/ready` answers 200.
+    /// Whether `/ready` answers 200: marked ready, and the sink accepts writes.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.sink_writable.load(Ordering::SeqCst)
+    }
+
+    /// Records whether the sink (store or broker) accepts writes now (issue 12): a load balancer
+    /// then stops sending calls that could only get 503.
+    pub fn set_sink_writable(&self, writable: bool) {
+        self.sink_writable.store(writable, Ordering::SeqCst);
+    }
+
+    /// Whether the sink accepted its last write (or probe).
+    pub fn sink_writable(&self) -> bool {
+        self.sink_writable.load(Ordering::SeqCst)
     }
 
     /// Sets a configuration gauge.

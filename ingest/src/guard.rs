@@ -1,9 +1,15 @@
 //! SHELL. The request guards in front of the handlers: who is calling (keys), how much they may
 //! send (per-seller limits), and how long their body may take to arrive.
 //!
+//! Before any byte of a body is read ([`gate`], issue 12): the media type (415), failed
+//! authentication throttled per client address (429, [`crate::throttle`]), the key from the
+//! headers (401), and the declared `Content-Length` against the route's limit (413). A call that
+//! fails them costs its headers only, and its connection is closed after the answer.
+//!
 //! Hostile JSON is handled by these documented rules (docs/api.md, "Hostile input"):
 //! - a body that does not arrive within `body_timeout` gets 408 and the connection is closed;
-//! - a body over the route's limit gets 413 before it is buffered whole;
+//! - a body over the route's limit gets 413 as soon as it is (declared or read) over, never
+//!   buffered whole; a bulk body over the record or line limit the same ([`crate::ndjson`]);
 //! - a body that is not UTF-8 anywhere (even inside an unknown field) gets 400;
 //! - nesting deeper than [`MAX_JSON_DEPTH`] (anywhere, even in an unknown field) gets 400;
 //! - truncated or invalid JSON, and a
@@ -13,13 +19,18 @@
 //!   text, and one too large is refused by name.
 
 use crate::auth::{KeyRing, SharedKeys};
-use crate::http::{ApiError, IngestState};
-use crate::limit::{SellerLimiter, SellerLimits};
+use crate::http::{authenticate, check_content_type, presented_key, ApiError, IngestState};
+use crate::limit::{retry_after_secs, SellerLimiter, SellerLimits};
+use crate::ndjson::{read_limited, BodyError, LineLimits};
 use crate::sink::UsageSink;
+use crate::throttle::AuthThrottle;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, FromRequest, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use common::catalogue::PriceBook;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,12 +51,25 @@ pub struct Security {
     pub limiter: Option<Arc<SellerLimiter>>,
     /// How long a request body may take to arrive.
     pub body_timeout: Duration,
+    /// Failed authentication throttled per client address; `None` = off.
+    pub auth_throttle: Option<Arc<AuthThrottle>>,
 }
 
 impl Security {
     /// The price book's keys, no per-seller limit, the default body deadline.
     pub fn for_book(book: &PriceBook) -> Self {
-        Security { keys: SharedKeys::new(KeyRing::from_book(book)), limiter: None, body_timeout: DEFAULT_BODY_TIMEOUT }
+        Security {
+            keys: SharedKeys::new(KeyRing::from_book(book)),
+            limiter: None,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+            auth_throttle: Some(Arc::new(AuthThrottle::default())),
+        }
+    }
+
+    /// With another failed-authentication throttle (`None` = off).
+    pub fn with_auth_throttle(mut self, t: Option<AuthThrottle>) -> Self {
+        self.auth_throttle = t.map(Arc::new);
+        self
     }
 
     /// With per-seller limits.
@@ -61,7 +85,76 @@ impl Security {
     }
 }
 
-/// The request body, read under the route's size limit and the body deadline.
+/// The body limit of the route at `path`: the bulk limit for `/v1/usage`, the marketplace's
+/// request limit for every AWS-shaped route.
+pub fn route_limit<S>(path: &str, st: &IngestState<S>) -> usize {
+    if path == BULK_PATH {
+        st.limits.max_bulk_bytes
+    } else {
+        st.book.marketplace().max_request_bytes
+    }
+}
+
+/// The native bulk route, whose body is NDJSON.
+const BULK_PATH: &str = "/v1/usage";
+
+/// The declared `Content-Length`, if any (an unparsable one is hyper's to refuse).
+fn declared_length(headers: &HeaderMap) -> Option<usize> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn too_large(message: String) -> ApiError {
+    // The client may still be sending: close rather than read the rest to keep the connection.
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLargeException", message).closing()
+}
+
+/// Middleware on the API routes, before any byte of the body is read: media type, failed-auth
+/// throttle, key, declared length. The handlers check type and key again (cheap), so their code
+/// does not depend on this layer.
+pub async fn gate<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, req: Request, next: Next) -> Response {
+    if let Err(e) = check_content_type(req.headers()) {
+        return e.closing().into_response();
+    }
+    let addr = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let key = presented_key(req.headers());
+    if let Some(t) = &st.security.auth_throttle {
+        if let Err(wait) = t.before(addr, key) {
+            let secs = retry_after_secs(wait);
+            return ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "ThrottlingException",
+                format!("too many failed authentications from this address; retry after {secs} s with a valid key"),
+            )
+            .with_retry_after(secs)
+            .closing()
+            .into_response();
+        }
+    }
+    match authenticate(req.headers(), &st) {
+        Ok(_) => {
+            if let (Some(t), Some(k)) = (&st.security.auth_throttle, key) {
+                t.succeeded(addr, k);
+            }
+        }
+        Err(e) => {
+            if let Some(t) = &st.security.auth_throttle {
+                t.failed(addr, key);
+            }
+            return e.closing().into_response();
+        }
+    }
+    let limit = route_limit(req.uri().path(), &st);
+    if let Some(n) = declared_length(req.headers()).filter(|n| *n > limit) {
+        return too_large(format!(
+            "Content-Length {n} is over this route's limit of {limit} bytes (see docs/api.md); split the call"
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The request body, read under the route's size limit (and, for the bulk route, its record and
+/// line limits) as it arrives, within the body deadline.
 #[derive(Debug)]
 pub struct ReadBody(pub Bytes);
 
@@ -71,8 +164,20 @@ impl<S: UsageSink> FromRequest<Arc<IngestState<S>>> for ReadBody {
     async fn from_request(req: Request, state: &Arc<IngestState<S>>) -> Result<Self, ApiError> {
         let deadline = state.security.body_timeout;
         // NDJSON: every line is its own document (a raw newline cannot occur inside a JSON string).
-        let per_line = req.uri().path() == "/v1/usage";
-        match tokio::time::timeout(deadline, Bytes::from_request(req, state)).await {
+        let per_line = req.uri().path() == BULK_PATH;
+        let limit = route_limit(req.uri().path(), state);
+        let declared = declared_length(req.headers());
+        if let Some(n) = declared.filter(|n| *n > limit) {
+            return Err(too_large(format!(
+                "Content-Length {n} is over this route's limit of {limit} bytes (see docs/api.md); split the call"
+            )));
+        }
+        // One record per line, each no longer than an AWS request may be.
+        let lines = per_line.then(|| LineLimits {
+            max_records: state.limits.max_bulk_records,
+            max_line_bytes: state.book.marketplace().max_request_bytes.max(64 * 1024),
+        });
+        match tokio::time::timeout(deadline, read_limited(req.into_body(), limit, declared, lines)).await {
             // Every route takes JSON text. serde_json skips unknown fields without checking their
             // UTF-8, so the whole body is checked here (found by the `api_decoder` fuzz target).
             Ok(Ok(body)) => match std::str::from_utf8(&body) {
@@ -86,12 +191,11 @@ impl<S: UsageSink> FromRequest<Arc<IngestState<S>>> for ReadBody {
                     None => Ok(ReadBody(body)),
                 },
             },
-            Ok(Err(rejection)) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestEntityTooLargeException",
-                "the request body is over this route's limit (see docs/api.md); split the call",
-            )),
-            Ok(Err(rejection)) => Err(ApiError::new(rejection.status(), "SerializationException", rejection.body_text())),
+            Ok(Err(e @ BodyError::TooLarge { .. })) => Err(too_large(e.to_string())),
+            Ok(Err(e @ (BodyError::TooManyRecords { .. } | BodyError::LineTooLong { .. }))) => {
+                Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "ValidationException", e.to_string()).closing())
+            }
+            Ok(Err(e @ BodyError::Read(_))) => Err(ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", e.to_string()).closing()),
             Err(_) => Err(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "RequestTimeoutException",

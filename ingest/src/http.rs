@@ -23,7 +23,7 @@ use crate::wire::{
     BatchMeterUsageRequest, BatchMeterUsageResponse, BulkResponse, BulkResult, ErrorBody, MeterUsageFlags,
     UsageRecordResult, WireRecord,
 };
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -67,13 +67,16 @@ pub struct IngestState<S> {
 
 /// Builds the router.
 pub fn router<S: UsageSink>(state: Arc<IngestState<S>>) -> Router {
-    let aws_limit = state.book.marketplace().max_request_bytes;
-    let bulk_limit = state.limits.max_bulk_bytes;
+    // Body limits per route are `guard::route_limit`, enforced by `guard::gate` (declared length,
+    // before the key is even checked to be worth reading for) and `ReadBody` (as bytes arrive).
+    let gate = axum::middleware::from_fn_with_state(Arc::clone(&state), crate::guard::gate::<S>);
     Router::new()
-        .route("/", post(aws_json::<S>).layer(DefaultBodyLimit::max(aws_limit)))
-        .route("/v1/BatchMeterUsage", post(batch_meter_usage::<S>).layer(DefaultBodyLimit::max(aws_limit)))
-        .route("/v1/MeterUsage", post(meter_usage::<S>).layer(DefaultBodyLimit::max(aws_limit)))
-        .route("/v1/usage", post(bulk::<S>).layer(DefaultBodyLimit::max(bulk_limit)))
+        .route("/", post(aws_json::<S>))
+        .route("/v1/BatchMeterUsage", post(batch_meter_usage::<S>))
+        .route("/v1/MeterUsage", post(meter_usage::<S>))
+        .route("/v1/usage", post(bulk::<S>))
+        // Only the routes above pass the gate (media type, throttle, key, declared length).
+        .route_layer(gate)
         .route("/health", get(|| async { "ok" }))
         .with_state(state)
 }
@@ -96,6 +99,12 @@ impl ApiError {
     /// Asks the server to close the connection after this answer (the client may still be sending).
     pub(crate) fn closing(mut self) -> Self {
         self.close = true;
+        self
+    }
+
+    /// Adds `Retry-After: secs`.
+    pub(crate) fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
         self
     }
 }
@@ -141,14 +150,20 @@ fn json_response<T: serde::Serialize>(value: &T) -> Response {
     }
 }
 
+/// The API key the request presents: `X-Api-Key`, else `Authorization: Bearer` (the scheme
+/// name is case-insensitive, RFC 9110 §11.1).
+pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    let bearer = || {
+        let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim_start();
+        let (scheme, rest) = v.split_once([' ', '\t'])?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+    };
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).or_else(bearer).map(str::trim).filter(|k| !k.is_empty())
+}
+
 /// The seller behind the request's API key.
-fn authenticate<'b, S>(headers: &HeaderMap, st: &'b IngestState<S>) -> Result<&'b Seller, ApiError> {
-    let key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")))
-        .map(str::trim);
-    let Some(key) = key.filter(|k| !k.is_empty()) else {
+pub(crate) fn authenticate<'b, S>(headers: &HeaderMap, st: &'b IngestState<S>) -> Result<&'b Seller, ApiError> {
+    let Some(key) = presented_key(headers) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "MissingAuthenticationTokenException",
@@ -189,12 +204,16 @@ fn admit_seller<S>(st: &IngestState<S>, seller: &Seller, records: usize) -> Resu
     }
 }
 
-fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+/// The media types a JSON body may declare, matched exactly (parameters such as `charset` aside):
+/// a prefix match accepted `application/jsonp`.
+const JSON_MEDIA_TYPES: [&str; 5] =
+    ["application/json", "application/x-amz-json-1.0", "application/x-amz-json-1.1", "application/x-ndjson", "text/plain"];
+
+pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(ct) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
     let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
-    let ok = ["application/json", "application/x-amz-json-1.0", "application/x-amz-json-1.1", "application/x-ndjson", "text/plain"]
-        .iter()
-        .any(|t| ct.starts_with(t));
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    let ok = JSON_MEDIA_TYPES.contains(&essence);
     if ok {
         Ok(())
     } else {

@@ -60,6 +60,20 @@ impl KafkaSink {
         self
     }
 
+    /// Whether the broker answers for the raw topic with a leader for every partition: the probe
+    /// behind `/ready` while deliveries fail (issue 12). Blocking: call it off the async threads.
+    pub fn probe(&self, timeout: Duration) -> Result<(), String> {
+        let md = self.producer.client().fetch_metadata(Some(&self.raw_topic), timeout).map_err(|e| e.to_string())?;
+        let topic = md.topics().iter().find(|t| t.name() == self.raw_topic).ok_or("the raw topic is missing")?;
+        if let Some(e) = topic.error() {
+            return Err(format!("the raw topic: {e:?}"));
+        }
+        if topic.partitions().is_empty() || topic.partitions().iter().any(|p| p.leader() < 0) {
+            return Err("a raw-topic partition has no leader".into());
+        }
+        Ok(())
+    }
+
     /// Waits for outstanding deliveries (graceful shutdown).
     pub fn flush(&self, timeout: Duration) {
         let _ = self.producer.flush(timeout);

@@ -15,6 +15,11 @@
 //! - [`auth`], [`limit`], [`guard`], [`tls`] (issue 7): hashed keys compared in constant time and
 //!   reloaded without a restart, per-seller rate limits, the body deadline and size limits, TLS.
 //!
+//! - [`serve`] (issue 12): the connection loop: header-read and idle timeouts, the connection
+//!   cap below the open-file limit, TLS on the same path. [`shed`]: PURE. The in-flight bound
+//!   from the sink's measured rate. [`ndjson`]: bodies read under the route's byte, record and
+//!   line limits as they arrive. [`throttle`]: failed authentication throttled per address.
+//!
 //! Data enters in [`http`] and leaves through a [`sink::UsageSink`]; a record is answered
 //! `Success` only after the sink reports it durable (design guarantee 1).
 
@@ -23,10 +28,14 @@ pub mod clock;
 pub mod guard;
 pub mod http;
 pub mod limit;
+pub mod serve;
+pub mod shed;
+pub mod throttle;
 pub mod tls;
 #[cfg(feature = "distributed")]
 pub mod kafka_sink;
 pub mod metered;
+pub mod ndjson;
 pub mod sink;
 pub mod validate;
 pub mod wire;

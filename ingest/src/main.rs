@@ -58,7 +58,16 @@ async fn main() -> anyhow::Result<()> {
     let security = ingest::guard::Security { keys, ..ingest::guard::Security::for_book(&book) }
         .with_seller_limits(seller_limits)
         .with_body_timeout(sec.body_timeout_ms.map_or(ingest::guard::DEFAULT_BODY_TIMEOUT, Duration::from_millis));
-    let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+    let listener = ingest::serve::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+    let soft_fds = ingest::serve::raise_fd_limit();
+    let defaults = ingest::serve::ConnLimits::default();
+    let limits = ingest::serve::ConnLimits {
+        max_connections: ingest::serve::connection_cap(sec.max_connections, soft_fds),
+        header_read_timeout: sec.header_timeout_ms.map_or(defaults.header_read_timeout, Duration::from_millis),
+        idle_timeout: sec.idle_timeout_ms.map_or(defaults.idle_timeout, Duration::from_millis),
+        ..defaults
+    };
+    tracing::info!(soft_fds, max_connections = limits.max_connections, "connection cap");
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("ingest listening on {scheme}://{addr} → topic {}", cfg.kafka.topics.raw);
@@ -67,6 +76,29 @@ async fn main() -> anyhow::Result<()> {
     // `/metrics` and `/ready` beside the API; every call timed until its answer (the ack).
     let app = common::ops::instrument(router(state), &metrics);
     metrics.set_ready(true);
+    // While deliveries fail `/ready` is 503 (see `Metered`); the broker is probed once a second so
+    // readiness comes back even when the load balancer sends no calls meanwhile.
+    let probing = {
+        let (sink, metrics) = (sink.clone(), Arc::clone(&metrics));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if metrics.sink_writable() {
+                    continue;
+                }
+                let s = sink.clone();
+                match tokio::task::spawn_blocking(move || s.probe(Duration::from_secs(2))).await {
+                    Ok(Ok(())) => {
+                        tracing::info!("the broker answers again: ready");
+                        metrics.set_sink_writable(true);
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "the broker still refuses"),
+                    Err(e) => tracing::warn!(error = %e, "broker probe failed"),
+                }
+            }
+        })
+    };
     let stopping = Arc::clone(&metrics);
     let shutdown = async move {
         common::shell::shutdown_signal().await;
@@ -74,8 +106,9 @@ async fn main() -> anyhow::Result<()> {
         stopping.set_ready(false);
         tracing::info!("shutdown requested: draining in-flight calls");
     };
-    ingest::tls::serve(listener, app, tls, shutdown).await?;
+    ingest::serve::serve(listener, app, tls, limits, shutdown).await?;
     reloads.abort();
+    probing.abort();
     sink.flush(Duration::from_secs(10));
     tracing::info!("ingest stopped: producer flushed");
     Ok(())

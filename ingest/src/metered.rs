@@ -64,12 +64,21 @@ impl<S: UsageSink> UsageSink for Metered<S> {
         match self.inner.submit(accepted, refused).await {
             Ok(outcomes) => {
                 tally.flush(&self.metrics, STAGE);
+                // `/ready` follows the sink (issue 12): back as soon as a write is acknowledged.
+                if !self.metrics.sink_writable() {
+                    self.metrics.set_sink_writable(true);
+                }
                 Ok(outcomes)
             }
             Err(e) => {
                 let kind = match e {
                     SinkError::Overloaded { .. } => "overloaded",
-                    SinkError::Unavailable(_) => "unavailable",
+                    SinkError::Unavailable(_) => {
+                        // The store or broker refuses writes: out of the load balancer until it
+                        // takes one again (the embedded writer and `ingest` probe meanwhile).
+                        self.metrics.set_sink_writable(false);
+                        "unavailable"
+                    }
                 };
                 self.metrics.sink_errors.with_label_values(&[STAGE, kind]).inc();
                 Err(e)

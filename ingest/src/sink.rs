@@ -98,11 +98,13 @@ pub trait UsageSink: Send + Sync + 'static {
 /// Admission control shared by the sinks: at most `max` records in flight.
 ///
 /// The count is released by dropping the [`Admitted`] guard, so a call whose HTTP client went
-/// away mid-request (its future dropped) gives its share back too.
+/// away mid-request (its future dropped) gives its share back too. The bound can be moved while
+/// calls are in flight ([`InFlight::set_max`]): the embedded writer sets it from its measured
+/// rate (see [`crate::shed`]).
 #[derive(Debug, Clone)]
 pub struct InFlight {
     count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    max: usize,
+    max: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Records admitted by [`InFlight::admit`]; released on drop.
@@ -115,14 +117,14 @@ pub struct Admitted {
 impl InFlight {
     /// At most `max` records in flight (a single call larger than `max` is still admitted alone).
     pub fn new(max: usize) -> Self {
-        InFlight { count: Default::default(), max }
+        InFlight { count: Default::default(), max: std::sync::Arc::new(max.into()) }
     }
 
     /// Admits `n` records, or answers [`SinkError::Overloaded`].
     pub fn admit(&self, n: usize) -> Result<Admitted, SinkError> {
         use std::sync::atomic::Ordering;
         let before = self.count.fetch_add(n, Ordering::SeqCst);
-        if before > 0 && before + n > self.max {
+        if before > 0 && before + n > self.max() {
             self.count.fetch_sub(n, Ordering::SeqCst);
             return Err(SinkError::Overloaded { in_flight: before, retry_after_secs: 1 });
         }
@@ -132,6 +134,16 @@ impl InFlight {
     /// Records in flight now.
     pub fn current(&self) -> usize {
         self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The bound now.
+    pub fn max(&self) -> usize {
+        self.max.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves the bound (calls already admitted stay admitted).
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -153,5 +165,10 @@ mod tests {
         drop(a);
         assert_eq!(f.current(), 0);
         let _big = f.admit(50).expect("a lone call larger than the bound is admitted");
+        drop(_big);
+        let shared = f.clone();
+        shared.set_max(100);
+        let _a = f.admit(60).unwrap();
+        assert!(f.admit(30).is_ok(), "a moved bound applies to every clone");
     }
 }

@@ -1,15 +1,12 @@
 //! SHELL. Serving the router over plain HTTP or, when a certificate is configured, TLS (rustls
-//! with the ring provider; TLS 1.2 and 1.3, HTTP/1.1).
+//! with the ring provider; TLS 1.2 and 1.3, HTTP/1.1). The connections themselves are served by
+//! [`crate::serve`], plain or TLS alike.
 
-use axum::Router;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::ServerConfig;
-use std::future::Future;
+pub use rustls::ServerConfig;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-use tokio::net::TcpListener;
 
 /// PEM files of the server certificate chain and its private key.
 #[derive(Debug, Clone)]
@@ -56,26 +53,4 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight calls finish.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    tls: Option<Arc<ServerConfig>>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let Some(config) = tls else {
-        return axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
-    };
-    let handle = axum_server::Handle::<std::net::SocketAddr>::new();
-    let stopper = handle.clone();
-    tokio::spawn(async move {
-        shutdown.await;
-        // In-flight calls get this long to finish; their records are durable or not answered.
-        stopper.graceful_shutdown(Some(Duration::from_secs(30)));
-    });
-    let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(axum_server::tls_rustls::RustlsConfig::from_config(config))
-        .handshake_timeout(Duration::from_secs(10));
-    axum_server::Server::from_listener(listener).acceptor(acceptor).handle(handle).serve(app.into_make_service()).await
 }
