@@ -25,6 +25,8 @@ pub struct ServeOptions {
     pub seller_limits: Option<ingest::limit::SellerLimits>,
     /// How long a request body may take to arrive.
     pub body_timeout: Option<Duration>,
+    /// The registration tokens file `ResolveCustomer` reads (written by `meterline issue-token`).
+    pub registration_tokens: Option<std::path::PathBuf>,
 }
 
 /// `serve`'s command-line flags for [`ServeOptions`].
@@ -73,6 +75,7 @@ impl HardeningArgs {
             keys: ingest::auth::KeySources { price_book: Some(price_book.to_owned()), keys_file: self.keys_file.clone() },
             seller_limits,
             body_timeout,
+            registration_tokens: None,
         })
     }
 }
@@ -113,7 +116,8 @@ pub async fn serve_with(
     let metrics = Metrics::new("meterline");
     let embedded = Embedded::start_with_metrics(db, Arc::clone(&book), Arc::clone(&clock), max_in_flight, Arc::clone(&metrics))?;
     let sink = Metered::new(embedded.sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
-    let state = Arc::new(IngestState { book, sink, clock, limits: HttpLimits::default(), security });
+    let tokens = ingest::aws::RegistrationTokens { path: opts.registration_tokens.clone() };
+    let state = Arc::new(IngestState { book, sink, clock, limits: HttpLimits::default(), security, tokens });
     // `/metrics` and `/ready` beside the API (same names as the distributed binaries).
     let app = common::ops::instrument(router(state), &metrics);
     metrics.set_ready(true);

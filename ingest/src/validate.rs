@@ -5,7 +5,7 @@
 //! that the seller can fix the record without reading our code.
 
 use crate::wire::{WireAllocation, WireRecord};
-use common::catalogue::{PriceBook, QuantityKind, Seller};
+use common::catalogue::{Deployment, PriceBook, QuantityKind, Seller};
 use common::reject::{RejectCode, Rejection};
 use common::time::Timestamp;
 use common::usage::{Allocation, CustomerRef, Tag, UsageRecord};
@@ -30,6 +30,9 @@ fn reject(code: RejectCode, msg: impl Into<String>) -> Rejection {
 pub enum Caller<'a> {
     /// A seller authenticated by API key; it may meter only its own products.
     Seller(&'a Seller),
+    /// One customer's deployment authenticated by its key (`MeterUsage`): the customer comes from
+    /// the key, never from the body, and the record is scoped to the deployment.
+    Deployment(&'a Deployment),
     /// Offline tooling (the `rate` command): ownership is not checked.
     Trusted,
 }
@@ -51,13 +54,6 @@ pub struct Context<'a> {
 pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context<'_>) -> Result<UsageRecord, Rejection> {
     let book = cx.book;
     let profile = book.marketplace();
-
-    if wire.license_arn.is_some() {
-        return Err(reject(
-            RejectCode::InvalidRecord,
-            "LicenseArn (Concurrent Agreements) is not supported yet; meter with CustomerAWSAccountId",
-        ));
-    }
 
     // Product and ownership.
     let product_code = match (wire.product_code.as_deref(), batch_product) {
@@ -88,6 +84,15 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
             }
             s.id.clone()
         }
+        Caller::Deployment(d) => {
+            if product.code != d.product {
+                return Err(reject(
+                    RejectCode::InvalidProductCode,
+                    format!("product `{product_code}` is not the product this deployment's key meters"),
+                ));
+            }
+            product.seller.clone()
+        }
         Caller::Trusted => product.seller.clone(),
     };
 
@@ -109,11 +114,23 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
         ));
     }
 
-    // Customer: exactly one identifier, resolved to the catalogue's customer id.
-    let (customer, customer_ref) = resolve_customer(wire, book)?;
-
     // Timestamp: required, within the window, not in the future.
     let timestamp = parse_timestamp(wire.timestamp)?;
+
+    // Customer: from the deployment's key, the licence, or exactly one identifier.
+    let (customer, customer_ref) = match (cx.caller, wire.license_arn.as_deref()) {
+        (Caller::Deployment(d), _) => {
+            if wire.customer_identifier.is_some() || wire.customer_aws_account_id.is_some() || wire.customer_id.is_some() {
+                return Err(reject(
+                    RejectCode::InvalidCustomerIdentifier,
+                    "a deployment's key names its customer; send no CustomerIdentifier or CustomerAWSAccountId",
+                ));
+            }
+            (d.customer.clone(), CustomerRef::Deployment(d.id.clone()))
+        }
+        (_, Some(arn)) => resolve_license(wire, arn, product_code, timestamp, book)?,
+        (_, None) => resolve_customer(wire, book)?,
+    };
     if let Some(now) = cx.now {
         let w = book.windows();
         if timestamp.millis() < now.millis() - w.acceptance_ms {
@@ -151,6 +168,20 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
         }
         return Err(reject(RejectCode::TimestampOutOfBounds, why));
     };
+    // Annual / contract units net the customer's hour total (Y − X); rating nets each record on
+    // its own, so per-deployment records would each be netted in full. Refused until the netting
+    // spans deployments: a wrong (lower) charge must never be the answer.
+    if let Caller::Deployment(d) = cx.caller {
+        if PriceBook::annual_units(agreement, dimension, timestamp.hour()) > 0 {
+            return Err(reject(
+                RejectCode::InvalidRecord,
+                format!(
+                    "dimension `{dimension}` is netted against annual units of agreement `{}`, which per-deployment MeterUsage (deployment `{}`) cannot net yet; meter the customer's hour total with the seller's key",
+                    agreement.id, d.id
+                ),
+            ));
+        }
+    }
     if let (Some(now), Some(end)) = (cx.now, agreement.end) {
         let due = end.plus_millis(book.windows().final_grace_ms);
         if now > due {
@@ -162,10 +193,7 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
     }
 
     // Quantity and allocations.
-    let quantity = match wire.quantity {
-        None => Decimal::ZERO, // AWS: Quantity defaults to 0 when omitted.
-        Some(raw) => parse_quantity(raw, profile.quantity, "Quantity")?,
-    };
+    let quantity = record_quantity(wire, profile.quantity)?;
     let allocations = match &wire.usage_allocations {
         None => Vec::new(),
         Some(list) => validate_allocations(list, quantity, cx)?,
@@ -184,6 +212,82 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
     };
     record.canonicalise();
     Ok(record)
+}
+
+/// The quantity the seller sent, in whichever field of the current or the previous model.
+///
+/// Never a default: AWS's older model let an omitted `Quantity` mean 0, but a record without a
+/// quantity is far more often a renamed or misspelt field (the current model's
+/// `QuantityAsDecimal`, a `"quantity"`) than an idle hour, and a 0 accepted for it would make the
+/// real resend a `DuplicateRecord`. So no field, `null`, or two fields that disagree are refused
+/// by name; an idle hour is sent as `0`.
+pub fn record_quantity(wire: &WireRecord<'_>, kind: QuantityKind) -> Result<Decimal, Rejection> {
+    let int = wire.quantity.map(|raw| parse_quantity(raw, kind, "Quantity")).transpose()?;
+    let dec = wire.quantity_as_decimal.map(|raw| parse_decimal_quantity(raw, kind, "QuantityAsDecimal")).transpose()?;
+    match (int, dec) {
+        (None, None) => Err(reject(
+            RejectCode::InvalidQuantity,
+            "no quantity: send Quantity or QuantityAsDecimal (UsageQuantity or UsageQuantityAsDecimal on MeterUsage); an idle hour is 0",
+        )),
+        (Some(q), None) | (None, Some(q)) => Ok(q),
+        (Some(a), Some(b)) if a == b => Ok(a),
+        (Some(a), Some(b)) => Err(reject(
+            RejectCode::InvalidQuantity,
+            format!("Quantity {a} and QuantityAsDecimal {b} differ; send one of them"),
+        )),
+    }
+}
+
+/// `QuantityAsDecimal`: a JSON number, or decimal text in a string (both exact, from the text).
+pub fn parse_decimal_quantity(raw: &RawValue, kind: QuantityKind, field: &str) -> Result<Decimal, Rejection> {
+    let text = raw.get();
+    if !text.starts_with('"') {
+        return parse_quantity(raw, kind, field);
+    }
+    let bad = |why: &str| reject(RejectCode::InvalidQuantity, format!("{field} {}: {why}", truncate(text, 40)));
+    let inner: Cow<'_, str> = serde_json::from_str(text).map_err(|_| bad("is not a string"))?;
+    // Decimal text only: digits with at most one point, no sign, exponent or spaces.
+    let plain = !inner.is_empty()
+        && inner.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && inner.bytes().filter(|b| *b == b'.').count() <= 1
+        && inner.bytes().next().is_some_and(|b| b.is_ascii_digit())
+        && inner.bytes().last().is_some_and(|b| b.is_ascii_digit());
+    if !plain {
+        return Err(bad("must be decimal text such as \"12.5\""));
+    }
+    let Ok(number) = serde_json::from_str::<&RawValue>(&inner) else {
+        return Err(bad("must be decimal text such as \"12.5\""));
+    };
+    parse_quantity(number, kind, field)
+}
+
+/// The customer and agreement of a `LicenseArn` (Concurrent Agreements): the licence must be one
+/// of this product's, and may name no other customer than the record's identifier does.
+fn resolve_license(
+    wire: &WireRecord<'_>,
+    arn: &str,
+    product: &str,
+    at: Timestamp,
+    book: &PriceBook,
+) -> Result<(String, CustomerRef), Rejection> {
+    let bad = |why: String| reject(RejectCode::InvalidLicense, why);
+    let shown = truncate(arn, 96);
+    let Some(agreement) = book.agreement_by_license(arn) else {
+        return Err(bad(format!("LicenseArn `{shown}` is not a licence of this seller")));
+    };
+    if agreement.product != product {
+        return Err(bad(format!("LicenseArn `{shown}` is a licence for another product than `{product}`")));
+    }
+    if wire.customer_identifier.is_some() || wire.customer_aws_account_id.is_some() || wire.customer_id.is_some() {
+        let (named, _) = resolve_customer(wire, book)?;
+        if named != agreement.customer {
+            return Err(bad(format!("LicenseArn `{shown}` belongs to another customer than the record names")));
+        }
+    }
+    if !agreement.active_at(at) {
+        return Err(bad(format!("LicenseArn `{shown}` is not active at {at} (agreement `{}`)", agreement.id)));
+    }
+    Ok((agreement.customer.clone(), CustomerRef::License(arn.to_owned())))
 }
 
 fn resolve_customer(wire: &WireRecord<'_>, book: &PriceBook) -> Result<(String, CustomerRef), Rejection> {
@@ -284,7 +388,7 @@ pub fn parse_quantity(raw: &RawValue, kind: QuantityKind, field: &str) -> Result
     let text = raw.get();
     let bad = |why: String| reject(RejectCode::InvalidQuantity, format!("{field} {}: {why}", truncate(text, 40)));
     if text == "null" {
-        return Ok(Decimal::ZERO);
+        return Err(bad("is null; send a number (0 for an idle hour)".into()));
     }
     if text.starts_with('"') {
         return Err(bad("must be a JSON number, not a string".into()));
