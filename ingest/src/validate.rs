@@ -120,7 +120,7 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
     // Customer: from the deployment's key, the licence, or exactly one identifier.
     let (customer, customer_ref) = match (cx.caller, wire.license_arn.as_deref()) {
         (Caller::Deployment(d), _) => {
-            if wire.customer_identifier.is_some() || wire.customer_aws_account_id.is_some() || wire.customer_id.is_some() {
+            if names_customer(wire) {
                 return Err(reject(
                     RejectCode::InvalidCustomerIdentifier,
                     "a deployment's key names its customer; send no CustomerIdentifier or CustomerAWSAccountId",
@@ -278,7 +278,7 @@ fn resolve_license(
     if agreement.product != product {
         return Err(bad(format!("LicenseArn `{shown}` is a licence for another product than `{product}`")));
     }
-    if wire.customer_identifier.is_some() || wire.customer_aws_account_id.is_some() || wire.customer_id.is_some() {
+    if names_customer(wire) {
         let (named, _) = resolve_customer(wire, book)?;
         if named != agreement.customer {
             return Err(bad(format!("LicenseArn `{shown}` belongs to another customer than the record names")));
@@ -290,9 +290,20 @@ fn resolve_license(
     Ok((agreement.customer.clone(), CustomerRef::License(arn.to_owned())))
 }
 
+/// `CustomerIdentifier`, with `""` read as absent: the current model allows it empty, and the AWS
+/// SDK for Rust always sends it (as `""` when the caller set only `CustomerAWSAccountId`).
+fn customer_identifier<'w>(wire: &'w WireRecord<'_>) -> Option<&'w str> {
+    wire.customer_identifier.as_deref().filter(|s| !s.is_empty())
+}
+
+/// Whether the record names a customer by any identifier.
+fn names_customer(wire: &WireRecord<'_>) -> bool {
+    customer_identifier(wire).is_some() || wire.customer_aws_account_id.is_some() || wire.customer_id.is_some()
+}
+
 fn resolve_customer(wire: &WireRecord<'_>, book: &PriceBook) -> Result<(String, CustomerRef), Rejection> {
     let given = [
-        wire.customer_identifier.is_some(),
+        customer_identifier(wire).is_some(),
         wire.customer_aws_account_id.is_some(),
         wire.customer_id.is_some(),
     ]
@@ -311,8 +322,8 @@ fn resolve_customer(wire: &WireRecord<'_>, book: &PriceBook) -> Result<(String, 
             "CustomerIdentifier and CustomerAWSAccountId are mutually exclusive; send one",
         ));
     }
-    let found = if let Some(ci) = wire.customer_identifier.as_deref() {
-        if ci.is_empty() || ci.len() > 255 {
+    let found = if let Some(ci) = customer_identifier(wire) {
+        if ci.len() > 255 {
             return Err(reject(RejectCode::InvalidCustomerIdentifier, "CustomerIdentifier must be 1–255 characters"));
         }
         book.customer_by_identifier(ci).map(|c| (c.id.clone(), CustomerRef::CustomerIdentifier)).ok_or(ci)
