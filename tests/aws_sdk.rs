@@ -200,10 +200,18 @@ async fn batch_meter_usage_through_the_sdk_answers_as_aws() {
     let statuses: Vec<_> = mixed.results().iter().map(|r| r.status().cloned()).collect();
     assert_eq!(statuses, [Some(UsageRecordResultStatus::DuplicateRecord), Some(UsageRecordResultStatus::CustomerNotSubscribed)]);
 
-    // Concurrent Agreements: a record naming only the licence is metered against its agreement.
+    // Concurrent Agreements: a record naming only the licence is metered against its agreement,
+    // in a call without ProductCode as the current model asks (the licence names the product).
     let licensed = record("users", 7, hours_ago(2)).license_arn(LICENSE).build().unwrap();
-    let out = batch(&acme, "acme-analytics", vec![licensed]).await.unwrap();
+    let out = acme.batch_meter_usage().usage_records(licensed.clone()).send().await.unwrap();
     assert_eq!(out.results()[0].status(), Some(&UsageRecordResultStatus::Success), "{out:?}");
+    // The same slot by product and account id is the same record, never a second charge.
+    let out = batch(&acme, "acme-analytics", vec![by_account("users", 7, hours_ago(2))]).await.unwrap();
+    assert_eq!(out.results()[0].status(), Some(&UsageRecordResultStatus::Success), "{out:?}");
+    let e = client(&s.url, GLOBEX, 1).batch_meter_usage().usage_records(licensed).send().await.unwrap_err().into_service_error();
+    assert!(matches!(e, BatchMeterUsageError::InvalidLicenseException(_)), "another seller's licence: {e:?}");
+    let e = acme.batch_meter_usage().usage_records(by_account("users", 1, at)).send().await.unwrap_err().into_service_error();
+    assert!(matches!(e, BatchMeterUsageError::InvalidProductCodeException(_)), "no ProductCode and no licence: {e:?}");
 
     // Every modeled whole-call exception, caught by its variant; nothing of those calls stored.
     let good = by_account("users", 1, hours_ago(3));

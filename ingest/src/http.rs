@@ -321,15 +321,16 @@ async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for BatchMeterUsage: {e}")))?;
     crate::wire::check_field_case(std::str::from_utf8(body).unwrap_or("{}"), &["ProductCode", "UsageRecords"])
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "ValidationException", e))?;
-    let Some(product) = req.product_code.as_deref().filter(|p| !p.is_empty()) else {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidProductCodeException", "ProductCode is required"));
-    };
     let Some(records) = req.usage_records.as_deref() else {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "ValidationException", "UsageRecords is required"));
     };
-    match mode {
-        Answering::Aws => owns_aws(&st.book, seller, product)?,
-        Answering::PerRecord => owns(&st.book, seller, product)?,
+    // Without ProductCode (the current model's licence-based calls) each record's LicenseArn
+    // names its product; a record without one is refused by name.
+    let product = req.product_code.as_deref().filter(|p| !p.is_empty());
+    match (product, mode) {
+        (None, _) => {}
+        (Some(p), Answering::Aws) => owns_aws(&st.book, seller, p)?,
+        (Some(p), Answering::PerRecord) => owns(&st.book, seller, p)?,
     }
     let max = st.book.marketplace().max_batch_records;
     if records.len() > max {
@@ -343,7 +344,7 @@ async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
         ));
     }
     admit_seller(st, seller, records.len())?;
-    let (slots, accepted, refused) = validate_all(records.iter().map(|r| r.get()), Some(product), seller, &st.book, st.clock.as_ref());
+    let (slots, accepted, refused) = validate_all(records.iter().map(|r| r.get()), product, seller, &st.book, st.clock.as_ref());
     if mode == Answering::Aws {
         // AWS fails the whole call on the first such record; then nothing of the call is stored.
         let first = slots.iter().enumerate().find_map(|(i, s)| match s {
@@ -356,7 +357,7 @@ async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
     }
     let n_refused = refused.len();
     let outcomes = st.sink.submit(accepted, refused).await?;
-    tracing::debug!(seller = %seller.id, product, records = slots.len(), refused = n_refused, ?mode, "BatchMeterUsage");
+    tracing::debug!(seller = %seller.id, product = product.unwrap_or("(by licence)"), records = slots.len(), refused = n_refused, ?mode, "BatchMeterUsage");
     let results = slots
         .into_iter()
         .zip(records.iter())

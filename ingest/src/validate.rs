@@ -69,16 +69,30 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
         }
         (Some(p), _) => p,
         (None, Some(b)) => b,
-        (None, None) => return Err(reject(RejectCode::InvalidProductCode, "ProductCode is missing")),
+        // The current model: a call without ProductCode meters by LicenseArn, which names both the
+        // product and the agreement.
+        (None, None) => match wire.license_arn.as_deref().map(|arn| (arn, book.agreement_by_license(arn))) {
+            Some((_, Some(agreement))) => agreement.product.as_str(),
+            Some((arn, None)) => {
+                return Err(reject(
+                    RejectCode::InvalidLicense,
+                    format!("LicenseArn `{}` is not a licence of this seller", truncate(arn, 96)),
+                ))
+            }
+            None => return Err(reject(RejectCode::InvalidProductCode, "ProductCode is missing (or send LicenseArn on each record)")),
+        },
     };
+    let by_license = wire.product_code.is_none() && batch_product.is_none();
     let Some(product) = book.product(product_code) else {
         return Err(reject(RejectCode::InvalidProductCode, format!("product `{}` is unknown", truncate(product_code, 64))));
     };
     let seller = match cx.caller {
         Caller::Seller(s) => {
             if product.seller != s.id {
+                // A licence of another seller answers like an unknown one (no probing).
+                let code = if by_license { RejectCode::InvalidLicense } else { RejectCode::InvalidProductCode };
                 return Err(reject(
-                    RejectCode::InvalidProductCode,
+                    code,
                     format!("product `{product_code}` is not one of this API key's products"),
                 ));
             }
@@ -216,11 +230,12 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
 
 /// The quantity the seller sent, in whichever field of the current or the previous model.
 ///
-/// Never a default: AWS's older model let an omitted `Quantity` mean 0, but a record without a
-/// quantity is far more often a renamed or misspelt field (the current model's
-/// `QuantityAsDecimal`, a `"quantity"`) than an idle hour, and a 0 accepted for it would make the
-/// real resend a `DuplicateRecord`. So no field, `null`, or two fields that disagree are refused
-/// by name; an idle hour is sent as `0`.
+/// Never a default: AWS's model lets an omitted quantity mean 0, but a record without one is far
+/// more often a renamed or misspelt field (the current model's `QuantityAsDecimal`, a
+/// `"quantity"`) than an idle hour, and a 0 accepted for it would make the real resend a
+/// `DuplicateRecord`. So no field and `null` are refused by name (an idle hour is sent as `0`),
+/// and so are both fields at once, as the current model says ("you can't specify both"); the
+/// reason says whether they even disagreed.
 pub fn record_quantity(wire: &WireRecord<'_>, kind: QuantityKind) -> Result<Decimal, Rejection> {
     let int = wire.quantity.map(|raw| parse_quantity(raw, kind, "Quantity")).transpose()?;
     let dec = wire.quantity_as_decimal.map(|raw| parse_decimal_quantity(raw, kind, "QuantityAsDecimal")).transpose()?;
@@ -230,10 +245,13 @@ pub fn record_quantity(wire: &WireRecord<'_>, kind: QuantityKind) -> Result<Deci
             "no quantity: send Quantity or QuantityAsDecimal (UsageQuantity or UsageQuantityAsDecimal on MeterUsage); an idle hour is 0",
         )),
         (Some(q), None) | (None, Some(q)) => Ok(q),
-        (Some(a), Some(b)) if a == b => Ok(a),
         (Some(a), Some(b)) => Err(reject(
             RejectCode::InvalidQuantity,
-            format!("Quantity {a} and QuantityAsDecimal {b} differ; send one of them"),
+            if a == b {
+                format!("Quantity {a} and QuantityAsDecimal {b} are both sent; send one of them")
+            } else {
+                format!("Quantity {a} and QuantityAsDecimal {b} differ; send one of them")
+            },
         )),
     }
 }
@@ -474,11 +492,20 @@ fn validate_allocations(list: &[WireAllocation<'_>], quantity: Decimal, cx: &Con
     let mut sum = Decimal::ZERO;
     for (i, a) in list.iter().enumerate() {
         let n = i + 1;
-        let q = match a.allocated_usage_quantity {
-            None => return Err(bad(format!("allocation {n}: AllocatedUsageQuantity is missing"))),
-            Some(raw) => parse_quantity(raw, profile.quantity, "AllocatedUsageQuantity")
-                .map_err(|r| bad(format!("allocation {n}: {}", r.message)))?,
-        };
+        // Exactly one of the two fields, as the current model says (and as for the record).
+        let q = match (a.allocated_usage_quantity, a.allocated_usage_quantity_as_decimal) {
+            (None, None) => {
+                return Err(bad(format!("allocation {n}: AllocatedUsageQuantity or AllocatedUsageQuantityAsDecimal is required")))
+            }
+            (Some(_), Some(_)) => {
+                return Err(bad(format!(
+                    "allocation {n}: send one of AllocatedUsageQuantity and AllocatedUsageQuantityAsDecimal, not both"
+                )))
+            }
+            (Some(raw), None) => parse_quantity(raw, profile.quantity, "AllocatedUsageQuantity"),
+            (None, Some(raw)) => parse_decimal_quantity(raw, profile.quantity, "AllocatedUsageQuantityAsDecimal"),
+        }
+        .map_err(|r| bad(format!("allocation {n}: {}", r.message)))?;
         let mut tags = match &a.tags {
             None => Vec::new(),
             Some(t) if t.is_empty() => {

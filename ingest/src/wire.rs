@@ -74,6 +74,9 @@ pub struct WireAllocation<'a> {
     /// Allocated quantity, raw.
     #[serde(rename = "AllocatedUsageQuantity", borrow, default, deserialize_with = "present")]
     pub allocated_usage_quantity: Option<&'a RawValue>,
+    /// The current model's decimal allocated quantity (decimal text), raw.
+    #[serde(rename = "AllocatedUsageQuantityAsDecimal", borrow, default, deserialize_with = "present")]
+    pub allocated_usage_quantity_as_decimal: Option<&'a RawValue>,
     /// Tags; absent for the untagged bucket.
     #[serde(rename = "Tags", borrow)]
     pub tags: Option<Vec<WireTag<'a>>>,

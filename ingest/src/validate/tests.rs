@@ -248,8 +248,9 @@ fn quantity_as_decimal_is_metered_exactly_and_conflicts_are_refused() {
     for bad in [r#""-1""#, r#""1e3""#, r#""""#, r#"" 5""#, r#""5.""#, r#""abc""#, "-3"] {
         assert_eq!(code(check(&rec(&format!(r#","QuantityAsDecimal":{bad}"#)), NOW)), RejectCode::InvalidQuantity, "{bad}");
     }
-    // Both fields: the same value is one quantity; different values are refused, never guessed.
-    assert_eq!(check(&rec(r#","Quantity":7,"QuantityAsDecimal":"7.0""#), NOW).unwrap().quantity, Decimal::from(7));
+    // Both fields: refused as the current model says, different values never guessed between.
+    let same = check(&rec(r#","Quantity":7,"QuantityAsDecimal":"7.0""#), NOW).unwrap_err();
+    assert!(same.code == RejectCode::InvalidQuantity && same.message.contains("both sent"), "{same:?}");
     let both = check(&rec(r#","Quantity":7,"QuantityAsDecimal":8"#), NOW).unwrap_err();
     assert!(both.code == RejectCode::InvalidQuantity && both.message.contains("differ"), "{both:?}");
 }
@@ -286,4 +287,18 @@ fn decimal_quantity_fields_keep_fractions_exactly_under_a_decimal_profile() {
     let json = json.replace("12.3456789012", "12.345678");
     let wire = crate::wire::parse_record(&json).unwrap();
     assert_eq!(validate(&wire, Some(&product), &cx).unwrap().quantity, "12.345678".parse::<Decimal>().unwrap());
+}
+
+#[test]
+fn allocations_take_exactly_one_quantity_field() {
+    let with = |alloc: &str| rec(&format!(r#","QuantityAsDecimal":"5","UsageAllocations":[{alloc}]"#));
+    let r = check(&with(r#"{"AllocatedUsageQuantityAsDecimal":"5"}"#), NOW).unwrap();
+    assert_eq!(r.allocations[0].quantity, Decimal::from(5));
+    check(&with(r#"{"AllocatedUsageQuantity":5}"#), NOW).unwrap();
+    let both = check(&with(r#"{"AllocatedUsageQuantity":5,"AllocatedUsageQuantityAsDecimal":"5"}"#), NOW).unwrap_err();
+    assert!(both.code == RejectCode::InvalidUsageAllocations && both.message.contains("not both"), "{both:?}");
+    let none = check(&with(r#"{"Tags":[{"Key":"a","Value":"b"}]}"#), NOW).unwrap_err();
+    assert_eq!(none.code, RejectCode::InvalidUsageAllocations);
+    let null = check(&with(r#"{"AllocatedUsageQuantity":null}"#), NOW).unwrap_err();
+    assert!(null.message.contains("null"), "{null:?}");
 }
