@@ -18,102 +18,10 @@ use mm::operation::resolve_customer::ResolveCustomerError;
 use mm::operation::RequestId;
 use mm::primitives::DateTime;
 use mm::types::{Tag, UsageAllocation, UsageRecord, UsageRecordResultStatus};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BOOK: &str = include_str!("../docs/examples/price-book.toml");
-const ACME: &str = "demo-key-acme";
-const GLOBEX: &str = "demo-key-globex";
-const LICENSE: &str = "arn:aws:license-manager::123456789012:license:l-alpha-analytics";
-
-/// The example book plus what the AWS-side operations need: two deployments of cust-a's
-/// `acme-vm` (MeterUsage from inside the buyer's account), one of cust-c's ended agreement, and
-/// a licence ARN on cust-a's analytics agreement.
-fn book_text() -> String {
-    let hash = |k: &str| hex(&common::catalogue::api_key_hash(k));
-    let mut book = BOOK.replace("id = \"agmnt-a-analytics\"\n", &format!("id = \"agmnt-a-analytics\"\nlicense_arn = \"{LICENSE}\"\n"));
-    for (id, customer, product, key) in [
-        ("dep-a1", "cust-a", "acme-vm", "dep-key-a1"),
-        ("dep-a2", "cust-a", "acme-vm", "dep-key-a2"),
-        ("dep-c1", "cust-c", "acme-analytics", "dep-key-c1"),
-    ] {
-        book.push_str(&format!(
-            "\n[[deployments]]\nid = \"{id}\"\ncustomer = \"{customer}\"\nproduct = \"{product}\"\napi_key_sha256 = [\"{}\"]\n",
-            hash(key)
-        ));
-    }
-    book
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// `meterline serve` as a child process; stopped with SIGINT (drain, commit) on drop.
-struct Served {
-    child: Child,
-    url: String,
-    dir: tempfile::TempDir,
-}
-
-impl Served {
-    fn start(extra: &[&str]) -> Served {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("book.toml"), book_text()).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_meterline"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
-            .arg(dir.path().join("book.toml"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting meterline serve");
-        let mut first = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        out.read_line(&mut first).unwrap();
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the first line names the address").to_owned();
-        Served { child, url, dir }
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    /// Stops the server and returns the store's charge lines.
-    fn stop(mut self) -> Vec<common::rated::ChargeLine> {
-        self.halt();
-        let conn = meterline::store::Store::open_read_only(&self.data().join("meterline.db")).unwrap();
-        meterline::store::Store::charge_lines(&conn, None).unwrap()
-    }
-
-    fn halt(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // Best effort: a server that already exited is fine, the loop below waits either way.
-        Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().ok();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.halt();
-    }
-}
+mod aws_common;
+use aws_common::{issue_token, Served, ACME, GLOBEX, LICENSE};
 
 /// Adds Meterline's key header to every request the SDK sends (after signing, so the signature
 /// is the SDK's own; Meterline does not verify it).
@@ -319,6 +227,8 @@ async fn meter_usage_from_the_buyers_deployments() {
     assert!(matches!(e, MeterUsageError::InvalidUsageDimensionException(_)), "{e:?}");
     let e = meter(&a1, "acme-vm", "c5_xlarge", 1, hours_ago(8), false).await.unwrap_err();
     assert!(matches!(e, MeterUsageError::TimestampOutOfBoundsException(_)), "{e:?}");
+    let e = meter(&client(&s.url, "dep-key-b1", 1), "acme-vm", "c5_xlarge", 1, at, false).await.unwrap_err();
+    assert!(matches!(e, MeterUsageError::CustomerNotEntitledException(_)), "no agreement: {e:?}");
     let e = meter(&client(&s.url, "dep-key-c1", 1), "acme-analytics", "users", 1, at, false).await.unwrap_err();
     assert!(matches!(e, MeterUsageError::TimestampOutOfBoundsException(_) | MeterUsageError::CustomerNotEntitledException(_)), "{e:?}");
     let alloc = |q: i32, tag: &str| {
@@ -362,18 +272,6 @@ async fn meter_usage_from_the_buyers_deployments() {
     assert_eq!(c5[0].customer, "cust-a");
     assert_eq!(c5[0].quantity, rust_decimal::Decimal::from(3 + 4 + 1), "summed across deployments, the dry run not stored");
     assert_eq!(c5[0].amount_unrounded, rust_decimal::Decimal::from(8) * "0.34".parse::<rust_decimal::Decimal>().unwrap());
-}
-
-fn issue_token(book: &Path, data: &Path, customer: &str, product: &str) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_meterline"))
-        .args(["issue-token", "--customer", customer, "--product", product, "--price-book"])
-        .arg(book)
-        .arg("--data-dir")
-        .arg(data)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
