@@ -246,7 +246,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                     "Meterline listening on {scheme}://{addr}  (store {})\n\
                      \x20 POST http://{addr}/v1/BatchMeterUsage   AWS BatchMeterUsage JSON, header X-Api-Key\n\
                      \x20 POST http://{addr}/                     with X-Amz-Target: AWSMPMeteringService.BatchMeterUsage\n\
-                     \x20 POST http://{addr}/v1/MeterUsage        AWS MeterUsage JSON\n\
+                     \x20 POST http://{addr}/v1/MeterUsage        AWS MeterUsage JSON (also ResolveCustomer, RegisterUsage)\n\
                      \x20 POST http://{addr}/v1/usage             native bulk, JSON lines\n\
                      \x20 GET  http://{addr}/metrics             Prometheus metrics (and /health, /ready)\n",
                     db.display()
