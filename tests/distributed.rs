@@ -315,7 +315,9 @@ async fn send(url: String, batches: Vec<Vec<Value>>, pace: Duration, hold: Arc<A
         }
         let body = json!({ "ProductCode": "p", "UsageRecords": b }).to_string();
         loop {
-            match http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).header("Content-Type", "application/json").body(body.clone()).send().await {
+            // Per-record answers (the documented opt-in): the workload mixes invalid records in.
+            let req = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).header("X-Meterline-Per-Record", "true");
+            match req.header("Content-Type", "application/json").body(body.clone()).send().await {
                 Ok(r) if r.status().is_success() => break,
                 Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {}
                 Ok(r) => panic!("ingest answered {}: {}", r.status(), r.text().await.unwrap_or_default()),
