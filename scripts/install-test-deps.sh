@@ -3,7 +3,9 @@
 #   * ClickHouse server + client from Debian's package (18.16.1 on bookworm);
 #   * Apache Kafka 4.1.1's jars, copied once by Maven from Maven Central and cached under
 #     ${METERLINE_CACHE:-$HOME/.cache/meterline}/kafka-4.1.1/libs (testkit runs them with java);
-#   * Prometheus and promtool from Debian's package (2.42 on bookworm).
+#   * Prometheus and promtool from Debian's package (2.42 on bookworm);
+#   * boto3 1.44.x (the AWS SDK for Python) in a virtualenv cached under
+#     ${METERLINE_CACHE:-$HOME/.cache/meterline}/boto3-venv, for tests/boto3.rs.
 # Idempotent: anything already present and working is reused, so running it again is cheap.
 # Tests never use the ClickHouse system service; testkit starts its own server processes on
 # free loopback ports, so the service is kept from starting during the package install.
@@ -152,7 +154,34 @@ fi
 step "prometheus: $(/usr/bin/prometheus --version 2>&1 | head -n1)"
 
 # ---------------------------------------------------------------------------------------------
-# 4. Summary: how testkit finds the binaries (these are also its defaults).
+# 4. boto3 in a virtualenv: tests/boto3.rs runs tests/boto3/metering_calls.py with it against
+#    `meterline serve` (a second, independent AWS client beside the Rust SDK). Reused when the
+#    venv already imports a 1.44 boto3; otherwise (re)created and installed from PyPI.
+# ---------------------------------------------------------------------------------------------
+BOTO3_SPEC="boto3==1.44.*"
+BOTO3_VENV="$CACHE/boto3-venv"
+boto3_works() {
+    "$BOTO3_VENV/bin/python" -c 'import boto3, sys; sys.exit(0 if boto3.__version__.startswith("1.44.") else 1)' 2>/dev/null
+}
+if boto3_works; then
+    step "boto3: found $BOTO3_VENV, skipping install"
+else
+    command -v python3 >/dev/null 2>&1 || die "python3 is needed for the boto3 test client"
+    if ! python3 -m venv --help >/dev/null 2>&1; then
+        command -v apt-get >/dev/null 2>&1 || die "python3 has no venv module and apt-get is not available"
+        apt_install_without_starting python3-venv python3-venv
+    fi
+    rm -rf "$BOTO3_VENV"
+    mkdir -p "$CACHE"
+    python3 -m venv "$BOTO3_VENV" || die "could not create $BOTO3_VENV"
+    step "boto3: installing $BOTO3_SPEC into $BOTO3_VENV"
+    "$BOTO3_VENV/bin/pip" install --quiet --disable-pip-version-check "$BOTO3_SPEC" || die "pip install $BOTO3_SPEC failed"
+    boto3_works || die "boto3 was installed but does not import as 1.44.x"
+fi
+step "boto3: $("$BOTO3_VENV/bin/python" -c 'import boto3, botocore; print("boto3", boto3.__version__, "botocore", botocore.__version__)')"
+
+# ---------------------------------------------------------------------------------------------
+# 5. Summary: how testkit finds the binaries (these are also its defaults).
 # ---------------------------------------------------------------------------------------------
 step "done; testkit finds these by default, or export them explicitly:"
 printf 'export METERLINE_KAFKA_LIBS=%q\n' "$KAFKA_LIBS"

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian's clickhouse-server and Prometheus, and Apache Kafka's jars (Maven, cached in ~/.cache/meterline).
+# Debian's clickhouse-server and Prometheus, Apache Kafka's jars (Maven) and the boto3 virtualenv
+# that tests/boto3.rs runs (all cached in ~/.cache/meterline).
 bash scripts/install-test-deps.sh
 
 # Two cores: one test at a time keeps server-backed tests from starving each other.

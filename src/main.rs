@@ -3,6 +3,7 @@
 //! - `demo`: a realistic month end to end through the real HTTP API (README command 1).
 //! - `serve`: the ingest API over the embedded store, on the system clock.
 //! - `rate`: price book + usage file → charge lines as JSON (scripted checks, golden tests).
+//! - `issue-token`: a registration token for `ResolveCustomer` (the AWS sign-up hand-off).
 //! - `charges`, `invoices`, `stats`, `query`: read the store.
 
 use anyhow::Context;
@@ -59,6 +60,33 @@ enum Command {
         /// TLS, key rotation, per-seller limits, body deadline.
         #[command(flatten)]
         hardening: server::HardeningArgs,
+        /// Registration tokens `ResolveCustomer` resolves (default: the data directory's
+        /// `registration-tokens.toml`, which `issue-token` writes).
+        #[arg(long)]
+        registration_tokens: Option<PathBuf>,
+    },
+    /// Issue a registration token for a customer's sign-up: the token `ResolveCustomer` turns into
+    /// the customer (AWS hands it to the seller's landing page). Prints the token; the tokens
+    /// file keeps only its SHA-256.
+    IssueToken {
+        /// The price book (TOML or JSON).
+        #[arg(long)]
+        price_book: PathBuf,
+        /// Customer id in the price book.
+        #[arg(long)]
+        customer: String,
+        /// Product code in the price book.
+        #[arg(long)]
+        product: String,
+        /// The tokens file to append to (default: the data directory's `registration-tokens.toml`).
+        #[arg(long)]
+        tokens_file: Option<PathBuf>,
+        /// Where `serve` keeps its data (locates the default tokens file).
+        #[arg(long, default_value = "meterline-data")]
+        data_dir: PathBuf,
+        /// How long the token resolves, e.g. `24h`.
+        #[arg(long, default_value = "24h")]
+        valid_for: String,
     },
     /// Rate a file of usage records (JSON lines with ProductCode) and print the charge lines as JSON.
     Rate {
@@ -146,6 +174,9 @@ enum Format {
     Csv,
 }
 
+/// The registration tokens file's name in the data directory.
+const TOKENS_FILE: &str = "registration-tokens.toml";
+
 fn db_path(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     let db = data_dir.join("meterline.db");
     if !db.exists() {
@@ -199,9 +230,10 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let text = rt.block_on(demo::run(opts))?;
             out.push_str(&text);
         }
-        Command::Serve { price_book, data_dir, listen, max_in_flight, hardening } => {
+        Command::Serve { price_book, data_dir, listen, max_in_flight, hardening, registration_tokens } => {
             let book = Arc::new(PriceBook::load(&price_book)?);
-            let opts = hardening.options(&price_book)?;
+            let mut opts = hardening.options(&price_book)?;
+            opts.registration_tokens = Some(registration_tokens.unwrap_or_else(|| data_dir.join(TOKENS_FILE)));
             let scheme = if opts.tls.is_some() { "https" } else { "http" };
             std::fs::create_dir_all(&data_dir)?;
             let db = data_dir.join("meterline.db");
@@ -218,7 +250,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                     "Meterline listening on {scheme}://{addr}  (store {})\n\
                      \x20 POST http://{addr}/v1/BatchMeterUsage   AWS BatchMeterUsage JSON, header X-Api-Key\n\
                      \x20 POST http://{addr}/                     with X-Amz-Target: AWSMPMeteringService.BatchMeterUsage\n\
-                     \x20 POST http://{addr}/v1/MeterUsage        AWS MeterUsage JSON\n\
+                     \x20 POST http://{addr}/v1/MeterUsage        AWS MeterUsage JSON (also ResolveCustomer, RegisterUsage)\n\
                      \x20 POST http://{addr}/v1/usage             native bulk, JSON lines\n\
                      \x20 GET  http://{addr}/metrics             Prometheus metrics (and /health, /ready)\n",
                     db.display()
@@ -236,6 +268,34 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 eprintln!("stopped after {} transactions, {} records", stats.transactions, stats.records);
                 anyhow::Ok(())
             })?;
+        }
+        Command::IssueToken { price_book, customer, product, tokens_file, data_dir, valid_for } => {
+            let book = PriceBook::load(&price_book)?;
+            let now = Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
+            let ttl = common::time::parse_duration_ms(&valid_for).map_err(anyhow::Error::msg)?;
+            if book.customer(&customer).is_none() {
+                anyhow::bail!("customer `{customer}` is not in {}", price_book.display());
+            }
+            if book.product(&product).is_none() {
+                anyhow::bail!("product `{product}` is not in {}", price_book.display());
+            }
+            // The licence of the agreement in force now (or the next one), so ResolveCustomer
+            // answers it as AWS does for Concurrent Agreements.
+            let agreement = book.agreement_at(&customer, &product, now).or_else(|| book.agreements(&customer, &product).find(|a| a.start > now));
+            let Some(agreement) = agreement else {
+                anyhow::bail!("customer `{customer}` holds no current or future agreement for `{product}`");
+            };
+            let token = format!("mlrt-{}", hex::encode(rand::random::<[u8; 24]>()));
+            let entry = ingest::aws::TokenEntry::new(&token, &customer, &product, agreement.license_arn.as_deref(), now.plus_millis(ttl));
+            let path = tokens_file.unwrap_or_else(|| data_dir.join(TOKENS_FILE));
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            use std::io::Write as _;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+            writeln!(f, "{}", entry.to_toml())?;
+            eprintln!("token for `{customer}` / `{product}` appended to {} (valid until {})", path.display(), entry.expires);
+            outln!(out, "{token}");
         }
         Command::Rate { price_book, usage, now, month, close, closed_through } => {
             let book = PriceBook::load(&price_book)?;

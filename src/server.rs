@@ -26,6 +26,8 @@ pub struct ServeOptions {
     pub seller_limits: Option<ingest::limit::SellerLimits>,
     /// How long a request body may take to arrive.
     pub body_timeout: Option<Duration>,
+    /// The registration tokens file `ResolveCustomer` reads (written by `meterline issue-token`).
+    pub registration_tokens: Option<std::path::PathBuf>,
     /// Connection limits (issue 12); `max_connections` is lowered below the open-file limit.
     pub conn: ConnOptions,
     /// Queue target of the in-flight bound (default [`ingest::shed::DEFAULT_QUEUE_TARGET`]).
@@ -130,6 +132,7 @@ impl HardeningArgs {
                 idle_timeout: secs("idle-timeout-secs", self.idle_timeout_secs)?,
             },
             queue_target: self.queue_target_ms.map(Duration::from_millis),
+            registration_tokens: None,
         })
     }
 }
@@ -192,7 +195,8 @@ pub async fn start(db: &Path, book: Arc<PriceBook>, clock: Arc<dyn Clock>, max_i
     let reloads = (opts.keys.price_book.is_some() || opts.keys.keys_file.is_some())
         .then(|| ingest::auth::watch(keys, opts.keys.clone(), Arc::clone(&book), Duration::from_secs(2)));
     let sink = Metered::new(embedded.sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
-    let state = Arc::new(IngestState { book, sink, clock, limits: HttpLimits::default(), security });
+    let tokens = ingest::aws::RegistrationTokens { path: opts.registration_tokens.clone() };
+    let state = Arc::new(IngestState { book, sink, clock, limits: HttpLimits::default(), security, tokens });
     // `/metrics` and `/ready` beside the API (same names as the distributed binaries).
     let app = common::ops::instrument(router(state), &metrics);
     let soft_fds = ingest::serve::raise_fd_limit();

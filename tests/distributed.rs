@@ -322,7 +322,9 @@ async fn send(url: String, batches: Vec<Vec<Value>>, pace: Duration, hold: Arc<A
         loop {
             // Bounded: a pipeline that stays down this long has failed the test.
             assert!(first_try.elapsed() < Duration::from_secs(180), "batch {i} not acknowledged within 180 s");
-            match http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).header("Content-Type", "application/json").body(body.clone()).send().await {
+            // Per-record answers (the documented opt-in): the workload mixes invalid records in.
+            let req = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).header("X-Meterline-Per-Record", "true");
+            match req.header("Content-Type", "application/json").body(body.clone()).send().await {
                 Ok(r) if r.status().is_success() => break,
                 Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {}
                 Ok(r) => panic!("ingest answered {}: {}", r.status(), r.text().await.unwrap_or_default()),
@@ -382,7 +384,7 @@ async fn end_to_end_equals_ground_truth_and_the_embedded_answer() {
         if counts.get("DuplicateRecord") == Some(&w.conflicts) && counts.get("InvalidUsageDimension") == Some(&w.invalid) {
             break;
         }
-        assert!(Instant::now() < deadline, "rejections {counts:?}, expected {} conflicts and {} invalid", w.conflicts, w.invalid);
+        assert!(Instant::now() < deadline, "rejections {counts:?}, expected {} conflicts and {} invalid\nrater:\n{}\naggregator:\n{}", w.conflicts, w.invalid, c.log("rater"), c.log("aggregator"));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let items: u64 = c.query("SELECT count() FROM {db}.rated_usage FINAL").await.trim().parse().unwrap();

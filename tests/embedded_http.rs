@@ -1,7 +1,8 @@
 //! The embedded mode's HTTP API, driven over loopback like seller code drives it.
 //!
 //! Each test starts the real server (router + SQLite writer) on a free port with a manual clock,
-//! posts AWS-shaped JSON with `reqwest`, and checks the answers and the store.
+//! posts AWS-shaped JSON with `reqwest`, and checks the answers and the store. The AWS routes
+//! answer as AWS by default; tests of per-record isolation send the documented opt-in header.
 
 use common::catalogue::PriceBook;
 use common::time::Timestamp;
@@ -74,6 +75,22 @@ impl Server {
         let (s, v, _) = self.post("/v1/BatchMeterUsage", Some(key), body).await;
         (s, v)
     }
+
+    /// `BatchMeterUsage` with the per-record opt-in (`X-Meterline-Per-Record: true`).
+    async fn batch_per_record(&self, key: &str, product: &str, records: Value) -> (u16, Value) {
+        let body = json!({ "ProductCode": product, "UsageRecords": records }).to_string();
+        let resp = self
+            .http
+            .post(format!("{}/v1/BatchMeterUsage", self.url))
+            .header("X-Api-Key", key)
+            .header("X-Meterline-Per-Record", "true")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
 }
 
 fn statuses(v: &Value) -> Vec<String> {
@@ -96,7 +113,7 @@ fn lines(db: &std::path::Path) -> Vec<common::rated::ChargeLine> {
 const NOW: &str = "2026-11-02T12:10:00Z";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batch_results_are_per_record_and_resends_are_idempotent() {
+async fn batch_results_are_per_record_with_the_opt_in_and_resends_are_idempotent() {
     let s = Server::start(tempfile::tempdir().unwrap(), NOW).await;
     let records = json!([
         users("2026-11-02T11:05:00Z", 100),
@@ -105,7 +122,11 @@ async fn batch_results_are_per_record_and_resends_are_idempotent() {
         { "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": "ten" },
         { "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": 42, "Dimension": "users" },
     ]);
-    let (code, first) = s.batch(ACME, "acme-analytics", records.clone()).await;
+    // By default the call answers as AWS: the first bad record's exception, nothing stored.
+    let (code, aws) = s.batch(ACME, "acme-analytics", records.clone()).await;
+    assert_eq!((code, aws["__type"].as_str().unwrap()), (400, "InvalidUsageDimensionException"), "{aws}");
+    assert!(aws["message"].as_str().unwrap().starts_with("UsageRecords[2]: "), "{aws}");
+    let (code, first) = s.batch_per_record(ACME, "acme-analytics", records.clone()).await;
     assert_eq!(code, 200, "{first}");
     assert_eq!(statuses(&first), ["Success", "Success", "InvalidUsageDimension", "InvalidQuantity", "InvalidRecord"]);
     assert!(first["Results"][2]["Reason"].as_str().unwrap().contains("did you mean `users`"));
@@ -113,7 +134,7 @@ async fn batch_results_are_per_record_and_resends_are_idempotent() {
     assert_eq!(first["UnprocessedRecords"], json!([]));
 
     // Identical resend of the whole call: same ids, nothing new charged.
-    let (_, again) = s.batch(ACME, "acme-analytics", records.clone()).await;
+    let (_, again) = s.batch_per_record(ACME, "acme-analytics", records.clone()).await;
     assert_eq!(statuses(&again)[..2], ["Success", "Success"]);
     assert_eq!(ids(&again)[..2], ids(&first)[..2]);
     // Same slot later in the hour with the same quantity: the same record.
@@ -203,11 +224,37 @@ async fn whole_call_failures_are_named_and_store_nothing() {
     let (code, v, _) = s.post("/v1/BatchMeterUsage", Some("not-a-key"), body.clone()).await;
     assert_eq!((code, v["__type"].as_str().unwrap()), (401, "UnrecognizedClientException"));
     assert!(!v.to_string().contains("not-a-key"), "keys are never echoed");
-    let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(GLOBEX), body.clone()).await;
-    assert_eq!((code, v["__type"].as_str().unwrap()), (403, "AccessDeniedException"));
+    // Another seller's product is AWS's InvalidProductCodeException on the AWS routes (403
+    // AccessDeniedException with the per-record opt-in and on the bulk route).
+    let (code, v, h) = s.post("/v1/BatchMeterUsage", Some(GLOBEX), body.clone()).await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (400, "InvalidProductCodeException"));
+    assert!(h.contains_key("x-amzn-requestid"), "errors carry a request id too");
     let unknown = json!({ "ProductCode": "nope", "UsageRecords": good }).to_string();
-    let (code, _, _) = s.post("/v1/BatchMeterUsage", Some(ACME), unknown).await;
-    assert_eq!(code, 403, "unknown products answer like foreign ones");
+    let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), unknown).await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (400, "InvalidProductCodeException"), "unknown products answer like foreign ones");
+    let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), r#"{"ProductCode":"acme-analytics"}"#).await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (400, "ValidationException"), "UsageRecords is required: {v}");
+    let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), r#"{"ProductCode":"acme-analytics","usageRecords":[]}"#).await;
+    assert_eq!((code, v["__type"].as_str().unwrap()), (400, "ValidationException"), "{v}");
+    // Every whole-call exception AWS models for a bad record, and nothing of the call stored.
+    let good_one = users("2026-11-02T11:05:00Z", 5);
+    let cases = [
+        (json!({ "Timestamp": "2026-11-02T05:00:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 1 }), "TimestampOutOfBoundsException"),
+        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "seats", "Quantity": 1 }), "InvalidUsageDimensionException"),
+        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "CustomerAWSAccountId": "111122223333", "Dimension": "users", "Quantity": 1 }), "InvalidCustomerIdentifierException"),
+        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 3, "UsageAllocations": [{ "AllocatedUsageQuantity": 2 }] }), "InvalidUsageAllocationsException"),
+        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 3, "UsageAllocations": [{ "AllocatedUsageQuantity": 3, "Tags": [{ "Key": "a#", "Value": "b" }] }] }), "InvalidTagException"),
+        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "LicenseArn": "arn:aws:license-manager::1:license:l-nope", "Quantity": 1 }), "InvalidLicenseException"),
+        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": null }), "ValidationException"),
+        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "quantity": 250 }), "ValidationException"),
+        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users" }), "ValidationException"),
+        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 4, "QuantityAsDecimal": "5" }), "ValidationException"),
+    ];
+    for (bad, kind) in cases {
+        let (code, v) = s.batch(ACME, "acme-analytics", json!([good_one.clone(), bad])).await;
+        assert_eq!((code, v["__type"].as_str().unwrap()), (400, kind), "{v}");
+        assert!(v["message"].as_str().unwrap().starts_with("UsageRecords[1]: "), "{v}");
+    }
 
     let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), "{\"ProductCode\": \"acme-analytics\", \"UsageRecords\": [").await;
     assert_eq!((code, v["__type"].as_str().unwrap()), (400, "SerializationException"));
@@ -314,13 +361,18 @@ async fn one_stale_record_in_25_refuses_only_itself_and_a_subset_resend_is_idemp
         .collect();
     recs.dedup_by(|a, b| a["Timestamp"] == b["Timestamp"] && a["Dimension"] == b["Dimension"]);
     recs.push(json!({ "Timestamp": "2026-11-02T05:00:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 1 }));
-    let (_, v) = s.batch(ACME, "acme-analytics", Value::Array(recs.clone())).await;
+    // As AWS by default: the stale record fails the whole batch and nothing is stored.
+    let (code, aws) = s.batch(ACME, "acme-analytics", Value::Array(recs.clone())).await;
+    assert_eq!((code, aws["__type"].as_str().unwrap()), (400, "TimestampOutOfBoundsException"), "{aws}");
+    assert!(aws["message"].as_str().unwrap().starts_with(&format!("UsageRecords[{}]: ", recs.len() - 1)), "{aws}");
+    // With the opt-in, the stale record refuses only itself.
+    let (_, v) = s.batch_per_record(ACME, "acme-analytics", Value::Array(recs.clone())).await;
     let st = statuses(&v);
     assert_eq!(st.last().unwrap(), "TimestampOutOfBounds");
     assert!(st[..st.len() - 1].iter().all(|x| x == "Success" || x == "DuplicateRecord"), "{st:?}");
     // Resending any subset answers the same ids.
     let subset = Value::Array(recs.iter().step_by(3).cloned().collect());
-    let (_, again) = s.batch(ACME, "acme-analytics", subset).await;
+    let (_, again) = s.batch_per_record(ACME, "acme-analytics", subset).await;
     let first_ids = ids(&v);
     let again_ids = ids(&again);
     for (i, id) in again_ids.iter().enumerate() {

@@ -84,6 +84,23 @@ impl Server {
         let (s, v, _) = self.post("/v1/BatchMeterUsage", Some(key), "application/x-amz-json-1.1", body).await;
         (s, v)
     }
+
+    /// [`Self::batch_raw`] with the per-record opt-in (`X-Meterline-Per-Record: true`).
+    async fn batch_per_record(&self, key: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("http://{}/v1/BatchMeterUsage", self.addr))
+            .header("Content-Type", "application/x-amz-json-1.1")
+            .header("X-Api-Key", key)
+            .header("X-Meterline-Per-Record", "true")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
 }
 
 fn users(hour: u32, q: i64) -> Value {
@@ -164,9 +181,9 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     let (c, v, _) = s.post("/v1/BatchMeterUsage", Some("demo-key-acmf"), "application/json", ok_body.clone()).await;
     refused_whole("wrong API key", (c, &v), 401, "UnrecognizedClientException", "not valid");
     let (c, v) = s.batch_raw(GLOBEX, ok_body.clone()).await;
-    refused_whole("another seller's product", (c, &v), 403, "AccessDeniedException", "acme-analytics");
+    refused_whole("another seller's product", (c, &v), 400, "InvalidProductCodeException", "acme-analytics");
     let (c, v) = s.batch_raw(ACME, batch(json!([])).replace("acme-analytics", "nobody-product")).await;
-    refused_whole("unknown product (same answer as foreign)", (c, &v), 403, "AccessDeniedException", "nobody-product");
+    refused_whole("unknown product (same answer as foreign)", (c, &v), 400, "InvalidProductCodeException", "nobody-product");
     let (c, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), "text/xml", ok_body.clone()).await;
     refused_whole("wrong content type", (c, &v), 415, "SerializationException", "text/xml");
     let truncated = &ok_body[..ok_body.len() / 2];
@@ -234,7 +251,10 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
         { "Timestamp": "2026-11-02T09:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 30, "ClientToken": "t-1", "Extra": {"deep": [1, 2, {"x": null}]} },
     ]);
     good_total.set(good_total.get() + 30); // The last record carries unknown fields: accepted by the documented rule.
-    let (c, v) = s.batch_raw(ACME, batch(records)).await;
+    // By default the first bad record fails the call as AWS does; the opt-in isolates each record.
+    let (c, v) = s.batch_raw(ACME, batch(records.clone())).await;
+    refused_whole("a stale record, answered as AWS", (c, &v), 400, "TimestampOutOfBoundsException", "UsageRecords[1]");
+    let (c, v) = s.batch_per_record(ACME, batch(records)).await;
     assert_eq!(c, 200, "{v}");
     assert_eq!(statuses(&v)[0], "Success");
     refused_record("timestamp far in the past (2000)", &v, 1, "TimestampOutOfBounds", "older than the acceptance window");
@@ -248,7 +268,7 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     refused_record("300 KB CustomerIdentifier", &v, 9, "InvalidCustomerIdentifier", "1–255 characters");
     refused_record("300 KB Dimension", &v, 10, "InvalidUsageDimension", "is not published");
     refused_record("wrong type in a record (Dimension: 5)", &v, 11, "InvalidRecord", "invalid type");
-    refused_record("LicenseArn (unsupported field)", &v, 12, "InvalidRecord", "LicenseArn");
+    refused_record("LicenseArn of no licence", &v, 12, "InvalidLicense", "LicenseArn");
     assert_eq!(statuses(&v)[13], "Success", "unknown fields are ignored: {}", v["Results"][13]);
     println!("{:<48} → 200, record Success (ignored by rule)", "unknown fields (ClientToken, Extra)");
 
@@ -261,7 +281,7 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
             {{"Timestamp":"2026-11-02T10:05:00Z","CustomerIdentifier":"cid-alpha","Dimension":"gb_ingest","Quantity":1,"Quantity":2}},
             {{"Timestamp":"2026-11-02T10:05:00Z","CustomerIdentifier":"cid-alpha","Dimension":"gb_ingest","Quantity":123456789012345678901234567890123456789}}]}}"#
     );
-    let (c, v) = s.batch_raw(ACME, records).await;
+    let (c, v) = s.batch_per_record(ACME, records).await;
     assert_eq!(c, 200, "{v}");
     assert_eq!(statuses(&v).first().map(String::as_str), Some("Success"), "{v}");
     refused_record("duplicated key in a record", &v, 1, "InvalidRecord", "duplicate field `Quantity`");
@@ -269,7 +289,7 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     // Numbers are echoed as sent; JSON's grammar allows any magnitude, so these answers are
     // checked as text (serde_json's Value refuses numbers beyond f64).
     let text_call = |body: &'static str| {
-        let req = s.http.post(format!("http://{}/v1/BatchMeterUsage", s.addr)).header("X-Api-Key", ACME).body(body);
+        let req = s.http.post(format!("http://{}/v1/BatchMeterUsage", s.addr)).header("X-Api-Key", ACME).header("X-Meterline-Per-Record", "true").body(body);
         async move {
             let resp = req.send().await.unwrap();
             (resp.status().as_u16(), resp.text().await.unwrap())

@@ -203,7 +203,8 @@ async fn post_input(http: &reqwest::Client, url: &str, input: &Input) -> String 
         // The distributed ingest may answer 503 until the broker has the topics: retry.
         let deadline = Instant::now() + Duration::from_secs(60);
         let v: Value = loop {
-            let r = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).body(body.clone()).send().await.unwrap();
+            // Per-record answers (the documented opt-in): the last call mixes invalid records in.
+            let r = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).header("X-Meterline-Per-Record", "true").body(body.clone()).send().await.unwrap();
             if r.status().is_success() {
                 break r.json().await.unwrap();
             }

@@ -108,7 +108,9 @@ enum Answer {
 
 async fn call(http: &reqwest::Client, url: &str, key: &str, product: &str, records: &[Value], tally: &Mutex<Tally>) -> Answer {
     let body = json!({ "ProductCode": product, "UsageRecords": records }).to_string();
-    let resp = match http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", key).body(body).send().await {
+    // Per-record answers (the documented opt-in): the traffic mixes invalid records in.
+    let req = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", key).header("X-Meterline-Per-Record", "true");
+    let resp = match req.body(body).send().await {
         Ok(r) => r,
         Err(e) => {
             tally.lock().unwrap().unexpected.push(format!("transport error: {e}"));
@@ -419,7 +421,8 @@ async fn soak_of_mixed_good_and_bad_traffic_bills_exactly_the_good_records() {
         ("truncated".into(), "application/json", r#"{"ProductCode":"x","UsageRecords":[{"Timest"#.into(), 400),
         ("deep".into(), "application/json", format!(r#"{{"ProductCode":"x","UsageRecords":[{}]}}"#, "[".repeat(5000)), 400),
         ("wrong key".into(), "application/json", r#"{"ProductCode":"x","UsageRecords":[]}"#.into(), 401),
-        ("foreign product".into(), "application/json", json!({ "ProductCode": foreign, "UsageRecords": [] }).to_string(), 403),
+        // AWS's answer for another seller's product: 400 InvalidProductCodeException.
+        ("foreign product".into(), "application/json", json!({ "ProductCode": foreign, "UsageRecords": [] }).to_string(), 400),
         ("content type".into(), "text/csv", "a,b".into(), 415),
         ("oversized".into(), "application/json", format!(r#"{{"ProductCode":"{}","X":"{}"}}"#, foreign, "y".repeat(1_100_000)), 413),
     ];

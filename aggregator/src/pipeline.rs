@@ -269,7 +269,17 @@ pub async fn run_with_metrics(
             },
             m = side.recv() => match m {
                 Ok(msg) => agg.on_side(&msg),
-                Err(e) => tracing::warn!(error = %e, "consuming rejected/dead-letter"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "consuming rejected/dead-letter");
+                    // On a new cluster the group coordinator may not exist yet when the assignment
+                    // fetches its committed offsets; librdkafka then does not fetch them again and
+                    // the side topics stall (seen on a fresh Kafka). Assigning afresh refetches.
+                    if matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::NotCoordinator | rdkafka::types::RDKafkaErrorCode::CoordinatorNotAvailable)) {
+                        side.unassign()?;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        side.assign(&side_tpl)?;
+                    }
+                }
             },
         }
     }

@@ -530,6 +530,36 @@ pub struct Customer {
     pub aws_account_id: Option<String>,
 }
 
+/// One customer's running deployment of a product (an instance, task or pod, or a group of them
+/// behind one key): what `MeterUsage` and `RegisterUsage` callers are. AWS knows the customer
+/// from the caller's IAM role in the buyer's account; Meterline from the deployment's API key,
+/// issued by the seller for that deployment and stored, like seller keys, only as SHA-256.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    /// Deployment id, unique in the book; part of `MeterUsage`'s dedup key (MET-12: one record
+    /// per hour × dimension × instance/task).
+    pub id: String,
+    /// The customer running it.
+    pub customer: String,
+    /// The product it runs.
+    pub product: String,
+    /// SHA-256 (hex) of each key the deployment may use.
+    #[serde(default)]
+    pub api_key_sha256: Vec<String>,
+}
+
+impl fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Deployment")
+            .field("id", &self.id)
+            .field("customer", &self.customer)
+            .field("product", &self.product)
+            .field("keys", &self.api_key_sha256.len())
+            .finish()
+    }
+}
+
 /// Annual subscriptions held under an agreement: `units` instances of one instance-type
 /// dimension are covered each hour between `start` and `end` (PRC-12, the Y−X rule).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -579,6 +609,10 @@ pub struct Agreement {
     /// Whether the agreement renews an earlier one (listing fee tier, PRC-22).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub renewal: bool,
+    /// The licence ARN AWS issues for the purchase (Concurrent Agreements, MET-21): records that
+    /// name it are metered against this agreement and its customer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license_arn: Option<String>,
 }
 
 impl Agreement {
@@ -625,6 +659,9 @@ pub struct PriceBookDoc {
     /// Exchange rates for reporting.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fx_rates: Vec<FxRate>,
+    /// Customer deployments that call `MeterUsage` / `RegisterUsage` with their own keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deployments: Vec<Deployment>,
 }
 
 /// A validated, indexed price book. Cheap lookups for the per-record cores.
@@ -645,6 +682,8 @@ pub struct PriceBook {
     /// borrows its keys instead of allocating a tuple).
     agreements_by_customer_product: HashMap<String, HashMap<String, Vec<usize>>>,
     seller_by_key_hash: HashMap<[u8; 32], usize>,
+    deployment_by_key_hash: HashMap<[u8; 32], usize>,
+    agreement_by_license: HashMap<String, usize>,
 }
 
 /// The SHA-256 of an API key, as stored in `api_key_sha256`.
@@ -939,6 +978,44 @@ impl PriceBook {
 
         // Month close looks agreements up by id once per line.
         let agreement_by_id = doc.agreements.iter().enumerate().map(|(i, a)| (a.id.clone(), i)).collect();
+        let mut agreement_by_license = HashMap::new();
+        for (i, a) in doc.agreements.iter().enumerate() {
+            if let Some(arn) = &a.license_arn {
+                if arn.is_empty() || arn.len() > 2048 {
+                    return Err(invalid(format!("agreement `{}`: license_arn must be 1–2048 characters", a.id)));
+                }
+                if let Some(other) = agreement_by_license.insert(arn.clone(), i) {
+                    return Err(invalid(format!(
+                        "agreements `{}` and `{}` share license_arn `{arn}`",
+                        doc.agreements[other].id, a.id
+                    )));
+                }
+            }
+        }
+        let mut deployment_ids = HashSet::new();
+        let mut deployment_by_key_hash = HashMap::new();
+        for (i, d) in doc.deployments.iter().enumerate() {
+            if d.id.is_empty() || !deployment_ids.insert(d.id.as_str()) {
+                return Err(invalid(format!("deployment `{}`: ids must be non-empty and unique", d.id)));
+            }
+            if !customer_by_id.contains_key(&d.customer) {
+                return Err(invalid(format!("deployment `{}`: unknown customer `{}`", d.id, d.customer)));
+            }
+            if !product_by_code.contains_key(&d.product) {
+                return Err(invalid(format!("deployment `{}`: unknown product `{}`", d.id, d.product)));
+            }
+            for h in &d.api_key_sha256 {
+                let bytes: [u8; 32] = hex::decode(h)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| invalid(format!("deployment `{}`: api_key_sha256 entry is not 64 hex digits", d.id)))?;
+                // One key, one identity: a key that were both a seller's and a deployment's would
+                // make the caller ambiguous.
+                if seller_by_key_hash.contains_key(&bytes) || deployment_by_key_hash.insert(bytes, i).is_some() {
+                    return Err(invalid(format!("deployment `{}`: an API key is listed twice", d.id)));
+                }
+            }
+        }
         Ok(PriceBook {
             doc,
             windows,
@@ -951,7 +1028,20 @@ impl PriceBook {
             customer_by_account,
             agreements_by_customer_product,
             seller_by_key_hash,
+            deployment_by_key_hash,
+            agreement_by_license,
         })
+    }
+
+    /// The deployment a presented key belongs to (hashed, then looked up by hash: the key itself
+    /// is never stored or compared).
+    pub fn deployment_for_key(&self, key: &str) -> Option<&Deployment> {
+        self.deployment_by_key_hash.get(&api_key_hash(key)).map(|&i| &self.doc.deployments[i])
+    }
+
+    /// The agreement a licence ARN was issued for.
+    pub fn agreement_by_license(&self, arn: &str) -> Option<&Agreement> {
+        self.agreement_by_license.get(arn).map(|&i| &self.doc.agreements[i])
     }
 
     /// The document.

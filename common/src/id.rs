@@ -5,7 +5,8 @@
 //! coordination (design guarantee 2). The encoding is part of the stored format: changing it
 //! changes every id, so it is versioned by [`ID_SCHEME`].
 //!
-//! - [`DedupKey`]: (product, customer, dimension, UTC hour), domain-rules MET-11.
+//! - [`DedupKey`]: (product, customer, dimension, UTC hour), domain-rules MET-11; for `MeterUsage`
+//!   callers also the deployment (MET-12).
 //! - [`RecordId`]: the dedup key plus the quantity and the canonical allocations. An identical
 //!   resend has the same id; a conflicting one (same key, other quantity) a different id.
 
@@ -113,6 +114,13 @@ impl DedupKey {
     /// The dedup key of a (product, customer, dimension, hour) slot.
     pub fn of(product: &str, customer: &str, dimension: &str, hour: crate::time::Hour) -> Self {
         DedupKey(Fingerprinter::new(b'k').str(product).str(customer).str(dimension).i64(hour.0).finish())
+    }
+
+    /// The slot of one caller scope inside (product, customer, dimension, hour), e.g. one
+    /// deployment's `MeterUsage` records (MET-12). Its own domain byte, so no scope collides with
+    /// an unscoped key and unscoped ids stay as they were.
+    pub fn of_scoped(product: &str, customer: &str, dimension: &str, hour: crate::time::Hour, scope: &str) -> Self {
+        DedupKey(Fingerprinter::new(b'K').str(product).str(customer).str(dimension).i64(hour.0).str(scope).finish())
     }
 }
 

@@ -35,11 +35,14 @@ pub enum RejectCode {
     InvalidRecord,
     /// The customer's offer has no price for this dimension at this hour.
     NotPriced,
+    /// `LicenseArn` unknown, of another product or customer, or outside the licence's active
+    /// period (AWS `InvalidLicenseException`). Last, so encoded older codes keep their index.
+    InvalidLicense,
 }
 
 impl RejectCode {
     /// Every code, for reports that list zero counts too.
-    pub const ALL: [RejectCode; 11] = [
+    pub const ALL: [RejectCode; 12] = [
         RejectCode::DuplicateRecord,
         RejectCode::CustomerNotSubscribed,
         RejectCode::InvalidProductCode,
@@ -51,6 +54,7 @@ impl RejectCode {
         RejectCode::InvalidTag,
         RejectCode::InvalidRecord,
         RejectCode::NotPriced,
+        RejectCode::InvalidLicense,
     ];
 
     /// The name used as API status, metric label and table value.
@@ -67,6 +71,7 @@ impl RejectCode {
             RejectCode::InvalidTag => "InvalidTag",
             RejectCode::InvalidRecord => "InvalidRecord",
             RejectCode::NotPriced => "NotPriced",
+            RejectCode::InvalidLicense => "InvalidLicense",
         }
     }
 

@@ -30,8 +30,11 @@ pub struct Allocation {
     pub quantity: Decimal,
 }
 
-/// How the seller named the customer (kept for audit; rating uses the resolved id).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// How the caller named the customer (kept for audit; rating uses the resolved id).
+///
+/// New variants go at the end: the codec encodes the variant's index, so payloads written before
+/// a variant existed still decode.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CustomerRef {
     /// Legacy `CustomerIdentifier`.
     CustomerIdentifier,
@@ -39,6 +42,24 @@ pub enum CustomerRef {
     AwsAccountId,
     /// The catalogue's own customer id (native bulk API).
     CustomerId,
+    /// The caller was this deployment of the customer (`MeterUsage` with a deployment key). The
+    /// deployment is part of the dedup key: MET-12 allows one record per hour × dimension ×
+    /// instance/task, and the hour's charge is the sum over the customer's deployments.
+    Deployment(String),
+    /// The record named this licence (`LicenseArn`). Not part of the dedup key: a licence is one
+    /// agreement of one customer, and a customer holds one agreement per product at a time, so
+    /// the licence and the customer's account id name the same billable slot (never two charges).
+    License(String),
+}
+
+impl CustomerRef {
+    /// What the dedup key adds to (product, customer, dimension, hour), if anything.
+    pub fn dedup_scope(&self) -> Option<&str> {
+        match self {
+            CustomerRef::Deployment(id) => Some(id),
+            _ => None,
+        }
+    }
 }
 
 /// A validated usage record for one (product, customer, dimension, hour).
@@ -97,9 +118,12 @@ impl UsageRecord {
         self.timestamp.hour()
     }
 
-    /// The (product, customer, dimension, hour) slot.
+    /// The (product, customer, dimension, hour) slot, per deployment for `MeterUsage` callers.
     pub fn dedup_key(&self) -> DedupKey {
-        DedupKey::of(&self.product, &self.customer, &self.dimension, self.hour())
+        match self.customer_ref.dedup_scope() {
+            None => DedupKey::of(&self.product, &self.customer, &self.dimension, self.hour()),
+            Some(scope) => DedupKey::of_scoped(&self.product, &self.customer, &self.dimension, self.hour(), scope),
+        }
     }
 
     /// Deterministic id over the key and the billable content. The exact timestamp within the
@@ -160,6 +184,20 @@ mod tests {
         b.canonicalise();
         assert_eq!(a.dedup_key(), b.dedup_key());
         assert_eq!(a.record_id(), b.record_id());
+    }
+
+    #[test]
+    fn deployments_of_one_customer_are_separate_slots_but_a_licence_is_not() {
+        let a = rec("5", "2026-10-01T10:05:00Z");
+        let mut d1 = a.clone();
+        d1.customer_ref = CustomerRef::Deployment("d1".into());
+        let mut d2 = a.clone();
+        d2.customer_ref = CustomerRef::Deployment("d2".into());
+        assert_ne!(d1.dedup_key(), d2.dedup_key());
+        assert_ne!(d1.dedup_key(), a.dedup_key());
+        let mut l = a.clone();
+        l.customer_ref = CustomerRef::License("arn:aws:license-manager::1:license:l-1".into());
+        assert_eq!(l.dedup_key(), a.dedup_key(), "a licence names the customer's one agreement");
     }
 
     #[test]

@@ -130,8 +130,13 @@ pub async fn gate<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, req: Requ
             .into_response();
         }
     }
-    match authenticate(req.headers(), &st) {
-        Ok(_) => {
+    // A customer deployment's key (MeterUsage, RegisterUsage) is as good as a seller's here; the
+    // handler decides what each may call.
+    let known = authenticate(req.headers(), &st)
+        .map(|_| ())
+        .or_else(|e| if crate::aws::deployment(req.headers(), &st.book).is_some() { Ok(()) } else { Err(e) });
+    match known {
+        Ok(()) => {
             if let (Some(t), Some(k)) = (&st.security.auth_throttle, key) {
                 t.succeeded(addr, k);
             }

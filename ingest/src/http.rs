@@ -8,20 +8,24 @@
 //!   25-record limit, same per-record semantics.
 //! - `GET /health`.
 //!
+//! - `ResolveCustomer` and `RegisterUsage` by `X-Amz-Target` or by path ([`crate::aws`]).
+//!
 //! Authentication is an API key per seller (`X-Api-Key: …` or `Authorization: Bearer …`), checked
-//! against the price book's SHA-256 hashes; a key meters only its seller's products (403). Keys
-//! never reach a log line. Each record gets its own result; only a malformed body (400), a body
-//! over the limit (413), a bad key (401/403) or an overloaded/unavailable sink (429/503 with
-//! `Retry-After`) fails a whole call, and then nothing of it was stored.
+//! against the price book's SHA-256 hashes; a key meters only its seller's products. `MeterUsage`
+//! and `RegisterUsage` also take a customer deployment's key ([`crate::aws`]). Keys never reach a
+//! log line. The AWS-shaped routes answer as AWS does (whole-call exceptions, the model's
+//! statuses) unless the call opts into per-record answers; the native bulk route always answers
+//! per record. A call that fails as a whole stored nothing of it.
 
 use crate::clock::Clock;
 use crate::guard::{ReadBody, Security};
 use crate::limit::{retry_after_secs, Limited};
 use crate::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
 use crate::validate::{validate, Caller, Context};
+use crate::aws::{self, Answering};
 use crate::wire::{
-    BatchMeterUsageRequest, BatchMeterUsageResponse, BulkResponse, BulkResult, ErrorBody, MeterUsageFlags,
-    UsageRecordResult, WireRecord,
+    parse_record, BatchMeterUsageRequest, BatchMeterUsageResponse, BulkResponse, BulkResult, ErrorBody, MeterUsageFlags,
+    UsageRecordResult,
 };
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -63,6 +67,8 @@ pub struct IngestState<S> {
     pub limits: HttpLimits,
     /// Keys, per-seller limits, body deadline.
     pub security: Security,
+    /// Registration tokens for `ResolveCustomer`.
+    pub tokens: aws::RegistrationTokens,
 }
 
 /// Builds the router.
@@ -74,10 +80,13 @@ pub fn router<S: UsageSink>(state: Arc<IngestState<S>>) -> Router {
         .route("/", post(aws_json::<S>))
         .route("/v1/BatchMeterUsage", post(batch_meter_usage::<S>))
         .route("/v1/MeterUsage", post(meter_usage::<S>))
+        .route("/v1/ResolveCustomer", post(resolve_customer::<S>))
+        .route("/v1/RegisterUsage", post(register_usage::<S>))
         .route("/v1/usage", post(bulk::<S>))
         // Only the routes above pass the gate (media type, throttle, key, declared length).
         .route_layer(gate)
         .route("/health", get(|| async { "ok" }))
+        .layer(axum::middleware::map_response(aws::stamp))
         .with_state(state)
 }
 
@@ -139,7 +148,7 @@ impl From<SinkError> for ApiError {
     }
 }
 
-fn json_response<T: serde::Serialize>(value: &T) -> Response {
+pub(crate) fn json_response<T: serde::Serialize>(value: &T) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => {
             let mut resp = (StatusCode::OK, body).into_response();
@@ -225,6 +234,12 @@ pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// On the AWS-shaped routes an unknown or foreign product is AWS's `InvalidProductCodeException`
+/// (the same answer for both, so a key cannot probe the catalogue).
+fn owns_aws(book: &PriceBook, seller: &Seller, product: &str) -> Result<(), ApiError> {
+    owns(book, seller, product).map_err(|e| ApiError { status: StatusCode::BAD_REQUEST, kind: "InvalidProductCodeException", ..e })
+}
+
 fn owns(book: &PriceBook, seller: &Seller, product: &str) -> Result<(), ApiError> {
     match book.product(product) {
         Some(p) if p.seller == seller.id => Ok(()),
@@ -237,12 +252,11 @@ fn owns(book: &PriceBook, seller: &Seller, product: &str) -> Result<(), ApiError
     }
 }
 
-fn status_of(outcome: &SinkOutcome) -> (Option<RecordId>, &'static str, Option<String>) {
+/// A sink outcome as (id, refusal code or `None` for success, reason).
+fn status_of(outcome: &SinkOutcome) -> (Option<RecordId>, Option<RejectCode>, Option<String>) {
     match outcome {
-        SinkOutcome::Accepted { record_id } | SinkOutcome::AlreadyAccepted { record_id } => (Some(*record_id), "Success", None),
-        SinkOutcome::Refused { record_id, rejection } => {
-            (Some(*record_id), rejection.code.as_str(), Some(rejection.message.clone()))
-        }
+        SinkOutcome::Accepted { record_id } | SinkOutcome::AlreadyAccepted { record_id } => (Some(*record_id), None, None),
+        SinkOutcome::Refused { record_id, rejection } => (Some(*record_id), Some(rejection.code), Some(rejection.message.clone())),
     }
 }
 
@@ -268,7 +282,7 @@ fn validate_all<'a>(
     let mut accepted = Vec::new();
     let mut refused = Vec::new();
     for raw in raws {
-        let outcome = serde_json::from_str::<WireRecord<'_>>(raw)
+        let outcome = parse_record(raw)
             .map_err(|e| Rejection::new(RejectCode::InvalidRecord, format!("record does not parse: {e}")))
             .and_then(|w| validate(&w, batch_product, &cx));
         match outcome {
@@ -297,10 +311,15 @@ async fn aws_json<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: 
     match target.rsplit('.').next() {
         Some("BatchMeterUsage") => batch_meter_usage(State(st), headers, ReadBody(body)).await,
         Some("MeterUsage") => meter_usage(State(st), headers, ReadBody(body)).await,
+        Some("ResolveCustomer") => resolve_customer(State(st), headers, ReadBody(body)).await,
+        Some("RegisterUsage") => register_usage(State(st), headers, ReadBody(body)).await,
         _ => ApiError::new(
             StatusCode::BAD_REQUEST,
             "UnknownOperationException",
-            format!("X-Amz-Target `{target}` is not an operation here; use AWSMPMeteringService.BatchMeterUsage or .MeterUsage"),
+            format!(
+                "X-Amz-Target `{}` is not an operation here; use AWSMPMeteringService.BatchMeterUsage, .MeterUsage, .ResolveCustomer or .RegisterUsage",
+                crate::validate::truncate(target, 96)
+            ),
         )
         .into_response(),
     }
@@ -316,36 +335,60 @@ async fn batch_meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, 
 async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     check_content_type(headers)?;
     let seller = authenticate(headers, st)?;
+    let mode = aws::answering(headers);
     let req: BatchMeterUsageRequest<'_> = serde_json::from_slice(body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for BatchMeterUsage: {e}")))?;
-    let Some(product) = req.product_code.as_deref().filter(|p| !p.is_empty()) else {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidProductCodeException", "ProductCode is required"));
+    crate::wire::check_field_case(std::str::from_utf8(body).unwrap_or("{}"), &["ProductCode", "UsageRecords"])
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "ValidationException", e))?;
+    let Some(records) = req.usage_records.as_deref() else {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "ValidationException", "UsageRecords is required"));
     };
-    owns(&st.book, seller, product)?;
+    // Without ProductCode (the current model's licence-based calls) each record's LicenseArn
+    // names its product; a record without one is refused by name.
+    let product = req.product_code.as_deref().filter(|p| !p.is_empty());
+    match (product, mode) {
+        (None, _) => {}
+        (Some(p), Answering::Aws) => owns_aws(&st.book, seller, p)?,
+        (Some(p), Answering::PerRecord) => owns(&st.book, seller, p)?,
+    }
     let max = st.book.marketplace().max_batch_records;
-    if req.usage_records.len() > max {
+    if records.len() > max {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "ValidationException",
             format!(
                 "{} UsageRecords; at most {max} per BatchMeterUsage call (split the batch, or use POST /v1/usage for bulk)",
-                req.usage_records.len()
+                records.len()
             ),
         ));
     }
-    admit_seller(st, seller, req.usage_records.len())?;
-    let (slots, accepted, refused) =
-        validate_all(req.usage_records.iter().map(|r| r.get()), Some(product), seller, &st.book, st.clock.as_ref());
+    admit_seller(st, seller, records.len())?;
+    let (slots, accepted, refused) = validate_all(records.iter().map(|r| r.get()), product, seller, &st.book, st.clock.as_ref());
+    if mode == Answering::Aws {
+        // AWS fails the whole call on the first such record; then nothing of the call is stored.
+        let first = slots.iter().enumerate().find_map(|(i, s)| match s {
+            Slot::Refused(_, rej) => aws::batch_exception(rej.code).map(|kind| (i, kind, rej)),
+            Slot::Accepted(_) => None,
+        });
+        if let Some((i, kind, rej)) = first {
+            return Err(ApiError::new(StatusCode::BAD_REQUEST, kind, format!("UsageRecords[{i}]: {}", rej.message)));
+        }
+    }
     let n_refused = refused.len();
     let outcomes = st.sink.submit(accepted, refused).await?;
-    tracing::debug!(seller = %seller.id, product, records = slots.len(), refused = n_refused, "BatchMeterUsage");
+    tracing::debug!(seller = %seller.id, product = product.unwrap_or("(by licence)"), records = slots.len(), refused = n_refused, ?mode, "BatchMeterUsage");
     let results = slots
         .into_iter()
-        .zip(req.usage_records.iter())
+        .zip(records.iter())
         .map(|(slot, raw)| {
-            let (id, status, reason) = match slot {
+            let (id, code, reason) = match slot {
                 Slot::Accepted(i) => status_of(&outcomes[i]),
-                Slot::Refused(id, rej) => (id, rej.code.as_str(), Some(rej.message)),
+                Slot::Refused(id, rej) => (id, Some(rej.code), Some(rej.message)),
+            };
+            let status = match (code, mode) {
+                (None, _) => "Success",
+                (Some(c), Answering::PerRecord) => c.as_str(),
+                (Some(c), Answering::Aws) => aws::batch_status(c),
             };
             UsageRecordResult { usage_record: raw, metering_record_id: id.map(|i| i.to_string()), status, reason }
         })
@@ -361,36 +404,37 @@ async fn meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, header
     }
 }
 
-fn exception_for(code: RejectCode) -> &'static str {
-    match code {
-        RejectCode::DuplicateRecord => "DuplicateRequestException",
-        RejectCode::CustomerNotSubscribed => "CustomerNotEntitledException",
-        RejectCode::InvalidProductCode => "InvalidProductCodeException",
-        RejectCode::InvalidUsageDimension => "InvalidUsageDimensionException",
-        RejectCode::InvalidCustomerIdentifier => "InvalidCustomerIdentifierException",
-        RejectCode::TimestampOutOfBounds => "TimestampOutOfBoundsException",
-        RejectCode::InvalidUsageAllocations => "InvalidUsageAllocationsException",
-        RejectCode::InvalidTag => "InvalidTagException",
-        RejectCode::InvalidQuantity | RejectCode::InvalidRecord | RejectCode::NotPriced => "ValidationException",
-    }
-}
-
 async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     check_content_type(headers)?;
-    let seller = authenticate(headers, st)?;
+    // AWS's callers are the buyer's deployments; a seller key (naming the customer in the body)
+    // stays accepted for sellers that meter on their customers' behalf.
+    let deployment = aws::deployment(headers, &st.book);
+    let seller = match deployment {
+        Some(d) => st.book.product(&d.product).and_then(|p| st.book.doc().sellers.iter().find(|s| s.id == p.seller)),
+        None => Some(authenticate(headers, st)?),
+    };
+    let Some(seller) = seller else {
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "UnrecognizedClientException", "the API key is not valid"));
+    };
     let bad_json =
-        |e: serde_json::Error| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for MeterUsage: {e}"));
-    let record: WireRecord<'_> = serde_json::from_slice(body).map_err(bad_json)?;
-    let flags: MeterUsageFlags = serde_json::from_slice(body).map_err(bad_json)?;
+        |e: String| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for MeterUsage: {e}"));
+    let raw = std::str::from_utf8(body).map_err(|e| bad_json(e.to_string()))?;
+    let flags: MeterUsageFlags = serde_json::from_slice(body).map_err(|e| bad_json(e.to_string()))?;
+    let refuse = |rej: Rejection| ApiError::new(StatusCode::BAD_REQUEST, aws::meter_usage_exception(rej.code), rej.message);
+    let record = parse_record(raw).map_err(|e| refuse(Rejection::new(RejectCode::InvalidRecord, format!("request does not parse: {e}"))))?;
     let Some(product) = record.product_code.as_deref().filter(|p| !p.is_empty()) else {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidProductCodeException", "ProductCode is required"));
     };
-    owns(&st.book, seller, product)?;
+    let caller = match deployment {
+        Some(d) => Caller::Deployment(d),
+        None => {
+            owns_aws(&st.book, seller, product)?;
+            Caller::Seller(seller)
+        }
+    };
     admit_seller(st, seller, 1)?;
     let now = st.clock.now();
-    let cx = Context { book: &st.book, caller: Caller::Seller(seller), now: Some(now), received_at: now };
-    let raw = std::str::from_utf8(body).unwrap_or_default();
-    let refuse = |rej: Rejection| ApiError::new(StatusCode::BAD_REQUEST, exception_for(rej.code), rej.message);
+    let cx = Context { book: &st.book, caller, now: Some(now), received_at: now };
     let validated = match validate(&record, Some(product), &cx) {
         Ok(r) => r,
         Err(rej) => {
@@ -409,7 +453,8 @@ async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
         }
     };
     if flags.dry_run {
-        return Ok(json_response(&serde_json::json!({ "MeteringRecordId": validated.record_id().to_string(), "DryRun": true })));
+        // AWS answers a DryRun that would have succeeded with this error, and stores nothing.
+        return Err(aws::dry_run_answer());
     }
     let outcome = st.sink.submit(vec![validated], Vec::new()).await?.pop();
     match outcome {
@@ -418,6 +463,20 @@ async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
         }
         Some(SinkOutcome::Refused { rejection, .. }) => Err(refuse(rejection)),
         None => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServiceErrorException", "sink returned no outcome")),
+    }
+}
+
+async fn resolve_customer<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
+    match check_content_type(&headers).and_then(|()| aws::resolve_customer(&st, &headers, &body)) {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn register_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
+    match check_content_type(&headers).and_then(|()| aws::register_usage(&st, &headers, &body)) {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -462,8 +521,7 @@ async fn bulk_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body
     let mut accepted = Vec::with_capacity(lines.len());
     let mut refused = Vec::new();
     for (_, line) in &lines {
-        let parsed = serde_json::from_str::<WireRecord<'_>>(line)
-            .map_err(|e| Rejection::new(RejectCode::InvalidRecord, format!("line does not parse: {e}")));
+        let parsed = parse_record(line).map_err(|e| Rejection::new(RejectCode::InvalidRecord, format!("line does not parse: {e}")));
         let (product, outcome) = match parsed {
             Ok(w) => (w.product_code.as_deref().unwrap_or_default().to_owned(), validate(&w, None, &cx)),
             Err(r) => (String::new(), Err(r)),
@@ -489,10 +547,11 @@ async fn bulk_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body
     let outcomes = st.sink.submit(accepted, refused).await?;
     let mut resp = BulkResponse { accepted: 0, refused: 0, results: Vec::with_capacity(slots.len()) };
     for (slot, (line, _)) in slots.into_iter().zip(lines.iter()) {
-        let (id, status, reason) = match slot {
+        let (id, code, reason) = match slot {
             Slot::Accepted(i) => status_of(&outcomes[i]),
-            Slot::Refused(id, rej) => (id, rej.code.as_str(), Some(rej.message)),
+            Slot::Refused(id, rej) => (id, Some(rej.code), Some(rej.message)),
         };
+        let status = code.map_or("Success", RejectCode::as_str);
         if status == "Success" {
             resp.accepted += 1;
         } else {

@@ -12,6 +12,8 @@
 //! - `kafka_sink` (feature `distributed`): SHELL. The raw topic as the sink, answered after the
 //!   broker's acknowledgement.
 //!
+//! - [`aws`]: AWS Metering's semantics on the AWS-shaped routes (whole-call exceptions, the
+//!   per-record opt-in, deployment identities, `ResolveCustomer`, `RegisterUsage`, request ids).
 //! - [`auth`], [`limit`], [`guard`], [`tls`] (issue 7): hashed keys compared in constant time and
 //!   reloaded without a restart, per-seller rate limits, the body deadline and size limits, TLS.
 //!
@@ -24,6 +26,7 @@
 //! `Success` only after the sink reports it durable (design guarantee 1).
 
 pub mod auth;
+pub mod aws;
 pub mod clock;
 pub mod guard;
 pub mod http;

@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("ingest listening on {scheme}://{addr} → topic {}", cfg.kafka.topics.raw);
     let metered = Metered::new(sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
-    let state = Arc::new(IngestState { book, sink: metered, clock: Arc::new(SystemClock), limits: HttpLimits::default(), security });
+    let state = Arc::new(IngestState { book, sink: metered, clock: Arc::new(SystemClock), limits: HttpLimits::default(), security, tokens: Default::default() });
     // `/metrics` and `/ready` beside the API; every call timed until its answer (the ack).
     let app = common::ops::instrument(router(state), &metrics);
     metrics.set_ready(true);

@@ -5,7 +5,7 @@
 //! that the seller can fix the record without reading our code.
 
 use crate::wire::{WireAllocation, WireRecord};
-use common::catalogue::{PriceBook, QuantityKind, Seller};
+use common::catalogue::{Deployment, PriceBook, QuantityKind, Seller};
 use common::reject::{RejectCode, Rejection};
 use common::time::Timestamp;
 use common::usage::{Allocation, CustomerRef, Tag, UsageRecord};
@@ -30,6 +30,9 @@ fn reject(code: RejectCode, msg: impl Into<String>) -> Rejection {
 pub enum Caller<'a> {
     /// A seller authenticated by API key; it may meter only its own products.
     Seller(&'a Seller),
+    /// One customer's deployment authenticated by its key (`MeterUsage`): the customer comes from
+    /// the key, never from the body, and the record is scoped to the deployment.
+    Deployment(&'a Deployment),
     /// Offline tooling (the `rate` command): ownership is not checked.
     Trusted,
 }
@@ -52,13 +55,6 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
     let book = cx.book;
     let profile = book.marketplace();
 
-    if wire.license_arn.is_some() {
-        return Err(reject(
-            RejectCode::InvalidRecord,
-            "LicenseArn (Concurrent Agreements) is not supported yet; meter with CustomerAWSAccountId",
-        ));
-    }
-
     // Product and ownership.
     let product_code = match (wire.product_code.as_deref(), batch_product) {
         (Some(p), Some(b)) if p != b => {
@@ -73,20 +69,43 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
         }
         (Some(p), _) => p,
         (None, Some(b)) => b,
-        (None, None) => return Err(reject(RejectCode::InvalidProductCode, "ProductCode is missing")),
+        // The current model: a call without ProductCode meters by LicenseArn, which names both the
+        // product and the agreement.
+        (None, None) => match wire.license_arn.as_deref().map(|arn| (arn, book.agreement_by_license(arn))) {
+            Some((_, Some(agreement))) => agreement.product.as_str(),
+            Some((arn, None)) => {
+                return Err(reject(
+                    RejectCode::InvalidLicense,
+                    format!("LicenseArn `{}` is not a licence of this seller", truncate(arn, 96)),
+                ))
+            }
+            None => return Err(reject(RejectCode::InvalidProductCode, "ProductCode is missing (or send LicenseArn on each record)")),
+        },
     };
+    let by_license = wire.product_code.is_none() && batch_product.is_none();
     let Some(product) = book.product(product_code) else {
         return Err(reject(RejectCode::InvalidProductCode, format!("product `{}` is unknown", truncate(product_code, 64))));
     };
     let seller = match cx.caller {
         Caller::Seller(s) => {
             if product.seller != s.id {
+                // A licence of another seller answers like an unknown one (no probing).
+                let code = if by_license { RejectCode::InvalidLicense } else { RejectCode::InvalidProductCode };
                 return Err(reject(
-                    RejectCode::InvalidProductCode,
+                    code,
                     format!("product `{product_code}` is not one of this API key's products"),
                 ));
             }
             s.id.clone()
+        }
+        Caller::Deployment(d) => {
+            if product.code != d.product {
+                return Err(reject(
+                    RejectCode::InvalidProductCode,
+                    format!("product `{product_code}` is not the product this deployment's key meters"),
+                ));
+            }
+            product.seller.clone()
         }
         Caller::Trusted => product.seller.clone(),
     };
@@ -109,11 +128,23 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
         ));
     }
 
-    // Customer: exactly one identifier, resolved to the catalogue's customer id.
-    let (customer, customer_ref) = resolve_customer(wire, book)?;
-
     // Timestamp: required, within the window, not in the future.
     let timestamp = parse_timestamp(wire.timestamp)?;
+
+    // Customer: from the deployment's key, the licence, or exactly one identifier.
+    let (customer, customer_ref) = match (cx.caller, wire.license_arn.as_deref()) {
+        (Caller::Deployment(d), _) => {
+            if names_customer(wire) {
+                return Err(reject(
+                    RejectCode::InvalidCustomerIdentifier,
+                    "a deployment's key names its customer; send no CustomerIdentifier or CustomerAWSAccountId",
+                ));
+            }
+            (d.customer.clone(), CustomerRef::Deployment(d.id.clone()))
+        }
+        (_, Some(arn)) => resolve_license(wire, arn, product_code, timestamp, book)?,
+        (_, None) => resolve_customer(wire, book)?,
+    };
     if let Some(now) = cx.now {
         let w = book.windows();
         if timestamp.millis() < now.millis() - w.acceptance_ms {
@@ -151,6 +182,20 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
         }
         return Err(reject(RejectCode::TimestampOutOfBounds, why));
     };
+    // Annual / contract units net the customer's hour total (Y − X); rating nets each record on
+    // its own, so per-deployment records would each be netted in full. Refused until the netting
+    // spans deployments: a wrong (lower) charge must never be the answer.
+    if let Caller::Deployment(d) = cx.caller {
+        if PriceBook::annual_units(agreement, dimension, timestamp.hour()) > 0 {
+            return Err(reject(
+                RejectCode::InvalidRecord,
+                format!(
+                    "dimension `{dimension}` is netted against annual units of agreement `{}`, which per-deployment MeterUsage (deployment `{}`) cannot net yet; meter the customer's hour total with the seller's key",
+                    agreement.id, d.id
+                ),
+            ));
+        }
+    }
     if let (Some(now), Some(end)) = (cx.now, agreement.end) {
         let due = end.plus_millis(book.windows().final_grace_ms);
         if now > due {
@@ -162,10 +207,7 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
     }
 
     // Quantity and allocations.
-    let quantity = match wire.quantity {
-        None => Decimal::ZERO, // AWS: Quantity defaults to 0 when omitted.
-        Some(raw) => parse_quantity(raw, profile.quantity, "Quantity")?,
-    };
+    let quantity = record_quantity(wire, profile.quantity)?;
     let allocations = match &wire.usage_allocations {
         None => Vec::new(),
         Some(list) => validate_allocations(list, quantity, cx)?,
@@ -186,9 +228,100 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
     Ok(record)
 }
 
+/// The quantity the seller sent, in whichever field of the current or the previous model.
+///
+/// Never a default: AWS's model lets an omitted quantity mean 0, but a record without one is far
+/// more often a renamed or misspelt field (the current model's `QuantityAsDecimal`, a
+/// `"quantity"`) than an idle hour, and a 0 accepted for it would make the real resend a
+/// `DuplicateRecord`. So no field and `null` are refused by name (an idle hour is sent as `0`),
+/// and so are both fields at once, as the current model says ("you can't specify both"); the
+/// reason says whether they even disagreed.
+pub fn record_quantity(wire: &WireRecord<'_>, kind: QuantityKind) -> Result<Decimal, Rejection> {
+    let int = wire.quantity.map(|raw| parse_quantity(raw, kind, "Quantity")).transpose()?;
+    let dec = wire.quantity_as_decimal.map(|raw| parse_decimal_quantity(raw, kind, "QuantityAsDecimal")).transpose()?;
+    match (int, dec) {
+        (None, None) => Err(reject(
+            RejectCode::InvalidQuantity,
+            "no quantity: send Quantity or QuantityAsDecimal (UsageQuantity or UsageQuantityAsDecimal on MeterUsage); an idle hour is 0",
+        )),
+        (Some(q), None) | (None, Some(q)) => Ok(q),
+        (Some(a), Some(b)) => Err(reject(
+            RejectCode::InvalidQuantity,
+            if a == b {
+                format!("Quantity {a} and QuantityAsDecimal {b} are both sent; send one of them")
+            } else {
+                format!("Quantity {a} and QuantityAsDecimal {b} differ; send one of them")
+            },
+        )),
+    }
+}
+
+/// `QuantityAsDecimal`: a JSON number, or decimal text in a string (both exact, from the text).
+pub fn parse_decimal_quantity(raw: &RawValue, kind: QuantityKind, field: &str) -> Result<Decimal, Rejection> {
+    let text = raw.get();
+    if !text.starts_with('"') {
+        return parse_quantity(raw, kind, field);
+    }
+    let bad = |why: &str| reject(RejectCode::InvalidQuantity, format!("{field} {}: {why}", truncate(text, 40)));
+    let inner: Cow<'_, str> = serde_json::from_str(text).map_err(|_| bad("is not a string"))?;
+    // Decimal text only: digits with at most one point, no sign, exponent or spaces.
+    let plain = !inner.is_empty()
+        && inner.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        && inner.bytes().filter(|b| *b == b'.').count() <= 1
+        && inner.bytes().next().is_some_and(|b| b.is_ascii_digit())
+        && inner.bytes().last().is_some_and(|b| b.is_ascii_digit());
+    if !plain {
+        return Err(bad("must be decimal text such as \"12.5\""));
+    }
+    let Ok(number) = serde_json::from_str::<&RawValue>(&inner) else {
+        return Err(bad("must be decimal text such as \"12.5\""));
+    };
+    parse_quantity(number, kind, field)
+}
+
+/// The customer and agreement of a `LicenseArn` (Concurrent Agreements): the licence must be one
+/// of this product's, and may name no other customer than the record's identifier does.
+fn resolve_license(
+    wire: &WireRecord<'_>,
+    arn: &str,
+    product: &str,
+    at: Timestamp,
+    book: &PriceBook,
+) -> Result<(String, CustomerRef), Rejection> {
+    let bad = |why: String| reject(RejectCode::InvalidLicense, why);
+    let shown = truncate(arn, 96);
+    let Some(agreement) = book.agreement_by_license(arn) else {
+        return Err(bad(format!("LicenseArn `{shown}` is not a licence of this seller")));
+    };
+    if agreement.product != product {
+        return Err(bad(format!("LicenseArn `{shown}` is a licence for another product than `{product}`")));
+    }
+    if names_customer(wire) {
+        let (named, _) = resolve_customer(wire, book)?;
+        if named != agreement.customer {
+            return Err(bad(format!("LicenseArn `{shown}` belongs to another customer than the record names")));
+        }
+    }
+    if !agreement.active_at(at) {
+        return Err(bad(format!("LicenseArn `{shown}` is not active at {at} (agreement `{}`)", agreement.id)));
+    }
+    Ok((agreement.customer.clone(), CustomerRef::License(arn.to_owned())))
+}
+
+/// `CustomerIdentifier`, with `""` read as absent: the current model allows it empty, and the AWS
+/// SDK for Rust always sends it (as `""` when the caller set only `CustomerAWSAccountId`).
+fn customer_identifier<'w>(wire: &'w WireRecord<'_>) -> Option<&'w str> {
+    wire.customer_identifier.as_deref().filter(|s| !s.is_empty())
+}
+
+/// Whether the record names a customer by any identifier.
+fn names_customer(wire: &WireRecord<'_>) -> bool {
+    customer_identifier(wire).is_some() || wire.customer_aws_account_id.is_some() || wire.customer_id.is_some()
+}
+
 fn resolve_customer(wire: &WireRecord<'_>, book: &PriceBook) -> Result<(String, CustomerRef), Rejection> {
     let given = [
-        wire.customer_identifier.is_some(),
+        customer_identifier(wire).is_some(),
         wire.customer_aws_account_id.is_some(),
         wire.customer_id.is_some(),
     ]
@@ -207,8 +340,8 @@ fn resolve_customer(wire: &WireRecord<'_>, book: &PriceBook) -> Result<(String, 
             "CustomerIdentifier and CustomerAWSAccountId are mutually exclusive; send one",
         ));
     }
-    let found = if let Some(ci) = wire.customer_identifier.as_deref() {
-        if ci.is_empty() || ci.len() > 255 {
+    let found = if let Some(ci) = customer_identifier(wire) {
+        if ci.len() > 255 {
             return Err(reject(RejectCode::InvalidCustomerIdentifier, "CustomerIdentifier must be 1–255 characters"));
         }
         book.customer_by_identifier(ci).map(|c| (c.id.clone(), CustomerRef::CustomerIdentifier)).ok_or(ci)
@@ -284,7 +417,7 @@ pub fn parse_quantity(raw: &RawValue, kind: QuantityKind, field: &str) -> Result
     let text = raw.get();
     let bad = |why: String| reject(RejectCode::InvalidQuantity, format!("{field} {}: {why}", truncate(text, 40)));
     if text == "null" {
-        return Ok(Decimal::ZERO);
+        return Err(bad("is null; send a number (0 for an idle hour)".into()));
     }
     if text.starts_with('"') {
         return Err(bad("must be a JSON number, not a string".into()));
@@ -359,11 +492,20 @@ fn validate_allocations(list: &[WireAllocation<'_>], quantity: Decimal, cx: &Con
     let mut sum = Decimal::ZERO;
     for (i, a) in list.iter().enumerate() {
         let n = i + 1;
-        let q = match a.allocated_usage_quantity {
-            None => return Err(bad(format!("allocation {n}: AllocatedUsageQuantity is missing"))),
-            Some(raw) => parse_quantity(raw, profile.quantity, "AllocatedUsageQuantity")
-                .map_err(|r| bad(format!("allocation {n}: {}", r.message)))?,
-        };
+        // Exactly one of the two fields, as the current model says (and as for the record).
+        let q = match (a.allocated_usage_quantity, a.allocated_usage_quantity_as_decimal) {
+            (None, None) => {
+                return Err(bad(format!("allocation {n}: AllocatedUsageQuantity or AllocatedUsageQuantityAsDecimal is required")))
+            }
+            (Some(_), Some(_)) => {
+                return Err(bad(format!(
+                    "allocation {n}: send one of AllocatedUsageQuantity and AllocatedUsageQuantityAsDecimal, not both"
+                )))
+            }
+            (Some(raw), None) => parse_quantity(raw, profile.quantity, "AllocatedUsageQuantity"),
+            (None, Some(raw)) => parse_decimal_quantity(raw, profile.quantity, "AllocatedUsageQuantityAsDecimal"),
+        }
+        .map_err(|r| bad(format!("allocation {n}: {}", r.message)))?;
         let mut tags = match &a.tags {
             None => Vec::new(),
             Some(t) if t.is_empty() => {

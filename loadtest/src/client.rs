@@ -112,6 +112,9 @@ impl Client {
                 .http
                 .post(url)
                 .header("X-Api-Key", key)
+                // Per-record answers (docs/api.md): the demo and the load mix invalid records in
+                // and tally every record's own status, which AWS's whole-call answers would hide.
+                .header("X-Meterline-Per-Record", "true")
                 .header("Content-Type", content_type)
                 .body(body.clone())
                 .send()

@@ -343,6 +343,7 @@ impl Scenario {
                     signed: None,
                     contract: None,
                     renewal: false,
+                    license_arn: None,
                 });
             }
         }
@@ -371,6 +372,7 @@ impl Scenario {
                 rate: "1.08".parse().expect("constant rate parses"),
                 effective_from: listed,
             }],
+            deployments: vec![],
         };
         Scenario { config, doc, keys, usage }
     }

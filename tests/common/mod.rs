@@ -108,9 +108,11 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
                 signed: None,
                 contract: None,
                 renewal: false,
+                license_arn: None,
             })
             .collect(),
         resale: vec![],
         fx_rates: vec![],
+        deployments: vec![],
     }
 }

@@ -22,7 +22,10 @@ fn check(json: &str, now: &str) -> Result<UsageRecord, Rejection> {
 fn check_as(json: &str, now: &str, seller: &str) -> Result<UsageRecord, Rejection> {
     let b = book();
     let s = b.doc().sellers.iter().find(|s| s.id == seller).unwrap().clone();
-    let wire: WireRecord<'_> = serde_json::from_str(json).unwrap();
+    let wire: WireRecord<'_> = match crate::wire::parse_record(json) {
+        Ok(w) => w,
+        Err(e) => return Err(Rejection::new(RejectCode::InvalidRecord, e)),
+    };
     let cx = Context { book: &b, caller: Caller::Seller(&s), now: Some(ts(now)), received_at: ts(now) };
     validate(&wire, Some("acme-analytics"), &cx)
 }
@@ -75,8 +78,15 @@ fn future_hour_is_rejected_current_hour_and_skew_accepted() {
 }
 
 #[test]
-fn quantity_bounds_omitted_is_zero_max_ok_over_and_negative_rejected() {
-    assert_eq!(check(&rec(""), NOW).unwrap().quantity, Decimal::ZERO);
+fn quantity_bounds_omitted_and_null_refused_max_ok_over_and_negative_rejected() {
+    // Never a quantity the seller did not send: no field and `null` are refused, 0 is sent as 0.
+    let omitted = check(&rec(""), NOW).unwrap_err();
+    assert_eq!(omitted.code, RejectCode::InvalidQuantity);
+    assert!(omitted.message.contains("no quantity"), "{}", omitted.message);
+    let null = check(&rec(r#","Quantity":null"#), NOW).unwrap_err();
+    assert!(null.code == RejectCode::InvalidQuantity && null.message.contains("null"), "{null:?}");
+    assert_eq!(code(check(&rec(r#","QuantityAsDecimal":null"#), NOW)), RejectCode::InvalidQuantity);
+    assert_eq!(check(&rec(r#","Quantity":0"#), NOW).unwrap().quantity, Decimal::ZERO);
     check(&rec(r#","Quantity":2147483647"#), NOW).unwrap();
     assert_eq!(code(check(&rec(r#","Quantity":2147483648"#), NOW)), RejectCode::InvalidQuantity);
     assert_eq!(code(check(&rec(r#","Quantity":-1"#), NOW)), RejectCode::InvalidQuantity);
@@ -224,4 +234,71 @@ fn missing_or_garbled_timestamp_is_an_invalid_record() {
     assert_eq!(code(check(j, NOW)), RejectCode::InvalidRecord);
     let j = r#"{"Timestamp":1791631800000,"CustomerIdentifier":"cid-alpha","Dimension":"users","Quantity":1}"#;
     assert_eq!(code(check(j, NOW)), RejectCode::InvalidRecord, "milliseconds sent as seconds");
+}
+
+#[test]
+fn quantity_as_decimal_is_metered_exactly_and_conflicts_are_refused() {
+    // The current model's field, as a number or as decimal text.
+    assert_eq!(check(&rec(r#","QuantityAsDecimal":250"#), NOW).unwrap().quantity, Decimal::from(250));
+    assert_eq!(check(&rec(r#","QuantityAsDecimal":"250""#), NOW).unwrap().quantity, Decimal::from(250));
+    assert_eq!(check(&rec(r#","QuantityAsDecimal":250.000"#), NOW).unwrap().quantity, Decimal::from(250));
+    // A fraction only where the profile allows it (the AWS profile is integer).
+    let frac = check(&rec(r#","QuantityAsDecimal":"2.5""#), NOW).unwrap_err();
+    assert!(frac.code == RejectCode::InvalidQuantity && frac.message.contains("whole number"), "{frac:?}");
+    for bad in [r#""-1""#, r#""1e3""#, r#""""#, r#"" 5""#, r#""5.""#, r#""abc""#, "-3"] {
+        assert_eq!(code(check(&rec(&format!(r#","QuantityAsDecimal":{bad}"#)), NOW)), RejectCode::InvalidQuantity, "{bad}");
+    }
+    // Both fields: refused as the current model says, different values never guessed between.
+    let same = check(&rec(r#","Quantity":7,"QuantityAsDecimal":"7.0""#), NOW).unwrap_err();
+    assert!(same.code == RejectCode::InvalidQuantity && same.message.contains("both sent"), "{same:?}");
+    let both = check(&rec(r#","Quantity":7,"QuantityAsDecimal":8"#), NOW).unwrap_err();
+    assert!(both.code == RejectCode::InvalidQuantity && both.message.contains("differ"), "{both:?}");
+}
+
+#[test]
+fn a_field_that_differs_only_by_case_is_refused_by_name() {
+    let r = check(&rec(r#","quantity":250"#), NOW).unwrap_err();
+    assert_eq!(r.code, RejectCode::InvalidRecord);
+    assert!(r.message.contains("`quantity`") && r.message.contains("`Quantity`"), "{}", r.message);
+    let r = check(&rec(r#","Quantity":1,"quantityAsDecimal":2"#), NOW).unwrap_err();
+    assert!(r.message.contains("`QuantityAsDecimal`"), "{}", r.message);
+    // Unknown fields that are not near a known one stay ignored.
+    check(&rec(r#","Quantity":1,"ClientToken":"x","Unrelated":{"a":[1]}"#), NOW).unwrap();
+}
+
+#[test]
+fn decimal_quantity_fields_keep_fractions_exactly_under_a_decimal_profile() {
+    let b = PriceBook::from_toml(include_str!("../../../docs/examples/softline.toml")).unwrap();
+    let s = b.doc().sellers[0].clone();
+    let product = b.doc().products[0].code.clone();
+    let dim = b.doc().products[0].dimensions[0].key.clone();
+    let cid = b.doc().customers[0].customer_identifier.clone().unwrap();
+    let start = b.doc().agreements[0].start;
+    let ts = start.plus_millis(3_600_000);
+    let json = format!(
+        r#"{{"Timestamp":{},"CustomerIdentifier":"{cid}","Dimension":"{dim}","QuantityAsDecimal":"12.3456789012"}}"#,
+        ts.millis() / 1000
+    );
+    let wire = crate::wire::parse_record(&json).unwrap();
+    let cx = Context { book: &b, caller: Caller::Seller(&s), now: None, received_at: ts };
+    let r = validate(&wire, Some(&product), &cx);
+    // 10 decimal places exceed the profile's 9: refused by name, never rounded.
+    assert_eq!(code(r), RejectCode::InvalidQuantity);
+    let json = json.replace("12.3456789012", "12.345678");
+    let wire = crate::wire::parse_record(&json).unwrap();
+    assert_eq!(validate(&wire, Some(&product), &cx).unwrap().quantity, "12.345678".parse::<Decimal>().unwrap());
+}
+
+#[test]
+fn allocations_take_exactly_one_quantity_field() {
+    let with = |alloc: &str| rec(&format!(r#","QuantityAsDecimal":"5","UsageAllocations":[{alloc}]"#));
+    let r = check(&with(r#"{"AllocatedUsageQuantityAsDecimal":"5"}"#), NOW).unwrap();
+    assert_eq!(r.allocations[0].quantity, Decimal::from(5));
+    check(&with(r#"{"AllocatedUsageQuantity":5}"#), NOW).unwrap();
+    let both = check(&with(r#"{"AllocatedUsageQuantity":5,"AllocatedUsageQuantityAsDecimal":"5"}"#), NOW).unwrap_err();
+    assert!(both.code == RejectCode::InvalidUsageAllocations && both.message.contains("not both"), "{both:?}");
+    let none = check(&with(r#"{"Tags":[{"Key":"a","Value":"b"}]}"#), NOW).unwrap_err();
+    assert_eq!(none.code, RejectCode::InvalidUsageAllocations);
+    let null = check(&with(r#"{"AllocatedUsageQuantity":null}"#), NOW).unwrap_err();
+    assert!(null.message.contains("null"), "{null:?}");
 }
