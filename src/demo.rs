@@ -58,7 +58,12 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
             std::fs::remove_file(&p).with_context(|| format!("removing the previous demo's {}", p.display()))?;
         }
     }
-    let scenario = Scenario::generate(ScenarioConfig { customers: opts.customers, month: opts.month, seed: opts.seed, ..Default::default() });
+    let scenario = Scenario::generate(ScenarioConfig {
+        customers: opts.customers,
+        month: opts.month,
+        seed: opts.seed,
+        ..Default::default()
+    });
     let book = Arc::new(PriceBook::new(scenario.doc.clone())?);
     let book_path = opts.data_dir.join("price-book.toml");
     std::fs::write(&book_path, book.to_toml()?).with_context(|| format!("writing {}", book_path.display()))?;
@@ -115,7 +120,11 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     let check = verify_lines_against_line_items(&conn)?;
     let mut out = String::new();
     let products = &scenario.doc.products;
-    let widest = products.iter().max_by_key(|p| p.dimensions.len()).map(|p| (p.code.as_str(), p.dimensions.len())).unwrap_or(("-", 0));
+    let widest = products
+        .iter()
+        .max_by_key(|p| p.dimensions.len())
+        .map(|p| (p.code.as_str(), p.dimensions.len()))
+        .unwrap_or(("-", 0));
     let annual = scenario.doc.agreements.iter().filter(|a| !a.annual.is_empty()).count();
     out.push_str(&format!(
         "Meterline demo: {month} on the embedded default (SQLite, no server)\n\
@@ -137,7 +146,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
         report::n(writer.transactions),
     ));
     out.push_str(&report::store_summary(&conn, Some(&month.to_string()))?);
-    out.push_str(&format!("\nCheck: every invoice line equals the exact sum of its {} rated line items: {check}\n", report::n(check.items)));
+    out.push_str(&format!(
+        "\nCheck: every invoice line equals the exact sum of its {} rated line items: {check}\n",
+        report::n(check.items)
+    ));
     drop(conn);
     // Month close: listing fees and each party's net, exported for invoicing.
     let now = Timestamp::from_millis(month.end().millis());
@@ -209,7 +221,11 @@ pub fn verify_lines_against_line_items(conn: &rusqlite::Connection) -> anyhow::R
             amount: d(r.get(12)?)?,
             month_price: r.get::<_, Option<String>>(16)?.map(|j| serde_json::from_str(&j)).transpose()?,
             pricing_model: r.get(15)?,
-            booked_month: r.get::<_, Option<String>>(17)?.map(|m| Month::parse(&m)).transpose().map_err(anyhow::Error::msg)?,
+            booked_month: r
+                .get::<_, Option<String>>(17)?
+                .map(|m| Month::parse(&m))
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
             charge_type: ChargeType::parse(&r.get::<_, String>(18)?).context("charge_type")?,
             agreement_id: r.get(13)?,
             offer_id: r.get(14)?,
@@ -227,8 +243,23 @@ pub fn verify_lines_against_line_items(conn: &rusqlite::Connection) -> anyhow::R
             .iter()
             .zip(&stored)
             .filter(|(a, b)| {
-                (a.month.as_str(), a.customer.as_str(), a.product.as_str(), a.dimension.as_str(), a.amount_unrounded, a.amount, a.quantity)
-                    != (b.month.as_str(), b.customer.as_str(), b.product.as_str(), b.dimension.as_str(), b.amount_unrounded, b.amount, b.quantity)
+                (
+                    a.month.as_str(),
+                    a.customer.as_str(),
+                    a.product.as_str(),
+                    a.dimension.as_str(),
+                    a.amount_unrounded,
+                    a.amount,
+                    a.quantity,
+                ) != (
+                    b.month.as_str(),
+                    b.customer.as_str(),
+                    b.product.as_str(),
+                    b.dimension.as_str(),
+                    b.amount_unrounded,
+                    b.amount,
+                    b.quantity,
+                )
             })
             .count()
     };

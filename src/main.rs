@@ -210,9 +210,12 @@ fn main() -> anyhow::Result<()> {
 fn run(out: &mut String) -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The demo prints its own report; the server logs what it does.
-    let default_filter = if matches!(cli.command, Command::Serve { .. }) { "warn,meterline=info,ingest=info" } else { "warn" };
+    let default_filter =
+        if matches!(cli.command, Command::Serve { .. }) { "warn,meterline=info,ingest=info" } else { "warn" };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
@@ -281,20 +284,36 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             }
             // The licence of the agreement in force now (or the next one), so ResolveCustomer
             // answers it as AWS does for Concurrent Agreements.
-            let agreement = book.agreement_at(&customer, &product, now).or_else(|| book.agreements(&customer, &product).find(|a| a.start > now));
+            let agreement = book
+                .agreement_at(&customer, &product, now)
+                .or_else(|| book.agreements(&customer, &product).find(|a| a.start > now));
             let Some(agreement) = agreement else {
                 anyhow::bail!("customer `{customer}` holds no current or future agreement for `{product}`");
             };
             let token = format!("mlrt-{}", hex::encode(rand::random::<[u8; 24]>()));
-            let entry = ingest::aws::TokenEntry::new(&token, &customer, &product, agreement.license_arn.as_deref(), now.plus_millis(ttl));
+            let entry = ingest::aws::TokenEntry::new(
+                &token,
+                &customer,
+                &product,
+                agreement.license_arn.as_deref(),
+                now.plus_millis(ttl),
+            );
             let path = tokens_file.unwrap_or_else(|| data_dir.join(TOKENS_FILE));
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir)?;
             }
             use std::io::Write as _;
-            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
             writeln!(f, "{}", entry.to_toml())?;
-            eprintln!("token for `{customer}` / `{product}` appended to {} (valid until {})", path.display(), entry.expires);
+            eprintln!(
+                "token for `{customer}` / `{product}` appended to {} (valid until {})",
+                path.display(),
+                entry.expires
+            );
             outln!(out, "{token}");
         }
         Command::Rate { price_book, usage, now, month, close, closed_through } => {
@@ -316,7 +335,8 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let book = PriceBook::load(&price_book.unwrap_or_else(|| data_dir.join("price-book.toml")))?;
             let month = common::time::Month::parse(&month).map_err(anyhow::Error::msg)?;
             let now = Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
-            let closed = meterline::close::close(&db, &book, month, &out_dir.unwrap_or_else(|| data_dir.join("close")), now)?;
+            let closed =
+                meterline::close::close(&db, &book, month, &out_dir.unwrap_or_else(|| data_dir.join("close")), now)?;
             out.push_str(&meterline::close::summary(&closed));
         }
         Command::CheckPriceBook { previous, price_book } => {
@@ -343,21 +363,55 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 Format::Csv => {
                     outln!(out, "month,customer,seller,product,dimension,charge_type,currency,quantity,covered_quantity,billable_quantity,unit_rate,amount_unrounded,amount,records");
                     for l in &lines {
-                        outln!(out, 
+                        outln!(
+                            out,
                             "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
-                            l.month, l.customer, l.seller, l.product, l.dimension, l.charge_type, l.currency, l.quantity,
-                            l.covered_quantity, l.billable_quantity, l.unit_rate.map(|r| r.to_string()).unwrap_or_default(),
-                            l.amount_unrounded, l.amount, l.records
+                            l.month,
+                            l.customer,
+                            l.seller,
+                            l.product,
+                            l.dimension,
+                            l.charge_type,
+                            l.currency,
+                            l.quantity,
+                            l.covered_quantity,
+                            l.billable_quantity,
+                            l.unit_rate.map(|r| r.to_string()).unwrap_or_default(),
+                            l.amount_unrounded,
+                            l.amount,
+                            l.records
                         );
                     }
                 }
                 Format::Table => {
-                    outln!(out, "{:<8} {:<10} {:<16} {:<14} {:<4} {:>14} {:>12} {:>14} {:>18} {:>14}", "month", "customer", "product", "dimension", "cur", "quantity", "covered", "unit_rate", "unrounded", "amount");
+                    outln!(
+                        out,
+                        "{:<8} {:<10} {:<16} {:<14} {:<4} {:>14} {:>12} {:>14} {:>18} {:>14}",
+                        "month",
+                        "customer",
+                        "product",
+                        "dimension",
+                        "cur",
+                        "quantity",
+                        "covered",
+                        "unit_rate",
+                        "unrounded",
+                        "amount"
+                    );
                     for l in &lines {
-                        outln!(out, 
+                        outln!(
+                            out,
                             "{:<8} {:<10} {:<16} {:<14} {:<4} {:>14} {:>12} {:>14} {:>18} {:>14}",
-                            l.month, l.customer, l.product, l.dimension, l.currency, l.quantity, l.covered_quantity,
-                            l.unit_rate.map(|r| r.to_string()).unwrap_or_else(|| "mixed".into()), l.amount_unrounded, report::money(l.amount)
+                            l.month,
+                            l.customer,
+                            l.product,
+                            l.dimension,
+                            l.currency,
+                            l.quantity,
+                            l.covered_quantity,
+                            l.unit_rate.map(|r| r.to_string()).unwrap_or_else(|| "mixed".into()),
+                            l.amount_unrounded,
+                            report::money(l.amount)
                         );
                     }
                 }
@@ -372,7 +426,16 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                 Format::Csv => {
                     outln!(out, "month,customer,currency,lines,amount,amount_unrounded");
                     for i in &invoices {
-                        outln!(out, "{},{},{},{},{},{}", i.month, i.customer, i.currency, i.lines, i.amount, i.amount_unrounded);
+                        outln!(
+                            out,
+                            "{},{},{},{},{},{}",
+                            i.month,
+                            i.customer,
+                            i.currency,
+                            i.lines,
+                            i.amount,
+                            i.amount_unrounded
+                        );
                     }
                 }
                 Format::Table => out.push_str(&report::invoice_table(&invoices, usize::MAX)),

@@ -23,7 +23,6 @@ use aggregator::rollup::{LineSums, MonthlyRollup};
 use common::catalogue::PriceBook;
 use common::metrics::{Metrics, Outcome, RecordLabels, Tally};
 use common::money::Currency;
-use rust_decimal::Decimal;
 use common::rated::ChargeLineKey;
 use common::time::HOUR_MS;
 use common::usage::UsageRecord;
@@ -31,10 +30,11 @@ use ingest::clock::Clock;
 use ingest::shed::QueueTarget;
 use ingest::sink::{InFlight, RefusedRecord, SinkError, SinkOutcome, UsageSink};
 use rater::decision::{Decision, Rater};
+use rust_decimal::Decimal;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -68,7 +68,11 @@ impl std::fmt::Debug for Job {
 }
 
 impl UsageSink for EmbeddedSink {
-    async fn submit(&self, accepted: Vec<UsageRecord>, refused: Vec<RefusedRecord>) -> Result<Vec<SinkOutcome>, SinkError> {
+    async fn submit(
+        &self,
+        accepted: Vec<UsageRecord>,
+        refused: Vec<RefusedRecord>,
+    ) -> Result<Vec<SinkOutcome>, SinkError> {
         let _admitted = self.in_flight.admit(accepted.len() + refused.len())?;
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send(Job { accepted, refused, reply });
@@ -99,7 +103,12 @@ pub struct Embedded {
 
 impl Embedded {
     /// Opens the store at `db`, rebuilds state, and starts the writer thread.
-    pub fn start(db: &Path, book: Arc<PriceBook>, clock: Arc<dyn Clock>, max_in_flight: usize) -> Result<Self, StoreError> {
+    pub fn start(
+        db: &Path,
+        book: Arc<PriceBook>,
+        clock: Arc<dyn Clock>,
+        max_in_flight: usize,
+    ) -> Result<Self, StoreError> {
         Self::start_with_metrics(db, book, clock, max_in_flight, Metrics::new("meterline"))
     }
 
@@ -128,7 +137,13 @@ impl Embedded {
         Self::open(db, book, clock, QueueTarget::new(ingest::shed::DEFAULT_QUEUE_TARGET, max_in_flight), metrics)
     }
 
-    fn open(db: &Path, book: Arc<PriceBook>, clock: Arc<dyn Clock>, shed: QueueTarget, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+    fn open(
+        db: &Path,
+        book: Arc<PriceBook>,
+        clock: Arc<dyn Clock>,
+        shed: QueueTarget,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let mut store = Store::open(db)?;
         // Refuse to start (and to say "listening") on a store that cannot take a write.
         store.probe_write()?;
@@ -161,7 +176,9 @@ impl Embedded {
     /// Stops accepting, lets the writer finish what is queued, and waits for it.
     pub fn shutdown(self) -> Result<WriterStats, StoreError> {
         drop(self.sink);
-        self.writer.join().unwrap_or_else(|_| Err(StoreError::Corrupt { table: "-", column: "-", value: "writer panicked".into() }))
+        self.writer
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Corrupt { table: "-", column: "-", value: "writer panicked".into() }))
     }
 }
 
@@ -229,7 +246,13 @@ impl Writer {
                     }
                     stats.transactions += 1;
                     let refused: usize = jobs.iter().map(|j| j.refused.len()).sum();
-                    tracing::info!(calls = jobs.len(), records = n, refused_by_validation = refused, ms = started.elapsed().as_millis() as u64, "group commit");
+                    tracing::info!(
+                        calls = jobs.len(),
+                        records = n,
+                        refused_by_validation = refused,
+                        ms = started.elapsed().as_millis() as u64,
+                        "group commit"
+                    );
                     for (job, out) in jobs.into_iter().zip(outcomes) {
                         stats.records += (job.accepted.len() + job.refused.len()) as u64;
                         // A caller that went away is answered by nobody; its records are durable.
@@ -303,13 +326,19 @@ impl Writer {
                         let sums = match touched.get_mut(&key) {
                             Some(s) => s,
                             None => {
-                                let start = self.rollup.sums(&key).cloned().unwrap_or_else(|| LineSums::empty(&rated.seller, &rated.offer_id, &rated.pricing_model));
+                                let start = self.rollup.sums(&key).cloned().unwrap_or_else(|| {
+                                    LineSums::empty(&rated.seller, &rated.offer_id, &rated.pricing_model)
+                                });
                                 touched.entry(key.clone()).or_insert(start)
                             }
                         };
                         if sums.add(rated).is_none() {
                             self.rater.rollback();
-                            return Err(StoreError::Corrupt { table: "monthly_charges", column: "amount", value: "overflow".into() });
+                            return Err(StoreError::Corrupt {
+                                table: "monthly_charges",
+                                column: "amount",
+                                value: "overflow".into(),
+                            });
                         }
                         write.rated.push((rated, record));
                         match amounts.iter_mut().find(|(c, _)| *c == rated.currency) {
@@ -367,7 +396,9 @@ impl Writer {
             m.add_rated_amount(currency, amount);
         }
         m.commits.with_label_values(&[STAGE, "sqlite_group_commit"]).inc();
-        m.batch_records.with_label_values(&[STAGE]).observe(jobs.iter().map(|j| j.accepted.len() + j.refused.len()).sum::<usize>() as f64);
+        m.batch_records
+            .with_label_values(&[STAGE])
+            .observe(jobs.iter().map(|j| j.accepted.len() + j.refused.len()).sum::<usize>() as f64);
         m.set_dedup(STAGE, 0, self.rater.dedup_keys(), self.rater.dedup_keys());
 
         Ok(decisions

@@ -146,7 +146,9 @@ mod tests {
     fn duplicate_lines_in_a_file_follow_the_api_semantics() {
         let book = PriceBook::from_toml(BOOK).unwrap();
         let rec = |q: u32| {
-            format!(r#"{{"ProductCode":"acme-analytics","CustomerIdentifier":"cid-alpha","Dimension":"users","Timestamp":"2026-11-02T10:00:00Z","Quantity":{q}}}"#)
+            format!(
+                r#"{{"ProductCode":"acme-analytics","CustomerIdentifier":"cid-alpha","Dimension":"users","Timestamp":"2026-11-02T10:00:00Z","Quantity":{q}}}"#
+            )
         };
         let input = [rec(100), rec(100), rec(90)].join("\n");
         let out = rate_lines(&book, &input, &RateOptions::default()).unwrap();
@@ -154,6 +156,9 @@ mod tests {
         assert_eq!(out.charge_lines[0].amount.to_string(), "1.40");
         assert_eq!(out.counts["Success"], 1);
         assert_eq!(out.counts["Success (identical resend)"], 1);
-        assert_eq!(out.refused, vec![RefusedLine { line: 3, status: "DuplicateRecord", reason: out.refused[0].reason.clone() }]);
+        assert_eq!(
+            out.refused,
+            vec![RefusedLine { line: 3, status: "DuplicateRecord", reason: out.refused[0].reason.clone() }]
+        );
     }
 }

@@ -45,8 +45,10 @@ pub fn outcome_table(counts: &[(String, u64)]) -> String {
     let _ = writeln!(out, "  {:<44} {:>12}", "accepted and charged (Success)", n(get(STATUS_ACCEPTED)));
     let _ = writeln!(out, "  {:<44} {:>12}", "identical resends (Success, charged once)", n(get(STATUS_IDENTICAL)));
     let _ = writeln!(out, "  {:<44} {:>12}", "conflicting resends (DuplicateRecord)", n(get("DuplicateRecord")));
-    let mut rejected: Vec<&(String, u64)> =
-        counts.iter().filter(|(s, _)| s != STATUS_ACCEPTED && s != STATUS_IDENTICAL && s != "DuplicateRecord").collect();
+    let mut rejected: Vec<&(String, u64)> = counts
+        .iter()
+        .filter(|(s, _)| s != STATUS_ACCEPTED && s != STATUS_IDENTICAL && s != "DuplicateRecord")
+        .collect();
     rejected.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     for (s, v) in rejected {
         let _ = writeln!(out, "  {:<44} {:>12}", format!("rejected: {s}"), n(*v));
@@ -75,7 +77,15 @@ pub fn invoice_table(invoices: &[InvoiceTotal], top: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "  {:<8} {:<10} {:<4} {:>5} {:>16}", "month", "customer", "cur", "lines", "amount");
     for i in sorted.iter().take(top) {
-        let _ = writeln!(out, "  {:<8} {:<10} {:<4} {:>5} {:>16}", i.month, i.customer, i.currency, i.lines, money(i.amount));
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<10} {:<4} {:>5} {:>16}",
+            i.month,
+            i.customer,
+            i.currency,
+            i.lines,
+            money(i.amount)
+        );
     }
     if sorted.len() > top {
         let _ = writeln!(out, "  … and {} more invoices", sorted.len() - top);
@@ -94,7 +104,13 @@ pub fn store_summary(conn: &Connection, month: Option<&str>) -> Result<String, S
     let _ = writeln!(out, "\nCharges by product and currency (sums of rounded invoice lines)");
     out.push_str(&product_table(&lines));
     let customers: std::collections::BTreeSet<&str> = invoices.iter().map(|i| i.customer.as_str()).collect();
-    let _ = writeln!(out, "\nInvoices: {} for {} customers, {} lines; the largest:", invoices.len(), customers.len(), lines.len());
+    let _ = writeln!(
+        out,
+        "\nInvoices: {} for {} customers, {} lines; the largest:",
+        invoices.len(),
+        customers.len(),
+        lines.len()
+    );
     out.push_str(&invoice_table(&invoices, 12));
     Ok(out)
 }

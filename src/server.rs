@@ -2,12 +2,12 @@
 //! `/metrics` and `/ready` beside it (`/health` is the API's).
 
 use crate::pipeline::{Embedded, WriterStats};
+use anyhow::Context as _;
 use common::catalogue::PriceBook;
-use ingest::clock::Clock;
 use common::metrics::Metrics;
+use ingest::clock::Clock;
 use ingest::http::{router, HttpLimits, IngestState};
 use ingest::metered::Metered;
-use anyhow::Context as _;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -112,7 +112,8 @@ impl HardeningArgs {
             (Some(cert), Some(key)) => Some(ingest::tls::TlsFiles { cert: cert.clone(), key: key.clone() }),
             _ => None,
         };
-        let one_bulk_call = std::num::NonZeroU32::new(HttpLimits::default().max_bulk_records as u32).expect("bulk limit > 0");
+        let one_bulk_call =
+            std::num::NonZeroU32::new(HttpLimits::default().max_bulk_records as u32).expect("bulk limit > 0");
         let seller_limits = self.seller_records_per_sec.map(|rate| {
             let default_burst = rate.saturating_mul(std::num::NonZeroU32::new(2).expect("2 > 0")).max(one_bulk_call);
             ingest::limit::SellerLimits { records_per_sec: rate, burst: self.seller_burst.unwrap_or(default_burst) }
@@ -123,7 +124,10 @@ impl HardeningArgs {
         }
         Ok(ServeOptions {
             tls,
-            keys: ingest::auth::KeySources { price_book: Some(price_book.to_owned()), keys_file: self.keys_file.clone() },
+            keys: ingest::auth::KeySources {
+                price_book: Some(price_book.to_owned()),
+                keys_file: self.keys_file.clone(),
+            },
             seller_limits,
             body_timeout,
             conn: ConnOptions {
@@ -182,7 +186,13 @@ pub struct Started {
 
 /// Opens the store (refusing one that does not accept a write), loads keys and TLS, raises the
 /// open-file limit, and builds the router.
-pub async fn start(db: &Path, book: Arc<PriceBook>, clock: Arc<dyn Clock>, max_in_flight: usize, opts: ServeOptions) -> anyhow::Result<Started> {
+pub async fn start(
+    db: &Path,
+    book: Arc<PriceBook>,
+    clock: Arc<dyn Clock>,
+    max_in_flight: usize,
+    opts: ServeOptions,
+) -> anyhow::Result<Started> {
     let tls = opts.tls.as_ref().map(ingest::tls::server_config).transpose()?;
     let keys = ingest::auth::SharedKeys::new(opts.keys.load(&book)?);
     let security = ingest::guard::Security { keys: keys.clone(), ..ingest::guard::Security::for_book(&book) }
@@ -190,8 +200,17 @@ pub async fn start(db: &Path, book: Arc<PriceBook>, clock: Arc<dyn Clock>, max_i
         .with_body_timeout(opts.body_timeout.unwrap_or(ingest::guard::DEFAULT_BODY_TIMEOUT));
     let metrics = Metrics::new("meterline");
     let target = opts.queue_target.unwrap_or(ingest::shed::DEFAULT_QUEUE_TARGET);
-    let embedded = Embedded::start_with_target(db, Arc::clone(&book), Arc::clone(&clock), max_in_flight, target, Arc::clone(&metrics))
-        .with_context(|| format!("the store at {} does not open for writing (disk full? permissions?); fix it and restart", db.display()))?;
+    let embedded = Embedded::start_with_target(
+        db,
+        Arc::clone(&book),
+        Arc::clone(&clock),
+        max_in_flight,
+        target,
+        Arc::clone(&metrics),
+    )
+    .with_context(|| {
+        format!("the store at {} does not open for writing (disk full? permissions?); fix it and restart", db.display())
+    })?;
     let reloads = (opts.keys.price_book.is_some() || opts.keys.keys_file.is_some())
         .then(|| ingest::auth::watch(keys, opts.keys.clone(), Arc::clone(&book), Duration::from_secs(2)));
     let sink = Metered::new(embedded.sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
@@ -212,7 +231,11 @@ impl Started {
     }
 
     /// Serves on `listener` until `shutdown`, then drains and closes the store.
-    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<WriterStats> {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<WriterStats> {
         let Started { embedded, app, tls, metrics, reloads, limits } = self;
         metrics.set_ready(true);
         let stopping = Arc::clone(&metrics);

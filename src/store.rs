@@ -307,7 +307,8 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
             )?;
             for (key, sums) in &batch.lines {
-                let rounded = sums.to_line(key).map_err(|_| corrupt("monthly_charges", "currency", key.currency.as_str()))?;
+                let rounded =
+                    sums.to_line(key).map_err(|_| corrupt("monthly_charges", "currency", key.currency.as_str()))?;
                 line.execute(params![
                     key.month.to_string(),
                     key.customer,
@@ -348,7 +349,8 @@ impl Store {
     /// Dedup claims of every record whose hour is at or after `oldest` (the bounded replay).
     pub fn dedup_claims_since(&self, oldest: Hour) -> Result<Vec<(DedupKey, Hour, RecordId)>, StoreError> {
         let mut st = self.conn.prepare("SELECT dedup_key, hour, record_id FROM rated_usage WHERE hour >= ?1")?;
-        let rows = st.query_map([oldest.0], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
+        let rows =
+            st.query_map([oldest.0], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?)))?;
         let mut out = Vec::new();
         for row in rows {
             let (k, h, id) = row?;
@@ -447,7 +449,11 @@ impl Store {
     }
 
     /// Hourly usage items of `agreements` in `month` (for the AMI trial credit at close).
-    pub fn trial_hours(conn: &Connection, month: Month, agreements: &[String]) -> Result<Vec<TrialHourUsage>, StoreError> {
+    pub fn trial_hours(
+        conn: &Connection,
+        month: Month,
+        agreements: &[String],
+    ) -> Result<Vec<TrialHourUsage>, StoreError> {
         const T: &str = "rated_usage";
         let mut st = conn.prepare_cached(
             "SELECT agreement_id, hour, dimension, billable_quantity, unit_rate FROM rated_usage
@@ -476,10 +482,8 @@ impl Store {
         tx.execute("DELETE FROM invoice_lines WHERE billing_month = ?1", [&close.month])?;
         {
             let placeholders: Vec<String> = (1..=FIELD_COUNT).map(|i| format!("?{i}")).collect();
-            let mut ins = tx.prepare(&format!(
-                "INSERT INTO invoice_lines ({CSV_HEADER}) VALUES ({})",
-                placeholders.join(", ")
-            ))?;
+            let mut ins =
+                tx.prepare(&format!("INSERT INTO invoice_lines ({CSV_HEADER}) VALUES ({})", placeholders.join(", ")))?;
             for line in &close.lines {
                 ins.execute(rusqlite::params_from_iter(line.fields()))?;
             }
@@ -487,7 +491,13 @@ impl Store {
         tx.execute(
             "INSERT OR REPLACE INTO closed_months (month, marketplace, price_book_version, closed_at_ms, lines)
              VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![close.month, close.marketplace, close.price_book_version, closed_at.millis(), close.lines.len() as i64],
+            params![
+                close.month,
+                close.marketplace,
+                close.price_book_version,
+                closed_at.millis(),
+                close.lines.len() as i64
+            ],
         )?;
         tx.commit()?;
         Ok(())

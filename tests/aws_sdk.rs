@@ -54,7 +54,9 @@ fn client(url: &str, key: &str, max_attempts: u32) -> mm::Client {
         .endpoint_url(url)
         .http_client(aws_smithy_http_client::Builder::new().build_http())
         .retry_config(mm::config::retry::RetryConfig::standard().with_max_attempts(max_attempts))
-        .timeout_config(mm::config::timeout::TimeoutConfig::builder().operation_timeout(Duration::from_secs(30)).build())
+        .timeout_config(
+            mm::config::timeout::TimeoutConfig::builder().operation_timeout(Duration::from_secs(30)).build(),
+        )
         .interceptor(ApiKey(key.to_owned()))
         .build();
     mm::Client::from_conf(config)
@@ -83,7 +85,12 @@ async fn batch(
     product: &str,
     records: Vec<UsageRecord>,
 ) -> Result<mm::operation::batch_meter_usage::BatchMeterUsageOutput, BatchMeterUsageError> {
-    c.batch_meter_usage().product_code(product).set_usage_records(Some(records)).send().await.map_err(|e| e.into_service_error())
+    c.batch_meter_usage()
+        .product_code(product)
+        .set_usage_records(Some(records))
+        .send()
+        .await
+        .map_err(|e| e.into_service_error())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +101,9 @@ async fn batch_meter_usage_through_the_sdk_answers_as_aws() {
 
     // Success, an identical resend (same id), a conflicting one (DuplicateRecord), an unknown
     // customer (CustomerNotSubscribed): all per-record statuses of the model's enum.
-    let first = batch(&acme, "acme-analytics", vec![by_account("users", 100, at), by_account("gb_ingest", 37, at)]).await.unwrap();
+    let first = batch(&acme, "acme-analytics", vec![by_account("users", 100, at), by_account("gb_ingest", 37, at)])
+        .await
+        .unwrap();
     assert!(first.request_id().is_some_and(|id| !id.is_empty()), "x-amzn-RequestId reaches the SDK");
     let results = first.results();
     assert_eq!(results.len(), 2);
@@ -106,7 +115,10 @@ async fn batch_meter_usage_through_the_sdk_answers_as_aws() {
     let unknown = record("users", 5, at).customer_aws_account_id("999999999999").build().unwrap();
     let mixed = batch(&acme, "acme-analytics", vec![by_account("users", 90, at), unknown]).await.unwrap();
     let statuses: Vec<_> = mixed.results().iter().map(|r| r.status().cloned()).collect();
-    assert_eq!(statuses, [Some(UsageRecordResultStatus::DuplicateRecord), Some(UsageRecordResultStatus::CustomerNotSubscribed)]);
+    assert_eq!(
+        statuses,
+        [Some(UsageRecordResultStatus::DuplicateRecord), Some(UsageRecordResultStatus::CustomerNotSubscribed)]
+    );
 
     // Concurrent Agreements: a record naming only the licence is metered against its agreement,
     // in a call without ProductCode as the current model asks (the licence names the product).
@@ -116,9 +128,21 @@ async fn batch_meter_usage_through_the_sdk_answers_as_aws() {
     // The same slot by product and account id is the same record, never a second charge.
     let out = batch(&acme, "acme-analytics", vec![by_account("users", 7, hours_ago(2))]).await.unwrap();
     assert_eq!(out.results()[0].status(), Some(&UsageRecordResultStatus::Success), "{out:?}");
-    let e = client(&s.url, GLOBEX, 1).batch_meter_usage().usage_records(licensed).send().await.unwrap_err().into_service_error();
+    let e = client(&s.url, GLOBEX, 1)
+        .batch_meter_usage()
+        .usage_records(licensed)
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
     assert!(matches!(e, BatchMeterUsageError::InvalidLicenseException(_)), "another seller's licence: {e:?}");
-    let e = acme.batch_meter_usage().usage_records(by_account("users", 1, at)).send().await.unwrap_err().into_service_error();
+    let e = acme
+        .batch_meter_usage()
+        .usage_records(by_account("users", 1, at))
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
     assert!(matches!(e, BatchMeterUsageError::InvalidProductCodeException(_)), "no ProductCode and no licence: {e:?}");
 
     // Every modeled whole-call exception, caught by its variant; nothing of those calls stored.
@@ -130,10 +154,22 @@ async fn batch_meter_usage_through_the_sdk_answers_as_aws() {
     assert!(matches!(e, BatchMeterUsageError::InvalidProductCodeException(_)), "unknown product: {e:?}");
     type Is = fn(&BatchMeterUsageError) -> bool;
     let cases: Vec<(UsageRecord, Is, &str)> = vec![
-        (by_account("users", 1, hours_ago(8)), |e| matches!(e, BatchMeterUsageError::TimestampOutOfBoundsException(_)), "stale"),
-        (by_account("seats", 1, at), |e| matches!(e, BatchMeterUsageError::InvalidUsageDimensionException(_)), "dimension"),
         (
-            record("users", 1, at).customer_identifier("cid-alpha").customer_aws_account_id("111122223333").build().unwrap(),
+            by_account("users", 1, hours_ago(8)),
+            |e| matches!(e, BatchMeterUsageError::TimestampOutOfBoundsException(_)),
+            "stale",
+        ),
+        (
+            by_account("seats", 1, at),
+            |e| matches!(e, BatchMeterUsageError::InvalidUsageDimensionException(_)),
+            "dimension",
+        ),
+        (
+            record("users", 1, at)
+                .customer_identifier("cid-alpha")
+                .customer_aws_account_id("111122223333")
+                .build()
+                .unwrap(),
             |e| matches!(e, BatchMeterUsageError::InvalidCustomerIdentifierException(_)),
             "both identifiers",
         ),
@@ -175,7 +211,8 @@ async fn batch_meter_usage_through_the_sdk_answers_as_aws() {
     }
 
     let lines = s.stop();
-    let qty = |dim: &str| lines.iter().filter(|l| l.dimension == dim).map(|l| l.quantity).sum::<rust_decimal::Decimal>();
+    let qty =
+        |dim: &str| lines.iter().filter(|l| l.dimension == dim).map(|l| l.quantity).sum::<rust_decimal::Decimal>();
     // 100 (first), 7 (licence, another hour); the refused calls' `good` record is not there.
     assert_eq!(qty("users"), rust_decimal::Decimal::from(107));
     assert_eq!(qty("gb_ingest"), rust_decimal::Decimal::from(37));
@@ -211,7 +248,11 @@ async fn meter_usage_from_the_buyers_deployments() {
     let id1 = meter(&a1, "acme-vm", "c5_xlarge", 3, at, false).await.unwrap();
     let id2 = meter(&a2, "acme-vm", "c5_xlarge", 4, at, false).await.unwrap();
     assert_ne!(id1, id2, "per-deployment records are not collapsed");
-    assert_eq!(meter(&a1, "acme-vm", "c5_xlarge", 3, at, false).await.unwrap(), id1, "an identical call returns the same id");
+    assert_eq!(
+        meter(&a1, "acme-vm", "c5_xlarge", 3, at, false).await.unwrap(),
+        id1,
+        "an identical call returns the same id"
+    );
     let e = meter(&a1, "acme-vm", "c5_xlarge", 5, at, false).await.unwrap_err();
     assert!(matches!(e, MeterUsageError::DuplicateRequestException(_)), "{e:?}");
 
@@ -230,9 +271,19 @@ async fn meter_usage_from_the_buyers_deployments() {
     let e = meter(&client(&s.url, "dep-key-b1", 1), "acme-vm", "c5_xlarge", 1, at, false).await.unwrap_err();
     assert!(matches!(e, MeterUsageError::CustomerNotEntitledException(_)), "no agreement: {e:?}");
     let e = meter(&client(&s.url, "dep-key-c1", 1), "acme-analytics", "users", 1, at, false).await.unwrap_err();
-    assert!(matches!(e, MeterUsageError::TimestampOutOfBoundsException(_) | MeterUsageError::CustomerNotEntitledException(_)), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            MeterUsageError::TimestampOutOfBoundsException(_) | MeterUsageError::CustomerNotEntitledException(_)
+        ),
+        "{e:?}"
+    );
     let alloc = |q: i32, tag: &str| {
-        UsageAllocation::builder().allocated_usage_quantity(q).tags(Tag::builder().key(tag).value("v").build().unwrap()).build().unwrap()
+        UsageAllocation::builder()
+            .allocated_usage_quantity(q)
+            .tags(Tag::builder().key(tag).value("v").build().unwrap())
+            .build()
+            .unwrap()
     };
     let e = a1
         .meter_usage()
@@ -270,8 +321,15 @@ async fn meter_usage_from_the_buyers_deployments() {
     let c5: Vec<_> = lines.iter().filter(|l| l.dimension == "c5_xlarge").collect();
     assert_eq!(c5.len(), 1, "one invoice line per customer and dimension: {lines:?}");
     assert_eq!(c5[0].customer, "cust-a");
-    assert_eq!(c5[0].quantity, rust_decimal::Decimal::from(3 + 4 + 1), "summed across deployments, the dry run not stored");
-    assert_eq!(c5[0].amount_unrounded, rust_decimal::Decimal::from(8) * "0.34".parse::<rust_decimal::Decimal>().unwrap());
+    assert_eq!(
+        c5[0].quantity,
+        rust_decimal::Decimal::from(3 + 4 + 1),
+        "summed across deployments, the dry run not stored"
+    );
+    assert_eq!(
+        c5[0].amount_unrounded,
+        rust_decimal::Decimal::from(8) * "0.34".parse::<rust_decimal::Decimal>().unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,9 +349,21 @@ async fn resolve_customer_and_register_usage() {
 
     let e = acme.resolve_customer().registration_token("mlrt-forged").send().await.unwrap_err().into_service_error();
     assert!(matches!(e, ResolveCustomerError::InvalidTokenException(_)), "{e:?}");
-    let e = client(&s.url, GLOBEX, 1).resolve_customer().registration_token(&token).send().await.unwrap_err().into_service_error();
+    let e = client(&s.url, GLOBEX, 1)
+        .resolve_customer()
+        .registration_token(&token)
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
     assert!(matches!(e, ResolveCustomerError::InvalidTokenException(_)), "another seller's token: {e:?}");
-    let expired = ingest::aws::TokenEntry::new("mlrt-old", "cust-a", "acme-analytics", None, common::time::Timestamp::from_millis(0));
+    let expired = ingest::aws::TokenEntry::new(
+        "mlrt-old",
+        "cust-a",
+        "acme-analytics",
+        None,
+        common::time::Timestamp::from_millis(0),
+    );
     std::fs::write(s.data().join("registration-tokens.toml"), format!("{tokens}\n{}", expired.to_toml())).unwrap();
     let e = acme.resolve_customer().registration_token("mlrt-old").send().await.unwrap_err().into_service_error();
     assert!(matches!(e, ResolveCustomerError::ExpiredTokenException(_)), "{e:?}");
@@ -312,9 +382,23 @@ async fn resolve_customer_and_register_usage() {
         .unwrap_err()
         .into_service_error();
     assert!(matches!(e, RegisterUsageError::CustomerNotEntitledException(_)), "cust-c's agreement ended: {e:?}");
-    let e = a1.register_usage().product_code("acme-analytics").public_key_version(1).send().await.unwrap_err().into_service_error();
+    let e = a1
+        .register_usage()
+        .product_code("acme-analytics")
+        .public_key_version(1)
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
     assert!(matches!(e, RegisterUsageError::InvalidProductCodeException(_)), "{e:?}");
-    let e = a1.register_usage().product_code("acme-vm").public_key_version(0).send().await.unwrap_err().into_service_error();
+    let e = a1
+        .register_usage()
+        .product_code("acme-vm")
+        .public_key_version(0)
+        .send()
+        .await
+        .unwrap_err()
+        .into_service_error();
     assert!(matches!(e, RegisterUsageError::InvalidPublicKeyVersionException(_)), "{e:?}");
     s.stop();
 }
@@ -337,7 +421,10 @@ async fn throttling_is_retried_by_the_sdk_after_retry_after() {
     let out = batch(&retrying, "acme-analytics", vec![by_account("gb_ingest", 2, hours_ago(2))]).await.unwrap();
     let waited = started.elapsed();
     assert_eq!(out.results()[0].status(), Some(&UsageRecordResultStatus::Success));
-    assert!(waited >= Duration::from_millis(800), "the SDK waited for Retry-After (x-amz-retry-after), not less: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(800),
+        "the SDK waited for Retry-After (x-amz-retry-after), not less: {waited:?}"
+    );
     assert!(waited < Duration::from_secs(10), "{waited:?}");
     s.stop();
 }

@@ -33,7 +33,13 @@ fn boto3_calls_every_operation_against_meterline_serve() {
     let s = Served::start(&[]);
     let throttled = Served::start(&["--seller-records-per-sec", "1", "--seller-burst", "1"]);
     let token = issue_token(&s.dir.path().join("book.toml"), &s.data(), "cust-a", "acme-analytics");
-    let expired = ingest::aws::TokenEntry::new("mlrt-old", "cust-a", "acme-analytics", None, common::time::Timestamp::from_millis(0));
+    let expired = ingest::aws::TokenEntry::new(
+        "mlrt-old",
+        "cust-a",
+        "acme-analytics",
+        None,
+        common::time::Timestamp::from_millis(0),
+    );
     let tokens = s.data().join("registration-tokens.toml");
     let text = std::fs::read_to_string(&tokens).unwrap();
     std::fs::write(&tokens, format!("{text}\n{}", expired.to_toml())).unwrap();
@@ -73,7 +79,11 @@ fn boto3_calls_every_operation_against_meterline_serve() {
     throttled.stop();
     let lines = s.stop();
     let qty = |dim: &str| lines.iter().filter(|l| l.dimension == dim).map(|l| l.quantity).sum::<Decimal>();
-    assert_eq!(qty("users"), Decimal::from(250), "QuantityAsDecimal 250, its resend once; no refused call left a trace");
+    assert_eq!(
+        qty("users"),
+        Decimal::from(250),
+        "QuantityAsDecimal 250, its resend once; no refused call left a trace"
+    );
     assert_eq!(qty("gb_ingest"), Decimal::from(12), "the licence-only record");
     assert_eq!(qty("c5_xlarge"), Decimal::from(3 + 4 + 1), "both deployments, the dry run not stored");
 }

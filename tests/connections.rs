@@ -35,27 +35,21 @@ struct Served {
 
 fn write_book(dir: &std::path::Path) -> std::path::PathBuf {
     let book_path = dir.join("price-book.toml");
-    std::fs::write(
-        &book_path,
-        PriceBook::new(price_book(50)).unwrap().to_toml().unwrap(),
-    )
-    .unwrap();
+    std::fs::write(&book_path, PriceBook::new(price_book(50)).unwrap().to_toml().unwrap()).unwrap();
     book_path
 }
 
 fn spawn(book: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> Child {
-    Command::new(
-        std::env::var("METERLINE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meterline").into()),
-    )
-    .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
-    .arg(book)
-    .arg("--data-dir")
-    .arg(data)
-    .args(extra)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("starting meterline serve")
+    Command::new(std::env::var("METERLINE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meterline").into()))
+        .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
+        .arg(book)
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting meterline serve")
 }
 
 fn serve(extra: &[&str]) -> Served {
@@ -69,17 +63,9 @@ fn serve(extra: &[&str]) -> Served {
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     let mut err = child.stderr.take().unwrap();
     std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("the first line names the address");
+    let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the first line names the address");
     let addr = url.trim_start_matches("http://").parse().unwrap();
-    Served {
-        child,
-        addr,
-        _dir: dir,
-        data,
-    }
+    Served { child, addr, _dir: dir, data }
 }
 
 impl Served {
@@ -88,8 +74,7 @@ impl Served {
     }
 
     fn vm_kb(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with(field))
@@ -131,11 +116,7 @@ async fn post(
     let status = resp.status().as_u16();
     let h = resp.headers().clone();
     let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        h,
-    )
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), h)
 }
 
 fn pct(ms: &[f64], q: f64) -> f64 {
@@ -167,24 +148,10 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 async fn normal_client(http: &reqwest::Client, url: &str) -> Vec<f64> {
     let mut lat = Vec::new();
     for i in 0..100 {
-        let recs = (0..25)
-            .map(|j| {
-                record(
-                    (i * 25 + j) % 50,
-                    ["d0", "d1", "d2", "d3"][(i * 25 + j) / 50 % 4],
-                    1,
-                )
-            })
-            .collect();
+        let recs =
+            (0..25).map(|j| record((i * 25 + j) % 50, ["d0", "d1", "d2", "d3"][(i * 25 + j) / 50 % 4], 1)).collect();
         let t = Instant::now();
-        let (s, v, _) = post(
-            http,
-            url,
-            "/v1/BatchMeterUsage",
-            &[("X-Api-Key", KEY)],
-            batch(recs),
-        )
-        .await;
+        let (s, v, _) = post(http, url, "/v1/BatchMeterUsage", &[("X-Api-Key", KEY)], batch(recs)).await;
         lat.push(t.elapsed().as_secs_f64() * 1000.0);
         assert_eq!(s, 200, "{v}");
     }
@@ -195,11 +162,7 @@ async fn normal_client(http: &reqwest::Client, url: &str) -> Vec<f64> {
 async fn idle_and_slow_connections_are_closed_and_a_normal_client_is_still_served() {
     // Client and server sockets both count against this process's and the server's limits.
     let fds = ingest::serve::raise_fd_limit();
-    let (idle_n, slow_n) = if fds >= 8_000 {
-        (2_000, 1_000)
-    } else {
-        (300, 150)
-    };
+    let (idle_n, slow_n) = if fds >= 8_000 { (2_000, 1_000) } else { (300, 150) };
     let server = serve(&["--header-timeout-secs", "3", "--idle-timeout-secs", "6"]);
     let addr = server.addr;
     // The same client alone first: the baseline (each call waits for its fsync'd commit).
@@ -228,31 +191,20 @@ async fn idle_and_slow_connections_are_closed_and_a_normal_client_is_still_serve
             })
         })
         .collect();
-    println!(
-        "{idle_n} idle and {slow_n} slow connections opened in {} ms",
-        opened.elapsed().as_millis()
-    );
+    println!("{idle_n} idle and {slow_n} slow connections opened in {} ms", opened.elapsed().as_millis());
 
     // A normal client meanwhile: 100 calls of 25 records, one at a time (its connection kept).
     let lat = normal_client(&http, &server.url()).await;
     println!("  beside them: p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms", pct(&lat, 0.5), pct(&lat, 0.9), pct(&lat, 1.0));
     let p = p99(lat);
     println!("normal client beside them: p99 {p:.1} ms over 100 calls of 25 records (alone before: p99 {base:.1} ms)");
-    assert!(
-        p < 500.0,
-        "p99 {p:.1} ms (the release build's figure is in SECURITY.md)"
-    );
+    assert!(p < 500.0, "p99 {p:.1} ms (the release build's figure is in SECURITY.md)");
 
     // Every idle connection is closed by the header-read timeout (3 s), none held for ever.
     let mut closed = 0;
     for s in idle.iter_mut() {
-        if closed_within(
-            s,
-            Duration::from_secs(6)
-                .saturating_sub(opened.elapsed())
-                .max(Duration::from_millis(50)),
-        )
-        .await
+        if closed_within(s, Duration::from_secs(6).saturating_sub(opened.elapsed()).max(Duration::from_millis(50)))
+            .await
         {
             closed += 1;
         }
@@ -265,24 +217,15 @@ async fn idle_and_slow_connections_are_closed_and_a_normal_client_is_still_serve
     let mut slow_closed = 0;
     for h in slow {
         if let Some(after) = h.await.unwrap() {
-            assert!(
-                after < Duration::from_secs(5),
-                "a slow head closed only after {after:?}"
-            );
+            assert!(after < Duration::from_secs(5), "a slow head closed only after {after:?}");
             slow_closed += 1;
         }
     }
     println!("slow connections closed by the server: {slow_closed} of {slow_n}");
     assert_eq!(slow_closed, slow_n);
     // And the server still answers.
-    let (s, _, _) = post(
-        &http,
-        &server.url(),
-        "/v1/BatchMeterUsage",
-        &[("X-Api-Key", KEY)],
-        batch(vec![record(1, "d0", 1)]),
-    )
-    .await;
+    let (s, _, _) =
+        post(&http, &server.url(), "/v1/BatchMeterUsage", &[("X-Api-Key", KEY)], batch(vec![record(1, "d0", 1)])).await;
     assert_eq!(s, 200);
 }
 
@@ -302,10 +245,7 @@ async fn connections_over_the_cap_get_a_short_503_and_are_closed() {
     let answer = String::from_utf8_lossy(&answer).to_lowercase();
     println!("65th connection: {}", answer.lines().next().unwrap_or(""));
     assert!(answer.starts_with("http/1.1 503"), "{answer}");
-    assert!(
-        answer.contains("connection: close") && answer.contains("retry-after: 1"),
-        "{answer}"
-    );
+    assert!(answer.contains("connection: close") && answer.contains("retry-after: 1"), "{answer}");
     drop(held);
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -314,28 +254,19 @@ async fn connections_over_the_cap_get_a_short_503_and_are_closed() {
         if matches!(&r, Ok(r) if r.status() == 200) {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "served again once connections closed: {r:?}"
-        );
+        assert!(Instant::now() < deadline, "served again once connections closed: {r:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Sends a head and then up to `body_len` bytes of `fill` in 64 KiB writes, stopping when the
 /// server stops reading; returns the answer's status line.
-async fn send_big(
-    addr: SocketAddr,
-    path: &str,
-    key: Option<&str>,
-    body_len: usize,
-    fill: &'static [u8],
-) -> String {
+async fn send_big(addr: SocketAddr, path: &str, key: Option<&str>, body_len: usize, fill: &'static [u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
-    let key = key
-        .map(|k| format!("X-Api-Key: {k}\r\n"))
-        .unwrap_or_default();
-    let head = format!("POST {path} HTTP/1.1\r\nHost: x\r\n{key}Content-Type: application/json\r\nContent-Length: {body_len}\r\n\r\n");
+    let key = key.map(|k| format!("X-Api-Key: {k}\r\n")).unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\n{key}Content-Type: application/json\r\nContent-Length: {body_len}\r\n\r\n"
+    );
     s.write_all(head.as_bytes()).await.unwrap();
     let chunk: Vec<u8> = fill.iter().copied().cycle().take(64 * 1024).collect();
     let (mut rd, mut wr) = s.into_split();
@@ -356,112 +287,62 @@ async fn send_big(
     let _ = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut answer)).await;
     writer.abort();
     let text = String::from_utf8_lossy(&answer).into_owned();
-    format!(
-        "{} | {}",
-        text.lines().next().unwrap_or("<closed without an answer>"),
-        text.lines().last().unwrap_or("")
-    )
+    format!("{} | {}", text.lines().next().unwrap_or("<closed without an answer>"), text.lines().last().unwrap_or(""))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bodies_at_the_limits_cost_a_small_multiple_of_the_limit_and_unauthenticated_ones_nothing()
-{
+async fn bodies_at_the_limits_cost_a_small_multiple_of_the_limit_and_unauthenticated_ones_nothing() {
     const BULK: usize = 32 * 1024 * 1024;
     let server = serve(&[]);
     let http = reqwest::Client::new();
-    let (s, v, _) = post(
-        &http,
-        &server.url(),
-        "/v1/BatchMeterUsage",
-        &[("X-Api-Key", KEY)],
-        batch(vec![record(0, "d0", 1)]),
-    )
-    .await;
+    let (s, v, _) =
+        post(&http, &server.url(), "/v1/BatchMeterUsage", &[("X-Api-Key", KEY)], batch(vec![record(0, "d0", 1)])).await;
     assert_eq!(s, 200, "{v}");
     let base = server.vm_kb("VmHWM");
 
     // Eight 32 MiB bodies with no key, at once: 401 from the headers; nothing is read.
-    let calls: Vec<_> = (0..8)
-        .map(|_| tokio::spawn(send_big(server.addr, "/v1/usage", None, BULK, b"1\n")))
-        .collect();
+    let calls: Vec<_> = (0..8).map(|_| tokio::spawn(send_big(server.addr, "/v1/usage", None, BULK, b"1\n"))).collect();
     for c in calls {
         let a = c.await.unwrap();
         assert!(a.starts_with("HTTP/1.1 401"), "{a}");
     }
     let after_unauth = server.vm_kb("VmHWM");
-    println!(
-        "8 × 32 MiB unauthenticated: 401; peak RSS {} → {} MiB",
-        base / 1024,
-        after_unauth / 1024
-    );
-    assert!(
-        after_unauth < base + 16 * 1024,
-        "unauthenticated bodies cost memory: {base} → {after_unauth} kB"
-    );
+    println!("8 × 32 MiB unauthenticated: 401; peak RSS {} → {} MiB", base / 1024, after_unauth / 1024);
+    assert!(after_unauth < base + 16 * 1024, "unauthenticated bodies cost memory: {base} → {after_unauth} kB");
 
     // A declared length over the limit: 413 from the header alone.
     let a = send_big(server.addr, "/v1/usage", Some(KEY), BULK + 1, b" ").await;
-    assert!(
-        a.starts_with("HTTP/1.1 413") && a.contains("Content-Length"),
-        "{a}"
-    );
+    assert!(a.starts_with("HTTP/1.1 413") && a.contains("Content-Length"), "{a}");
 
     // Four 32 MiB bodies of 16.7 M one-byte lines at once, with the key: 413 at record 100,001.
-    let calls: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(send_big(server.addr, "/v1/usage", Some(KEY), BULK, b"1\n")))
-        .collect();
+    let calls: Vec<_> =
+        (0..4).map(|_| tokio::spawn(send_big(server.addr, "/v1/usage", Some(KEY), BULK, b"1\n"))).collect();
     for c in calls {
         let a = c.await.unwrap();
-        assert!(
-            a.starts_with("HTTP/1.1 413") && a.contains("at most 100000"),
-            "{a}"
-        );
+        assert!(a.starts_with("HTTP/1.1 413") && a.contains("at most 100000"), "{a}");
     }
     // One 32 MiB line: 413 at its first megabyte.
     let a = send_big(server.addr, "/v1/usage", Some(KEY), BULK, b"x").await;
-    assert!(
-        a.starts_with("HTTP/1.1 413") && a.contains("longer than"),
-        "{a}"
-    );
+    assert!(a.starts_with("HTTP/1.1 413") && a.contains("longer than"), "{a}");
     // 32 MiB of blank lines (no records): read in full, the one allocation of the limit.
     let a = send_big(server.addr, "/v1/usage", Some(KEY), BULK, b"\n").await;
     assert!(a.starts_with("HTTP/1.1 200"), "{a}");
     let after = server.vm_kb("VmHWM");
-    println!("4 × 32 MiB of one-byte lines, one 32 MiB line, one 32 MiB body read whole: peak RSS {} → {} MiB", base / 1024, after / 1024);
-    assert!(
-        after < base + 3 * BULK as u64 / 1024,
-        "peak RSS {base} → {after} kB: over 3× the route's limit"
+    println!(
+        "4 × 32 MiB of one-byte lines, one 32 MiB line, one 32 MiB body read whole: peak RSS {} → {} MiB",
+        base / 1024,
+        after / 1024
     );
+    assert!(after < base + 3 * BULK as u64 / 1024, "peak RSS {base} → {after} kB: over 3× the route's limit");
 
     // The AWS route at exactly its limit is read; one byte more is not.
-    let limit = PriceBook::new(price_book(1))
-        .unwrap()
-        .marketplace()
-        .max_request_bytes;
+    let limit = PriceBook::new(price_book(1)).unwrap().marketplace().max_request_bytes;
     let small = batch(vec![record(2, "d0", 1)]);
     let exact = format!("{small}{}", " ".repeat(limit - small.len()));
-    let (s, v, _) = post(
-        &http,
-        &server.url(),
-        "/v1/BatchMeterUsage",
-        &[("X-Api-Key", KEY)],
-        exact.clone(),
-    )
-    .await;
+    let (s, v, _) = post(&http, &server.url(), "/v1/BatchMeterUsage", &[("X-Api-Key", KEY)], exact.clone()).await;
     assert_eq!(s, 200, "a body of exactly {limit} bytes: {v}");
-    let (s, v, _) = post(
-        &http,
-        &server.url(),
-        "/v1/BatchMeterUsage",
-        &[("X-Api-Key", KEY)],
-        format!("{exact} "),
-    )
-    .await;
-    assert_eq!(
-        (s, v["__type"].as_str()),
-        (413, Some("RequestEntityTooLargeException")),
-        "{v}"
-    );
+    let (s, v, _) = post(&http, &server.url(), "/v1/BatchMeterUsage", &[("X-Api-Key", KEY)], format!("{exact} ")).await;
+    assert_eq!((s, v["__type"].as_str()), (413, Some("RequestEntityTooLargeException")), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,39 +358,16 @@ async fn media_types_are_exact_and_the_bearer_scheme_is_case_insensitive() {
         ("Application/X-Amz-Json-1.1", 200),
         ("text/plain;charset=UTF-8", 200),
     ] {
-        let (s, v, _) = post(
-            &http,
-            &url,
-            "/v1/BatchMeterUsage",
-            &[("X-Api-Key", KEY), ("Content-Type", ct)],
-            body(),
-        )
-        .await;
+        let (s, v, _) =
+            post(&http, &url, "/v1/BatchMeterUsage", &[("X-Api-Key", KEY), ("Content-Type", ct)], body()).await;
         assert_eq!(s, want, "Content-Type {ct}: {v}");
     }
-    for auth in [
-        format!("bearer {KEY}"),
-        format!("BEARER {KEY}"),
-        format!("Bearer  {KEY}"),
-    ] {
-        let (s, v, _) = post(
-            &http,
-            &url,
-            "/v1/BatchMeterUsage",
-            &[("Authorization", &auth)],
-            body(),
-        )
-        .await;
+    for auth in [format!("bearer {KEY}"), format!("BEARER {KEY}"), format!("Bearer  {KEY}")] {
+        let (s, v, _) = post(&http, &url, "/v1/BatchMeterUsage", &[("Authorization", &auth)], body()).await;
         assert_eq!(s, 200, "Authorization: {auth}: {v}");
     }
-    let (s, _, _) = post(
-        &http,
-        &url,
-        "/v1/BatchMeterUsage",
-        &[("Authorization", &format!("Basic {KEY}"))],
-        body(),
-    )
-    .await;
+    let (s, _, _) =
+        post(&http, &url, "/v1/BatchMeterUsage", &[("Authorization", &format!("Basic {KEY}"))], body()).await;
     assert_eq!(s, 401, "another scheme is no key");
 }
 
@@ -519,26 +377,12 @@ async fn failed_authentication_is_throttled_per_address_without_locking_out_a_va
     let http = reqwest::Client::new();
     let url = server.url();
     let good = || batch(vec![record(4, "d2", 3)]);
-    let (s, _, _) = post(
-        &http,
-        &url,
-        "/v1/BatchMeterUsage",
-        &[("X-Api-Key", KEY)],
-        good(),
-    )
-    .await;
+    let (s, _, _) = post(&http, &url, "/v1/BatchMeterUsage", &[("X-Api-Key", KEY)], good()).await;
     assert_eq!(s, 200);
     let started = Instant::now();
     let (mut unauthorized, mut throttled) = (0, 0);
     for i in 0..200 {
-        let (s, v, h) = post(
-            &http,
-            &url,
-            "/v1/BatchMeterUsage",
-            &[("X-Api-Key", &format!("guess-{i}"))],
-            good(),
-        )
-        .await;
+        let (s, v, h) = post(&http, &url, "/v1/BatchMeterUsage", &[("X-Api-Key", &format!("guess-{i}"))], good()).await;
         match s {
             401 => unauthorized += 1,
             429 => {
@@ -550,14 +394,7 @@ async fn failed_authentication_is_throttled_per_address_without_locking_out_a_va
         }
         if i % 50 == 0 {
             // The seller's key from the same address keeps working throughout.
-            let (s, v, _) = post(
-                &http,
-                &url,
-                "/v1/BatchMeterUsage",
-                &[("X-Api-Key", KEY)],
-                good(),
-            )
-            .await;
+            let (s, v, _) = post(&http, &url, "/v1/BatchMeterUsage", &[("X-Api-Key", KEY)], good()).await;
             assert_eq!(s, 200, "the valid key during the guessing: {v}");
         }
     }
@@ -566,10 +403,7 @@ async fn failed_authentication_is_throttled_per_address_without_locking_out_a_va
         started.elapsed().as_millis()
     );
     let budget = 20 + 5 * (started.elapsed().as_secs() as usize + 1);
-    assert!(
-        unauthorized <= budget,
-        "{unauthorized} wrong keys checked; the budget is {budget}"
-    );
+    assert!(unauthorized <= budget, "{unauthorized} wrong keys checked; the budget is {budget}");
     assert!(throttled >= 200 - budget);
 }
 
@@ -578,51 +412,26 @@ async fn ready_follows_whether_the_store_accepts_writes_and_start_up_needs_a_wri
     let server = serve(&[]);
     let http = reqwest::Client::new();
     let url = server.url();
-    let ready = || async {
-        http.get(format!("{url}/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .as_u16()
-    };
+    let ready = || async { http.get(format!("{url}/ready")).send().await.unwrap().status().as_u16() };
     assert_eq!(ready().await, 200);
     // Another process holds the write lock: commits fail after the busy timeout (5 s).
     let db = server.data.join("meterline.db");
     let lock = rusqlite::Connection::open(&db).unwrap();
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let (s, v, h) = post(
-        &http,
-        &url,
-        "/v1/BatchMeterUsage",
-        &[("X-Api-Key", KEY)],
-        batch(vec![record(5, "d0", 1)]),
-    )
-    .await;
+    let (s, v, h) =
+        post(&http, &url, "/v1/BatchMeterUsage", &[("X-Api-Key", KEY)], batch(vec![record(5, "d0", 1)])).await;
     assert_eq!(s, 503, "{v}");
     assert!(h.get("retry-after").is_some());
     assert_eq!(ready().await, 503, "/ready while the store refuses writes");
     lock.execute_batch("ROLLBACK").unwrap();
     let released = Instant::now();
     while ready().await != 200 {
-        assert!(
-            released.elapsed() < Duration::from_secs(10),
-            "/ready did not come back"
-        );
+        assert!(released.elapsed() < Duration::from_secs(10), "/ready did not come back");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!(
-        "/ready back {} ms after the store accepted writes again",
-        released.elapsed().as_millis()
-    );
-    let (s, v, _) = post(
-        &http,
-        &url,
-        "/v1/BatchMeterUsage",
-        &[("X-Api-Key", KEY)],
-        batch(vec![record(5, "d0", 1)]),
-    )
-    .await;
+    println!("/ready back {} ms after the store accepted writes again", released.elapsed().as_millis());
+    let (s, v, _) =
+        post(&http, &url, "/v1/BatchMeterUsage", &[("X-Api-Key", KEY)], batch(vec![record(5, "d0", 1)])).await;
     assert_eq!(s, 200, "{v}");
 
     // Start-up on a store that refuses writes: exits 1 naming why, never says "listening".
@@ -636,20 +445,14 @@ async fn ready_follows_whether_the_store_accepts_writes_and_start_up_needs_a_wri
         if let Some(s) = second.try_wait().unwrap() {
             break s;
         }
-        assert!(
-            Instant::now() < deadline,
-            "serve on a locked store did not exit"
-        );
+        assert!(Instant::now() < deadline, "serve on a locked store did not exit");
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut out = String::new();
     let mut err = String::new();
     std::io::Read::read_to_string(&mut second.stdout.take().unwrap(), &mut out).unwrap();
     std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
-    println!(
-        "start-up on a locked store: {status}; {}",
-        err.lines().last().unwrap_or("")
-    );
+    println!("start-up on a locked store: {status}; {}", err.lines().last().unwrap_or(""));
     assert!(!status.success());
     assert!(!out.contains("listening"), "{out}");
     assert!(err.contains("does not open for writing"), "{err}");

@@ -48,7 +48,11 @@ fn start(book: &std::path::Path, data: &std::path::Path) -> Running {
     out.read_line(&mut first).unwrap();
     // Keep draining so the server never writes into a closed pipe.
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the first line names the address").to_owned();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the first line names the address")
+        .to_owned();
     Running { child, url }
 }
 
@@ -103,10 +107,12 @@ async fn sigkill_mid_load_then_resend_unacknowledged_gives_exact_totals() {
                 drop(permit);
                 break;
             }
-            let (http, url, recs, acked) = (http.clone(), server.url.clone(), batches[b].records.clone(), Arc::clone(&acked));
+            let (http, url, recs, acked) =
+                (http.clone(), server.url.clone(), batches[b].records.clone(), Arc::clone(&acked));
             tasks.push(tokio::spawn(async move {
                 let body = json!({ "ProductCode": "p", "UsageRecords": recs }).to_string();
-                let resp = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).body(body).send().await;
+                let resp =
+                    http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).body(body).send().await;
                 drop(permit);
                 let v: Value = match resp {
                     Ok(r) if r.status().is_success() => r.json().await.ok()?,
@@ -117,9 +123,15 @@ async fn sigkill_mid_load_then_resend_unacknowledged_gives_exact_totals() {
                     Err(_) => return None,
                 };
                 let results = v["Results"].as_array()?;
-                assert!(results.iter().all(|r| r["Status"] == "Success"), "every record is new or an identical resend: {v}");
+                assert!(
+                    results.iter().all(|r| r["Status"] == "Success"),
+                    "every record is new or an identical resend: {v}"
+                );
                 acked.fetch_add(1, Ordering::SeqCst);
-                Some((b, results.iter().map(|r| r["MeteringRecordId"].as_str().unwrap().to_owned()).collect::<Vec<_>>()))
+                Some((
+                    b,
+                    results.iter().map(|r| r["MeteringRecordId"].as_str().unwrap().to_owned()).collect::<Vec<_>>(),
+                ))
             }));
         }
         if round < 3 {
@@ -141,7 +153,13 @@ async fn sigkill_mid_load_then_resend_unacknowledged_gives_exact_totals() {
         // Resend everything not acknowledged, plus a tenth of what was (sellers retry blindly).
         let unacked: Vec<usize> = pending.iter().copied().filter(|b| !acked_now.contains(b)).collect();
         let sent = acked_now.len() + unacked.len().min(8);
-        eprintln!("round {round}: {} batches acknowledged, {} not (in flight or never sent) of {} pending; {} sent", acked_now.len(), unacked.len(), pending.len(), sent);
+        eprintln!(
+            "round {round}: {} batches acknowledged, {} not (in flight or never sent) of {} pending; {} sent",
+            acked_now.len(),
+            unacked.len(),
+            pending.len(),
+            sent
+        );
         if round < 3 {
             interrupted += unacked.len();
         }
@@ -149,7 +167,10 @@ async fn sigkill_mid_load_then_resend_unacknowledged_gives_exact_totals() {
         again.extend(unacked);
         pending = again;
         if round == 3 {
-            assert!(pending.iter().all(|b| first_ids.contains_key(b)), "the last round acknowledges everything it sends");
+            assert!(
+                pending.iter().all(|b| first_ids.contains_key(b)),
+                "the last round acknowledges everything it sends"
+            );
             server.child.kill().unwrap();
             server.child.wait().unwrap();
             break;

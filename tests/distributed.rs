@@ -42,7 +42,11 @@ fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: build the distributed binaries first (cargo build --workspace --all-features)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the distributed binaries first (cargo build --workspace --all-features)",
+        p.display()
+    );
     p
 }
 
@@ -146,7 +150,11 @@ flush_interval_ms = 300
 
     /// [`Cluster::spawn`] with extra environment (config overrides).
     fn spawn_with(&mut self, name: &str, bin_name: &str, env: &[(&str, &str)]) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .unwrap();
         let child = Command::new(bin(bin_name))
             .arg("--config")
             .arg(&self.config)
@@ -210,7 +218,8 @@ flush_interval_ms = 300
         let deadline = Instant::now() + timeout;
         loop {
             self.supervise();
-            let n: u64 = self.query("SELECT sum(records) FROM {db}.monthly_charges FINAL").await.trim().parse().unwrap_or(0);
+            let n: u64 =
+                self.query("SELECT sum(records) FROM {db}.monthly_charges FINAL").await.trim().parse().unwrap_or(0);
             if n == expected {
                 return;
             }
@@ -259,7 +268,10 @@ fn workload(customers: usize, seed: u64) -> Workload {
 
 /// [`workload`] over the last `hours` hours (at most 5: the acceptance window is 6 h).
 fn workload_over(customers: usize, seed: u64, hours: i64) -> Workload {
-    let now_hour = Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64).hour().start();
+    let now_hour =
+        Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64)
+            .hour()
+            .start();
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut truth: BTreeMap<(String, String), (Decimal, u64)> = BTreeMap::new();
     let mut records = Vec::new();
@@ -274,7 +286,8 @@ fn workload_over(customers: usize, seed: u64, hours: i64) -> Workload {
                 let e = truth.entry((format!("c{c:04}"), dim.to_owned())).or_insert((Decimal::ZERO, 0));
                 e.0 += Decimal::from(q) * Decimal::from_str(rate).unwrap();
                 e.1 += 1;
-                let rec = json!({ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": dim, "Quantity": q });
+                let rec =
+                    json!({ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": dim, "Quantity": q });
                 if rng.gen_bool(0.02) {
                     let mut conflict = rec.clone();
                     conflict["Quantity"] = json!(q + 1);
@@ -286,9 +299,13 @@ fn workload_over(customers: usize, seed: u64, hours: i64) -> Workload {
             // Graduated tiers: the truth is the month's total priced once, whatever the order.
             let q: i64 = rng.gen_range(0..4_000);
             *tiered_quantity.entry(format!("c{c:04}")).or_default() += q;
-            records.push(json!({ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": TIERED, "Quantity": q }));
+            records.push(
+                json!({ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": TIERED, "Quantity": q }),
+            );
             if rng.gen_bool(0.02) {
-                extra.push(json!({ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": "D0", "Quantity": 1 }));
+                extra.push(
+                    json!({ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": "D0", "Quantity": 1 }),
+                );
                 invalid += 1;
             }
         }
@@ -323,7 +340,10 @@ async fn send(url: String, batches: Vec<Vec<Value>>, pace: Duration, hold: Arc<A
             // Bounded: a pipeline that stays down this long has failed the test.
             assert!(first_try.elapsed() < Duration::from_secs(180), "batch {i} not acknowledged within 180 s");
             // Per-record answers (the documented opt-in): the workload mixes invalid records in.
-            let req = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).header("X-Meterline-Per-Record", "true");
+            let req = http
+                .post(format!("{url}/v1/BatchMeterUsage"))
+                .header("X-Api-Key", KEY)
+                .header("X-Meterline-Per-Record", "true");
             match req.header("Content-Type", "application/json").body(body.clone()).send().await {
                 Ok(r) if r.status().is_success() => break,
                 Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {}
@@ -340,7 +360,10 @@ async fn send(url: String, batches: Vec<Vec<Value>>, pace: Duration, hold: Arc<A
     retries
 }
 
-fn assert_charges_equal_truth(got: &BTreeMap<(String, String), (Decimal, Decimal, u64)>, truth: &BTreeMap<(String, String), (Decimal, u64)>) {
+fn assert_charges_equal_truth(
+    got: &BTreeMap<(String, String), (Decimal, Decimal, u64)>,
+    truth: &BTreeMap<(String, String), (Decimal, u64)>,
+) {
     assert_eq!(got.len(), truth.len(), "number of invoice lines");
     for (k, (amount, n)) in truth {
         let (unrounded, billed, records) = got.get(k).unwrap_or_else(|| panic!("missing line {k:?}"));
@@ -364,27 +387,48 @@ async fn end_to_end_equals_ground_truth_and_the_embedded_answer() {
 
     // The embedded cores on the same input, in the same order, give the same lines.
     let book = ::common::catalogue::PriceBook::new(price_book(CUSTOMERS)).unwrap();
-    let lines: String = w.batches.iter().flatten().map(|r| {
-        let mut r = r.clone();
-        r["ProductCode"] = json!("p");
-        r.to_string() + "\n"
-    }).collect();
+    let lines: String = w
+        .batches
+        .iter()
+        .flatten()
+        .map(|r| {
+            let mut r = r.clone();
+            r["ProductCode"] = json!("p");
+            r.to_string() + "\n"
+        })
+        .collect();
     let embedded = meterline::rate::rate_lines(&book, &lines, &Default::default()).unwrap();
     assert_eq!(embedded.charge_lines.len(), got.len());
     for l in &embedded.charge_lines {
         let (unrounded, billed, records) = got[&(l.customer.clone(), l.dimension.clone())];
-        assert_eq!((unrounded, billed, records), (l.amount_unrounded.normalize(), l.amount.normalize(), l.records), "{} {}", l.customer, l.dimension);
+        assert_eq!(
+            (unrounded, billed, records),
+            (l.amount_unrounded.normalize(), l.amount.normalize(), l.records),
+            "{} {}",
+            l.customer,
+            l.dimension
+        );
     }
 
     // Conflicts and invalid records are in rejected_records with their reasons.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let text = c.query("SELECT reason, count() FROM {db}.rejected_records FINAL GROUP BY reason ORDER BY reason FORMAT TabSeparated").await;
-        let counts: BTreeMap<String, u64> = text.lines().filter_map(|l| l.split_once('\t')).map(|(a, b)| (a.to_owned(), b.parse().unwrap())).collect();
-        if counts.get("DuplicateRecord") == Some(&w.conflicts) && counts.get("InvalidUsageDimension") == Some(&w.invalid) {
+        let counts: BTreeMap<String, u64> =
+            text.lines().filter_map(|l| l.split_once('\t')).map(|(a, b)| (a.to_owned(), b.parse().unwrap())).collect();
+        if counts.get("DuplicateRecord") == Some(&w.conflicts)
+            && counts.get("InvalidUsageDimension") == Some(&w.invalid)
+        {
             break;
         }
-        assert!(Instant::now() < deadline, "rejections {counts:?}, expected {} conflicts and {} invalid\nrater:\n{}\naggregator:\n{}", w.conflicts, w.invalid, c.log("rater"), c.log("aggregator"));
+        assert!(
+            Instant::now() < deadline,
+            "rejections {counts:?}, expected {} conflicts and {} invalid\nrater:\n{}\naggregator:\n{}",
+            w.conflicts,
+            w.invalid,
+            c.log("rater"),
+            c.log("aggregator")
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let items: u64 = c.query("SELECT count() FROM {db}.rated_usage FINAL").await.trim().parse().unwrap();
@@ -392,8 +436,12 @@ async fn end_to_end_equals_ground_truth_and_the_embedded_answer() {
 
     // Month close over ClickHouse equals the embedded close of the same records, line for line.
     let month = embedded.charge_lines[0].month.clone();
-    let local = meterline::rate::rate_lines(&book, &lines, &meterline::rate::RateOptions { month: Some(&month), close: true, ..Default::default() })
-        .unwrap();
+    let local = meterline::rate::rate_lines(
+        &book,
+        &lines,
+        &meterline::rate::RateOptions { month: Some(&month), close: true, ..Default::default() },
+    )
+    .unwrap();
     let expected = local.month_close.unwrap().lines;
     for _ in 0..2 {
         // Closing twice appends a second close version; the current view shows it once.
@@ -449,14 +497,21 @@ async fn crashes_rebalances_outages_and_poison_leave_totals_exact() {
     c.spawn("aggregator", "aggregator");
     // Paced so that usage keeps flowing through every fault below.
     let hold = Arc::new(AtomicBool::new(true));
-    let sender = tokio::spawn(send(c.ingest_url.clone(), w.batches.clone(), Duration::from_millis(150), Arc::clone(&hold)));
+    let sender =
+        tokio::spawn(send(c.ingest_url.clone(), w.batches.clone(), Duration::from_millis(150), Arc::clone(&hold)));
 
     // Poison: undecodable messages on the raw and the rated topic.
     let producer: rdkafka::producer::FutureProducer = c.broker.client_config().create().unwrap();
     let cfg = ::common::config::PipelineConfig::load(&c.config).unwrap();
-    for (topic, payload) in [(&cfg.kafka.topics.raw, b"\x01garbage".as_slice()), (&cfg.kafka.topics.rated, b"\x09not-a-rated-record".as_slice())] {
+    for (topic, payload) in [
+        (&cfg.kafka.topics.raw, b"\x01garbage".as_slice()),
+        (&cfg.kafka.topics.rated, b"\x09not-a-rated-record".as_slice()),
+    ] {
         producer
-            .send(rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).key(b"poison".as_slice()).payload(payload), Duration::from_secs(10))
+            .send(
+                rdkafka::producer::FutureRecord::<[u8], [u8]>::to(topic).key(b"poison".as_slice()).payload(payload),
+                Duration::from_secs(10),
+            )
             .await
             .unwrap();
     }
@@ -464,7 +519,18 @@ async fn crashes_rebalances_outages_and_poison_leave_totals_exact() {
     let mut rng = SmallRng::seed_from_u64(5);
     let mut kills: BTreeMap<&str, u32> = BTreeMap::new();
     let mut under_load = 0;
-    let steps = ["rater", "aggregator", "clickhouse", "rater", "rater2-join", "aggregator", "kafka-node", "rater2-kill", "rater", "aggregator"];
+    let steps = [
+        "rater",
+        "aggregator",
+        "clickhouse",
+        "rater",
+        "rater2-join",
+        "aggregator",
+        "kafka-node",
+        "rater2-kill",
+        "rater",
+        "aggregator",
+    ];
     for step in steps {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(800..2000))).await;
         c.supervise();
@@ -508,7 +574,9 @@ async fn crashes_rebalances_outages_and_poison_leave_totals_exact() {
     let retries = sender.await.unwrap();
     c.wait_for_records(w.accepted, Duration::from_secs(240)).await;
     assert_charges_equal_truth(&c.charges().await, &w.truth);
-    let dead = c.query("SELECT stage, count() FROM {db}.dead_letters FINAL GROUP BY stage ORDER BY stage FORMAT TabSeparated").await;
+    let dead = c
+        .query("SELECT stage, count() FROM {db}.dead_letters FINAL GROUP BY stage ORDER BY stage FORMAT TabSeparated")
+        .await;
     assert_eq!(dead.trim(), "aggregator\t1\nrater\t1", "each poison message dead-lettered once");
     eprintln!(
         "faults: {kills:?} ({under_load} under load; second rater took partitions: {rater2_rebuilt}); supervisor restarts {:?}; sender retries {retries}; {} records, {} lines checked",
@@ -561,16 +629,26 @@ async fn a_paused_rater_is_fenced_and_nothing_it_produced_after_is_visible() {
     let mut c = Cluster::start("zombie", CUSTOMERS).await;
     let w = workload(CUSTOMERS, 31);
     // The zombie-to-be keeps each batch's transaction open for 3 s, so the pause lands inside one.
-    c.spawn_with("rater", "rater", &[("METERLINE__RATER__LINGER_MS", "3000"), ("METERLINE__RATER__MAX_BATCH", "1000000")]);
+    c.spawn_with(
+        "rater",
+        "rater",
+        &[("METERLINE__RATER__LINGER_MS", "3000"), ("METERLINE__RATER__MAX_BATCH", "1000000")],
+    );
     c.spawn("rater2", "rater");
     c.spawn("aggregator", "aggregator");
     let hold = Arc::new(AtomicBool::new(true));
     // Paced so that usage flows through the pause and after it (about 20 s of sending).
-    let sender = tokio::spawn(send(c.ingest_url.clone(), w.batches.clone(), Duration::from_millis(150), Arc::clone(&hold)));
+    let sender =
+        tokio::spawn(send(c.ingest_url.clone(), w.batches.clone(), Duration::from_millis(150), Arc::clone(&hold)));
     // Both raters own partitions before the pause.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !(c.log("rater").contains("partition state rebuilt") && rater2_took_partitions(&c)) {
-        assert!(Instant::now() < deadline, "both raters should own partitions:\n{}\n{}", c.log("rater"), c.log("rater2"));
+        assert!(
+            Instant::now() < deadline,
+            "both raters should own partitions:\n{}\n{}",
+            c.log("rater"),
+            c.log("rater2")
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -585,7 +663,8 @@ async fn a_paused_rater_is_fenced_and_nothing_it_produced_after_is_visible() {
     assert_charges_equal_truth(&c.charges().await, &w.truth);
 
     let log = std::fs::read_to_string(c.dir.path().join("rater.log")).unwrap_or_default();
-    let fenced = log.contains("batch transaction aborted") || c.restarts.contains_key("rater") || log.contains("fenced");
+    let fenced =
+        log.contains("batch transaction aborted") || c.restarts.contains_key("rater") || log.contains("fenced");
     assert!(fenced, "the resumed rater should have had its transaction aborted or been fenced:\n{}", c.log("rater"));
     let cfg = ::common::config::PipelineConfig::load(&c.config).unwrap();
     let (bootstrap, topic) = (c.broker.bootstrap(), cfg.kafka.topics.rated.clone());
@@ -593,7 +672,11 @@ async fn a_paused_rater_is_fenced_and_nothing_it_produced_after_is_visible() {
     let twice: Vec<(&String, &u32)> = ids.iter().filter(|(_, n)| **n > 1).take(5).collect();
     assert!(twice.is_empty(), "record ids committed more than once on the rated topic: {twice:?}");
     assert_eq!(ids.len() as u64, w.accepted, "every accepted record rated once");
-    eprintln!("zombie: rater log shows an aborted transaction: {}; restarts {:?}", log.contains("batch transaction aborted"), c.restarts);
+    eprintln!(
+        "zombie: rater log shows an aborted transaction: {}; restarts {:?}",
+        log.contains("batch transaction aborted"),
+        c.restarts
+    );
 }
 
 /// A chaos knob from the environment, or its CI default.
@@ -603,12 +686,19 @@ fn knob(name: &str, default: u64) -> u64 {
 
 /// Posts `batches` with `workers` concurrent sellers, each retrying until acknowledged (as seller
 /// code must), `pace` between a worker's calls; the last tenth waits for `hold` to clear.
-async fn send_concurrently(url: String, batches: Vec<Vec<Value>>, workers: usize, pace: Duration, hold: Arc<AtomicBool>) -> u64 {
+async fn send_concurrently(
+    url: String,
+    batches: Vec<Vec<Value>>,
+    workers: usize,
+    pace: Duration,
+    hold: Arc<AtomicBool>,
+) -> u64 {
     let mut streams: Vec<Vec<Vec<Value>>> = vec![Vec::new(); workers];
     for (i, b) in batches.into_iter().enumerate() {
         streams[i % workers].push(b);
     }
-    let tasks: Vec<_> = streams.into_iter().map(|s| tokio::spawn(send(url.clone(), s, pace, Arc::clone(&hold)))).collect();
+    let tasks: Vec<_> =
+        streams.into_iter().map(|s| tokio::spawn(send(url.clone(), s, pace, Arc::clone(&hold)))).collect();
     let mut retries = 0;
     for t in tasks {
         retries += t.await.unwrap();

@@ -47,7 +47,12 @@ impl Server {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn({
             let (db, clock) = (db.clone(), Arc::clone(&clock) as Arc<dyn Clock>);
-            async move { serve(listener, &db, book, clock, max_in_flight, async { let _ = rx.await; }).await }
+            async move {
+                serve(listener, &db, book, clock, max_in_flight, async {
+                    let _ = rx.await;
+                })
+                .await
+            }
         });
         Server { url, clock, db, stop: Some(tx), task, http: reqwest::Client::new(), _dir: None }
     }
@@ -58,8 +63,17 @@ impl Server {
         (self.db.clone(), self._dir.take())
     }
 
-    async fn post(&self, path: &str, key: Option<&str>, body: impl Into<reqwest::Body>) -> (u16, Value, reqwest::header::HeaderMap) {
-        let mut req = self.http.post(format!("{}{path}", self.url)).header("Content-Type", "application/x-amz-json-1.1").body(body);
+    async fn post(
+        &self,
+        path: &str,
+        key: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let mut req = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("Content-Type", "application/x-amz-json-1.1")
+            .body(body);
         if let Some(k) = key {
             req = req.header("X-Api-Key", k);
         }
@@ -189,9 +203,12 @@ async fn a_month_through_http_reproduces_the_worked_examples_to_the_cent() {
         let t = start.plus_millis(h * 3_600_000);
         s.clock.set(t.plus_millis(600_000));
         let ts = t.millis() / 1000;
-        let mut recs = vec![json!({ "Timestamp": ts, "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 100 })];
+        let mut recs =
+            vec![json!({ "Timestamp": ts, "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 100 })];
         if h == 5 {
-            recs.push(json!({ "Timestamp": ts, "CustomerIdentifier": "cid-alpha", "Dimension": "gb_ingest", "Quantity": 37 }));
+            recs.push(
+                json!({ "Timestamp": ts, "CustomerIdentifier": "cid-alpha", "Dimension": "gb_ingest", "Quantity": 37 }),
+            );
         }
         let (code, r) = s.batch(ACME, "acme-analytics", Value::Array(recs)).await;
         assert_eq!(code, 200);
@@ -207,7 +224,10 @@ async fn a_month_through_http_reproduces_the_worked_examples_to_the_cent() {
     assert_eq!(amount("gb_ingest"), "3.70");
     assert_eq!(amount("m5_large"), "1080.00");
     let m5 = l.iter().find(|x| x.dimension == "m5_large").unwrap();
-    assert_eq!((m5.quantity.to_string(), m5.covered_quantity.to_string(), m5.billable_quantity.to_string()), ("3600".into(), "1440".into(), "2160".into()));
+    assert_eq!(
+        (m5.quantity.to_string(), m5.covered_quantity.to_string(), m5.billable_quantity.to_string()),
+        ("3600".into(), "1440".into(), "2160".into())
+    );
     let totals = aggregator::invoice::invoice_totals(&l);
     assert_eq!(totals.len(), 1);
     assert_eq!(totals[0].amount.to_string(), "2091.70");
@@ -231,24 +251,59 @@ async fn whole_call_failures_are_named_and_store_nothing() {
     assert!(h.contains_key("x-amzn-requestid"), "errors carry a request id too");
     let unknown = json!({ "ProductCode": "nope", "UsageRecords": good }).to_string();
     let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), unknown).await;
-    assert_eq!((code, v["__type"].as_str().unwrap()), (400, "InvalidProductCodeException"), "unknown products answer like foreign ones");
+    assert_eq!(
+        (code, v["__type"].as_str().unwrap()),
+        (400, "InvalidProductCodeException"),
+        "unknown products answer like foreign ones"
+    );
     let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), r#"{"ProductCode":"acme-analytics"}"#).await;
     assert_eq!((code, v["__type"].as_str().unwrap()), (400, "ValidationException"), "UsageRecords is required: {v}");
-    let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), r#"{"ProductCode":"acme-analytics","usageRecords":[]}"#).await;
+    let (code, v, _) =
+        s.post("/v1/BatchMeterUsage", Some(ACME), r#"{"ProductCode":"acme-analytics","usageRecords":[]}"#).await;
     assert_eq!((code, v["__type"].as_str().unwrap()), (400, "ValidationException"), "{v}");
     // Every whole-call exception AWS models for a bad record, and nothing of the call stored.
     let good_one = users("2026-11-02T11:05:00Z", 5);
     let cases = [
-        (json!({ "Timestamp": "2026-11-02T05:00:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 1 }), "TimestampOutOfBoundsException"),
-        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "seats", "Quantity": 1 }), "InvalidUsageDimensionException"),
-        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "CustomerAWSAccountId": "111122223333", "Dimension": "users", "Quantity": 1 }), "InvalidCustomerIdentifierException"),
-        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 3, "UsageAllocations": [{ "AllocatedUsageQuantity": 2 }] }), "InvalidUsageAllocationsException"),
-        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 3, "UsageAllocations": [{ "AllocatedUsageQuantity": 3, "Tags": [{ "Key": "a#", "Value": "b" }] }] }), "InvalidTagException"),
-        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "LicenseArn": "arn:aws:license-manager::1:license:l-nope", "Quantity": 1 }), "InvalidLicenseException"),
-        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": null }), "ValidationException"),
-        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "quantity": 250 }), "ValidationException"),
-        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users" }), "ValidationException"),
-        (json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 4, "QuantityAsDecimal": "5" }), "ValidationException"),
+        (
+            json!({ "Timestamp": "2026-11-02T05:00:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 1 }),
+            "TimestampOutOfBoundsException",
+        ),
+        (
+            json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "seats", "Quantity": 1 }),
+            "InvalidUsageDimensionException",
+        ),
+        (
+            json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "CustomerAWSAccountId": "111122223333", "Dimension": "users", "Quantity": 1 }),
+            "InvalidCustomerIdentifierException",
+        ),
+        (
+            json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 3, "UsageAllocations": [{ "AllocatedUsageQuantity": 2 }] }),
+            "InvalidUsageAllocationsException",
+        ),
+        (
+            json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 3, "UsageAllocations": [{ "AllocatedUsageQuantity": 3, "Tags": [{ "Key": "a#", "Value": "b" }] }] }),
+            "InvalidTagException",
+        ),
+        (
+            json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "LicenseArn": "arn:aws:license-manager::1:license:l-nope", "Quantity": 1 }),
+            "InvalidLicenseException",
+        ),
+        (
+            json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": null }),
+            "ValidationException",
+        ),
+        (
+            json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "quantity": 250 }),
+            "ValidationException",
+        ),
+        (
+            json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users" }),
+            "ValidationException",
+        ),
+        (
+            json!({ "Timestamp": "2026-11-02T11:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 4, "QuantityAsDecimal": "5" }),
+            "ValidationException",
+        ),
     ];
     for (bad, kind) in cases {
         let (code, v) = s.batch(ACME, "acme-analytics", json!([good_one.clone(), bad])).await;
@@ -256,7 +311,8 @@ async fn whole_call_failures_are_named_and_store_nothing() {
         assert!(v["message"].as_str().unwrap().starts_with("UsageRecords[1]: "), "{v}");
     }
 
-    let (code, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), "{\"ProductCode\": \"acme-analytics\", \"UsageRecords\": [").await;
+    let (code, v, _) =
+        s.post("/v1/BatchMeterUsage", Some(ACME), "{\"ProductCode\": \"acme-analytics\", \"UsageRecords\": [").await;
     assert_eq!((code, v["__type"].as_str().unwrap()), (400, "SerializationException"));
     assert!(v["message"].as_str().unwrap().contains("EOF"), "{v}");
 
@@ -264,11 +320,20 @@ async fn whole_call_failures_are_named_and_store_nothing() {
     let (code, v) = s.batch(ACME, "acme-analytics", Value::Array(many)).await;
     assert_eq!((code, v["__type"].as_str().unwrap()), (400, "ValidationException"));
 
-    let huge = format!("{{\"ProductCode\":\"acme-analytics\",\"UsageRecords\":[],\"pad\":\"{}\"}}", "x".repeat(1_100_000));
+    let huge =
+        format!("{{\"ProductCode\":\"acme-analytics\",\"UsageRecords\":[],\"pad\":\"{}\"}}", "x".repeat(1_100_000));
     let (code, _, _) = s.post("/v1/BatchMeterUsage", Some(ACME), huge).await;
     assert_eq!(code, 413);
 
-    let resp = s.http.post(format!("{}/v1/BatchMeterUsage", s.url)).header("X-Api-Key", ACME).header("Content-Type", "text/html").body(body.clone()).send().await.unwrap();
+    let resp = s
+        .http
+        .post(format!("{}/v1/BatchMeterUsage", s.url))
+        .header("X-Api-Key", ACME)
+        .header("Content-Type", "text/html")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 415);
 
     let (db, _dir) = s.stop().await;
@@ -279,15 +344,26 @@ async fn whole_call_failures_are_named_and_store_nothing() {
 async fn aws_json_protocol_meter_usage_and_bulk_routes_work() {
     let s = Server::start(tempfile::tempdir().unwrap(), NOW).await;
     // The AWS SDK shape: POST / with X-Amz-Target.
-    let body = json!({ "ProductCode": "acme-analytics", "UsageRecords": [users("2026-11-02T11:05:00Z", 3)] }).to_string();
-    let resp = s.http.post(&s.url).header("X-Api-Key", ACME).header("X-Amz-Target", "AWSMPMeteringService.BatchMeterUsage")
-        .header("Content-Type", "application/x-amz-json-1.1").body(body).send().await.unwrap();
+    let body =
+        json!({ "ProductCode": "acme-analytics", "UsageRecords": [users("2026-11-02T11:05:00Z", 3)] }).to_string();
+    let resp = s
+        .http
+        .post(&s.url)
+        .header("X-Api-Key", ACME)
+        .header("X-Amz-Target", "AWSMPMeteringService.BatchMeterUsage")
+        .header("Content-Type", "application/x-amz-json-1.1")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(statuses(&v), ["Success"]);
 
     // MeterUsage: one record; a second one for the slot with another quantity is refused.
-    let mu = |q: i64| json!({ "ProductCode": "acme-vm", "Timestamp": "2026-11-02T11:20:00Z", "UsageDimension": "c5_xlarge", "UsageQuantity": q, "CustomerAWSAccountId": "111122223333" }).to_string();
+    let mu = |q: i64| {
+        json!({ "ProductCode": "acme-vm", "Timestamp": "2026-11-02T11:20:00Z", "UsageDimension": "c5_xlarge", "UsageQuantity": q, "CustomerAWSAccountId": "111122223333" }).to_string()
+    };
     let (code, v, _) = s.post("/v1/MeterUsage", Some(ACME), mu(2)).await;
     assert_eq!(code, 200, "{v}");
     let id = v["MeteringRecordId"].as_str().unwrap().to_owned();
@@ -343,7 +419,8 @@ async fn overload_answers_429_with_retry_after_and_stores_nothing_of_it() {
     assert!(seen.keys().all(|c| *c == 200 || *c == 429), "{seen:?}");
     let (db, _) = s.stop().await;
     let conn = Store::open_read_only(&db).unwrap();
-    let answered: i64 = conn.query_row("SELECT coalesce(sum(records), 0) FROM ingest_counts", [], |r| r.get(0)).unwrap();
+    let answered: i64 =
+        conn.query_row("SELECT coalesce(sum(records), 0) FROM ingest_counts", [], |r| r.get(0)).unwrap();
     assert_eq!(answered, *seen.get(&200).unwrap_or(&0) as i64, "only calls answered 200 left a trace");
     drop(dir);
 }
@@ -389,11 +466,16 @@ async fn racing_writers_on_one_slot_charge_it_once() {
     let s = Server::start(tempfile::tempdir().unwrap(), NOW).await;
     let mut calls = Vec::new();
     for q in 0..32 {
-        let body = json!({ "ProductCode": "acme-analytics", "UsageRecords": [users("2026-11-02T11:30:00Z", q % 4)] }).to_string();
+        let body = json!({ "ProductCode": "acme-analytics", "UsageRecords": [users("2026-11-02T11:30:00Z", q % 4)] })
+            .to_string();
         let (http, url) = (s.http.clone(), format!("{}/v1/BatchMeterUsage", s.url));
         calls.push(tokio::spawn(async move {
-            let v: Value = http.post(url).header("X-Api-Key", ACME).body(body).send().await.unwrap().json().await.unwrap();
-            (v["Results"][0]["Status"].as_str().unwrap().to_owned(), v["Results"][0]["MeteringRecordId"].as_str().unwrap().to_owned())
+            let v: Value =
+                http.post(url).header("X-Api-Key", ACME).body(body).send().await.unwrap().json().await.unwrap();
+            (
+                v["Results"][0]["Status"].as_str().unwrap().to_owned(),
+                v["Results"][0]["MeteringRecordId"].as_str().unwrap().to_owned(),
+            )
         }));
     }
     let mut winners = std::collections::BTreeSet::new();
@@ -441,6 +523,7 @@ async fn month_close_writes_invoice_lines_and_late_usage_becomes_a_correction_ed
     let nov = Store::charge_lines(&conn, Some("2026-11")).unwrap();
     assert_eq!(nov.len(), 1);
     assert_eq!((nov[0].charge_type.as_str(), nov[0].amount.to_string()), ("adjustment", "10.00".to_owned()));
-    let stored: i64 = conn.query_row("SELECT count(*) FROM invoice_lines WHERE billing_month = '2026-10'", [], |r| r.get(0)).unwrap();
+    let stored: i64 =
+        conn.query_row("SELECT count(*) FROM invoice_lines WHERE billing_month = '2026-10'", [], |r| r.get(0)).unwrap();
     assert_eq!(stored, 1);
 }

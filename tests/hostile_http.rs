@@ -69,7 +69,8 @@ impl Server {
         content_type: &str,
         body: impl Into<reqwest::Body>,
     ) -> (u16, Value, reqwest::header::HeaderMap) {
-        let mut req = self.http.post(format!("http://{}{path}", self.addr)).header("Content-Type", content_type).body(body);
+        let mut req =
+            self.http.post(format!("http://{}{path}", self.addr)).header("Content-Type", content_type).body(body);
         if let Some(k) = key {
             req = req.header("X-Api-Key", k);
         }
@@ -112,7 +113,12 @@ fn batch(records: Value) -> String {
 }
 
 fn statuses(v: &Value) -> Vec<String> {
-    v["Results"].as_array().unwrap_or(&Vec::new()).iter().map(|r| r["Status"].as_str().unwrap_or("").to_owned()).collect()
+    v["Results"]
+        .as_array()
+        .unwrap_or(&Vec::new())
+        .iter()
+        .map(|r| r["Status"].as_str().unwrap_or("").to_owned())
+        .collect()
 }
 
 fn kind(v: &Value) -> &str {
@@ -183,7 +189,13 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     let (c, v) = s.batch_raw(GLOBEX, ok_body.clone()).await;
     refused_whole("another seller's product", (c, &v), 400, "InvalidProductCodeException", "acme-analytics");
     let (c, v) = s.batch_raw(ACME, batch(json!([])).replace("acme-analytics", "nobody-product")).await;
-    refused_whole("unknown product (same answer as foreign)", (c, &v), 400, "InvalidProductCodeException", "nobody-product");
+    refused_whole(
+        "unknown product (same answer as foreign)",
+        (c, &v),
+        400,
+        "InvalidProductCodeException",
+        "nobody-product",
+    );
     let (c, v, _) = s.post("/v1/BatchMeterUsage", Some(ACME), "text/xml", ok_body.clone()).await;
     refused_whole("wrong content type", (c, &v), 415, "SerializationException", "text/xml");
     let truncated = &ok_body[..ok_body.len() / 2];
@@ -195,11 +207,28 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     refused_whole("wrong type in the envelope", (c, &v), 400, "SerializationException", "invalid type");
     let (c, v) = s.batch_raw(ACME, r#"{"ProductCode": "acme-analytics", "UsageRecords": {"a": 1}}"#).await;
     refused_whole("UsageRecords not an array", (c, &v), 400, "SerializationException", "invalid type");
-    let deep = format!(r#"{{"ProductCode":"acme-analytics","UsageRecords":[{{"X":{}1{}}}]}}"#, "[".repeat(100_000), "]".repeat(100_000));
+    let deep = format!(
+        r#"{{"ProductCode":"acme-analytics","UsageRecords":[{{"X":{}1{}}}]}}"#,
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
     let (c, v) = s.batch_raw(ACME, deep).await;
-    refused_whole("deeply nested JSON (100k levels, in an unknown field)", (c, &v), 400, "SerializationException", "nested deeper than 32");
-    let (c, v) = s.batch_raw(ACME, r#"{"ProductCode":"acme-analytics","ProductCode":"globex-db","UsageRecords":[]}"#).await;
-    refused_whole("duplicated key in the envelope", (c, &v), 400, "SerializationException", "duplicate field `ProductCode`");
+    refused_whole(
+        "deeply nested JSON (100k levels, in an unknown field)",
+        (c, &v),
+        400,
+        "SerializationException",
+        "nested deeper than 32",
+    );
+    let (c, v) =
+        s.batch_raw(ACME, r#"{"ProductCode":"acme-analytics","ProductCode":"globex-db","UsageRecords":[]}"#).await;
+    refused_whole(
+        "duplicated key in the envelope",
+        (c, &v),
+        400,
+        "SerializationException",
+        "duplicate field `ProductCode`",
+    );
     let mut invalid_utf8 = batch(json!([users(7, 999)])).into_bytes();
     let at = invalid_utf8.windows(9).position(|w| w == b"cid-alpha").unwrap();
     invalid_utf8[at + 3] = 0xff;
@@ -218,7 +247,13 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     refused_whole("26 records in one BatchMeterUsage", (c, &v), 400, "ValidationException", "at most 25");
     let over = batch(json!([{ "Timestamp": "2026-11-02T07:05:00Z", "CustomerIdentifier": "x".repeat(1_100_000) }]));
     let (c, v) = s.batch_raw(ACME, over).await;
-    refused_whole("body over the 1 MB limit", (c, &v), 413, "RequestEntityTooLargeException", "over this route's limit");
+    refused_whole(
+        "body over the 1 MB limit",
+        (c, &v),
+        413,
+        "RequestEntityTooLargeException",
+        "over this route's limit",
+    );
     let (c, v, _) = s.post("/", Some(ACME), "application/x-amz-json-1.1", ok_body.clone()).await;
     refused_whole("POST / without X-Amz-Target", (c, &v), 400, "UnknownOperationException", "X-Amz-Target");
 
@@ -230,7 +265,11 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     let answer = raw_exchange(s.addr, &head, &[(b"{\"ProductC", Duration::from_millis(2500))]).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "slow body: {answer}");
     assert!(answer.contains("RequestTimeoutException") && answer.contains("did not arrive within 1 s"), "{answer}");
-    println!("{:<48} → 408 RequestTimeoutException (after {:?})", "slow body (10 bytes, then silence)", started.elapsed());
+    println!(
+        "{:<48} → 408 RequestTimeoutException (after {:?})",
+        "slow body (10 bytes, then silence)",
+        started.elapsed()
+    );
 
     // --- Per-record refusals: the call succeeds, good neighbours are billed. ---------------
     let huge_string = "d".repeat(300_000);
@@ -251,13 +290,19 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
         { "Timestamp": "2026-11-02T09:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "users", "Quantity": 30, "ClientToken": "t-1", "Extra": {"deep": [1, 2, {"x": null}]} },
     ]);
     good_total.set(good_total.get() + 30); // The last record carries unknown fields: accepted by the documented rule.
-    // By default the first bad record fails the call as AWS does; the opt-in isolates each record.
+                                           // By default the first bad record fails the call as AWS does; the opt-in isolates each record.
     let (c, v) = s.batch_raw(ACME, batch(records.clone())).await;
     refused_whole("a stale record, answered as AWS", (c, &v), 400, "TimestampOutOfBoundsException", "UsageRecords[1]");
     let (c, v) = s.batch_per_record(ACME, batch(records)).await;
     assert_eq!(c, 200, "{v}");
     assert_eq!(statuses(&v)[0], "Success");
-    refused_record("timestamp far in the past (2000)", &v, 1, "TimestampOutOfBounds", "older than the acceptance window");
+    refused_record(
+        "timestamp far in the past (2000)",
+        &v,
+        1,
+        "TimestampOutOfBounds",
+        "older than the acceptance window",
+    );
     refused_record("timestamp far in the future (2099)", &v, 2, "TimestampOutOfBounds", "future hour");
     refused_record("milliseconds sent as seconds", &v, 3, "InvalidRecord", "not epoch seconds");
     refused_record("negative quantity", &v, 4, "InvalidQuantity", "negative");
@@ -273,8 +318,7 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     println!("{:<48} → 200, record Success (ignored by rule)", "unknown fields (ClientToken, Extra)");
 
     // gb_ingest here, so these slots do not collide with the users slots above.
-    let good_gb =
-        json!({ "Timestamp": "2026-11-02T09:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "gb_ingest", "Quantity": 40 });
+    let good_gb = json!({ "Timestamp": "2026-11-02T09:05:00Z", "CustomerIdentifier": "cid-alpha", "Dimension": "gb_ingest", "Quantity": 40 });
     let mut gb_total = 40;
     let records = format!(
         r#"{{"ProductCode":"acme-analytics","UsageRecords":[{good_gb},
@@ -289,21 +333,35 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     // Numbers are echoed as sent; JSON's grammar allows any magnitude, so these answers are
     // checked as text (serde_json's Value refuses numbers beyond f64).
     let text_call = |body: &'static str| {
-        let req = s.http.post(format!("http://{}/v1/BatchMeterUsage", s.addr)).header("X-Api-Key", ACME).header("X-Meterline-Per-Record", "true").body(body);
+        let req = s
+            .http
+            .post(format!("http://{}/v1/BatchMeterUsage", s.addr))
+            .header("X-Api-Key", ACME)
+            .header("X-Meterline-Per-Record", "true")
+            .body(body);
         async move {
             let resp = req.send().await.unwrap();
             (resp.status().as_u16(), resp.text().await.unwrap())
         }
     };
     let (c, text) = text_call(r#"{"ProductCode":"acme-analytics","UsageRecords":[{"Timestamp":"2026-11-02T10:05:00Z","CustomerIdentifier":"cid-alpha","Dimension":"gb_ingest","Quantity":1e400}]}"#).await;
-    assert!(c == 200 && text.contains(r#""Status":"InvalidQuantity""#) && text.contains("not a representable number"), "{text}");
-    println!("{:<48} → 200, record InvalidQuantity: Quantity 1e400: is not a representable number", "huge exponent quantity (1e400)");
+    assert!(
+        c == 200 && text.contains(r#""Status":"InvalidQuantity""#) && text.contains("not a representable number"),
+        "{text}"
+    );
+    println!(
+        "{:<48} → 200, record InvalidQuantity: Quantity 1e400: is not a representable number",
+        "huge exponent quantity (1e400)"
+    );
     // A huge number in an unknown field is skipped unconverted (JSON's grammar allows any
     // magnitude); the record stands and is echoed byte for byte.
     let (c, text) = text_call(r#"{"ProductCode":"acme-analytics","UsageRecords":[{"Timestamp":"2026-11-02T11:05:00Z","CustomerIdentifier":"cid-alpha","Dimension":"gb_ingest","Quantity":2,"Big":1e999999}]}"#).await;
     assert!(c == 200 && text.contains(r#""Big":1e999999}"#) && text.contains(r#""Status":"Success""#), "{text}");
     gb_total += 2;
-    println!("{:<48} → 200, record Success (unknown field, echoed as sent)", "huge number in an unknown field (1e999999)");
+    println!(
+        "{:<48} → 200, record Success (unknown field, echoed as sent)",
+        "huge number in an unknown field (1e999999)"
+    );
 
     // Native bulk: the same rules per line; a bad line never refuses its neighbours.
     let bulk = format!(
@@ -317,13 +375,22 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
     assert_eq!((v["Accepted"].as_u64(), v["Refused"].as_u64()), (Some(2), Some(2)), "{v}");
     let r = &v["Results"];
     assert!(
-        r[1]["Status"] == "InvalidRecord" && r[1]["Line"] == 2 && r[1]["Reason"].as_str().unwrap().contains("line does not parse"),
+        r[1]["Status"] == "InvalidRecord"
+            && r[1]["Line"] == 2
+            && r[1]["Reason"].as_str().unwrap().contains("line does not parse"),
         "{v}"
     );
-    println!("{:<48} → 200, line 2 InvalidRecord: {}", "bulk: a line of invalid JSON", clip(r[1]["Reason"].as_str().unwrap()));
-    let (c, v, _) = s.post("/v1/usage", Some(ACME), "application/x-ndjson", b"{\"ProductCode\":\"acme-analytics\"\xff}\n".to_vec()).await;
+    println!(
+        "{:<48} → 200, line 2 InvalidRecord: {}",
+        "bulk: a line of invalid JSON",
+        clip(r[1]["Reason"].as_str().unwrap())
+    );
+    let (c, v, _) = s
+        .post("/v1/usage", Some(ACME), "application/x-ndjson", b"{\"ProductCode\":\"acme-analytics\"\xff}\n".to_vec())
+        .await;
     refused_whole("bulk: invalid UTF-8", (c, &v), 400, "SerializationException", "not UTF-8");
-    let (c, v, _) = s.post("/v1/usage", Some(ACME), "application/x-ndjson", json!({"ProductCode": "globex-db"}).to_string()).await;
+    let (c, v, _) =
+        s.post("/v1/usage", Some(ACME), "application/x-ndjson", json!({"ProductCode": "globex-db"}).to_string()).await;
     refused_whole("bulk: a line for another seller's product", (c, &v), 403, "AccessDeniedException", "line 1");
 
     // MeterUsage: a bad record is the whole call.
@@ -351,14 +418,18 @@ async fn every_bad_input_is_named_and_good_records_are_billed_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sellers_flood_does_not_starve_another() {
-    let limits = ingest::limit::SellerLimits { records_per_sec: NonZeroU32::new(50).unwrap(), burst: NonZeroU32::new(100).unwrap() };
+    let limits = ingest::limit::SellerLimits {
+        records_per_sec: NonZeroU32::new(50).unwrap(),
+        burst: NonZeroU32::new(100).unwrap(),
+    };
     let s = Arc::new(Server::start(ServeOptions { seller_limits: Some(limits), ..ServeOptions::default() }).await);
     // acme floods: 40 calls of 25 records at once, far above 50 records/s.
     let flood = (0..40).map(|i| {
         let s = Arc::clone(&s);
         tokio::spawn(async move {
             let recs: Vec<Value> = (0..25).map(|j| users(7 + (i % 5), 1000 + (i * 25 + j) as i64)).collect();
-            let (c, v, h) = s.post("/v1/BatchMeterUsage", Some(ACME), "application/json", batch(Value::Array(recs))).await;
+            let (c, v, h) =
+                s.post("/v1/BatchMeterUsage", Some(ACME), "application/json", batch(Value::Array(recs))).await;
             (c, v, h.get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned))
         })
     });
@@ -390,7 +461,9 @@ async fn one_sellers_flood_does_not_starve_another() {
         }
     }
     assert!(throttled > 0 && ok >= 1, "ok {ok}, throttled {throttled}");
-    println!("acme flood: {ok} calls admitted, {throttled} answered 429 with Retry-After; globex: 5/5 records accepted");
+    println!(
+        "acme flood: {ok} calls admitted, {throttled} answered 429 with Retry-After; globex: 5/5 records accepted"
+    );
     let (c, v) = s.batch_raw(ACME, batch(json!((0..5).map(|_| users(7, 1)).collect::<Vec<_>>()))).await;
     assert!(c == 200 || c == 429, "{v}");
     let big: Vec<Value> = (0..25).map(|_| users(7, 1)).collect();
@@ -437,7 +510,8 @@ async fn api_keys_rotate_without_a_restart() {
     println!("new key accepted {waited:?} after the keys file changed; old key still accepted");
 
     // Step 2: end the old key's life (not_after before the server's clock); the new one stays.
-    std::fs::write(&keys_path, entry("acme-2026-a", Some("2026-11-01T00:00:00Z")) + &entry("acme-2026-b", None)).unwrap();
+    std::fs::write(&keys_path, entry("acme-2026-a", Some("2026-11-01T00:00:00Z")) + &entry("acme-2026-b", None))
+        .unwrap();
     wait_until(|| async { call("acme-2026-a").await.0 == 401 }).await;
     assert_eq!(call("acme-2026-b").await.0, 200);
     assert_eq!(call(ACME).await.0, 200, "the price book's own key is untouched");

@@ -41,7 +41,12 @@ fn now() -> Timestamp {
 
 /// Runs an instant query; returns the result vector.
 async fn query(http: &reqwest::Client, prom: &Prometheus, q: &str) -> Result<Vec<Value>, String> {
-    let resp = http.get(format!("{}/api/v1/query", prom.url())).query(&[("query", q)]).send().await.map_err(|e| e.to_string())?;
+    let resp = http
+        .get(format!("{}/api/v1/query", prom.url()))
+        .query(&[("query", q)])
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
     let v: Value = resp.json().await.map_err(|e| e.to_string())?;
     if v["status"] != "success" {
         return Err(format!("{q}: {v}"));
@@ -104,7 +109,8 @@ fn collect_exprs(v: &Value, out: &mut Vec<String>) {
 
 /// Every alert rule of `deploy/prometheus/alerts.yml`: (name, expr, runbook annotation).
 fn alert_rules() -> Vec<(String, String, String)> {
-    let y: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap()).unwrap();
+    let y: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap()).unwrap();
     let mut out = Vec::new();
     for g in y["groups"].as_sequence().unwrap() {
         for r in g["rules"].as_sequence().unwrap() {
@@ -149,13 +155,21 @@ async fn rules_are_healthy(http: &reqwest::Client, prom: &Prometheus) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let v: Value = http.get(format!("{}/api/v1/rules", prom.url())).send().await.unwrap().json().await.unwrap();
-        let rules: Vec<Value> =
-            v["data"]["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()).collect();
+        let rules: Vec<Value> = v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
         let bad: Vec<&Value> = rules.iter().filter(|r| r["health"] != "ok").collect();
         if rules.len() == want && bad.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "alert rules not all loaded and healthy: {} of {want}, unhealthy: {bad:?}", rules.len());
+        assert!(
+            Instant::now() < deadline,
+            "alert rules not all loaded and healthy: {} of {want}, unhealthy: {bad:?}",
+            rules.len()
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -181,18 +195,26 @@ fn known_input() -> Input {
         for (i, (dim, rate)) in RATES.iter().enumerate() {
             let q = (c * 7 + i * 3 + 1) as i64;
             revenue += Decimal::from(q) * rate.parse::<Decimal>().unwrap();
-            records.push(json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(c), "Dimension": dim, "Quantity": q }));
+            records.push(
+                json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(c), "Dimension": dim, "Quantity": q }),
+            );
         }
     }
     let first: Vec<Value> = records[..25].to_vec();
     let second: Vec<Value> = records[25..].to_vec();
-    let conflicting = vec![json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(0), "Dimension": "d0", "Quantity": 999_999 })];
+    let conflicting = vec![
+        json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(0), "Dimension": "d0", "Quantity": 999_999 }),
+    ];
     let invalid = vec![
         json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(1), "Dimension": "nope", "Quantity": 1 }),
         json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(2), "Dimension": "nope", "Quantity": 1 }),
         json!({ "Timestamp": ts - 2 * 86_400, "CustomerAWSAccountId": common::account(3), "Dimension": "d1", "Quantity": 1 }),
     ];
-    Input { calls: vec![first.clone(), second, first, conflicting, invalid], revenue, slots: (CUSTOMERS * RATES.len()) as u64 }
+    Input {
+        calls: vec![first.clone(), second, first, conflicting, invalid],
+        revenue,
+        slots: (CUSTOMERS * RATES.len()) as u64,
+    }
 }
 
 /// Posts the input; returns the MeteringRecordId of the conflicting record.
@@ -204,11 +226,23 @@ async fn post_input(http: &reqwest::Client, url: &str, input: &Input) -> String 
         let deadline = Instant::now() + Duration::from_secs(60);
         let v: Value = loop {
             // Per-record answers (the documented opt-in): the last call mixes invalid records in.
-            let r = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY).header("X-Meterline-Per-Record", "true").body(body.clone()).send().await.unwrap();
+            let r = http
+                .post(format!("{url}/v1/BatchMeterUsage"))
+                .header("X-Api-Key", KEY)
+                .header("X-Meterline-Per-Record", "true")
+                .body(body.clone())
+                .send()
+                .await
+                .unwrap();
             if r.status().is_success() {
                 break r.json().await.unwrap();
             }
-            assert!(Instant::now() < deadline, "call {i} refused: {} {}", r.status(), r.text().await.unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "call {i} refused: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         };
         if i == 3 {
@@ -227,15 +261,33 @@ async fn check_key_series(http: &reqwest::Client, prom: &Prometheus, input: &Inp
     // Ingest: everything received, the three invalid records rejected by reason.
     eventually(http, prom, &rec("meterline_records_received_total", "ingest"), received).await;
     eventually(http, prom, &rec("meterline_records_accepted_total", "ingest"), received - 3.0).await;
-    eventually(http, prom, "sum(meterline_records_rejected_total{stage=\"ingest\",reason=\"InvalidUsageDimension\"})", 2.0).await;
-    eventually(http, prom, "sum(meterline_records_rejected_total{stage=\"ingest\",reason=\"TimestampOutOfBounds\"})", 1.0).await;
+    eventually(
+        http,
+        prom,
+        "sum(meterline_records_rejected_total{stage=\"ingest\",reason=\"InvalidUsageDimension\"})",
+        2.0,
+    )
+    .await;
+    eventually(
+        http,
+        prom,
+        "sum(meterline_records_rejected_total{stage=\"ingest\",reason=\"TimestampOutOfBounds\"})",
+        1.0,
+    )
+    .await;
     // Rater: each slot rated once, the resend recognised, the conflict refused.
     eventually(http, prom, &rec("meterline_records_received_total", "rater"), received - 3.0).await;
     eventually(http, prom, &rec("meterline_records_accepted_total", "rater"), input.slots as f64).await;
     eventually(http, prom, &rec("meterline_records_duplicate_total", "rater"), 25.0).await;
     eventually(http, prom, &rec("meterline_records_conflicting_total", "rater"), 1.0).await;
     eventually(http, prom, "sum(meterline_records_rejected_total{stage=\"rater\"}) or vector(0)", 0.0).await;
-    eventually(http, prom, "sum(meterline_rated_amount_total{currency=\"USD\"})", input.revenue.to_string().parse().unwrap()).await;
+    eventually(
+        http,
+        prom,
+        "sum(meterline_rated_amount_total{currency=\"USD\"})",
+        input.revenue.to_string().parse().unwrap(),
+    )
+    .await;
     eventually(http, prom, "sum(meterline_dedup_keys{stage=\"rater\"})", input.slots as f64).await;
     eventually(
         http,
@@ -245,7 +297,13 @@ async fn check_key_series(http: &reqwest::Client, prom: &Prometheus, input: &Inp
     )
     .await;
     // Every call answered 200, each observed once by the ack-latency histogram.
-    eventually(http, prom, "sum(meterline_http_request_duration_seconds_count{path=\"/v1/BatchMeterUsage\",code=\"200\"})", n_calls).await;
+    eventually(
+        http,
+        prom,
+        "sum(meterline_http_request_duration_seconds_count{path=\"/v1/BatchMeterUsage\",code=\"200\"})",
+        n_calls,
+    )
+    .await;
     eventually(http, prom, "sum(meterline_ingest_in_flight_records)", 0.0).await;
     eventually(http, prom, "count(meterline_build_info == 1)", binaries).await;
     // Latency histograms saw every decided record.
@@ -269,7 +327,11 @@ fn start_serve(book: &Path, data: &Path, log: &Path) -> (Child, String) {
     let mut first = String::new();
     out.read_line(&mut first).unwrap();
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the first line names the address").to_owned();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the first line names the address")
+        .to_owned();
     (child, url)
 }
 
@@ -299,8 +361,12 @@ async fn prometheus_scrapes_the_embedded_pipeline_and_the_key_series_match_the_i
     let log = dir.path().join("serve.log");
     let (mut child, url) = start_serve(&book_path, &dir.path().join("data"), &log);
     let addr = url.trim_start_matches("http://").to_owned();
-    let prom =
-        Prometheus::start(&[Job { name: "meterline".into(), targets: vec![addr] }], &[repo("deploy/prometheus/alerts.yml")]).await.unwrap();
+    let prom = Prometheus::start(
+        &[Job { name: "meterline".into(), targets: vec![addr] }],
+        &[repo("deploy/prometheus/alerts.yml")],
+    )
+    .await
+    .unwrap();
     let http = reqwest::Client::new();
     for probe in ["/health", "/ready", "/metrics"] {
         assert_eq!(http.get(format!("{url}{probe}")).send().await.unwrap().status(), 200, "{probe}");
@@ -309,7 +375,13 @@ async fn prometheus_scrapes_the_embedded_pipeline_and_the_key_series_match_the_i
     let input = known_input();
     let conflict_id = post_input(&http, &url, &input).await;
     check_key_series(&http, &prom, &input, 1.0).await;
-    eventually(&http, &prom, "sum(meterline_batch_records_sum{stage=\"rater\"})", input.calls.iter().map(|c| c.len() as f64).sum()).await;
+    eventually(
+        &http,
+        &prom,
+        "sum(meterline_batch_records_sum{stage=\"rater\"})",
+        input.calls.iter().map(|c| c.len() as f64).sum(),
+    )
+    .await;
     eventually(&http, &prom, "sum(meterline_commits_total{kind=\"sqlite_group_commit\"}) >= bool 1", 1.0).await;
     eventually(&http, &prom, "sum(meterline_commit_failures_total) or vector(0)", 0.0).await;
     every_query_runs(&http, &prom).await;
@@ -333,7 +405,10 @@ fn dashboards_and_alerts_name_only_metrics_that_exist() {
     let m = Metrics::new("test");
     let known: BTreeSet<String> = m.names().iter().cloned().collect();
     let exists = |name: &str| {
-        known.contains(name) || ["_bucket", "_sum", "_count"].iter().any(|s| name.strip_suffix(s).is_some_and(|base| known.contains(base)))
+        known.contains(name)
+            || ["_bucket", "_sum", "_count"]
+                .iter()
+                .any(|s| name.strip_suffix(s).is_some_and(|base| known.contains(base)))
     };
     let mut used = BTreeSet::new();
     for (source, expr) in dashboard_queries().into_iter().chain(alert_rules().into_iter().map(|(n, e, _)| (n, e))) {
@@ -345,8 +420,10 @@ fn dashboards_and_alerts_name_only_metrics_that_exist() {
         }
     }
     // The dashboards use the provisioned datasource.
-    let ds: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(repo("deploy/grafana/provisioning/datasources/prometheus.yml")).unwrap()).unwrap();
+    let ds: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo("deploy/grafana/provisioning/datasources/prometheus.yml")).unwrap(),
+    )
+    .unwrap();
     let uid = ds["datasources"][0]["uid"].as_str().unwrap();
     for entry in std::fs::read_dir(repo("deploy/grafana/dashboards")).unwrap() {
         let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
@@ -365,25 +442,34 @@ fn dashboards_and_alerts_name_only_metrics_that_exist() {
 
 #[test]
 fn compose_file_and_manifests_parse_and_wire_the_stack() {
-    let compose: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(repo("deploy/compose.yaml")).unwrap()).unwrap();
+    let compose: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo("deploy/compose.yaml")).unwrap()).unwrap();
     let services = compose["services"].as_mapping().unwrap();
     for s in ["kafka", "clickhouse", "prometheus", "grafana", "ingest", "rater", "aggregator"] {
         assert!(services.contains_key(s), "compose has no `{s}` service");
     }
     let kafka_env = serde_yaml::to_string(&compose["services"]["kafka"]["environment"]).unwrap();
-    assert!(kafka_env.contains("KAFKA_PROCESS_ROLES") && kafka_env.contains("controller"), "Kafka runs in KRaft mode: {kafka_env}");
+    assert!(
+        kafka_env.contains("KAFKA_PROCESS_ROLES") && kafka_env.contains("controller"),
+        "Kafka runs in KRaft mode: {kafka_env}"
+    );
     assert!(!kafka_env.contains("ZOOKEEPER"), "no ZooKeeper");
     // The compose broker takes the test broker's settings: every key of deploy/kafka/broker.properties
     // appears as KAFKA_<KEY> with the same value, and the image is the version testkit runs.
     let env = compose["services"]["kafka"]["environment"].as_mapping().unwrap();
-    for line in testkit::broker::SHARED_SETTINGS.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in testkit::broker::SHARED_SETTINGS.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let (key, value) = line.split_once('=').unwrap();
         let var = format!("KAFKA_{}", key.replace('.', "_").to_uppercase());
         let got = env.get(serde_yaml::Value::from(var.as_str())).map(|v| match v {
             serde_yaml::Value::String(s) => s.clone(),
             other => serde_yaml::to_string(other).unwrap().trim().to_owned(),
         });
-        assert_eq!(got.as_deref(), Some(value), "compose's kafka sets {var} as deploy/kafka/broker.properties sets {key}");
+        assert_eq!(
+            got.as_deref(),
+            Some(value),
+            "compose's kafka sets {var} as deploy/kafka/broker.properties sets {key}"
+        );
     }
     let image = compose["services"]["kafka"]["image"].as_str().unwrap();
     assert_eq!(image, format!("apache/kafka:{}", testkit::bins::KAFKA_VERSION), "compose runs the Kafka the tests run");
@@ -391,7 +477,8 @@ fn compose_file_and_manifests_parse_and_wire_the_stack() {
     assert!(grafana.contains("grafana/dashboards") && grafana.contains("grafana/provisioning"), "{grafana}");
     // The configuration the compose stack and the manifests mount loads and serves metrics
     // where Prometheus scrapes them.
-    let compose_cfg = PipelineConfig::from_toml(&std::fs::read_to_string(repo("deploy/compose/meterline.toml")).unwrap()).unwrap();
+    let compose_cfg =
+        PipelineConfig::from_toml(&std::fs::read_to_string(repo("deploy/compose/meterline.toml")).unwrap()).unwrap();
     let prom_cfg = std::fs::read_to_string(repo("deploy/prometheus/prometheus.yml")).unwrap();
     assert!(prom_cfg.contains(&format!("\"ingest:{}\"", compose_cfg.ingest.listen.rsplit(':').next().unwrap())));
     for listen in [&compose_cfg.rater.metrics_listen, &compose_cfg.aggregator.metrics_listen] {
@@ -418,7 +505,10 @@ fn compose_file_and_manifests_parse_and_wire_the_stack() {
             if kind == "Deployment" {
                 let name = v["metadata"]["name"].as_str().unwrap().to_owned();
                 let pod = &v["spec"]["template"]["spec"];
-                assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(0) >= 30, "{name}: time to finish a batch");
+                assert!(
+                    pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(0) >= 30,
+                    "{name}: time to finish a batch"
+                );
                 let c = &pod["containers"][0];
                 for probe in ["livenessProbe", "readinessProbe"] {
                     assert!(c[probe]["httpGet"]["path"].is_string(), "{name} has no {probe}");
@@ -427,19 +517,29 @@ fn compose_file_and_manifests_parse_and_wire_the_stack() {
                     c["resources"]["requests"]["cpu"].is_string() && c["resources"]["requests"]["memory"].is_string(),
                     "{name} requests"
                 );
-                assert!(v["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true", "{name} is scraped");
+                assert!(
+                    v["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true",
+                    "{name} is scraped"
+                );
                 deployments.insert(name);
             }
         }
     }
-    assert_eq!(deployments, ["meterline-aggregator", "meterline-ingest", "meterline-rater"].map(String::from).into_iter().collect());
+    assert_eq!(
+        deployments,
+        ["meterline-aggregator", "meterline-ingest", "meterline-rater"].map(String::from).into_iter().collect()
+    );
 }
 
 /// The distributed binaries' path (built by `cargo build --workspace --all-features`).
 fn stage_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let p = exe.parent().and_then(Path::parent).unwrap().join(name);
-    assert!(p.exists(), "{} is missing: build the distributed binaries first (cargo build --workspace --all-features)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: build the distributed binaries first (cargo build --workspace --all-features)",
+        p.display()
+    );
     p
 }
 
@@ -513,7 +613,8 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
     for (name, port) in [("ingest", ingest_port), ("rater", rater_port), ("aggregator", aggregator_port)] {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let ok = matches!(http.get(format!("http://127.0.0.1:{port}/ready")).send().await, Ok(r) if r.status() == 200);
+            let ok =
+                matches!(http.get(format!("http://127.0.0.1:{port}/ready")).send().await, Ok(r) if r.status() == 200);
             if ok {
                 break;
             }
@@ -522,10 +623,11 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
         }
         assert_eq!(http.get(format!("http://127.0.0.1:{port}/health")).send().await.unwrap().status(), 200);
     }
-    let jobs: Vec<Job> = [("meterline-ingest", ingest_port), ("meterline-rater", rater_port), ("meterline-aggregator", aggregator_port)]
-        .iter()
-        .map(|(n, p)| Job { name: (*n).into(), targets: vec![format!("127.0.0.1:{p}")] })
-        .collect();
+    let jobs: Vec<Job> =
+        [("meterline-ingest", ingest_port), ("meterline-rater", rater_port), ("meterline-aggregator", aggregator_port)]
+            .iter()
+            .map(|(n, p)| Job { name: (*n).into(), targets: vec![format!("127.0.0.1:{p}")] })
+            .collect();
     let prom = Prometheus::start(&jobs, &[repo("deploy/prometheus/alerts.yml")]).await.unwrap();
 
     let input = known_input();
@@ -536,13 +638,28 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
     eventually(&http, &prom, "sum(meterline_records_accepted_total{stage=\"aggregator\"})", slots).await;
     eventually(&http, &prom, "sum(meterline_clickhouse_rows_written_total{table=\"rated_usage\"})", slots).await;
     eventually(&http, &prom, "sum(meterline_clickhouse_rows_written_total{table=\"rejected_records\"})", 4.0).await;
-    eventually(&http, &prom, "sum(meterline_clickhouse_rows_written_total{table=\"monthly_charges\"}) >= bool 40", 1.0).await;
+    eventually(&http, &prom, "sum(meterline_clickhouse_rows_written_total{table=\"monthly_charges\"}) >= bool 40", 1.0)
+        .await;
     eventually(&http, &prom, "sum(meterline_rated_to_clickhouse_seconds_count)", slots).await;
-    eventually(&http, &prom, "sum(meterline_clickhouse_insert_duration_seconds_count{table=\"rated_usage\"}) >= bool 1", 1.0).await;
+    eventually(
+        &http,
+        &prom,
+        "sum(meterline_clickhouse_insert_duration_seconds_count{table=\"rated_usage\"}) >= bool 1",
+        1.0,
+    )
+    .await;
     eventually(&http, &prom, "sum(meterline_clickhouse_insert_errors_total) or vector(0)", 0.0).await;
     // Commits of each kind happened; none failed.
-    for (stage, kind) in [("rater", "kafka_transaction"), ("aggregator", "clickhouse_flush"), ("aggregator", "kafka_offsets")] {
-        eventually(&http, &prom, &format!("sum(meterline_commits_total{{stage=\"{stage}\",kind=\"{kind}\"}}) >= bool 1"), 1.0).await;
+    for (stage, kind) in
+        [("rater", "kafka_transaction"), ("aggregator", "clickhouse_flush"), ("aggregator", "kafka_offsets")]
+    {
+        eventually(
+            &http,
+            &prom,
+            &format!("sum(meterline_commits_total{{stage=\"{stage}\",kind=\"{kind}\"}}) >= bool 1"),
+            1.0,
+        )
+        .await;
     }
     eventually(&http, &prom, "sum(meterline_commit_failures_total) or vector(0)", 0.0).await;
     eventually(&http, &prom, "sum(meterline_kafka_delivery_errors_total) or vector(0)", 0.0).await;
@@ -601,13 +718,22 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
         if n == total {
             break;
         }
-        assert!(n < total && Instant::now() < deadline, "{n} of {total} records folded:\n{}\n{}", text("rater2"), text("aggregator"));
+        assert!(
+            n < total && Instant::now() < deadline,
+            "{n} of {total} records folded:\n{}\n{}",
+            text("rater2"),
+            text("aggregator")
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let decided_after = rater_received(&http, rater_port).await;
     let raw_records = input.calls.iter().map(|c| c.len() as u64).sum::<u64>() - 3 + burst_len;
     eprintln!("rater decided {decided_before} records before SIGTERM, its successor {decided_after}, of {raw_records}");
-    assert_eq!(decided_before + decided_after, raw_records, "a gracefully stopped rater left nothing decided uncommitted");
+    assert_eq!(
+        decided_before + decided_after,
+        raw_records,
+        "a gracefully stopped rater left nothing decided uncommitted"
+    );
 
     // SIGTERM: each stage finishes its work, commits and exits 0.
     for (name, child) in procs.iter_mut().rev() {

@@ -41,21 +41,26 @@ struct Served {
 }
 
 fn serve(book: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> Served {
-    let mut child = Command::new(std::env::var("METERLINE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meterline").into()))
-        .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
-        .arg(book)
-        .arg("--data-dir")
-        .arg(data)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting meterline serve");
+    let mut child =
+        Command::new(std::env::var("METERLINE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meterline").into()))
+            .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
+            .arg(book)
+            .arg("--data-dir")
+            .arg(data)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting meterline serve");
     let mut first = String::new();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     out.read_line(&mut first).unwrap();
     std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the first line names the address").to_owned();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("the first line names the address")
+        .to_owned();
     Served { child, url }
 }
 
@@ -106,10 +111,20 @@ enum Answer {
     Other,
 }
 
-async fn call(http: &reqwest::Client, url: &str, key: &str, product: &str, records: &[Value], tally: &Mutex<Tally>) -> Answer {
+async fn call(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    product: &str,
+    records: &[Value],
+    tally: &Mutex<Tally>,
+) -> Answer {
     let body = json!({ "ProductCode": product, "UsageRecords": records }).to_string();
     // Per-record answers (the documented opt-in): the traffic mixes invalid records in.
-    let req = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", key).header("X-Meterline-Per-Record", "true");
+    let req = http
+        .post(format!("{url}/v1/BatchMeterUsage"))
+        .header("X-Api-Key", key)
+        .header("X-Meterline-Per-Record", "true");
     let resp = match req.body(body).send().await {
         Ok(r) => r,
         Err(e) => {
@@ -145,7 +160,8 @@ async fn call(http: &reqwest::Client, url: &str, key: &str, product: &str, recor
             Answer::Shed { retry_after: s }
         }
         _ => {
-            t.unexpected.push(format!("{status} (Retry-After {retry:?}): {}", text.chars().take(200).collect::<String>()));
+            t.unexpected
+                .push(format!("{status} (Retry-After {retry:?}): {}", text.chars().take(200).collect::<String>()));
             Answer::Other
         }
     }
@@ -157,17 +173,28 @@ fn check_against_ground_truth(book: &PriceBook, data: &std::path::Path, tally: &
     let conn = Store::open_read_only(&data.join("meterline.db")).unwrap();
     // One scan (rated_usage has no index on record_id; a lookup per id would scan per id).
     let mut st = conn.prepare("SELECT record_id FROM rated_usage").unwrap();
-    let stored_ids: std::collections::HashSet<String> = st.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect();
+    let stored_ids: std::collections::HashSet<String> =
+        st.query_map([], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect();
     for id in tally.acked.keys() {
         let rid: RecordId = id.parse().unwrap();
         assert!(stored_ids.contains(&rid.to_string()), "acknowledged record {id} is not in the store");
     }
     let counts: HashMap<String, u64> = Store::status_counts(&conn).unwrap().into_iter().collect();
-    assert_eq!(counts.get("Success").copied().unwrap_or(0), tally.acked.len() as u64, "accepted in the store = acknowledged");
+    assert_eq!(
+        counts.get("Success").copied().unwrap_or(0),
+        tally.acked.len() as u64,
+        "accepted in the store = acknowledged"
+    );
     let usage: String = tally.acked.values().map(|v| format!("{v}\n")).collect();
     let truth = meterline::rate::rate_lines(book, &usage, &meterline::rate::RateOptions::default()).unwrap();
-    assert!(truth.refused.is_empty(), "acknowledged records rate offline: {:?}", &truth.refused[..truth.refused.len().min(3)]);
-    let key = |l: &::common::rated::ChargeLine| format!("{}|{}|{}|{}|{:?}|{}", l.month, l.customer, l.product, l.dimension, l.charge_type, l.currency);
+    assert!(
+        truth.refused.is_empty(),
+        "acknowledged records rate offline: {:?}",
+        &truth.refused[..truth.refused.len().min(3)]
+    );
+    let key = |l: &::common::rated::ChargeLine| {
+        format!("{}|{}|{}|{}|{:?}|{}", l.month, l.customer, l.product, l.dimension, l.charge_type, l.currency)
+    };
     let stored: HashMap<String, (rust_decimal::Decimal, rust_decimal::Decimal)> =
         Store::charge_lines(&conn, None).unwrap().iter().map(|l| (key(l), (l.quantity, l.amount_unrounded))).collect();
     let expected: HashMap<String, (rust_decimal::Decimal, rust_decimal::Decimal)> =
@@ -177,7 +204,11 @@ fn check_against_ground_truth(book: &PriceBook, data: &std::path::Path, tally: &
         assert_eq!(stored.get(k), Some(v), "line {k}");
     }
     let total: rust_decimal::Decimal = truth.invoice_totals.iter().map(|t| t.amount).sum();
-    println!("ground truth: {} acknowledged records, {} charge lines, invoices total {total}: store matches", tally.acked.len(), expected.len());
+    println!(
+        "ground truth: {} acknowledged records, {} charge lines, invoices total {total}: store matches",
+        tally.acked.len(),
+        expected.len()
+    );
 }
 
 fn env_secs(name: &str, default: u64) -> u64 {
@@ -218,7 +249,11 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
     }
     let batches = Arc::new(batches);
     let next = Arc::new(AtomicUsize::new(0));
-    let http = reqwest::Client::builder().pool_max_idle_per_host(OUTSTANDING).timeout(Duration::from_secs(60)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(OUTSTANDING)
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
     let tally = Arc::new(Mutex::new(Tally::default()));
     let take = {
         let (batches, next) = (Arc::clone(&batches), Arc::clone(&next));
@@ -257,7 +292,12 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
         std::thread::spawn(move || {
             while on.load(Ordering::Relaxed) {
                 let s = std::fs::read_to_string(&pid_status).unwrap_or_default();
-                if let Some(kb) = s.lines().find(|l| l.starts_with("VmRSS")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()) {
+                if let Some(kb) = s
+                    .lines()
+                    .find(|l| l.starts_with("VmRSS"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+                {
                     peak.fetch_max(kb, Ordering::Relaxed);
                 }
                 std::thread::sleep(Duration::from_millis(100));
@@ -275,7 +315,8 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
     let ok_latency: Arc<Mutex<Vec<Vec<f64>>>> = Arc::new(Mutex::new(vec![Vec::new(), Vec::new()]));
     let phase = |secs: u64, records_per_sec: f64, which: usize| {
         let (http, url, tally, take) = (http.clone(), url.clone(), Arc::clone(&tally), take.clone());
-        let (outstanding, not_sent, last_shed_ms) = (Arc::clone(&outstanding), Arc::clone(&not_sent), Arc::clone(&last_shed_ms));
+        let (outstanding, not_sent, last_shed_ms) =
+            (Arc::clone(&outstanding), Arc::clone(&not_sent), Arc::clone(&last_shed_ms));
         let (first_shed_ms, ok_latency) = (Arc::clone(&first_shed_ms), Arc::clone(&ok_latency));
         async move {
             let start = Instant::now();
@@ -291,8 +332,13 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
                         continue;
                     }
                     outstanding.fetch_add(1, Ordering::Relaxed);
-                    let (http, url, tally, outstanding, last_shed_ms) =
-                        (http.clone(), url.clone(), Arc::clone(&tally), Arc::clone(&outstanding), Arc::clone(&last_shed_ms));
+                    let (http, url, tally, outstanding, last_shed_ms) = (
+                        http.clone(),
+                        url.clone(),
+                        Arc::clone(&tally),
+                        Arc::clone(&outstanding),
+                        Arc::clone(&last_shed_ms),
+                    );
                     let (first_shed_ms, ok_latency) = (Arc::clone(&first_shed_ms), Arc::clone(&ok_latency));
                     let batch = take();
                     tokio::spawn(async move {
@@ -368,7 +414,11 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
             pct(&lat[0], 0.99),
             pct(&lat[1], 0.99)
         );
-        assert!(t.unexpected.is_empty(), "only 200, or 429/503 with Retry-After: {:?}", &t.unexpected[..t.unexpected.len().min(5)]);
+        assert!(
+            t.unexpected.is_empty(),
+            "only 200, or 429/503 with Retry-After: {:?}",
+            &t.unexpected[..t.unexpected.len().min(5)]
+        );
         // Shedding starts early and keeps the queue short (issue 12); generous for a debug build
         // on a shared machine: the release figures are in SECURITY.md.
         assert!(first_shed_after < 3_000, "first shed {first_shed_after} ms into the overload");
@@ -378,7 +428,10 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
         // with the offered load (an unbounded queue would take gigabytes within seconds).
         assert!(hwm_kb < 1024 * 1024, "peak RSS {} MiB", hwm_kb / 1024);
         // Recovered: the last 3 s of the 0.5·T phase saw no shedding at all.
-        assert!(end_ms.saturating_sub(last_shed.max(overload_end_ms)) >= 3000, "throughput did not recover: last shed at {last_shed} ms, end {end_ms} ms");
+        assert!(
+            end_ms.saturating_sub(last_shed.max(overload_end_ms)) >= 3000,
+            "throughput did not recover: last shed at {last_shed} ms, end {end_ms} ms"
+        );
     }
     server.stop();
     check_against_ground_truth(&book, &data, &tally.lock().unwrap());
@@ -419,12 +472,27 @@ async fn soak_of_mixed_good_and_bad_traffic_bills_exactly_the_good_records() {
     // Hostile bodies mixed in: each must get its 4xx, and none may disturb the good traffic.
     let hostile: Vec<(String, &str, String, u16)> = vec![
         ("truncated".into(), "application/json", r#"{"ProductCode":"x","UsageRecords":[{"Timest"#.into(), 400),
-        ("deep".into(), "application/json", format!(r#"{{"ProductCode":"x","UsageRecords":[{}]}}"#, "[".repeat(5000)), 400),
+        (
+            "deep".into(),
+            "application/json",
+            format!(r#"{{"ProductCode":"x","UsageRecords":[{}]}}"#, "[".repeat(5000)),
+            400,
+        ),
         ("wrong key".into(), "application/json", r#"{"ProductCode":"x","UsageRecords":[]}"#.into(), 401),
         // AWS's answer for another seller's product: 400 InvalidProductCodeException.
-        ("foreign product".into(), "application/json", json!({ "ProductCode": foreign, "UsageRecords": [] }).to_string(), 400),
+        (
+            "foreign product".into(),
+            "application/json",
+            json!({ "ProductCode": foreign, "UsageRecords": [] }).to_string(),
+            400,
+        ),
         ("content type".into(), "text/csv", "a,b".into(), 415),
-        ("oversized".into(), "application/json", format!(r#"{{"ProductCode":"{}","X":"{}"}}"#, foreign, "y".repeat(1_100_000)), 413),
+        (
+            "oversized".into(),
+            "application/json",
+            format!(r#"{{"ProductCode":"{}","X":"{}"}}"#, foreign, "y".repeat(1_100_000)),
+            413,
+        ),
     ];
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -452,7 +520,14 @@ async fn soak_of_mixed_good_and_bad_traffic_bills_exactly_the_good_records() {
                     if i % 20 == 19 {
                         let (what, ct, body, want) = &hostile[(i / 20) % hostile.len()];
                         let k = if what == "wrong key" { "not-a-key" } else { key.as_str() };
-                        let r = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", k).header("Content-Type", *ct).body(body.clone()).send().await.unwrap();
+                        let r = http
+                            .post(format!("{url}/v1/BatchMeterUsage"))
+                            .header("X-Api-Key", k)
+                            .header("Content-Type", *ct)
+                            .body(body.clone())
+                            .send()
+                            .await
+                            .unwrap();
                         // Repeated wrong keys from one address are throttled (issue 12): 429 with
                         // Retry-After instead of 401 once the address's budget is spent.
                         let got = r.status().as_u16();
@@ -466,7 +541,9 @@ async fn soak_of_mixed_good_and_bad_traffic_bills_exactly_the_good_records() {
                     let key = keys.iter().find(|k| k.seller == b.seller).unwrap().key.clone();
                     loop {
                         match call(&http, &url, &key, &b.product, &b.records, &tally).await {
-                            Answer::Shed { retry_after } => tokio::time::sleep(Duration::from_secs(retry_after.min(5))).await,
+                            Answer::Shed { retry_after } => {
+                                tokio::time::sleep(Duration::from_secs(retry_after.min(5))).await
+                            }
                             _ => break,
                         }
                     }

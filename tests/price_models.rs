@@ -319,7 +319,10 @@ fn cppo_and_dsor_split_the_money_between_partner_and_manufacturer_edge_57() {
     // DSOR with a custom wholesale card.
     let g = one(&v, &[("customer", "govco"), ("charge_type", "contract_upfront")]);
     assert_eq!((g["channel"].as_str(), g["seller_of_record"].as_str()), (Some("dsor"), Some("dsorco")));
-    assert_eq!((g["customer_billed_amount"].as_str(), g["cost_of_goods"].as_str()), (Some("95000.00"), Some("85000.00")));
+    assert_eq!(
+        (g["customer_billed_amount"].as_str(), g["cost_of_goods"].as_str()),
+        (Some("95000.00"), Some("85000.00"))
+    );
     // Every party's net plus the fees adds up to what the buyers pay.
     let sum = |field: &str| -> rust_decimal::Decimal {
         lines(&v, &[])
@@ -382,7 +385,13 @@ fn a_profile_without_listing_fees_cannot_close_edge_59() {
     let book = MODELS.replace("[marketplace.listing_fees]", "[unused_fees]").replace("[unused_fees]\n", "");
     let book = book
         .lines()
-        .filter(|l| !l.starts_with("public_") && !l.starts_with("private") && !l.starts_with("tier_") && !l.starts_with("renewal =") && !l.starts_with("channel_uplift"))
+        .filter(|l| {
+            !l.starts_with("public_")
+                && !l.starts_with("private")
+                && !l.starts_with("tier_")
+                && !l.starts_with("renewal =")
+                && !l.starts_with("channel_uplift")
+        })
         .collect::<Vec<_>>()
         .join("\n");
     let err = run(&book, "", &["--month", "2026-11", "--close"]).unwrap_err();
@@ -410,10 +419,23 @@ fn catalogue_mistakes_are_refused_with_the_reason_edges_46_47_49_50() {
             refused(|b| b.replace("expires_at = \"2026-11-30T00:00:00Z\"", "expires_at = \"2026-11-10T00:00:00Z\"")),
         ),
         // Standard's 12-month price below Basic's: the mid-term "upgrade" is a downgrade.
-        ("downgrade", refused(|b| b.replace("dimension = \"tier_standard\", rate = \"2000\"", "dimension = \"tier_standard\", rate = \"900\""))),
+        (
+            "downgrade",
+            refused(|b| {
+                b.replace(
+                    "dimension = \"tier_standard\", rate = \"2000\"",
+                    "dimension = \"tier_standard\", rate = \"900\"",
+                )
+            }),
+        ),
         (
             "currency mismatch in the resale chain",
-            refused(|b| b.replace("partner = \"channelco\"\nchannel = \"cppo\"\ncurrency = \"USD\"", "partner = \"channelco\"\nchannel = \"cppo\"\ncurrency = \"EUR\"")),
+            refused(|b| {
+                b.replace(
+                    "partner = \"channelco\"\nchannel = \"cppo\"\ncurrency = \"USD\"",
+                    "partner = \"channelco\"\nchannel = \"cppo\"\ncurrency = \"EUR\"",
+                )
+            }),
         ),
         (
             "overlapping agreements",
@@ -424,8 +446,16 @@ fn catalogue_mistakes_are_refused_with_the_reason_edges_46_47_49_50() {
                 )
             }),
         ),
-        ("not allowed (public: 1, 12, 24, 36", refused(|b| b.replace("{ months = 1, dimension = \"tier_basic\"", "{ months = 6, dimension = \"tier_basic\""))),
-        ("private offers do not support BYOL", refused(|b| b.replace("usage = { users = { per_unit = \"0.05\" } }", "usage = { users = \"byol\" }"))),
+        (
+            "not allowed (public: 1, 12, 24, 36",
+            refused(|b| {
+                b.replace("{ months = 1, dimension = \"tier_basic\"", "{ months = 6, dimension = \"tier_basic\"")
+            }),
+        ),
+        (
+            "private offers do not support BYOL",
+            refused(|b| b.replace("usage = { users = { per_unit = \"0.05\" } }", "usage = { users = \"byol\" }")),
+        ),
     ];
     for (want, err) in cases {
         assert!(err.contains(want), "expected `{want}` in: {err}");
@@ -434,9 +464,8 @@ fn catalogue_mistakes_are_refused_with_the_reason_edges_46_47_49_50() {
 
 #[test]
 fn sixty_one_installments_are_refused_edge_47() {
-    let many: String = (0..61)
-        .map(|i| format!("  {{ date = \"2027-{:02}-01T00:00:00Z\", amount = \"1\" }},\n", 1 + i % 12))
-        .collect();
+    let many: String =
+        (0..61).map(|i| format!("  {{ date = \"2027-{:02}-01T00:00:00Z\", amount = \"1\" }},\n", 1 + i % 12)).collect();
     let err = refused(|b| {
         let start = b.find("installments = [\n").unwrap();
         let end = start + b[start..].find("]\n").unwrap();
@@ -447,7 +476,10 @@ fn sixty_one_installments_are_refused_edge_47() {
 
 #[test]
 fn past_dated_installment_is_invoiced_at_acceptance_edge_47() {
-    let book = MODELS.replace("{ date = \"2026-11-15T00:00:00Z\", amount = \"100000\" }", "{ date = \"2026-11-01T00:00:00Z\", amount = \"100000\" }");
+    let book = MODELS.replace(
+        "{ date = \"2026-11-15T00:00:00Z\", amount = \"100000\" }",
+        "{ date = \"2026-11-01T00:00:00Z\", amount = \"100000\" }",
+    );
     let (_, v) = run(&book, "", &["--month", "2026-11", "--close"]).unwrap();
     assert_eq!(one(&v, &[("customer", "bigco"), ("charge_type", "installment")])["invoice_date"], "2026-11-15");
 }
@@ -498,7 +530,11 @@ fn a_new_price_book_may_add_dimensions_but_never_rename_or_remove_published_ones
     ));
     assert!(added.status.success(), "{}", String::from_utf8_lossy(&added.stderr));
     assert!(String::from_utf8_lossy(&added.stdout).contains("valid"));
-    let renamed = check(MODELS.replace("{ key = \"seats\", category", "{ key = \"users\", category").replace("seats = { per_unit", "users = { per_unit"));
+    let renamed = check(
+        MODELS
+            .replace("{ key = \"seats\", category", "{ key = \"users\", category")
+            .replace("seats = { per_unit", "users = { per_unit"),
+    );
     assert!(!renamed.status.success());
     assert!(String::from_utf8_lossy(&renamed.stderr).contains("published dimension `seats` was removed or renamed"));
 }

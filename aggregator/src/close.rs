@@ -228,9 +228,7 @@ pub fn ami_trial_agreements(book: &PriceBook, month: Month) -> Vec<String> {
         .iter()
         .filter(|a| {
             book.offer(&a.offer).and_then(|o| o.free_trial.as_ref()).is_some_and(|t| {
-                t.kind == TrialKind::AmiOneInstance
-                    && a.start < month.end()
-                    && trial_end(a, t.days) > month.start()
+                t.kind == TrialKind::AmiOneInstance && a.start < month.end() && trial_end(a, t.days) > month.start()
             })
         })
         .map(|a| a.id.clone())
@@ -325,9 +323,8 @@ impl<'b> Closer<'b> {
         let Some(c) = &a.contract else { return Ok(()) };
         let tcv = contract_value(o, c).ok_or_else(|| CloseError::Overflow(a.id.clone()))?;
         let signed = a.signed_at();
-        let describe = || {
-            c.quantities.iter().map(|q| format!("{} × {}", q.quantity, q.dimension)).collect::<Vec<_>>().join(", ")
-        };
+        let describe =
+            || c.quantities.iter().map(|q| format!("{} × {}", q.quantity, q.dimension)).collect::<Vec<_>>().join(", ");
         if c.installments.is_empty() {
             if self.in_month(signed) {
                 self.push(
@@ -559,7 +556,10 @@ impl<'b> Closer<'b> {
             Some(to) => match book.fx_rate(o.currency, to, d.invoice_date.min(self.month.end())) {
                 Some(fx) => Some(round_to_minor(billed * fx, to.minor_units().unwrap_or(2))),
                 None => {
-                    self.warnings.push(format!("no FX rate {} → {to} for {}; reporting amount left empty", o.currency, self.month));
+                    self.warnings.push(format!(
+                        "no FX rate {} → {to} for {}; reporting amount left empty",
+                        o.currency, self.month
+                    ));
                     None
                 }
             },
@@ -777,7 +777,8 @@ mod tests {
         assert_eq!(private("10000000.00", false, Channel::Direct), "0.015");
         assert_eq!(private("5000", true, Channel::Direct), "0.015");
         assert_eq!(private("999999.99", false, Channel::Cppo), "0.035");
-        let public = |delivery| listing_fee_rate(&f, Visibility::Public, delivery, false, d("0"), Channel::Direct).to_string();
+        let public =
+            |delivery| listing_fee_rate(&f, Visibility::Public, delivery, false, d("0"), Channel::Direct).to_string();
         assert_eq!(public(Delivery::Saas), "0.03");
         assert_eq!(public(Delivery::Ami), "0.20");
         assert_eq!(public(Delivery::Container), "0.20");

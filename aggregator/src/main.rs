@@ -62,7 +62,8 @@ async fn main() -> anyhow::Result<()> {
     if matches!(args.command, Some(Command::Migrate)) {
         return Ok(());
     }
-    let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
+    let book =
+        Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
     if let Some(Command::Close { month, out_dir }) = &args.command {
         let month = common::time::Month::parse(month).map_err(anyhow::Error::msg)?;
         let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
@@ -73,7 +74,11 @@ async fn main() -> anyhow::Result<()> {
                 *m.entry(l.currency.to_string()).or_default() += l.customer_billed_amount;
                 m
             });
-        println!("closed {month}: {} invoice lines; billed {billed:?}; exported to {}", close.lines.len(), out_dir.display());
+        println!(
+            "closed {month}: {} invoice lines; billed {billed:?}; exported to {}",
+            close.lines.len(),
+            out_dir.display()
+        );
         for w in &close.warnings {
             println!("warning: {w}");
         }
@@ -81,13 +86,22 @@ async fn main() -> anyhow::Result<()> {
     }
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
     let metrics = common::metrics::Metrics::new("aggregator");
-    let _ops = common::ops::serve_configured("aggregator", cfg.aggregator.metrics_listen.as_deref(), Arc::clone(&metrics))
-        .await
-        .context("binding aggregator.metrics_listen")?;
-    println!("aggregator consuming {} as group {} → ClickHouse {}/{}", cfg.kafka.topics.rated, cfg.aggregator.group, ch.url, ch.database);
-    let stats =
-        aggregator::pipeline::run_with_metrics(&cfg, book, base.with_database(&ch.database), metrics, common::shell::shutdown_signal())
-            .await?;
+    let _ops =
+        common::ops::serve_configured("aggregator", cfg.aggregator.metrics_listen.as_deref(), Arc::clone(&metrics))
+            .await
+            .context("binding aggregator.metrics_listen")?;
+    println!(
+        "aggregator consuming {} as group {} → ClickHouse {}/{}",
+        cfg.kafka.topics.rated, cfg.aggregator.group, ch.url, ch.database
+    );
+    let stats = aggregator::pipeline::run_with_metrics(
+        &cfg,
+        book,
+        base.with_database(&ch.database),
+        metrics,
+        common::shell::shutdown_signal(),
+    )
+    .await?;
     eprintln!("aggregator stopped: {stats:?}");
     Ok(())
 }

@@ -110,7 +110,9 @@ impl PartState {
 }
 
 fn now() -> Timestamp {
-    Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+    Timestamp(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
+    )
 }
 
 /// One insert, timed and counted (rows on success, an error otherwise).
@@ -135,7 +137,11 @@ where
 }
 
 /// The partitions of `topic` this instance owns: `configured`, or all of them.
-async fn owned_partitions<C: ConsumerContext + 'static>(consumer: &StreamConsumer<C>, topic: &str, configured: Option<&[i32]>) -> Result<Vec<i32>, AggregatorError> {
+async fn owned_partitions<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    topic: &str,
+    configured: Option<&[i32]>,
+) -> Result<Vec<i32>, AggregatorError> {
     if let Some(list) = configured {
         return Ok(list.to_vec());
     }
@@ -177,7 +183,12 @@ struct Aggregator<'a> {
 }
 
 /// Runs until `shutdown`, then flushes what is pending (if ClickHouse takes it) and returns.
-pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, client: Client, shutdown: impl Future<Output = ()>) -> Result<AggregatorStats, AggregatorError> {
+pub async fn run(
+    cfg: &PipelineConfig,
+    book: Arc<PriceBook>,
+    client: Client,
+    shutdown: impl Future<Output = ()>,
+) -> Result<AggregatorStats, AggregatorError> {
     run_with_metrics(cfg, book, client, Metrics::new("aggregator"), shutdown).await
 }
 
@@ -194,7 +205,8 @@ pub async fn run_with_metrics(
     metrics.set_config("aggregator_flush_max_records", cfg.aggregator.flush_max_records as i64);
     let lag = common::kafka::LagContext { metrics: Arc::clone(&metrics), stage: STAGE };
     let rated: StreamConsumer<common::kafka::LagContext> =
-        common::kafka::with_statistics(common::kafka::consumer_config(k, &cfg.aggregator.group)).create_with_context(lag)?;
+        common::kafka::with_statistics(common::kafka::consumer_config(k, &cfg.aggregator.group))
+            .create_with_context(lag)?;
     let side: StreamConsumer = common::kafka::consumer_config(k, &format!("{}-side", cfg.aggregator.group)).create()?;
 
     let mut agg = Aggregator {
@@ -359,7 +371,8 @@ impl Aggregator<'_> {
             return Ok(());
         }
         let row = RatedRow::new(&r, p, o, now())?;
-        let key = st.rollup.fold(&r).map_err(|e| SinkError::Corrupt { table: "monthly_charges", what: e.to_string() })?;
+        let key =
+            st.rollup.fold(&r).map_err(|e| SinkError::Corrupt { table: "monthly_charges", what: e.to_string() })?;
         st.touched.insert(key);
         st.seen.entry(hour).or_default().insert(r.dedup_key.0);
         if hour > st.max_hour {
@@ -391,7 +404,8 @@ impl Aggregator<'_> {
         }
         let mut tpl = TopicPartitionList::new();
         for (p, o) in &at {
-            if self.lag_committed.get(p).is_none_or(|c| c < o) && self.parts.get(p).is_some_and(|st| st.pending() == 0) {
+            if self.lag_committed.get(p).is_none_or(|c| c < o) && self.parts.get(p).is_some_and(|st| st.pending() == 0)
+            {
                 if tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).is_ok() {
                     self.lag_committed.insert(*p, *o);
                 }
@@ -444,12 +458,19 @@ impl Aggregator<'_> {
             self.side_dead.push(row);
         }
         self.side_offsets.insert((msg.topic().to_owned(), msg.partition()), msg.offset() + 1);
-        self.metrics.dead_letters.with_label_values(&[STAGE]).inc_by(self.side_dead.len().saturating_sub(dead_before) as u64);
+        self.metrics
+            .dead_letters
+            .with_label_values(&[STAGE])
+            .inc_by(self.side_dead.len().saturating_sub(dead_before) as u64);
     }
 
     /// Writes everything pending (retrying while ClickHouse is unavailable), then commits the
     /// Kafka offsets it covers.
-    async fn flush<C: ConsumerContext + 'static>(&mut self, rated: &StreamConsumer<C>, side: &StreamConsumer) -> Result<(), AggregatorError> {
+    async fn flush<C: ConsumerContext + 'static>(
+        &mut self,
+        rated: &StreamConsumer<C>,
+        side: &StreamConsumer,
+    ) -> Result<(), AggregatorError> {
         let t = now();
         let mut rows = Vec::new();
         let mut dead = std::mem::take(&mut self.side_dead);
@@ -472,7 +493,8 @@ impl Aggregator<'_> {
             advanced.push((*p, last));
         }
         let rejected = std::mem::take(&mut self.rejected);
-        if rows.is_empty() && dead.is_empty() && lines.is_empty() && rejected.is_empty() && self.side_offsets.is_empty() {
+        if rows.is_empty() && dead.is_empty() && lines.is_empty() && rejected.is_empty() && self.side_offsets.is_empty()
+        {
             // Nothing new, but the consumer may have moved past transaction markers since.
             self.commit_positions(rated, &[]);
             return Ok(());

@@ -281,7 +281,8 @@ mod tests {
 
     #[test]
     fn folding_in_any_order_gives_the_same_lines() {
-        let recs: Vec<RatedRecord> = (0..50).map(|h| rated(NOV_2026 + h, "users", &format!("{h}"), "0.014", "USD")).collect();
+        let recs: Vec<RatedRecord> =
+            (0..50).map(|h| rated(NOV_2026 + h, "users", &format!("{h}"), "0.014", "USD")).collect();
         let mut a = MonthlyRollup::new();
         let mut b = MonthlyRollup::new();
         recs.iter().for_each(|r| drop(a.fold(r)));

@@ -45,7 +45,8 @@ pub async fn migrate(client: &Client, database: &str) -> Result<Vec<u32>, clickh
         ))
         .execute()
         .await?;
-    let applied: Vec<u32> = client.query(&format!("SELECT version FROM {database}.schema_migrations")).fetch_all::<u32>().await?;
+    let applied: Vec<u32> =
+        client.query(&format!("SELECT version FROM {database}.schema_migrations")).fetch_all::<u32>().await?;
     let mut now_applied = Vec::new();
     for (version, name, sql) in MIGRATIONS {
         if applied.contains(version) {
@@ -55,7 +56,9 @@ pub async fn migrate(client: &Client, database: &str) -> Result<Vec<u32>, clickh
             client.query(&stmt).execute().await?;
         }
         client
-            .query(&format!("INSERT INTO {database}.schema_migrations (version, name, applied_at) VALUES (?, ?, now())"))
+            .query(&format!(
+                "INSERT INTO {database}.schema_migrations (version, name, applied_at) VALUES (?, ?, now())"
+            ))
             .bind(*version)
             .bind(*name)
             .execute()

@@ -183,9 +183,23 @@ pub struct ChargeRow {
 
 impl ChargeRow {
     /// The current version of a line, owned by `partition`, folded up to `version` (offset).
-    pub fn new(key: &ChargeLineKey, sums: &LineSums, marketplace: &str, partition: i32, version: i64, now: Timestamp) -> Result<Self, SinkError> {
-        let minor = key.currency.minor_units().ok_or_else(|| SinkError::Corrupt { table: "monthly_charges", what: format!("currency {}", key.currency) })?;
-        let exact = sums.exact_amount().ok_or_else(|| SinkError::Precision { what: "amount_unrounded", value: format!("{key:?}"), scale: AMOUNT_SCALE })?;
+    pub fn new(
+        key: &ChargeLineKey,
+        sums: &LineSums,
+        marketplace: &str,
+        partition: i32,
+        version: i64,
+        now: Timestamp,
+    ) -> Result<Self, SinkError> {
+        let minor = key.currency.minor_units().ok_or_else(|| SinkError::Corrupt {
+            table: "monthly_charges",
+            what: format!("currency {}", key.currency),
+        })?;
+        let exact = sums.exact_amount().ok_or_else(|| SinkError::Precision {
+            what: "amount_unrounded",
+            value: format!("{key:?}"),
+            scale: AMOUNT_SCALE,
+        })?;
         Ok(ChargeRow {
             month: days(key.month.start()),
             usage_period_start: secs(key.month.start()),
@@ -231,7 +245,8 @@ impl ChargeRow {
             product: self.product.clone(),
             agreement_id: self.agreement_id.clone(),
             dimension: self.dimension.clone(),
-            charge_type: ChargeType::parse(&self.charge_type).ok_or_else(|| corrupt(format!("charge_type {}", self.charge_type)))?,
+            charge_type: ChargeType::parse(&self.charge_type)
+                .ok_or_else(|| corrupt(format!("charge_type {}", self.charge_type)))?,
             currency: Currency::new(&self.currency).map_err(corrupt)?,
         };
         let mixed = self.mixed_rates != 0;
@@ -368,7 +383,14 @@ pub async fn load_month_lines(client: &Client, month: Month) -> Result<Vec<Charg
         let (key, sums) = row.to_state()?;
         out.push(sums.to_line(&key).map_err(|e| SinkError::Corrupt { table: "monthly_charges", what: e.to_string() })?);
     }
-    out.sort_by(|a, b| (&a.customer, &a.product, &a.agreement_id, &a.dimension).cmp(&(&b.customer, &b.product, &b.agreement_id, &b.dimension)));
+    out.sort_by(|a, b| {
+        (&a.customer, &a.product, &a.agreement_id, &a.dimension).cmp(&(
+            &b.customer,
+            &b.product,
+            &b.agreement_id,
+            &b.dimension,
+        ))
+    });
     Ok(out)
 }
 
@@ -382,7 +404,11 @@ struct TrialRow {
 }
 
 /// Hourly items of `agreements` in `month` (the AMI trial credit).
-pub async fn load_trial_hours(client: &Client, month: Month, agreements: &[String]) -> Result<Vec<TrialHourUsage>, SinkError> {
+pub async fn load_trial_hours(
+    client: &Client,
+    month: Month,
+    agreements: &[String],
+) -> Result<Vec<TrialHourUsage>, SinkError> {
     if agreements.is_empty() {
         return Ok(Vec::new());
     }
@@ -555,7 +581,10 @@ mod tests {
         use common::id::{DedupKey, RecordId};
         use common::pricing::{Tier, UsagePrice};
         let d = |s: &str| s.parse::<Decimal>().unwrap();
-        let price = UsagePrice::Graduated(vec![Tier { up_to: Some(d("1000")), rate: d("0.10") }, Tier { up_to: None, rate: d("0.05") }]);
+        let price = UsagePrice::Graduated(vec![
+            Tier { up_to: Some(d("1000")), rate: d("0.10") },
+            Tier { up_to: None, rate: d("0.05") },
+        ]);
         let mut rollup = MonthlyRollup::new();
         let mut key = None;
         for h in 0..30 {

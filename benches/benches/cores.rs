@@ -122,7 +122,9 @@ fn stage_all(mut d: Deduper, w: &World) -> Deduper {
 fn dedup(c: &mut Criterion, w: &World) {
     let mut g = group(c, "dedup", w.ids.len());
     // Every key new, committed in batches: the steady state of a rater.
-    g.bench_function("check_and_stage_commit_new", |b| b.iter_batched(Deduper::new, |d| stage_all(d, w), BatchSize::LargeInput));
+    g.bench_function("check_and_stage_commit_new", |b| {
+        b.iter_batched(Deduper::new, |d| stage_all(d, w), BatchSize::LargeInput)
+    });
     // Every key already held: identical resends.
     let mut full = Deduper::new();
     for &(k, h, r) in &w.ids {
@@ -167,7 +169,9 @@ fn rating(c: &mut Criterion, w: &World) {
 fn codec(c: &mut Criterion, w: &World) {
     let rated = rated_of(&w.recs, &w.book);
     let mut g = group(c, "codec", w.recs.len());
-    g.bench_function("encode_usage_record", |b| b.iter(|| w.recs.iter().map(|r| common::codec::encode(r).len()).sum::<usize>()));
+    g.bench_function("encode_usage_record", |b| {
+        b.iter(|| w.recs.iter().map(|r| common::codec::encode(r).len()).sum::<usize>())
+    });
     let bytes: Vec<Vec<u8>> = w.recs.iter().map(common::codec::encode).collect();
     g.bench_function("decode_usage_record", |b| {
         b.iter(|| {
@@ -178,7 +182,9 @@ fn codec(c: &mut Criterion, w: &World) {
     });
     g.finish();
     let mut g = group(c, "codec", rated.len());
-    g.bench_function("encode_rated_record", |b| b.iter(|| rated.iter().map(|r| common::codec::encode(r).len()).sum::<usize>()));
+    g.bench_function("encode_rated_record", |b| {
+        b.iter(|| rated.iter().map(|r| common::codec::encode(r).len()).sum::<usize>())
+    });
     let bytes: Vec<Vec<u8>> = rated.iter().map(common::codec::encode).collect();
     g.bench_function("decode_rated_record", |b| {
         b.iter(|| {
@@ -226,7 +232,9 @@ fn p1(c: &mut Criterion, w: &World) {
         b.iter(|| {
             let mut m: HashMap<(&str, &str, &str, i64), u64> = HashMap::new();
             for (i, r) in w.recs.iter().enumerate() {
-                black_box(m.insert((r.product.as_str(), r.customer.as_str(), r.dimension.as_str(), r.hour().0), i as u64));
+                black_box(
+                    m.insert((r.product.as_str(), r.customer.as_str(), r.dimension.as_str(), r.hour().0), i as u64),
+                );
             }
             m
         })

@@ -24,7 +24,8 @@ const BATCH: usize = 1_000;
 
 fn rss_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("Linux /proc");
-    let pages: usize = statm.split_whitespace().nth(1).and_then(|x| x.parse().ok()).expect("statm has a resident field");
+    let pages: usize =
+        statm.split_whitespace().nth(1).and_then(|x| x.parse().ok()).expect("statm has a resident field");
     pages * 4096
 }
 
@@ -33,7 +34,8 @@ fn slots(customers: usize, dims: usize, hours: i64) -> impl Iterator<Item = Slot
     (0..hours).flat_map(move |h| {
         (0..customers).flat_map(move |c| {
             (0..dims).map(move |d| {
-                let (product, customer, dimension) = (format!("prod-{}", d % 3), format!("cust-{c:07}"), format!("dim_{d:02}"));
+                let (product, customer, dimension) =
+                    (format!("prod-{}", d % 3), format!("cust-{c:07}"), format!("dim_{d:02}"));
                 let hour = Hour(493_000 + h);
                 let key = DedupKey::of(&product, &customer, &dimension, hour);
                 let id = RecordId(Fingerprinter::new(b'r').u128(key.0).str("42").finish());
@@ -68,7 +70,17 @@ fn one(layout: &str, customers: usize, dims: usize, hours: i64) -> serde_json::V
             let acc = d.heap_bytes();
             let after = rss_bytes();
             std::hint::black_box(&d);
-            return summary(layout, customers, dims, hours, records, held, Some(acc), after.saturating_sub(before), started);
+            return summary(
+                layout,
+                customers,
+                dims,
+                hours,
+                records,
+                held,
+                Some(acc),
+                after.saturating_sub(before),
+                started,
+            );
         }
         // Generating the keys alone (strings + two XXH3 hashes): subtract it to compare layouts' time.
         "generate_only" => {
@@ -78,9 +90,11 @@ fn one(layout: &str, customers: usize, dims: usize, hours: i64) -> serde_json::V
             }
             (0, None)
         }
-        "hashmap_u128_pairs" => baseline::<HashMap<u128, u128>>(customers, dims, hours, &mut records, |m, (k, _, r, _)| {
-            m.entry(k.0).or_insert(r.0);
-        }),
+        "hashmap_u128_pairs" => {
+            baseline::<HashMap<u128, u128>>(customers, dims, hours, &mut records, |m, (k, _, r, _)| {
+                m.entry(k.0).or_insert(r.0);
+            })
+        }
         "hashset_u128" => baseline::<HashSet<u128>>(customers, dims, hours, &mut records, |m, (k, _, _, _)| {
             m.insert(k.0);
         }),
@@ -185,8 +199,15 @@ fn main() {
         run(layout, 20_000, 10, 7);
     }
     // Scaling: 10× steps of customers, dimensions and hours (past 7 hours, older ones are evicted).
-    for (c, d, h) in [(1_000, 10, 7), (10_000, 10, 7), (100_000, 10, 7), (10_000, 1, 7), (10_000, 24, 7), (10_000, 10, 1), (10_000, 10, 70)]
-    {
+    for (c, d, h) in [
+        (1_000, 10, 7),
+        (10_000, 10, 7),
+        (100_000, 10, 7),
+        (10_000, 1, 7),
+        (10_000, 24, 7),
+        (10_000, 10, 1),
+        (10_000, 10, 70),
+    ] {
         run("deduper", c, d, h);
         run("hashmap_u128_pairs", c, d, h);
     }

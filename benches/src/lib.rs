@@ -17,7 +17,12 @@ pub fn book() -> PriceBook {
 /// `n` distinct usage records of cust-a over `acme-analytics` and `acme-vm`, spread over hours.
 pub fn records(n: usize) -> Vec<UsageRecord> {
     let t0 = Timestamp::parse_rfc3339("2026-11-01T00:00:00Z").expect("constant parses");
-    let dims = [("acme-analytics", "users"), ("acme-analytics", "gb_ingest"), ("acme-vm", "m5_large"), ("acme-vm", "c5_xlarge")];
+    let dims = [
+        ("acme-analytics", "users"),
+        ("acme-analytics", "gb_ingest"),
+        ("acme-vm", "m5_large"),
+        ("acme-vm", "c5_xlarge"),
+    ];
     (0..n)
         .map(|i| {
             let (product, dimension) = dims[i % dims.len()];
@@ -70,8 +75,12 @@ pub fn scenario(customers: usize, hours: i64) -> (PriceBook, Vec<UsageRecord>) {
             for r in &batch.records {
                 let text = r.to_string();
                 let w: ingest::wire::WireRecord<'_> = serde_json::from_str(&text).expect("generated records parse");
-                let cx =
-                    ingest::validate::Context { book: &book, caller: ingest::validate::Caller::Trusted, now: None, received_at: received };
+                let cx = ingest::validate::Context {
+                    book: &book,
+                    caller: ingest::validate::Caller::Trusted,
+                    now: None,
+                    received_at: received,
+                };
                 if let Ok(mut u) = ingest::validate::validate(&w, Some(&batch.product), &cx) {
                     u.canonicalise();
                     out.push(u);

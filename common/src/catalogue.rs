@@ -818,7 +818,10 @@ impl PriceBook {
             }
             if let Some(ci) = &c.customer_identifier {
                 if ci.is_empty() || ci.len() > 255 || customer_by_identifier.insert(ci.clone(), i).is_some() {
-                    return Err(invalid(format!("customer `{}`: customer_identifier is empty, too long or not unique", c.id)));
+                    return Err(invalid(format!(
+                        "customer `{}`: customer_identifier is empty, too long or not unique",
+                        c.id
+                    )));
                 }
             }
             if let Some(a) = &c.aws_account_id {
@@ -826,7 +829,10 @@ impl PriceBook {
                     return Err(invalid(format!("customer `{}`: aws_account_id `{a}` must be digits", c.id)));
                 }
                 if customer_by_account.insert(a.clone(), i).is_some() {
-                    return Err(invalid(format!("customer `{}`: aws_account_id `{a}` belongs to another customer too", c.id)));
+                    return Err(invalid(format!(
+                        "customer `{}`: aws_account_id `{a}` belongs to another customer too",
+                        c.id
+                    )));
                 }
             }
         }
@@ -863,7 +869,10 @@ impl PriceBook {
             o.prices.sort_by_key(|v| v.effective_from);
             for w in o.prices.windows(2) {
                 if w[0].effective_from == w[1].effective_from {
-                    return Err(invalid(format!("offer `{}`: two price versions take effect at {}", o.id, w[0].effective_from)));
+                    return Err(invalid(format!(
+                        "offer `{}`: two price versions take effect at {}",
+                        o.id, w[0].effective_from
+                    )));
                 }
             }
             for v in &o.prices {
@@ -1005,10 +1014,9 @@ impl PriceBook {
                 return Err(invalid(format!("deployment `{}`: unknown product `{}`", d.id, d.product)));
             }
             for h in &d.api_key_sha256 {
-                let bytes: [u8; 32] = hex::decode(h)
-                    .ok()
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| invalid(format!("deployment `{}`: api_key_sha256 entry is not 64 hex digits", d.id)))?;
+                let bytes: [u8; 32] = hex::decode(h).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| {
+                    invalid(format!("deployment `{}`: api_key_sha256 entry is not 64 hex digits", d.id))
+                })?;
                 // One key, one identity: a key that were both a seller's and a deployment's would
                 // make the caller ambiguous.
                 if seller_by_key_hash.contains_key(&bytes) || deployment_by_key_hash.insert(bytes, i).is_some() {
@@ -1538,9 +1546,7 @@ fn check_upgrade(a: &Agreement, old_id: &str, doc: &PriceBookDoc) -> Result<(), 
 }
 
 fn valid_product_code(code: &str) -> bool {
-    !code.is_empty()
-        && code.len() <= 255
-        && code.bytes().all(|b| b.is_ascii_alphanumeric() || b"-/=:_.@".contains(&b))
+    !code.is_empty() && code.len() <= 255 && code.bytes().all(|b| b.is_ascii_alphanumeric() || b"-/=:_.@".contains(&b))
 }
 
 #[cfg(test)]
@@ -1610,8 +1616,7 @@ start = "2020-01-01T00:00:00Z"
 
     #[test]
     fn twenty_fifth_dimension_is_refused() {
-        let dims: Vec<String> =
-            (0..25).map(|i| format!("{{ key = \"d{i}\", category = \"units\" }}")).collect();
+        let dims: Vec<String> = (0..25).map(|i| format!("{{ key = \"d{i}\", category = \"units\" }}")).collect();
         let text = SAMPLE.replace(
             "{ key = \"users\", category = \"users\", unit = \"user-hour\" },",
             &format!("{},", dims.join(",")),

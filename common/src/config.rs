@@ -416,7 +416,8 @@ impl PipelineConfig {
 
     /// Parses TOML text (no environment), then validates.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: PipelineConfig = Figment::new().merge(Toml::string(text)).extract().map_err(|e| ConfigError::Load(e.to_string()))?;
+        let cfg: PipelineConfig =
+            Figment::new().merge(Toml::string(text)).extract().map_err(|e| ConfigError::Load(e.to_string()))?;
         cfg.validate()
     }
 
@@ -492,7 +493,8 @@ mod tests {
         let (ch, kf) = (dir.join("ch"), dir.join("kafka"));
         std::fs::write(&ch, "s3cret-ch\n").unwrap();
         std::fs::write(&kf, "s3cret-kafka").unwrap();
-        let text = EXAMPLE.replace("[clickhouse]", &format!("[clickhouse]\npassword_file = {:?}", ch.display().to_string()));
+        let text =
+            EXAMPLE.replace("[clickhouse]", &format!("[clickhouse]\npassword_file = {:?}", ch.display().to_string()));
         let text = format!("{text}\n[kafka.client_files]\n\"sasl.password\" = {:?}\n", kf.display().to_string());
         let c = PipelineConfig::from_toml(&text).unwrap().read_secret_files().unwrap();
         assert_eq!(c.clickhouse.as_ref().unwrap().password.as_deref(), Some("s3cret-ch"));

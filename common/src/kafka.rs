@@ -74,7 +74,8 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaError> {
     let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter];
     let topics: Vec<NewTopic<'_>> =
         names.iter().map(|n| NewTopic::new(n.as_str(), k.partitions, TopicReplication::Fixed(k.replication))).collect();
-    let results = admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
+    let results =
+        admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
     for r in results {
         match r {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

@@ -22,7 +22,9 @@ use crate::catalogue::PriceBook;
 use crate::money::Currency;
 use crate::reject::RejectCode;
 use prometheus::core::Collector;
-use prometheus::{CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,10 +43,12 @@ pub const UNKNOWN: &str = "unknown";
 /// Buckets for batch and flush sizes (records).
 const SIZE_BUCKETS: &[f64] = &[1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5];
 /// Buckets for in-process latencies: 1 ms … 60 s.
-const FAST_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const FAST_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 /// Buckets for event time → rated: sellers report an hour after it ends, up to the acceptance
 /// window (6 h on AWS) later.
-const EVENT_BUCKETS: &[f64] = &[1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 10800.0, 14400.0, 21600.0, 43200.0, 86400.0];
+const EVENT_BUCKETS: &[f64] =
+    &[1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 10800.0, 14400.0, 21600.0, 43200.0, 86400.0];
 
 type ScrapeHook = Box<dyn Fn(&Metrics) + Send + Sync>;
 
@@ -144,7 +148,9 @@ impl Builder {
         self.reg(IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
     }
     fn histogram(&mut self, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-        self.reg(HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric"))
+        self.reg(
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric"),
+        )
     }
 }
 
@@ -332,9 +338,10 @@ impl Metrics {
             Outcome::Accepted => self.records_accepted.with_label_values(&l).inc_by(n),
             Outcome::Duplicate => self.records_duplicate.with_label_values(&l).inc_by(n),
             Outcome::Conflicting => self.records_conflicting.with_label_values(&l).inc_by(n),
-            Outcome::Rejected(code) => {
-                self.records_rejected.with_label_values(&[stage, labels.product, labels.seller, code.as_str()]).inc_by(n)
-            }
+            Outcome::Rejected(code) => self
+                .records_rejected
+                .with_label_values(&[stage, labels.product, labels.seller, code.as_str()])
+                .inc_by(n),
         }
     }
 
@@ -363,7 +370,11 @@ impl<'a> Tally<'a> {
     /// Counts one record.
     pub fn add(&mut self, labels: RecordLabels<'a>, outcome: Outcome) {
         // Calls and batches hold few distinct (product, outcome) pairs: a linear scan wins.
-        match self.counts.iter_mut().find(|(l, o, _)| *o == outcome && l.product == labels.product && l.seller == labels.seller) {
+        match self
+            .counts
+            .iter_mut()
+            .find(|(l, o, _)| *o == outcome && l.product == labels.product && l.seller == labels.seller)
+        {
             Some((_, _, n)) => *n += 1,
             None => self.counts.push((labels, outcome, 1)),
         }

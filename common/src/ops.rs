@@ -44,7 +44,8 @@ async fn ready(State(m): State<Arc<Metrics>>) -> Response {
 /// Middleware: observes each request's duration by route pattern (never the raw path, so a
 /// caller cannot mint label values) and status code.
 pub async fn track_http(State(m): State<Arc<Metrics>>, req: Request, next: Next) -> Response {
-    let path = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
+    let path =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned()).unwrap_or_else(|| "unmatched".into());
     let started = Instant::now();
     let resp = next.run(req).await;
     if path != "/metrics" {
@@ -84,7 +85,11 @@ pub async fn serve_configured(binary: &str, listen: Option<&str>, m: Arc<Metrics
 }
 
 /// Binds `listen` and serves [`standalone`] until `shutdown`; returns the bound address.
-pub async fn serve(listen: &str, m: Arc<Metrics>, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    listen: &str,
+    m: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {

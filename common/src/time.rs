@@ -189,13 +189,13 @@ mod tests {
         assert_eq!(eff("2026-03-03T00:00:00Z"), "2026-06-01T00:00:00.000Z"); // last 31 May
         assert_eq!(eff("2026-03-03T23:59:59Z"), "2026-06-01T00:00:00.000Z"); // time of day is irrelevant
         assert_eq!(eff("2026-03-04T00:00:00Z"), "2026-07-01T00:00:00.000Z"); // last 1 Jun
-        // Leap years: 29 Feb 2028 + 89 = 28 May → 1 Jun; a period crossing February differs by a
-        // month: 2 Dec 2027 + 89 = 29 Feb 2028 → 1 Mar, but 2 Dec 2026 + 89 = 1 Mar 2027 → 1 Apr.
+                                                                             // Leap years: 29 Feb 2028 + 89 = 28 May → 1 Jun; a period crossing February differs by a
+                                                                             // month: 2 Dec 2027 + 89 = 29 Feb 2028 → 1 Mar, but 2 Dec 2026 + 89 = 1 Mar 2027 → 1 Apr.
         assert_eq!(eff("2028-02-29T12:00:00Z"), "2028-06-01T00:00:00.000Z");
         assert_eq!(eff("2027-12-02T00:00:00Z"), "2028-03-01T00:00:00.000Z");
         assert_eq!(eff("2026-12-02T00:00:00Z"), "2027-04-01T00:00:00.000Z");
         assert_eq!(eff("2028-03-03T00:00:00Z"), "2028-06-01T00:00:00.000Z"); // leap year, same as 2026
-        // Other periods follow the same reading; zero days applies from the notice day.
+                                                                             // Other periods follow the same reading; zero days applies from the notice day.
         assert_eq!(existing_subscriber_effective(t("2026-03-03T10:00:00Z"), 1).to_string(), "2026-04-01T00:00:00.000Z");
         assert_eq!(existing_subscriber_effective(t("2026-03-03T10:00:00Z"), 0).to_string(), "2026-03-03T00:00:00.000Z");
         assert_eq!(t("2026-01-31T00:00:00Z").plus_months(1).to_string(), "2026-02-28T00:00:00.000Z");

@@ -108,8 +108,9 @@ impl KeyRing {
             if k.seller.is_empty() {
                 return Err(KeyError::Invalid(format!("key {n}: seller is empty")));
             }
-            let hash = parse_hash(&k.sha256)
-                .ok_or_else(|| KeyError::Invalid(format!("key {n} (seller `{}`): sha256 is not 64 hex digits", k.seller)))?;
+            let hash = parse_hash(&k.sha256).ok_or_else(|| {
+                KeyError::Invalid(format!("key {n} (seller `{}`): sha256 is not 64 hex digits", k.seller))
+            })?;
             let not_after = match k.not_after {
                 None => None,
                 Some(t) => Some(
@@ -226,7 +227,12 @@ impl SharedKeys {
 /// Reloads `keys` from `sources` on SIGHUP and whenever a source file's modification time
 /// changes (checked every `poll`), until the returned task is aborted. A failed reload keeps the
 /// keys in force.
-pub fn watch(keys: SharedKeys, sources: KeySources, book: Arc<PriceBook>, poll: Duration) -> tokio::task::JoinHandle<()> {
+pub fn watch(
+    keys: SharedKeys,
+    sources: KeySources,
+    book: Arc<PriceBook>,
+    poll: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -314,7 +320,10 @@ mod tests {
         let bad = "[[keys]]\nseller = \"acme\"\nsha256 = \"abc\"\n";
         let e = KeyRing::default().with_keys_toml(bad).unwrap_err().to_string();
         assert!(e.contains("key 1") && e.contains("64 hex"), "{e}");
-        let shared = format!("[[keys]]\nseller = \"a\"\nsha256 = \"{h}\"\n[[keys]]\nseller = \"b\"\nsha256 = \"{h}\"\n", h = hash("k"));
+        let shared = format!(
+            "[[keys]]\nseller = \"a\"\nsha256 = \"{h}\"\n[[keys]]\nseller = \"b\"\nsha256 = \"{h}\"\n",
+            h = hash("k")
+        );
         let e = KeyRing::default().with_keys_toml(&shared).unwrap_err().to_string();
         assert!(e.contains("sellers `a` and `b`"), "{e}");
     }

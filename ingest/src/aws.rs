@@ -79,7 +79,9 @@ pub fn batch_status(code: RejectCode) -> &'static str {
 pub fn meter_usage_exception(code: RejectCode) -> &'static str {
     match code {
         RejectCode::DuplicateRecord => "DuplicateRequestException",
-        RejectCode::CustomerNotSubscribed | RejectCode::NotPriced | RejectCode::InvalidLicense => "CustomerNotEntitledException",
+        RejectCode::CustomerNotSubscribed | RejectCode::NotPriced | RejectCode::InvalidLicense => {
+            "CustomerNotEntitledException"
+        }
         RejectCode::InvalidProductCode => "InvalidProductCodeException",
         RejectCode::InvalidUsageDimension => "InvalidUsageDimensionException",
         // MeterUsage's model has no customer exception: the customer is the caller.
@@ -93,7 +95,11 @@ pub fn meter_usage_exception(code: RejectCode) -> &'static str {
 
 /// The `DryRunOperation` answer AWS gives a `DryRun` call that would have succeeded.
 pub fn dry_run_answer() -> ApiError {
-    ApiError::new(StatusCode::PRECONDITION_FAILED, "DryRunOperation", "Request would have succeeded, but DryRun flag is set.")
+    ApiError::new(
+        StatusCode::PRECONDITION_FAILED,
+        "DryRunOperation",
+        "Request would have succeeded, but DryRun flag is set.",
+    )
 }
 
 /// Adds `x-amzn-RequestId` to every answer, and mirrors `Retry-After` (seconds) as
@@ -104,7 +110,8 @@ pub async fn stamp(mut resp: Response) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         headers.insert("x-amzn-requestid", v);
     }
-    let millis = headers.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<u64>().ok());
+    let millis =
+        headers.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()).and_then(|s| s.trim().parse::<u64>().ok());
     if let Some(secs) = millis {
         headers.insert("x-amz-retry-after", HeaderValue::from(secs.saturating_mul(1000)));
     }
@@ -179,7 +186,13 @@ pub enum TokenProblem {
 
 impl RegistrationTokens {
     /// The entry of `token` if it is valid for a product of `seller` at `now`.
-    pub fn resolve(&self, token: &str, seller: &str, book: &PriceBook, now: Timestamp) -> Result<TokenEntry, TokenProblem> {
+    pub fn resolve(
+        &self,
+        token: &str,
+        seller: &str,
+        book: &PriceBook,
+        now: Timestamp,
+    ) -> Result<TokenEntry, TokenProblem> {
         let Some(path) = &self.path else { return Err(TokenProblem::Invalid) };
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -198,7 +211,13 @@ impl RegistrationTokens {
 }
 
 /// PURE. Finds `token` among `entries` for `seller`'s products at `now`.
-fn lookup(entries: &[TokenEntry], token: &str, seller: &str, book: &PriceBook, now: Timestamp) -> Result<TokenEntry, TokenProblem> {
+fn lookup(
+    entries: &[TokenEntry],
+    token: &str,
+    seller: &str,
+    book: &PriceBook,
+    now: Timestamp,
+) -> Result<TokenEntry, TokenProblem> {
     let hash = hex::encode(Sha256::digest(token.as_bytes()));
     let entry = entries.iter().find(|e| e.sha256.eq_ignore_ascii_case(&hash)).ok_or(TokenProblem::Invalid)?;
     // Another seller's token answers like an unknown one: a key cannot probe other sellers.
@@ -231,7 +250,13 @@ struct ResolveCustomerResponse<'a> {
 }
 
 fn bad_json(op: &str) -> impl Fn(serde_json::Error) -> ApiError + '_ {
-    move |e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for {op}: {e}"))
+    move |e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "SerializationException",
+            format!("request body is not valid JSON for {op}: {e}"),
+        )
+    }
 }
 
 /// `ResolveCustomer`: a registration token (from the buyer's browser) → the customer.
@@ -242,11 +267,19 @@ pub(crate) fn resolve_customer<S>(st: &IngestState<S>, headers: &HeaderMap, body
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "ValidationException", "RegistrationToken is required"));
     };
     let entry = st.tokens.resolve(&token, &seller.id, &st.book, st.clock.now()).map_err(|p| match p {
-        TokenProblem::Invalid => ApiError::new(StatusCode::BAD_REQUEST, "InvalidTokenException", "the registration token is not valid"),
-        TokenProblem::Expired => ApiError::new(StatusCode::BAD_REQUEST, "ExpiredTokenException", "the registration token has expired"),
+        TokenProblem::Invalid => {
+            ApiError::new(StatusCode::BAD_REQUEST, "InvalidTokenException", "the registration token is not valid")
+        }
+        TokenProblem::Expired => {
+            ApiError::new(StatusCode::BAD_REQUEST, "ExpiredTokenException", "the registration token has expired")
+        }
     })?;
     let Some(customer) = st.book.customer(&entry.customer) else {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidTokenException", "the registration token's customer is unknown"));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "InvalidTokenException",
+            "the registration token's customer is unknown",
+        ));
     };
     Ok(crate::http::json_response(&ResolveCustomerResponse {
         // AWS always answers an identifier; a customer known only by id is identified by it.
@@ -359,7 +392,10 @@ mod tests {
         for code in RejectCode::ALL {
             assert!(["DuplicateRecord", "CustomerNotSubscribed"].contains(&batch_status(code)));
             if batch_exception(code).is_none() {
-                assert!(matches!(code, RejectCode::DuplicateRecord | RejectCode::CustomerNotSubscribed | RejectCode::NotPriced));
+                assert!(matches!(
+                    code,
+                    RejectCode::DuplicateRecord | RejectCode::CustomerNotSubscribed | RejectCode::NotPriced
+                ));
             }
         }
     }

@@ -132,9 +132,13 @@ pub async fn gate<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, req: Requ
     }
     // A customer deployment's key (MeterUsage, RegisterUsage) is as good as a seller's here; the
     // handler decides what each may call.
-    let known = authenticate(req.headers(), &st)
-        .map(|_| ())
-        .or_else(|e| if crate::aws::deployment(req.headers(), &st.book).is_some() { Ok(()) } else { Err(e) });
+    let known = authenticate(req.headers(), &st).map(|_| ()).or_else(|e| {
+        if crate::aws::deployment(req.headers(), &st.book).is_some() {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    });
     match known {
         Ok(()) => {
             if let (Some(t), Some(k)) = (&st.security.auth_throttle, key) {
@@ -186,7 +190,11 @@ impl<S: UsageSink> FromRequest<Arc<IngestState<S>>> for ReadBody {
             // Every route takes JSON text. serde_json skips unknown fields without checking their
             // UTF-8, so the whole body is checked here (found by the `api_decoder` fuzz target).
             Ok(Ok(body)) => match std::str::from_utf8(&body) {
-                Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("the body is not UTF-8: {e}"))),
+                Err(e) => Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "SerializationException",
+                    format!("the body is not UTF-8: {e}"),
+                )),
                 Ok(_) => match json_too_deep(&body, MAX_JSON_DEPTH, per_line) {
                     Some(at) => Err(ApiError::new(
                         StatusCode::BAD_REQUEST,
@@ -200,7 +208,9 @@ impl<S: UsageSink> FromRequest<Arc<IngestState<S>>> for ReadBody {
             Ok(Err(e @ (BodyError::TooManyRecords { .. } | BodyError::LineTooLong { .. }))) => {
                 Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "ValidationException", e.to_string()).closing())
             }
-            Ok(Err(e @ BodyError::Read(_))) => Err(ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", e.to_string()).closing()),
+            Ok(Err(e @ BodyError::Read(_))) => {
+                Err(ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", e.to_string()).closing())
+            }
             Err(_) => Err(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "RequestTimeoutException",

@@ -17,15 +17,15 @@
 //! statuses) unless the call opts into per-record answers; the native bulk route always answers
 //! per record. A call that fails as a whole stored nothing of it.
 
+use crate::aws::{self, Answering};
 use crate::clock::Clock;
 use crate::guard::{ReadBody, Security};
 use crate::limit::{retry_after_secs, Limited};
 use crate::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
 use crate::validate::{validate, Caller, Context};
-use crate::aws::{self, Answering};
 use crate::wire::{
-    parse_record, BatchMeterUsageRequest, BatchMeterUsageResponse, BulkResponse, BulkResult, ErrorBody, MeterUsageFlags,
-    UsageRecordResult,
+    parse_record, BatchMeterUsageRequest, BatchMeterUsageResponse, BulkResponse, BulkResult, ErrorBody,
+    MeterUsageFlags, UsageRecordResult,
 };
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -120,7 +120,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&ErrorBody { kind: self.kind.to_owned(), message: self.message }).unwrap_or_default();
+        let body =
+            serde_json::to_vec(&ErrorBody { kind: self.kind.to_owned(), message: self.message }).unwrap_or_default();
         let mut resp = (self.status, body).into_response();
         resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
         if let Some(s) = self.retry_after {
@@ -155,7 +156,8 @@ pub(crate) fn json_response<T: serde::Serialize>(value: &T) -> Response {
             resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
             resp
         }
-        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServiceErrorException", e.to_string()).into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServiceErrorException", e.to_string())
+            .into_response(),
     }
 }
 
@@ -179,10 +181,9 @@ pub(crate) fn authenticate<'b, S>(headers: &HeaderMap, st: &'b IngestState<S>) -
             "an API key is required: send `X-Api-Key: <key>` or `Authorization: Bearer <key>`",
         ));
     };
-    st.security
-        .keys
-        .seller(key, &st.book, st.clock.now())
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "UnrecognizedClientException", "the API key is not valid"))
+    st.security.keys.seller(key, &st.book, st.clock.now()).ok_or_else(|| {
+        ApiError::new(StatusCode::UNAUTHORIZED, "UnrecognizedClientException", "the API key is not valid")
+    })
 }
 
 /// Takes `records` from the seller's budget (429 with `Retry-After` when it is spent).
@@ -215,8 +216,13 @@ fn admit_seller<S>(st: &IngestState<S>, seller: &Seller, records: usize) -> Resu
 
 /// The media types a JSON body may declare, matched exactly (parameters such as `charset` aside):
 /// a prefix match accepted `application/jsonp`.
-const JSON_MEDIA_TYPES: [&str; 5] =
-    ["application/json", "application/x-amz-json-1.0", "application/x-amz-json-1.1", "application/x-ndjson", "text/plain"];
+const JSON_MEDIA_TYPES: [&str; 5] = [
+    "application/json",
+    "application/x-amz-json-1.0",
+    "application/x-amz-json-1.1",
+    "application/x-ndjson",
+    "text/plain",
+];
 
 pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(ct) = headers.get(header::CONTENT_TYPE) else { return Ok(()) };
@@ -237,7 +243,11 @@ pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 /// On the AWS-shaped routes an unknown or foreign product is AWS's `InvalidProductCodeException`
 /// (the same answer for both, so a key cannot probe the catalogue).
 fn owns_aws(book: &PriceBook, seller: &Seller, product: &str) -> Result<(), ApiError> {
-    owns(book, seller, product).map_err(|e| ApiError { status: StatusCode::BAD_REQUEST, kind: "InvalidProductCodeException", ..e })
+    owns(book, seller, product).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        kind: "InvalidProductCodeException",
+        ..e
+    })
 }
 
 fn owns(book: &PriceBook, seller: &Seller, product: &str) -> Result<(), ApiError> {
@@ -255,8 +265,12 @@ fn owns(book: &PriceBook, seller: &Seller, product: &str) -> Result<(), ApiError
 /// A sink outcome as (id, refusal code or `None` for success, reason).
 fn status_of(outcome: &SinkOutcome) -> (Option<RecordId>, Option<RejectCode>, Option<String>) {
     match outcome {
-        SinkOutcome::Accepted { record_id } | SinkOutcome::AlreadyAccepted { record_id } => (Some(*record_id), None, None),
-        SinkOutcome::Refused { record_id, rejection } => (Some(*record_id), Some(rejection.code), Some(rejection.message.clone())),
+        SinkOutcome::Accepted { record_id } | SinkOutcome::AlreadyAccepted { record_id } => {
+            (Some(*record_id), None, None)
+        }
+        SinkOutcome::Refused { record_id, rejection } => {
+            (Some(*record_id), Some(rejection.code), Some(rejection.message.clone()))
+        }
     }
 }
 
@@ -306,7 +320,11 @@ fn validate_all<'a>(
     (slots, accepted, refused)
 }
 
-async fn aws_json<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
+async fn aws_json<S: UsageSink>(
+    State(st): State<Arc<IngestState<S>>>,
+    headers: HeaderMap,
+    ReadBody(body): ReadBody,
+) -> Response {
     let target = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
     match target.rsplit('.').next() {
         Some("BatchMeterUsage") => batch_meter_usage(State(st), headers, ReadBody(body)).await,
@@ -325,19 +343,32 @@ async fn aws_json<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: 
     }
 }
 
-async fn batch_meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
+async fn batch_meter_usage<S: UsageSink>(
+    State(st): State<Arc<IngestState<S>>>,
+    headers: HeaderMap,
+    ReadBody(body): ReadBody,
+) -> Response {
     match batch_inner(&st, &headers, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+async fn batch_inner<S: UsageSink>(
+    st: &IngestState<S>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
     check_content_type(headers)?;
     let seller = authenticate(headers, st)?;
     let mode = aws::answering(headers);
-    let req: BatchMeterUsageRequest<'_> = serde_json::from_slice(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for BatchMeterUsage: {e}")))?;
+    let req: BatchMeterUsageRequest<'_> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "SerializationException",
+            format!("request body is not valid JSON for BatchMeterUsage: {e}"),
+        )
+    })?;
     crate::wire::check_field_case(std::str::from_utf8(body).unwrap_or("{}"), &["ProductCode", "UsageRecords"])
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "ValidationException", e))?;
     let Some(records) = req.usage_records.as_deref() else {
@@ -363,7 +394,8 @@ async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
         ));
     }
     admit_seller(st, seller, records.len())?;
-    let (slots, accepted, refused) = validate_all(records.iter().map(|r| r.get()), product, seller, &st.book, st.clock.as_ref());
+    let (slots, accepted, refused) =
+        validate_all(records.iter().map(|r| r.get()), product, seller, &st.book, st.clock.as_ref());
     if mode == Answering::Aws {
         // AWS fails the whole call on the first such record; then nothing of the call is stored.
         let first = slots.iter().enumerate().find_map(|(i, s)| match s {
@@ -397,14 +429,22 @@ async fn batch_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
     Ok(json_response(&BatchMeterUsageResponse { results, unprocessed_records: empty }))
 }
 
-async fn meter_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
+async fn meter_usage<S: UsageSink>(
+    State(st): State<Arc<IngestState<S>>>,
+    headers: HeaderMap,
+    ReadBody(body): ReadBody,
+) -> Response {
     match meter_inner(&st, &headers, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+async fn meter_inner<S: UsageSink>(
+    st: &IngestState<S>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
     check_content_type(headers)?;
     // AWS's callers are the buyer's deployments; a seller key (naming the customer in the body)
     // stays accepted for sellers that meter on their customers' behalf.
@@ -416,12 +456,19 @@ async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
     let Some(seller) = seller else {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "UnrecognizedClientException", "the API key is not valid"));
     };
-    let bad_json =
-        |e: String| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("request body is not valid JSON for MeterUsage: {e}"));
+    let bad_json = |e: String| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "SerializationException",
+            format!("request body is not valid JSON for MeterUsage: {e}"),
+        )
+    };
     let raw = std::str::from_utf8(body).map_err(|e| bad_json(e.to_string()))?;
     let flags: MeterUsageFlags = serde_json::from_slice(body).map_err(|e| bad_json(e.to_string()))?;
-    let refuse = |rej: Rejection| ApiError::new(StatusCode::BAD_REQUEST, aws::meter_usage_exception(rej.code), rej.message);
-    let record = parse_record(raw).map_err(|e| refuse(Rejection::new(RejectCode::InvalidRecord, format!("request does not parse: {e}"))))?;
+    let refuse =
+        |rej: Rejection| ApiError::new(StatusCode::BAD_REQUEST, aws::meter_usage_exception(rej.code), rej.message);
+    let record = parse_record(raw)
+        .map_err(|e| refuse(Rejection::new(RejectCode::InvalidRecord, format!("request does not parse: {e}"))))?;
     let Some(product) = record.product_code.as_deref().filter(|p| !p.is_empty()) else {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "InvalidProductCodeException", "ProductCode is required"));
     };
@@ -462,25 +509,41 @@ async fn meter_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, bod
             Ok(json_response(&serde_json::json!({ "MeteringRecordId": record_id.to_string() })))
         }
         Some(SinkOutcome::Refused { rejection, .. }) => Err(refuse(rejection)),
-        None => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalServiceErrorException", "sink returned no outcome")),
+        None => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServiceErrorException",
+            "sink returned no outcome",
+        )),
     }
 }
 
-async fn resolve_customer<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
+async fn resolve_customer<S: UsageSink>(
+    State(st): State<Arc<IngestState<S>>>,
+    headers: HeaderMap,
+    ReadBody(body): ReadBody,
+) -> Response {
     match check_content_type(&headers).and_then(|()| aws::resolve_customer(&st, &headers, &body)) {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn register_usage<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
+async fn register_usage<S: UsageSink>(
+    State(st): State<Arc<IngestState<S>>>,
+    headers: HeaderMap,
+    ReadBody(body): ReadBody,
+) -> Response {
     match check_content_type(&headers).and_then(|()| aws::register_usage(&st, &headers, &body)) {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn bulk<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, headers: HeaderMap, ReadBody(body): ReadBody) -> Response {
+async fn bulk<S: UsageSink>(
+    State(st): State<Arc<IngestState<S>>>,
+    headers: HeaderMap,
+    ReadBody(body): ReadBody,
+) -> Response {
     match bulk_inner(&st, &headers, &body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -496,8 +559,9 @@ struct ProductOnly<'a> {
 async fn bulk_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
     check_content_type(headers)?;
     let seller = authenticate(headers, st)?;
-    let text = std::str::from_utf8(body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("body is not UTF-8: {e}")))?;
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("body is not UTF-8: {e}"))
+    })?;
     // (line number, raw line) of the non-blank lines.
     let lines: Vec<(usize, &str)> =
         text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, l)| !l.is_empty()).collect();
@@ -521,7 +585,8 @@ async fn bulk_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body
     let mut accepted = Vec::with_capacity(lines.len());
     let mut refused = Vec::new();
     for (_, line) in &lines {
-        let parsed = parse_record(line).map_err(|e| Rejection::new(RejectCode::InvalidRecord, format!("line does not parse: {e}")));
+        let parsed = parse_record(line)
+            .map_err(|e| Rejection::new(RejectCode::InvalidRecord, format!("line does not parse: {e}")));
         let (product, outcome) = match parsed {
             Ok(w) => (w.product_code.as_deref().unwrap_or_default().to_owned(), validate(&w, None, &cx)),
             Err(r) => (String::new(), Err(r)),

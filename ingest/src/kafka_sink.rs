@@ -55,7 +55,9 @@ impl KafkaSink {
     /// Counts delivery errors into `m` and reports the producer queue depth at each scrape.
     pub fn with_metrics(mut self, m: std::sync::Arc<common::metrics::Metrics>) -> Self {
         let producer = self.producer.clone();
-        m.on_scrape(move |m| m.producer_queue.with_label_values(&["ingest"]).set(i64::from(producer.in_flight_count())));
+        m.on_scrape(move |m| {
+            m.producer_queue.with_label_values(&["ingest"]).set(i64::from(producer.in_flight_count()))
+        });
         self.metrics = Some(m);
         self
     }
@@ -87,7 +89,16 @@ impl KafkaSink {
             deliveries.push(self.enqueue(&self.raw_topic, key, payload)?);
         }
         for r in refused {
-            let ev = RejectedEvent::new(r.received_at, &r.seller, &r.product, "", r.record_id, r.rejection.code, r.rejection.message.clone(), r.raw.clone());
+            let ev = RejectedEvent::new(
+                r.received_at,
+                &r.seller,
+                &r.product,
+                "",
+                r.record_id,
+                r.rejection.code,
+                r.rejection.message.clone(),
+                r.raw.clone(),
+            );
             deliveries.push(self.enqueue(&self.rejected_topic, r.seller.as_bytes().to_vec(), codec::encode(&ev))?);
         }
         let n_raw = accepted.len();
@@ -107,7 +118,12 @@ impl KafkaSink {
         first_failure.map_or(Ok(()), |f| Err(SinkError::Unavailable(f)))
     }
 
-    fn enqueue(&self, topic: &str, key: Vec<u8>, payload: Vec<u8>) -> Result<rdkafka::producer::DeliveryFuture, SinkError> {
+    fn enqueue(
+        &self,
+        topic: &str,
+        key: Vec<u8>,
+        payload: Vec<u8>,
+    ) -> Result<rdkafka::producer::DeliveryFuture, SinkError> {
         let record = FutureRecord::to(topic).key(&key).payload(&payload);
         match self.producer.send_result(record) {
             Ok(f) => Ok(f),
@@ -120,7 +136,11 @@ impl KafkaSink {
 }
 
 impl UsageSink for KafkaSink {
-    async fn submit(&self, accepted: Vec<UsageRecord>, refused: Vec<RefusedRecord>) -> Result<Vec<SinkOutcome>, SinkError> {
+    async fn submit(
+        &self,
+        accepted: Vec<UsageRecord>,
+        refused: Vec<RefusedRecord>,
+    ) -> Result<Vec<SinkOutcome>, SinkError> {
         let _admitted = self.in_flight.admit(accepted.len() + refused.len())?;
         let timeout = self.delivery_timeout + Duration::from_secs(1);
         let result = match tokio::time::timeout(timeout, self.send_all(&accepted, &refused)).await {

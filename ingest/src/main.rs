@@ -8,11 +8,11 @@ use anyhow::Context;
 use clap::Parser;
 use common::catalogue::PriceBook;
 use common::config::PipelineConfig;
+use common::metrics::Metrics;
 use ingest::clock::SystemClock;
 use ingest::http::{router, HttpLimits, IngestState};
 use ingest::kafka_sink::KafkaSink;
 use ingest::metered::Metered;
-use common::metrics::Metrics;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,25 +34,33 @@ async fn main() -> anyhow::Result<()> {
     common::shell::init_tracing("warn,ingest=info");
     let args = Args::parse();
     let cfg = PipelineConfig::load(&args.config)?;
-    let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
+    let book =
+        Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
     let metrics = Metrics::new("ingest");
     metrics.in_flight_limit.set(cfg.ingest.max_in_flight as i64);
     metrics.set_config("partitions", i64::from(cfg.kafka.partitions));
-    let sink = KafkaSink::new(&cfg.kafka, cfg.ingest.max_in_flight, Duration::from_millis(cfg.ingest.delivery_timeout_ms))?
-        .with_metrics(Arc::clone(&metrics));
+    let sink =
+        KafkaSink::new(&cfg.kafka, cfg.ingest.max_in_flight, Duration::from_millis(cfg.ingest.delivery_timeout_ms))?
+            .with_metrics(Arc::clone(&metrics));
     let listen = args.listen.unwrap_or(cfg.ingest.listen.clone());
     let sec = &cfg.ingest.security;
     let tls = match (&sec.tls_cert, &sec.tls_key) {
-        (Some(cert), Some(key)) => Some(ingest::tls::server_config(&ingest::tls::TlsFiles { cert: cert.clone(), key: key.clone() })?),
+        (Some(cert), Some(key)) => {
+            Some(ingest::tls::server_config(&ingest::tls::TlsFiles { cert: cert.clone(), key: key.clone() })?)
+        }
         (None, None) => None,
         _ => anyhow::bail!("ingest.security: tls_cert and tls_key go together"),
     };
-    let sources = ingest::auth::KeySources { price_book: Some(cfg.price_book.clone()), keys_file: sec.keys_file.clone() };
+    let sources =
+        ingest::auth::KeySources { price_book: Some(cfg.price_book.clone()), keys_file: sec.keys_file.clone() };
     let keys = ingest::auth::SharedKeys::new(sources.load(&book)?);
     let reloads = ingest::auth::watch(keys.clone(), sources, Arc::clone(&book), Duration::from_secs(2));
     let seller_limits = sec.seller_records_per_sec.and_then(NonZeroU32::new).map(|rate| {
-        let burst = sec.seller_burst.and_then(NonZeroU32::new).unwrap_or(rate.saturating_mul(NonZeroU32::new(2).expect("2 > 0")));
+        let burst = sec
+            .seller_burst
+            .and_then(NonZeroU32::new)
+            .unwrap_or(rate.saturating_mul(NonZeroU32::new(2).expect("2 > 0")));
         ingest::limit::SellerLimits { records_per_sec: rate, burst }
     });
     let security = ingest::guard::Security { keys, ..ingest::guard::Security::for_book(&book) }
@@ -72,7 +80,14 @@ async fn main() -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("ingest listening on {scheme}://{addr} → topic {}", cfg.kafka.topics.raw);
     let metered = Metered::new(sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
-    let state = Arc::new(IngestState { book, sink: metered, clock: Arc::new(SystemClock), limits: HttpLimits::default(), security, tokens: Default::default() });
+    let state = Arc::new(IngestState {
+        book,
+        sink: metered,
+        clock: Arc::new(SystemClock),
+        limits: HttpLimits::default(),
+        security,
+        tokens: Default::default(),
+    });
     // `/metrics` and `/ready` beside the API; every call timed until its answer (the ack).
     let app = common::ops::instrument(router(state), &metrics);
     metrics.set_ready(true);

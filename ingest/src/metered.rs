@@ -47,7 +47,11 @@ impl Drop for InFlightGuard<'_> {
 }
 
 impl<S: UsageSink> UsageSink for Metered<S> {
-    async fn submit(&self, accepted: Vec<UsageRecord>, refused: Vec<RefusedRecord>) -> Result<Vec<SinkOutcome>, SinkError> {
+    async fn submit(
+        &self,
+        accepted: Vec<UsageRecord>,
+        refused: Vec<RefusedRecord>,
+    ) -> Result<Vec<SinkOutcome>, SinkError> {
         let n = (accepted.len() + refused.len()) as i64;
         self.metrics.in_flight.add(n);
         let _guard = InFlightGuard(&self.metrics, n);

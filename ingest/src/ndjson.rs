@@ -29,7 +29,9 @@ pub enum BodyError {
         limit: usize,
     },
     /// More records than the route allows.
-    #[error("more than {limit} records (line {line} is one too many); at most {limit} per bulk request, split the call")]
+    #[error(
+        "more than {limit} records (line {line} is one too many); at most {limit} per bulk request, split the call"
+    )]
     TooManyRecords {
         /// The limit.
         limit: usize,
@@ -37,9 +39,7 @@ pub enum BodyError {
         line: usize,
     },
     /// One line longer than a record may be.
-    #[error(
-        "line {line} is longer than {limit} bytes; one record per line, each at most {limit} bytes"
-    )]
+    #[error("line {line} is longer than {limit} bytes; one record per line, each at most {limit} bytes")]
     LineTooLong {
         /// The line.
         line: usize,
@@ -71,13 +71,7 @@ pub struct LineCounter {
 impl LineCounter {
     /// A counter at the start of a body.
     pub fn new(limits: LineLimits) -> Self {
-        LineCounter {
-            limits,
-            line: 1,
-            line_bytes: 0,
-            line_has_data: false,
-            records: 0,
-        }
+        LineCounter { limits, line: 1, line_bytes: 0, line_has_data: false, records: 0 }
     }
 
     /// Records seen so far.
@@ -96,19 +90,13 @@ impl LineCounter {
             }
             self.line_bytes += 1;
             if self.line_bytes > self.limits.max_line_bytes {
-                return Err(BodyError::LineTooLong {
-                    line: self.line,
-                    limit: self.limits.max_line_bytes,
-                });
+                return Err(BodyError::LineTooLong { line: self.line, limit: self.limits.max_line_bytes });
             }
             if !self.line_has_data && !b.is_ascii_whitespace() {
                 self.line_has_data = true;
                 self.records += 1;
                 if self.records > self.limits.max_records {
-                    return Err(BodyError::TooManyRecords {
-                        limit: self.limits.max_records,
-                        line: self.line,
-                    });
+                    return Err(BodyError::TooManyRecords { limit: self.limits.max_records, line: self.line });
                 }
             }
         }
@@ -141,9 +129,7 @@ pub async fn read_limited(
             c.feed(&chunk)?;
         }
         if buf.capacity() - buf.len() < chunk.len() {
-            let want = (buf.capacity() * 2)
-                .max(buf.len() + chunk.len())
-                .min(max_bytes);
+            let want = (buf.capacity() * 2).max(buf.len() + chunk.len()).min(max_bytes);
             buf.reserve_exact(want - buf.len());
         }
         buf.extend_from_slice(&chunk);
@@ -155,26 +141,16 @@ pub async fn read_limited(
 mod tests {
     use super::*;
 
-    const LIMITS: LineLimits = LineLimits {
-        max_records: 3,
-        max_line_bytes: 8,
-    };
+    const LIMITS: LineLimits = LineLimits { max_records: 3, max_line_bytes: 8 };
 
     #[test]
     fn records_are_non_blank_lines_counted_across_chunks() {
         let mut c = LineCounter::new(LIMITS);
         c.feed(b"{\"a\"").unwrap();
         c.feed(b":1}\n\n  \r\n{}").unwrap();
-        assert_eq!(
-            c.records(),
-            2,
-            "blank and whitespace-only lines are not records"
-        );
+        assert_eq!(c.records(), 2, "blank and whitespace-only lines are not records");
         c.feed(b"\n{}").unwrap();
-        assert_eq!(
-            c.feed(b"\n\n{"),
-            Err(BodyError::TooManyRecords { limit: 3, line: 7 })
-        );
+        assert_eq!(c.feed(b"\n\n{"), Err(BodyError::TooManyRecords { limit: 3, line: 7 }));
     }
 
     #[test]
@@ -182,22 +158,14 @@ mod tests {
         let mut c = LineCounter::new(LIMITS);
         c.feed(b"12345678\n").unwrap();
         c.feed(b"1234").unwrap();
-        assert_eq!(
-            c.feed(b"56789"),
-            Err(BodyError::LineTooLong { line: 2, limit: 8 })
-        );
+        assert_eq!(c.feed(b"56789"), Err(BodyError::LineTooLong { line: 2, limit: 8 }));
     }
 
     #[tokio::test]
     async fn a_body_is_read_whole_or_refused_at_the_limit() {
-        let ok = read_limited(Body::from("{}\n{}\n"), 6, Some(6), Some(LIMITS))
-            .await
-            .unwrap();
+        let ok = read_limited(Body::from("{}\n{}\n"), 6, Some(6), Some(LIMITS)).await.unwrap();
         assert_eq!(&ok[..], b"{}\n{}\n");
-        assert_eq!(
-            read_limited(Body::from("1234567"), 6, None, None).await,
-            Err(BodyError::TooLarge { limit: 6 })
-        );
+        assert_eq!(read_limited(Body::from("1234567"), 6, None, None).await, Err(BodyError::TooLarge { limit: 6 }));
         let many = "x\n".repeat(1000);
         assert_eq!(
             read_limited(Body::from(many), 1 << 20, None, Some(LIMITS)).await,

@@ -80,9 +80,7 @@ pub fn raise_fd_limit() -> u64 {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(soft) => soft,
         Err(e) => {
-            let soft = rlimit::getrlimit(rlimit::Resource::NOFILE)
-                .map(|(s, _)| s)
-                .unwrap_or(1024);
+            let soft = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(s, _)| s).unwrap_or(1024);
             tracing::warn!(error = %e, soft, "could not raise the open-file limit");
             soft
         }
@@ -98,25 +96,15 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 pub async fn bind(listen: &str) -> std::io::Result<TcpListener> {
     let mut last = None;
     for addr in tokio::net::lookup_host(listen).await? {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;
-        match socket
-            .bind(addr)
-            .and_then(|()| socket.listen(LISTEN_BACKLOG))
-        {
+        match socket.bind(addr).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
             Ok(l) => return Ok(l),
             Err(e) => last = Some(e),
         }
     }
     Err(last.unwrap_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("`{listen}` names no address"),
-        )
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("`{listen}` names no address"))
     }))
 }
 
@@ -124,9 +112,7 @@ pub async fn bind(listen: &str) -> std::io::Result<TcpListener> {
 /// open-file limit `soft_fds` by a reserve of a tenth of it (at least [`MIN_RESERVED_FDS`]).
 pub fn connection_cap(requested: Option<usize>, soft_fds: u64) -> usize {
     let reserve = MIN_RESERVED_FDS.max(soft_fds / 10);
-    let room = usize::try_from(soft_fds.saturating_sub(reserve))
-        .unwrap_or(usize::MAX)
-        .max(1);
+    let room = usize::try_from(soft_fds.saturating_sub(reserve)).unwrap_or(usize::MAX).max(1);
     requested.unwrap_or(DEFAULT_MAX_CONNECTIONS).clamp(1, room)
 }
 
@@ -151,11 +137,7 @@ impl<T> Watched<T> {
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -165,11 +147,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             self.moved(n);
@@ -226,8 +204,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             // Router is always ready (its poll_ready is a constant), so `call` needs no poll_ready.
             let mut resp = tower_service::Service::call(&mut app, req).await?;
             if last {
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Ok(resp)
         })
@@ -286,19 +263,14 @@ pub async fn serve(
         let (app, acceptor, stop) = (app.clone(), acceptor.clone(), stop_rx.clone());
         tokio::spawn(async move {
             let last = Arc::new(AtomicU64::new(now_ms()));
-            let io = Watched {
-                inner: stream,
-                last: Arc::clone(&last),
-            };
+            let io = Watched { inner: stream, last: Arc::clone(&last) };
             match acceptor {
                 None => drive(io, peer, app, limits, stop, last).await,
-                Some(acc) => {
-                    match tokio::time::timeout(limits.tls_handshake_timeout, acc.accept(io)).await {
-                        Ok(Ok(tls)) => drive(tls, peer, app, limits, stop, last).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                }
+                Some(acc) => match tokio::time::timeout(limits.tls_handshake_timeout, acc.accept(io)).await {
+                    Ok(Ok(tls)) => drive(tls, peer, app, limits, stop, last).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
             drop(permit);
         });
@@ -308,10 +280,7 @@ pub async fn serve(
     stop_tx.send(true).ok();
     // Every connection holds a permit until it ends: all permits back = all connections closed.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    if tokio::time::timeout(limits.drain_timeout, open.acquire_many(all))
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(limits.drain_timeout, open.acquire_many(all)).await.is_err() {
         tracing::warn!("connections still open after the drain timeout; closing them");
     }
     Ok(())
@@ -358,10 +327,7 @@ async fn drive<I>(
         max_requests: limits.max_requests_per_connection.max(1),
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .keep_alive(true);
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle_ms = limits.idle_timeout.as_millis() as u64;
@@ -401,16 +367,8 @@ mod tests {
     #[test]
     fn the_cap_stays_below_the_open_file_limit() {
         assert_eq!(connection_cap(None, 1_048_576), DEFAULT_MAX_CONNECTIONS);
-        assert_eq!(
-            connection_cap(None, 1024),
-            1024 - 128,
-            "systemd's default soft limit"
-        );
-        assert_eq!(
-            connection_cap(Some(50_000), 20_000),
-            18_000,
-            "a tenth kept free"
-        );
+        assert_eq!(connection_cap(None, 1024), 1024 - 128, "systemd's default soft limit");
+        assert_eq!(connection_cap(Some(50_000), 20_000), 18_000, "a tenth kept free");
         assert_eq!(connection_cap(Some(100), 20_000), 100);
         assert_eq!(connection_cap(Some(0), 20_000), 1);
         assert_eq!(connection_cap(None, 10), 1);
@@ -420,10 +378,7 @@ mod tests {
     fn the_over_cap_answer_declares_its_length() {
         let text = std::str::from_utf8(OVER_CAP).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(
-            head.contains(&format!("content-length: {}", body.len())),
-            "{head}"
-        );
+        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
         serde_json::from_str::<serde_json::Value>(body).unwrap();
     }
 }

@@ -37,21 +37,14 @@ impl QueueTarget {
     /// and `ceiling`.
     pub fn new(target: Duration, ceiling: usize) -> Self {
         let ceiling = ceiling.max(1);
-        QueueTarget {
-            target,
-            floor: MIN_IN_FLIGHT.min(ceiling),
-            ceiling,
-            rate: None,
-        }
+        QueueTarget { target, floor: MIN_IN_FLIGHT.min(ceiling), ceiling, rate: None }
     }
 
     /// The bound now.
     pub fn bound(&self) -> usize {
         match self.rate {
             None => INITIAL_IN_FLIGHT.clamp(self.floor, self.ceiling),
-            Some(rate) => {
-                ((rate * self.target.as_secs_f64()) as usize).clamp(self.floor, self.ceiling)
-            }
+            Some(rate) => ((rate * self.target.as_secs_f64()) as usize).clamp(self.floor, self.ceiling),
         }
     }
 
@@ -91,22 +84,10 @@ mod tests {
             q.observe(10, Duration::from_millis(100));
         }
         assert_eq!(q.bound(), MIN_IN_FLIGHT, "never below the floor");
-        assert_eq!(
-            q.observe(0, Duration::from_secs(5)),
-            MIN_IN_FLIGHT,
-            "a probe changes nothing"
-        );
+        assert_eq!(q.observe(0, Duration::from_secs(5)), MIN_IN_FLIGHT, "a probe changes nothing");
         let mut small = QueueTarget::new(Duration::from_millis(250), 2_000);
-        assert_eq!(
-            small.observe(1_000_000, Duration::from_millis(1)),
-            2_000,
-            "never above the ceiling"
-        );
-        assert_eq!(
-            QueueTarget::new(Duration::from_millis(250), 500).bound(),
-            500,
-            "a ceiling below the floor wins"
-        );
+        assert_eq!(small.observe(1_000_000, Duration::from_millis(1)), 2_000, "never above the ceiling");
+        assert_eq!(QueueTarget::new(Duration::from_millis(250), 500).bound(), 500, "a ceiling below the floor wins");
     }
 
     #[test]
@@ -119,9 +100,6 @@ mod tests {
             batch = q.observe(batch, took);
         }
         let took = Duration::from_micros(5_000 + 20 * batch as u64);
-        assert!(
-            took > Duration::from_millis(200) && took < Duration::from_millis(260),
-            "{took:?} for {batch}"
-        );
+        assert!(took > Duration::from_millis(200) && took < Duration::from_millis(260), "{took:?} for {batch}");
     }
 }

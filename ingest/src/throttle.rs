@@ -69,10 +69,7 @@ pub struct AuthLimits {
 
 impl Default for AuthLimits {
     fn default() -> Self {
-        AuthLimits {
-            per_sec: NonZeroU32::new(5).expect("5 > 0"),
-            burst: NonZeroU32::new(20).expect("20 > 0"),
-        }
+        AuthLimits { per_sec: NonZeroU32::new(5).expect("5 > 0"), burst: NonZeroU32::new(20).expect("20 > 0") }
     }
 }
 
@@ -122,17 +119,12 @@ impl AuthThrottle {
         }
         if let Some(k) = key {
             let fp = fingerprint(k);
-            let known = self.known.lock().map(|m| {
-                m.get(&client)
-                    .is_some_and(|v| v.iter().any(|(f, _)| *f == fp))
-            });
+            let known = self.known.lock().map(|m| m.get(&client).is_some_and(|v| v.iter().any(|(f, _)| *f == fp)));
             if known.unwrap_or(false) {
                 return Ok(());
             }
         }
-        self.buckets
-            .check_key(&client)
-            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+        self.buckets.check_key(&client).map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 
     /// `key` authenticated from `addr`: remember it there.
@@ -155,12 +147,7 @@ impl AuthThrottle {
             None => {
                 if v.len() >= KEYS_PER_ADDRESS {
                     // Forget the least recently used.
-                    if let Some(i) = v
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, (_, at))| *at)
-                        .map(|(i, _)| i)
-                    {
+                    if let Some(i) = v.iter().enumerate().min_by_key(|(_, (_, at))| *at).map(|(i, _)| i) {
                         v.swap_remove(i);
                     }
                 }
@@ -187,10 +174,7 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn throttle() -> AuthThrottle {
-        AuthThrottle::new(AuthLimits {
-            per_sec: NonZeroU32::new(1).unwrap(),
-            burst: NonZeroU32::new(3).unwrap(),
-        })
+        AuthThrottle::new(AuthLimits { per_sec: NonZeroU32::new(1).unwrap(), burst: NonZeroU32::new(3).unwrap() })
     }
 
     #[test]
@@ -201,10 +185,7 @@ mod tests {
             assert_eq!(t.before(a, Some(&format!("guess-{i}"))), Ok(()));
         }
         let wait = t.before(a, Some("guess-3")).unwrap_err();
-        assert!(
-            wait > Duration::ZERO && wait <= Duration::from_secs(1),
-            "{wait:?}"
-        );
+        assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
         assert!(t.before(a, None).is_err(), "no key is an attempt too");
         assert_eq!(
             t.before(Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2))), Some("x")),
@@ -222,16 +203,10 @@ mod tests {
         for i in 0..10 {
             t.before(a, Some(&format!("guess-{i}"))).ok();
         }
-        assert!(
-            t.before(a, Some("guess-x")).is_err(),
-            "the guesser is throttled"
-        );
+        assert!(t.before(a, Some("guess-x")).is_err(), "the guesser is throttled");
         assert_eq!(t.before(a, Some("seller-key")), Ok(()), "the seller is not");
         t.failed(a, Some("seller-key"));
-        assert!(
-            t.before(a, Some("seller-key")).is_err(),
-            "a revoked key loses its pass"
-        );
+        assert!(t.before(a, Some("seller-key")).is_err(), "a revoked key loses its pass");
     }
 
     #[test]
@@ -242,9 +217,6 @@ mod tests {
         assert_eq!(ClientKey::of(Some(a.into())), ClientKey::of(Some(b.into())));
         assert_ne!(ClientKey::of(Some(a.into())), ClientKey::of(Some(c.into())));
         let mapped: Ipv6Addr = Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped();
-        assert_eq!(
-            ClientKey::of(Some(mapped.into())),
-            ClientKey::of(Some(Ipv4Addr::new(10, 0, 0, 1).into()))
-        );
+        assert_eq!(ClientKey::of(Some(mapped.into())), ClientKey::of(Some(Ipv4Addr::new(10, 0, 0, 1).into())));
     }
 }

@@ -51,7 +51,11 @@ pub struct Context<'a> {
 }
 
 /// Validates one record. `product_code` is the batch's `ProductCode` when the record has none.
-pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context<'_>) -> Result<UsageRecord, Rejection> {
+pub fn validate(
+    wire: &WireRecord<'_>,
+    batch_product: Option<&str>,
+    cx: &Context<'_>,
+) -> Result<UsageRecord, Rejection> {
     let book = cx.book;
     let profile = book.marketplace();
 
@@ -79,22 +83,27 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
                     format!("LicenseArn `{}` is not a licence of this seller", truncate(arn, 96)),
                 ))
             }
-            None => return Err(reject(RejectCode::InvalidProductCode, "ProductCode is missing (or send LicenseArn on each record)")),
+            None => {
+                return Err(reject(
+                    RejectCode::InvalidProductCode,
+                    "ProductCode is missing (or send LicenseArn on each record)",
+                ))
+            }
         },
     };
     let by_license = wire.product_code.is_none() && batch_product.is_none();
     let Some(product) = book.product(product_code) else {
-        return Err(reject(RejectCode::InvalidProductCode, format!("product `{}` is unknown", truncate(product_code, 64))));
+        return Err(reject(
+            RejectCode::InvalidProductCode,
+            format!("product `{}` is unknown", truncate(product_code, 64)),
+        ));
     };
     let seller = match cx.caller {
         Caller::Seller(s) => {
             if product.seller != s.id {
                 // A licence of another seller answers like an unknown one (no probing).
                 let code = if by_license { RejectCode::InvalidLicense } else { RejectCode::InvalidProductCode };
-                return Err(reject(
-                    code,
-                    format!("product `{product_code}` is not one of this API key's products"),
-                ));
+                return Err(reject(code, format!("product `{product_code}` is not one of this API key's products")));
             }
             s.id.clone()
         }
@@ -177,7 +186,9 @@ pub fn validate(wire: &WireRecord<'_>, batch_product: Option<&str>, cx: &Context
         let mut why = format!("customer `{customer}` has no agreement for `{product_code}` active at {timestamp}");
         if let Some(next) = book.agreements(&customer, product_code).find(|a| a.start > timestamp) {
             why = format!("Timestamp {timestamp} is before agreement `{}` starts at {}", next.id, next.start);
-        } else if let Some(prev) = book.agreements(&customer, product_code).filter(|a| a.end.is_some_and(|e| e <= timestamp)).last() {
+        } else if let Some(prev) =
+            book.agreements(&customer, product_code).filter(|a| a.end.is_some_and(|e| e <= timestamp)).last()
+        {
             why = format!("Timestamp {timestamp} is after agreement `{}` ended", prev.id);
         }
         return Err(reject(RejectCode::TimestampOutOfBounds, why));
@@ -320,14 +331,11 @@ fn names_customer(wire: &WireRecord<'_>) -> bool {
 }
 
 fn resolve_customer(wire: &WireRecord<'_>, book: &PriceBook) -> Result<(String, CustomerRef), Rejection> {
-    let given = [
-        customer_identifier(wire).is_some(),
-        wire.customer_aws_account_id.is_some(),
-        wire.customer_id.is_some(),
-    ]
-    .iter()
-    .filter(|x| **x)
-    .count();
+    let given =
+        [customer_identifier(wire).is_some(), wire.customer_aws_account_id.is_some(), wire.customer_id.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count();
     if given == 0 {
         return Err(reject(
             RejectCode::InvalidCustomerIdentifier,
@@ -358,7 +366,10 @@ fn resolve_customer(wire: &WireRecord<'_>, book: &PriceBook) -> Result<(String, 
         book.customer(id).map(|c| (c.id.clone(), CustomerRef::CustomerId)).ok_or(id)
     };
     found.map_err(|who| {
-        reject(RejectCode::CustomerNotSubscribed, format!("customer `{}` is not subscribed to anything here", truncate(who, 64)))
+        reject(
+            RejectCode::CustomerNotSubscribed,
+            format!("customer `{}` is not subscribed to anything here", truncate(who, 64)),
+        )
     })
 }
 
@@ -387,10 +398,7 @@ pub fn parse_timestamp(raw: Option<&RawValue>) -> Result<Timestamp, Rejection> {
     let secs = parse_number(text).map_err(|e| bad(format!("Timestamp {}: {e}", truncate(text, 40))))?;
     // Years 1970–9999 in seconds; anything else is a unit mistake (milliseconds sent as seconds).
     if secs.is_sign_negative() || secs > Decimal::from(253_402_300_799i64) {
-        return Err(bad(format!(
-            "Timestamp {} is not epoch seconds between 1970 and 9999",
-            truncate(text, 40)
-        )));
+        return Err(bad(format!("Timestamp {} is not epoch seconds between 1970 and 9999", truncate(text, 40))));
     }
     let ms = (secs * Decimal::from(1000)).floor();
     let ms: i64 = ms.try_into().map_err(|_| bad(format!("Timestamp {} is out of range", truncate(text, 40))))?;
@@ -474,18 +482,18 @@ fn validate_tag(key: &str, value: &str) -> Result<Tag, Rejection> {
     Ok(Tag { key: key.to_owned(), value: value.to_owned() })
 }
 
-fn validate_allocations(list: &[WireAllocation<'_>], quantity: Decimal, cx: &Context<'_>) -> Result<Vec<Allocation>, Rejection> {
+fn validate_allocations(
+    list: &[WireAllocation<'_>],
+    quantity: Decimal,
+    cx: &Context<'_>,
+) -> Result<Vec<Allocation>, Rejection> {
     let profile = cx.book.marketplace();
     let bad = |why: String| reject(RejectCode::InvalidUsageAllocations, why);
     if list.is_empty() {
         return Err(bad("UsageAllocations is empty; omit it or list at least one allocation".into()));
     }
     if list.len() > profile.max_allocations {
-        return Err(bad(format!(
-            "{} allocations; at most {} per record",
-            list.len(),
-            profile.max_allocations
-        )));
+        return Err(bad(format!("{} allocations; at most {} per record", list.len(), profile.max_allocations)));
     }
     let mut out = Vec::with_capacity(list.len());
     let mut seen: HashSet<Vec<Tag>> = HashSet::with_capacity(list.len());
@@ -495,7 +503,9 @@ fn validate_allocations(list: &[WireAllocation<'_>], quantity: Decimal, cx: &Con
         // Exactly one of the two fields, as the current model says (and as for the record).
         let q = match (a.allocated_usage_quantity, a.allocated_usage_quantity_as_decimal) {
             (None, None) => {
-                return Err(bad(format!("allocation {n}: AllocatedUsageQuantity or AllocatedUsageQuantityAsDecimal is required")))
+                return Err(bad(format!(
+                    "allocation {n}: AllocatedUsageQuantity or AllocatedUsageQuantityAsDecimal is required"
+                )))
             }
             (Some(_), Some(_)) => {
                 return Err(bad(format!(
@@ -509,7 +519,10 @@ fn validate_allocations(list: &[WireAllocation<'_>], quantity: Decimal, cx: &Con
         let mut tags = match &a.tags {
             None => Vec::new(),
             Some(t) if t.is_empty() => {
-                return Err(reject(RejectCode::InvalidTag, format!("allocation {n}: Tags is empty; omit it for the untagged bucket")))
+                return Err(reject(
+                    RejectCode::InvalidTag,
+                    format!("allocation {n}: Tags is empty; omit it for the untagged bucket"),
+                ))
             }
             Some(t) if t.len() > profile.max_tags => {
                 return Err(reject(

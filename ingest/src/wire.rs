@@ -49,7 +49,13 @@ pub struct WireRecord<'a> {
     pub quantity: Option<&'a RawValue>,
     /// The current model's decimal quantity (`UsageQuantityAsDecimal` on `MeterUsage`), raw:
     /// a JSON number or decimal text, parsed exactly from its text.
-    #[serde(rename = "QuantityAsDecimal", alias = "UsageQuantityAsDecimal", borrow, default, deserialize_with = "present")]
+    #[serde(
+        rename = "QuantityAsDecimal",
+        alias = "UsageQuantityAsDecimal",
+        borrow,
+        default,
+        deserialize_with = "present"
+    )]
     pub quantity_as_decimal: Option<&'a RawValue>,
     /// Allocations of the quantity to tag sets.
     #[serde(rename = "UsageAllocations", borrow)]

@@ -76,7 +76,13 @@ impl Client {
     }
 
     /// One `BatchMeterUsage` call; returns the statuses in order.
-    pub async fn batch_meter_usage(&self, key: &str, product: &str, records: &[Value], tally: &mut Tally) -> anyhow::Result<Vec<Value>> {
+    pub async fn batch_meter_usage(
+        &self,
+        key: &str,
+        product: &str,
+        records: &[Value],
+        tally: &mut Tally,
+    ) -> anyhow::Result<Vec<Value>> {
         let body = serde_json::to_vec(&serde_json::json!({ "ProductCode": product, "UsageRecords": records }))?;
         let url = format!("{}/v1/BatchMeterUsage", self.base);
         let resp = self.post(&url, key, body, "application/x-amz-json-1.1", tally).await?;
@@ -105,7 +111,14 @@ impl Client {
         Ok(results)
     }
 
-    async fn post(&self, url: &str, key: &str, body: Vec<u8>, content_type: &str, tally: &mut Tally) -> anyhow::Result<Value> {
+    async fn post(
+        &self,
+        url: &str,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        tally: &mut Tally,
+    ) -> anyhow::Result<Value> {
         for attempt in 1..=MAX_ATTEMPTS {
             let start = Instant::now();
             let resp = self
@@ -146,7 +159,12 @@ impl Client {
     }
 
     /// Sends batches with at most `concurrency` calls in flight; `key_of` maps seller → key.
-    pub async fn send_all(&self, batches: Vec<Batch>, key_of: impl Fn(&str) -> String, concurrency: usize) -> anyhow::Result<Tally> {
+    pub async fn send_all(
+        &self,
+        batches: Vec<Batch>,
+        key_of: impl Fn(&str) -> String,
+        concurrency: usize,
+    ) -> anyhow::Result<Tally> {
         let sem = Arc::new(Semaphore::new(concurrency.max(1)));
         let mut tasks = Vec::with_capacity(batches.len());
         for b in batches {

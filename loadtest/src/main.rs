@@ -247,7 +247,15 @@ async fn http(a: HttpArgs) -> anyhow::Result<()> {
     let client = Client::new(&a.url)?;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(a.load.max_seconds);
-    let stream = Stream::new(&scenario, SmallRng::seed_from_u64(a.scenario.seed), hours, a.endpoint, a.bulk_size, a.load.records, deadline);
+    let stream = Stream::new(
+        &scenario,
+        SmallRng::seed_from_u64(a.scenario.seed),
+        hours,
+        a.endpoint,
+        a.bulk_size,
+        a.load.records,
+        deadline,
+    );
     let pacer = Pacer::new(a.load.rate);
     let sem = Arc::new(Semaphore::new(a.concurrency.max(1)));
     let mut tasks = Vec::new();
@@ -256,7 +264,8 @@ async fn http(a: HttpArgs) -> anyhow::Result<()> {
         pacer.wait(sent).await;
         sent += call.records.len() as u64;
         let permit = Arc::clone(&sem).acquire_owned().await?;
-        let (client, key, endpoint, prober) = (client.clone(), scenario.key_of(&call.seller).to_owned(), a.endpoint, prober.clone());
+        let (client, key, endpoint, prober) =
+            (client.clone(), scenario.key_of(&call.seller).to_owned(), a.endpoint, prober.clone());
         tasks.push(tokio::spawn(async move {
             let mut t = Tally::default();
             let at = Instant::now();
@@ -266,7 +275,9 @@ async fn http(a: HttpArgs) -> anyhow::Result<()> {
             };
             drop(permit);
             if let (Some(p), Ok(rs)) = (&prober, &results) {
-                if let Some(id) = rs.iter().find(|r| r["Status"] == "Success").and_then(|r| r["MeteringRecordId"].as_str()) {
+                if let Some(id) =
+                    rs.iter().find(|r| r["Status"] == "Success").and_then(|r| r["MeteringRecordId"].as_str())
+                {
                     p.offer(id, at);
                 }
             }
@@ -296,13 +307,16 @@ async fn http(a: HttpArgs) -> anyhow::Result<()> {
 
 #[cfg(feature = "kafka")]
 async fn kafka(a: KafkaArgs) -> anyhow::Result<()> {
-    let cfg = common::config::PipelineConfig::load(&a.config).with_context(|| format!("loading {}", a.config.display()))?;
+    let cfg =
+        common::config::PipelineConfig::load(&a.config).with_context(|| format!("loading {}", a.config.display()))?;
     let k = &cfg.kafka;
     if !is_loopback(&k.bootstrap) {
         bail!("{} is not a loopback address", k.bootstrap);
     }
     let prober = match (&cfg.clickhouse, a.probe) {
-        (Some(ch), true) if is_loopback(&ch.url) => Some(Prober::new(&ch.url, &ch.database, Duration::from_millis(a.probe_every_ms))?),
+        (Some(ch), true) if is_loopback(&ch.url) => {
+            Some(Prober::new(&ch.url, &ch.database, Duration::from_millis(a.probe_every_ms))?)
+        }
         (Some(ch), true) => bail!("{} is not a loopback address", ch.url),
         (None, true) => bail!("--probe needs a [clickhouse] section in the config"),
         (_, false) => None,
@@ -310,9 +324,19 @@ async fn kafka(a: KafkaArgs) -> anyhow::Result<()> {
     let (scenario, hours) = scenario(&a.scenario)?;
     let book = common::catalogue::PriceBook::new(scenario.doc.clone())?;
     let deadline = Instant::now() + Duration::from_secs(a.load.max_seconds);
-    let stream = Stream::new(&scenario, SmallRng::seed_from_u64(a.scenario.seed), hours, Endpoint::Aws, 25, a.load.records, deadline);
+    let stream = Stream::new(
+        &scenario,
+        SmallRng::seed_from_u64(a.scenario.seed),
+        hours,
+        Endpoint::Aws,
+        25,
+        a.load.records,
+        deadline,
+    );
     let mut dump = match &a.dump {
-        Some(path) => Some(std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?)),
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
         None => None,
     };
     let p = loadtest::kafka::produce(
@@ -350,13 +374,20 @@ async fn kafka(_: KafkaArgs) -> anyhow::Result<()> {
 
 #[cfg(feature = "kafka")]
 fn consume(a: ConsumeArgs) -> anyhow::Result<()> {
-    let cfg = common::config::PipelineConfig::load(&a.config).with_context(|| format!("loading {}", a.config.display()))?;
+    let cfg =
+        common::config::PipelineConfig::load(&a.config).with_context(|| format!("loading {}", a.config.display()))?;
     let k = &cfg.kafka;
     if !is_loopback(&k.bootstrap) {
         bail!("{} is not a loopback address", k.bootstrap);
     }
     let topic = a.topic.clone().unwrap_or_else(|| k.topics.raw.clone());
-    let c = loadtest::kafka::consume(k, &topic, a.records, Duration::from_secs(a.idle_seconds), Duration::from_secs(a.max_seconds))?;
+    let c = loadtest::kafka::consume(
+        k,
+        &topic,
+        a.records,
+        Duration::from_secs(a.idle_seconds),
+        Duration::from_secs(a.max_seconds),
+    )?;
     emit(
         &json!({
             "mode": "kafka-consume-raw",
@@ -384,7 +415,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Prices { scenario: a, out } => {
             let (s, hours) = scenario(&a)?;
             let book = common::catalogue::PriceBook::new(s.doc.clone())?;
-            let mut w = std::io::BufWriter::new(std::fs::File::create(&out).with_context(|| format!("writing {}", out.display()))?);
+            let mut w = std::io::BufWriter::new(
+                std::fs::File::create(&out).with_context(|| format!("writing {}", out.display()))?,
+            );
             let rows = loadtest::prices::write_rows(&book, &hours, &mut w)?;
             std::io::Write::flush(&mut w)?;
             println!("{rows} price rows");

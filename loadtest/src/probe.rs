@@ -31,7 +31,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
 impl Prober {
     /// A prober against ClickHouse's HTTP interface at `url`, database `db`.
     pub fn new(url: &str, db: &str, every: Duration) -> anyhow::Result<Self> {
-        anyhow::ensure!(db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "database name `{db}` must be [A-Za-z0-9_]");
+        anyhow::ensure!(
+            db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "database name `{db}` must be [A-Za-z0-9_]"
+        );
         Ok(Prober {
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
             url: url.trim_end_matches('/').to_owned(),

@@ -12,8 +12,8 @@
 //! another quantity (conflicting), and invalid records of every kind ingest must name.
 
 use common::catalogue::{
-    Agreement, AnnualCoverage, Customer, Delivery, Dimension, FxRate, LateUsage, ListingFees, MarketplaceProfile, Offer,
-    PriceBookDoc, PriceVersion, Product, QuantityKind, Seller, UsageCategory, UsagePrice, Visibility,
+    Agreement, AnnualCoverage, Customer, Delivery, Dimension, FxRate, LateUsage, ListingFees, MarketplaceProfile,
+    Offer, PriceBookDoc, PriceVersion, Product, QuantityKind, Seller, UsageCategory, UsagePrice, Visibility,
 };
 use common::money::Currency;
 use common::time::{Hour, Month, Timestamp, HOUR_MS};
@@ -126,14 +126,19 @@ fn hex_of(b: &[u8]) -> String {
 }
 
 fn dims(list: &[(&str, UsageCategory, &str)]) -> Vec<Dimension> {
-    list.iter().map(|(k, c, unit)| Dimension { key: (*k).into(), name: (*k).into(), category: *c, unit: (*unit).into() }).collect()
+    list.iter()
+        .map(|(k, c, unit)| Dimension { key: (*k).into(), name: (*k).into(), category: *c, unit: (*unit).into() })
+        .collect()
 }
 
 fn prices(from: Timestamp, list: &[(&str, &str)]) -> Vec<PriceVersion> {
     vec![PriceVersion {
         effective_from: from,
         notified_at: None,
-        usage: list.iter().map(|(d, r)| ((*d).to_owned(), UsagePrice::PerUnit(r.parse().expect("constant rates parse")))).collect(),
+        usage: list
+            .iter()
+            .map(|(d, r)| ((*d).to_owned(), UsagePrice::PerUnit(r.parse().expect("constant rates parse"))))
+            .collect(),
     }]
 }
 
@@ -174,14 +179,18 @@ impl Scenario {
             .iter()
             .map(|k| Seller { id: k.seller.clone(), name: k.seller.clone(), api_key_sha256: vec![sha256_hex(&k.key)] })
             .collect();
-        let globex_dims: Vec<(&str, UsageCategory, &str)> = GLOBEX_DIMENSIONS.iter().map(|(k, c, _, _)| (*k, *c, "unit")).collect();
+        let globex_dims: Vec<(&str, UsageCategory, &str)> =
+            GLOBEX_DIMENSIONS.iter().map(|(k, c, _, _)| (*k, *c, "unit")).collect();
         let products = vec![
             Product {
                 code: "acme-analytics".into(),
                 seller: "acme".into(),
                 name: "Acme Analytics".into(),
                 delivery: Delivery::Saas,
-                dimensions: dims(&[("users", UsageCategory::Users, "user-hour"), ("gb_ingest", UsageCategory::Data, "GB")]),
+                dimensions: dims(&[
+                    ("users", UsageCategory::Users, "user-hour"),
+                    ("gb_ingest", UsageCategory::Data, "GB"),
+                ]),
             },
             Product {
                 code: "acme-vm".into(),
@@ -261,7 +270,8 @@ impl Scenario {
             customers.push(Customer {
                 id: id.clone(),
                 name: format!("Customer {}", i + 1),
-                customer_identifier: legacy.then(|| format!("cid-{:08x}", (i as u64).wrapping_mul(2_654_435_761) & 0xffff_ffff)),
+                customer_identifier: legacy
+                    .then(|| format!("cid-{:08x}", (i as u64).wrapping_mul(2_654_435_761) & 0xffff_ffff)),
                 aws_account_id: Some(account.clone()),
             });
             let customer_ref: (&'static str, String) = if legacy {
@@ -284,7 +294,10 @@ impl Scenario {
                 } else {
                     ts("2026-01-01T00:00:00Z")
                 };
-                let end = rng.gen_bool(0.03).then(|| month_start.plus_millis(rng.gen_range(month_hours / 2..month_hours - 6) * HOUR_MS)).filter(|e| *e > start);
+                let end = rng
+                    .gen_bool(0.03)
+                    .then(|| month_start.plus_millis(rng.gen_range(month_hours / 2..month_hours - 6) * HOUR_MS))
+                    .filter(|e| *e > start);
                 let private = p == 3 && rng.gen_bool(0.1);
                 let offer = if private {
                     private_buyers.push(id.clone());
@@ -329,7 +342,10 @@ impl Scenario {
                         }
                         picked
                     }
-                    _ => vec![("inference_hrs".into(), rng.gen_range(1..6)), ("training_hrs".into(), rng.gen_range(0..2))],
+                    _ => vec![
+                        ("inference_hrs".into(), rng.gen_range(1..6)),
+                        ("training_hrs".into(), rng.gen_range(0..2)),
+                    ],
                 };
                 usage.push(Usage { agreement: agreements.len(), dimensions: dims, customer_ref: customer_ref.clone() });
                 agreements.push(Agreement {
@@ -419,7 +435,8 @@ impl Scenario {
         }
         let mut batches = Vec::new();
         for (product, records) in per_product {
-            let seller = self.doc.products.iter().find(|p| p.code == product).map(|p| p.seller.clone()).unwrap_or_default();
+            let seller =
+                self.doc.products.iter().find(|p| p.code == product).map(|p| p.seller.clone()).unwrap_or_default();
             for chunk in records.chunks(25) {
                 let mut chunk = chunk.to_vec();
                 // A conflicting resend: the same slot later with another quantity.
@@ -433,7 +450,8 @@ impl Scenario {
                         c
                     })
                     .collect();
-                let batch = Batch { product: product.clone(), seller: seller.clone(), records: std::mem::take(&mut chunk) };
+                let batch =
+                    Batch { product: product.clone(), seller: seller.clone(), records: std::mem::take(&mut chunk) };
                 if rng.gen_bool(self.config.identical_resend_share) {
                     batches.push(batch.clone());
                 }
@@ -455,10 +473,11 @@ impl Scenario {
             3 => rec["Quantity"] = json!(-1),
             4 => rec["Quantity"] = json!(2_147_483_648i64),
             5 => {
-                rec["UsageAllocations"] =
-                    json!([{ "AllocatedUsageQuantity": rec["Quantity"].as_i64().unwrap_or(0) + 1, "Tags": [{ "Key": "team", "Value": "x" }] }])
+                rec["UsageAllocations"] = json!([{ "AllocatedUsageQuantity": rec["Quantity"].as_i64().unwrap_or(0) + 1, "Tags": [{ "Key": "team", "Value": "x" }] }])
             }
-            6 => rec["UsageAllocations"] = json!([{ "AllocatedUsageQuantity": rec["Quantity"], "Tags": [{ "Key": "cost#center", "Value": "42" }] }]),
+            6 => {
+                rec["UsageAllocations"] = json!([{ "AllocatedUsageQuantity": rec["Quantity"], "Tags": [{ "Key": "cost#center", "Value": "42" }] }])
+            }
             _ => {
                 let o = rec.as_object_mut().expect("records are objects");
                 o.remove("CustomerIdentifier");
@@ -500,7 +519,10 @@ mod tests {
         let h = s.config.month.first_hour();
         let a = s.hour_traffic(h, &mut SmallRng::seed_from_u64(1));
         let b = s.hour_traffic(h, &mut SmallRng::seed_from_u64(1));
-        assert_eq!(format!("{:?}", a.iter().map(|b| &b.records).collect::<Vec<_>>()), format!("{:?}", b.iter().map(|b| &b.records).collect::<Vec<_>>()));
+        assert_eq!(
+            format!("{:?}", a.iter().map(|b| &b.records).collect::<Vec<_>>()),
+            format!("{:?}", b.iter().map(|b| &b.records).collect::<Vec<_>>())
+        );
         assert!(a.iter().all(|b| b.records.len() <= 25));
     }
 }

@@ -22,9 +22,7 @@ pub enum Endpoint {
 
 /// The system clock as a [`Timestamp`].
 pub fn system_now() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
     Timestamp(ms)
 }
 
@@ -54,10 +52,9 @@ pub struct Call {
 /// Turns one hour's AWS batches into calls for `endpoint`.
 pub fn calls(batches: Vec<Batch>, endpoint: Endpoint, bulk_size: usize) -> Vec<Call> {
     match endpoint {
-        Endpoint::Aws => batches
-            .into_iter()
-            .map(|b| Call { seller: b.seller, product: b.product, records: b.records })
-            .collect(),
+        Endpoint::Aws => {
+            batches.into_iter().map(|b| Call { seller: b.seller, product: b.product, records: b.records }).collect()
+        }
         Endpoint::Bulk => {
             let mut out: Vec<Call> = Vec::new();
             for b in batches {
@@ -127,7 +124,8 @@ impl Iterator for Stream<'_> {
                 break c;
             }
             let hour = self.hours.next()?;
-            self.pending = calls(self.scenario.hour_traffic(hour, &mut self.rng), self.endpoint, self.bulk_size).into_iter();
+            self.pending =
+                calls(self.scenario.hour_traffic(hour, &mut self.rng), self.endpoint, self.bulk_size).into_iter();
         };
         call.records.truncate(self.budget.min(usize::MAX as u64) as usize);
         self.budget -= call.records.len() as u64;

@@ -51,7 +51,10 @@ impl Rater {
     /// with [`Rater::commit`].
     pub fn decide(&mut self, record: &UsageRecord, book: &PriceBook) -> Decision {
         if let Err(why) = record.check_bounds() {
-            return Decision::Refused { record_id: record.record_id(), rejection: Rejection::new(RejectCode::InvalidQuantity, why) };
+            return Decision::Refused {
+                record_id: record.record_id(),
+                rejection: Rejection::new(RejectCode::InvalidQuantity, why),
+            };
         }
         let key = record.dedup_key();
         let record_id = record.record_id_for(key);
@@ -115,7 +118,11 @@ impl Rater {
 
 /// Usage for a closed month (HR-7, edge 34): refused, or booked as an `adjustment` on the next
 /// open month, by the profile's policy. An unset policy refuses: nothing is assumed.
-fn late_usage(mut rated: RatedRecord, closed_through: Option<Month>, policy: Option<LateUsage>) -> Result<RatedRecord, Rejection> {
+fn late_usage(
+    mut rated: RatedRecord,
+    closed_through: Option<Month>,
+    policy: Option<LateUsage>,
+) -> Result<RatedRecord, Rejection> {
     let Some(closed) = closed_through.filter(|c| rated.month() <= *c) else { return Ok(rated) };
     match policy {
         Some(LateUsage::CorrectionNextMonth) => {
@@ -196,7 +203,9 @@ mod tests {
         let mut rater = Rater::new();
         // cust-b has no agreement for acme-analytics: refused, key left free.
         let r = rec("2026-11-02T10:00:00Z", 1, "cust-b", "users");
-        assert!(matches!(rater.decide(&r, &book), Decision::Refused { rejection, .. } if rejection.code == RejectCode::NotPriced));
+        assert!(
+            matches!(rater.decide(&r, &book), Decision::Refused { rejection, .. } if rejection.code == RejectCode::NotPriced)
+        );
         rater.commit();
         assert_eq!(rater.dedup_keys(), 0);
     }
@@ -209,14 +218,21 @@ mod tests {
         let book = PriceBook::from_toml(BOOK).unwrap();
         let mut rater = Rater::new();
         rater.set_closed_through(Some(oct));
-        assert!(matches!(rater.decide(&late, &book), Decision::Refused { rejection, .. } if rejection.message.contains("closed month")));
+        assert!(
+            matches!(rater.decide(&late, &book), Decision::Refused { rejection, .. } if rejection.message.contains("closed month"))
+        );
         assert_eq!(rater.dedup_keys(), 0);
         // An own profile books it on November as an adjustment; November usage is unaffected.
         let own = BOOK.replace("late_usage = \"refuse\"", "late_usage = \"correction_next_month\"");
         let book = PriceBook::from_toml(&own).unwrap();
         let Decision::Rated(r) = rater.decide(&late, &book) else { panic!("booked") };
-        assert_eq!((r.charge_type, r.billing_month().to_string(), r.month().to_string()), (ChargeType::Adjustment, "2026-11".into(), "2026-10".into()));
-        let Decision::Rated(n) = rater.decide(&rec("2026-11-02T10:00:00Z", 1, "cust-a", "users"), &book) else { panic!() };
+        assert_eq!(
+            (r.charge_type, r.billing_month().to_string(), r.month().to_string()),
+            (ChargeType::Adjustment, "2026-11".into(), "2026-10".into())
+        );
+        let Decision::Rated(n) = rater.decide(&rec("2026-11-02T10:00:00Z", 1, "cust-a", "users"), &book) else {
+            panic!()
+        };
         assert_eq!((n.charge_type, n.booked_month), (ChargeType::Usage, None));
     }
 
@@ -233,7 +249,9 @@ mod tests {
         too_fine.quantity = Decimal::new(1, 10);
         for r in [&mut negative, &mut huge, &mut too_fine] {
             match rater.decide(r, &book) {
-                Decision::Refused { rejection, .. } => assert_eq!(rejection.code, RejectCode::InvalidQuantity, "{rejection:?}"),
+                Decision::Refused { rejection, .. } => {
+                    assert_eq!(rejection.code, RejectCode::InvalidQuantity, "{rejection:?}")
+                }
                 other => panic!("expected InvalidQuantity, got {other:?}"),
             }
         }

@@ -228,11 +228,8 @@ impl Deduper {
 
     /// Classifies a record and, if it is new, stages its claim.
     pub fn check_and_stage(&mut self, key: DedupKey, hour: Hour, record: RecordId) -> DedupOutcome {
-        let found = self
-            .staged
-            .get(&key.0)
-            .map(|&(_, r)| r)
-            .or_else(|| self.hours.get(&hour.0).and_then(|m| m.get(key.0)));
+        let found =
+            self.staged.get(&key.0).map(|&(_, r)| r).or_else(|| self.hours.get(&hour.0).and_then(|m| m.get(key.0)));
         match found {
             Some(r) if r == record.0 => DedupOutcome::Identical,
             Some(r) => DedupOutcome::Conflict { standing: RecordId(r) },

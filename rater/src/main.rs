@@ -23,7 +23,8 @@ async fn main() -> anyhow::Result<()> {
     common::shell::init_tracing("warn,rater=info");
     let args = Args::parse();
     let cfg = PipelineConfig::load(&args.config)?;
-    let book = Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
+    let book =
+        Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
     let metrics = common::metrics::Metrics::new("rater");
     let _ops = common::ops::serve_configured("rater", cfg.rater.metrics_listen.as_deref(), Arc::clone(&metrics))

@@ -27,6 +27,8 @@ use crate::decision::{Decision, Rater};
 use common::catalogue::PriceBook;
 use common::codec;
 use common::config::PipelineConfig;
+use common::metrics::{Histogram, Metrics, Outcome, RecordLabels, Tally};
+use common::money::Currency;
 use common::time::{Timestamp, HOUR_MS};
 use common::topic::{partition_key, DeadLetter, RejectedEvent};
 use common::usage::UsageRecord;
@@ -36,8 +38,6 @@ use rdkafka::error::{KafkaError, RDKafkaError};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use common::metrics::{Histogram, Metrics, Outcome, RecordLabels, Tally};
-use common::money::Currency;
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -119,7 +119,11 @@ impl ConsumerContext for RebalanceLog {
 }
 
 /// Runs the rater until `shutdown` resolves (then finishes and commits the current batch).
-pub async fn run(cfg: &PipelineConfig, book: Arc<PriceBook>, shutdown: impl Future<Output = ()>) -> Result<RaterStats, RaterError> {
+pub async fn run(
+    cfg: &PipelineConfig,
+    book: Arc<PriceBook>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RaterStats, RaterError> {
     run_with_metrics(cfg, book, Metrics::new("rater"), shutdown).await
 }
 
@@ -132,12 +136,14 @@ pub async fn run_with_metrics(
 ) -> Result<RaterStats, RaterError> {
     let k = &cfg.kafka;
     let revoked = RebalanceLog(Arc::default(), Arc::clone(&metrics));
-    let consumer: StreamConsumer<RebalanceLog> = common::kafka::with_statistics(common::kafka::consumer_config(k, &cfg.rater.group))
-        .create_with_context(revoked.clone())?;
+    let consumer: StreamConsumer<RebalanceLog> =
+        common::kafka::with_statistics(common::kafka::consumer_config(k, &cfg.rater.group))
+            .create_with_context(revoked.clone())?;
     consumer.subscribe(&[k.topics.raw.as_str()])?;
     let transactional_id = cfg.rater.transactional_id();
     let producer: FutureProducer =
-        common::kafka::transactional_producer_config(k, &transactional_id, cfg.rater.transaction_timeout_ms).create()?;
+        common::kafka::transactional_producer_config(k, &transactional_id, cfg.rater.transaction_timeout_ms)
+            .create()?;
     // Fences any earlier producer with this id and aborts its open transaction.
     tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))?;
     tracing::info!(transactional_id, "transactional producer ready");
@@ -275,7 +281,8 @@ impl Batch<'_> {
 }
 
 fn now() -> Timestamp {
-    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
     Timestamp(ms)
 }
 
@@ -296,18 +303,25 @@ async fn rebuild(cfg: &PipelineConfig, p: i32, window_ms: i64) -> Result<Rater, 
     let (rater, n) = tokio::task::spawn_blocking(move || {
         let mut rater = Rater::new();
         let mut undecodable = 0u64;
-        let n = common::kafka::replay_partition(&k, &k.topics.rated, p, since, Duration::from_secs(120), |_, payload| {
-            match codec::decode::<common::rated::RatedRecord>(payload) {
-                Ok(r) => rater.restore(&r),
-                Err(_) => undecodable += 1,
-            }
-        });
+        let n =
+            common::kafka::replay_partition(&k, &k.topics.rated, p, since, Duration::from_secs(120), |_, payload| {
+                match codec::decode::<common::rated::RatedRecord>(payload) {
+                    Ok(r) => rater.restore(&r),
+                    Err(_) => undecodable += 1,
+                }
+            });
         (rater, n)
     })
     .await
     .map_err(|e| RaterError::Produce { topic: topic.clone(), reason: format!("rebuild task failed: {e}") })?;
     let n = n.map_err(|source| RaterError::Rebuild { topic, partition: p, source })?;
-    tracing::info!(partition = p, replayed = n, dedup_keys = rater.dedup_keys(), ms = started.elapsed().as_millis() as u64, "partition state rebuilt");
+    tracing::info!(
+        partition = p,
+        replayed = n,
+        dedup_keys = rater.dedup_keys(),
+        ms = started.elapsed().as_millis() as u64,
+        "partition state rebuilt"
+    );
     Ok(rater)
 }
 
@@ -409,7 +423,14 @@ fn add_amount(amounts: &mut Vec<(Currency, Decimal)>, currency: Currency, amount
     }
 }
 
-fn send(producer: &FutureProducer, topic: &str, partition: Option<i32>, key: &[u8], payload: &[u8], batch: &mut Batch<'_>) -> Result<(), RaterError> {
+fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: &[u8],
+    payload: &[u8],
+    batch: &mut Batch<'_>,
+) -> Result<(), RaterError> {
     let mut rec = FutureRecord::to(topic).key(key).payload(payload);
     if let Some(p) = partition {
         rec = rec.partition(p);

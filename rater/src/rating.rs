@@ -153,7 +153,10 @@ mod tests {
         let last = Timestamp::parse_rfc3339("2026-12-31T23:00:00Z").unwrap();
         let after = Timestamp::parse_rfc3339("2027-01-01T00:00:00Z").unwrap();
         assert_eq!(rate_one(&book, &usage("cust-a", "acme-vm", "m5_large", last, 3)).billable_quantity, Decimal::ONE);
-        assert_eq!(rate_one(&book, &usage("cust-a", "acme-vm", "m5_large", after, 3)).billable_quantity, Decimal::from(3));
+        assert_eq!(
+            rate_one(&book, &usage("cust-a", "acme-vm", "m5_large", after, 3)).billable_quantity,
+            Decimal::from(3)
+        );
     }
 
     #[test]

@@ -24,17 +24,11 @@ pub const KAFKA_VERSION: &str = "4.1.1";
 const INSTALL_HINT: &str = "run scripts/install-test-deps.sh (idempotent)";
 
 fn is_executable(path: &Path) -> bool {
-    path.metadata()
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    path.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
-    env::var_os("PATH").and_then(|paths| {
-        env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| is_executable(p))
-    })
+    env::var_os("PATH").and_then(|paths| env::split_paths(&paths).map(|dir| dir.join(name)).find(|p| is_executable(p)))
 }
 
 /// A binary named by `var`, if set; an error if it is set but not executable.
@@ -45,10 +39,7 @@ fn from_env(var: &str) -> Result<Option<PathBuf>> {
             if is_executable(&path) {
                 Ok(Some(path))
             } else {
-                bail!(
-                    "{var}={} is not an executable file; fix {var} or unset it and {INSTALL_HINT}",
-                    path.display()
-                )
+                bail!("{var}={} is not an executable file; fix {var} or unset it and {INSTALL_HINT}", path.display())
             }
         }
         _ => Ok(None),
@@ -57,11 +48,7 @@ fn from_env(var: &str) -> Result<Option<PathBuf>> {
 
 fn missing(what: &str, var: &str, looked: &[PathBuf]) -> anyhow::Error {
     let looked: Vec<String> = looked.iter().map(|p| p.display().to_string()).collect();
-    let ci = if env::var_os("CI").is_some() {
-        "CI is set and "
-    } else {
-        ""
-    };
+    let ci = if env::var_os("CI").is_some() { "CI is set and " } else { "" };
     anyhow::anyhow!(
         "{ci}the {what} binary was not found (looked at: {}; and on PATH). \
          Set {var} to its path, or {INSTALL_HINT}",
@@ -103,7 +90,8 @@ pub fn java_bin() -> Result<PathBuf> {
     if let Some(path) = from_home.as_ref().filter(|p| is_executable(p)) {
         return Ok(path.clone());
     }
-    on_path("java").ok_or_else(|| missing("Java (17 or newer)", "JAVA_HOME", &from_home.into_iter().collect::<Vec<_>>()))
+    on_path("java")
+        .ok_or_else(|| missing("Java (17 or newer)", "JAVA_HOME", &from_home.into_iter().collect::<Vec<_>>()))
 }
 
 /// Path of the ClickHouse server binary.
@@ -127,11 +115,7 @@ pub fn clickhouse_bin() -> Result<PathBuf> {
     if let Some(path) = on_path("clickhouse").or_else(|| on_path("clickhouse-server")) {
         return Ok(path);
     }
-    Err(missing(
-        "ClickHouse server",
-        CLICKHOUSE_BIN_ENV,
-        &candidates,
-    ))
+    Err(missing("ClickHouse server", CLICKHOUSE_BIN_ENV, &candidates))
 }
 
 /// Whether `bin` is the multi-call `clickhouse` binary that needs a `server` subcommand.

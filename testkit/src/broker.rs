@@ -87,10 +87,8 @@ impl Broker {
     async fn start_nodes(n: u32) -> Result<Broker> {
         let java = java_bin()?;
         let libs = kafka_libs()?;
-        let dir = tempfile::Builder::new()
-            .prefix("meterline-kafka-")
-            .tempdir()
-            .context("creating the broker's temp dir")?;
+        let dir =
+            tempfile::Builder::new().prefix("meterline-kafka-").tempdir().context("creating the broker's temp dir")?;
         let mut nodes: Vec<Node> = (1..=n)
             .map(|id| Node {
                 id,
@@ -333,10 +331,8 @@ impl Broker {
             }
             let bootstrap = self.bootstrap();
             let md = run_blocking(move || {
-                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                    .set("bootstrap.servers", bootstrap)
-                    .set("log_level", "0")
-                    .create()?;
+                let admin: AdminClient<DefaultClientContext> =
+                    ClientConfig::new().set("bootstrap.servers", bootstrap).set("log_level", "0").create()?;
                 let md = admin.inner().fetch_metadata(None, Duration::from_secs(2))?;
                 Ok(md.brokers().len())
             })
@@ -446,14 +442,8 @@ mod tests {
 
     #[test]
     fn a_cluster_node_raises_replication_after_the_shared_settings() {
-        let node = Node {
-            id: 2,
-            port: 1,
-            controller_port: 2,
-            properties: PathBuf::new(),
-            log: PathBuf::new(),
-            proc: None,
-        };
+        let node =
+            Node { id: 2, port: 1, controller_port: 2, properties: PathBuf::new(), log: PathBuf::new(), proc: None };
         let p = node_properties(&node, "1@x:1,2@x:2,3@x:3", 3, Path::new("/d"));
         let shared = p.find("offsets.topic.replication.factor=1").unwrap();
         let raised = p.find("offsets.topic.replication.factor=3").unwrap();

@@ -68,33 +68,14 @@ impl ClickHouse {
             .prefix("meterline-clickhouse-")
             .tempdir()
             .context("creating the ClickHouse temp dir")?;
-        for sub in [
-            "data",
-            "data/tmp",
-            "data/user_files",
-            "data/format_schemas",
-            "log",
-        ] {
+        for sub in ["data", "data/tmp", "data/user_files", "data/format_schemas", "log"] {
             let p = dir.path().join(sub);
             std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
         }
-        let mut ch = ClickHouse {
-            proc: None,
-            bin,
-            ports: Ports {
-                http: 0,
-                tcp: 0,
-                interserver: 0,
-            },
-            dir,
-        };
+        let mut ch = ClickHouse { proc: None, bin, ports: Ports { http: 0, tcp: 0, interserver: 0 }, dir };
         const ATTEMPTS: usize = 3;
         for attempt in 1..=ATTEMPTS {
-            ch.ports = Ports {
-                http: free_port(),
-                tcp: free_port(),
-                interserver: free_port(),
-            };
+            ch.ports = Ports { http: free_port(), tcp: free_port(), interserver: free_port() };
             ch.write_config()?;
             match ch.launch().await {
                 Ok(()) => return Ok(ch),
@@ -131,9 +112,7 @@ impl ClickHouse {
     /// A client for this server with validation off (18.16 lacks
     /// `RowBinaryWithNamesAndTypes`) and no database set.
     pub fn client(&self) -> clickhouse::Client {
-        clickhouse::Client::default()
-            .with_url(self.url())
-            .with_validation(false)
+        clickhouse::Client::default().with_url(self.url()).with_validation(false)
     }
 
     /// Creates a database named `{test}_{16 hex digits}` (characters outside `[A-Za-z0-9_]`
@@ -157,9 +136,7 @@ impl ClickHouse {
     /// waits until `SELECT 1` answers.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill();
-        self.launch()
-            .await
-            .with_context(|| format!("restarting ClickHouse on {}", self.url()))
+        self.launch().await.with_context(|| format!("restarting ClickHouse on {}", self.url()))
     }
 
     /// Runs `sql` over HTTP (`default_format=TabSeparated`) and returns the response body as
@@ -174,8 +151,7 @@ impl ClickHouse {
             .collect()
             .await
             .with_context(|| format!("ClickHouse at {} running: {sql}", self.url()))?;
-        String::from_utf8(bytes.to_vec())
-            .with_context(|| format!("ClickHouse answer to {sql} is not UTF-8"))
+        String::from_utf8(bytes.to_vec()).with_context(|| format!("ClickHouse answer to {sql} is not UTF-8"))
     }
 
     /// Spawns the server with the config in `self.dir` and waits until it is ready.
@@ -185,8 +161,7 @@ impl ClickHouse {
         if clickhouse_is_multicall(&self.bin) {
             cmd.arg("server");
         }
-        cmd.arg(format!("--config-file={}", config.display()))
-            .current_dir(self.dir.path());
+        cmd.arg(format!("--config-file={}", config.display())).current_dir(self.dir.path());
         let log = self.dir.path().join("log").join("stdout.log");
         self.proc = Some(ServerProcess::spawn("clickhouse", cmd, &log)?);
         self.wait_ready().await
@@ -228,22 +203,14 @@ impl ClickHouse {
     /// After a failed start: did the server die because someone else took one of our ports?
     fn lost_port_race(&mut self) -> bool {
         let exited = self.proc.as_mut().and_then(ServerProcess::exited).is_some();
-        let Ports {
-            http,
-            tcp,
-            interserver,
-        } = self.ports;
+        let Ports { http, tcp, interserver } = self.ports;
         exited && [http, tcp, interserver].iter().any(|&p| !port_is_free(p))
     }
 
     fn tail(&self) -> String {
         let log = self.dir.path().join("log");
         log_tail(
-            &[
-                log.join("stdout.log"),
-                log.join("clickhouse-server.err.log"),
-                log.join("clickhouse-server.log"),
-            ],
+            &[log.join("stdout.log"), log.join("clickhouse-server.err.log"), log.join("clickhouse-server.log")],
             30,
         )
     }
@@ -270,16 +237,12 @@ impl Drop for ClickHouse {
 
 /// Escapes text for an XML element body.
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// `config.xml` for a server rooted at `dir` (see the module docs for what it sets).
 fn config_xml(dir: &Path, ports: Ports) -> Result<String> {
-    let root = dir
-        .to_str()
-        .with_context(|| format!("ClickHouse temp dir {} is not UTF-8", dir.display()))?;
+    let root = dir.to_str().with_context(|| format!("ClickHouse temp dir {} is not UTF-8", dir.display()))?;
     let root = xml_escape(root);
     let mut x = String::new();
     // `write!` into a String cannot fail; the result is still propagated to keep clippy quiet.
@@ -368,11 +331,7 @@ mod tests {
 
     #[test]
     fn config_binds_loopback_and_keeps_paths_in_the_dir() {
-        let ports = Ports {
-            http: 1,
-            tcp: 2,
-            interserver: 3,
-        };
+        let ports = Ports { http: 1, tcp: 2, interserver: 3 };
         let x = config_xml(Path::new("/tmp/a&b"), ports).unwrap();
         assert!(x.contains("<listen_host>127.0.0.1</listen_host>"));
         assert!(x.contains("<http_port>1</http_port>"));

@@ -36,11 +36,11 @@ pub mod bins;
 pub mod broker;
 pub mod clickhouse_server;
 pub mod ports;
-pub mod prometheus;
 mod process;
+pub mod prometheus;
 
 pub use bins::{clickhouse_bin, java_bin, kafka_libs};
 pub use broker::Broker;
-pub use prometheus::{Job, Prometheus};
 pub use clickhouse_server::ClickHouse;
 pub use ports::free_port;
+pub use prometheus::{Job, Prometheus};

@@ -36,20 +36,10 @@ impl ServerProcess {
             .append(true)
             .open(log)
             .with_context(|| format!("opening {name} log file {}", log.display()))?;
-        let err = out
-            .try_clone()
-            .with_context(|| format!("duplicating {name} log file handle"))?;
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
-        let mut proc = ServerProcess {
-            name,
-            child,
-            watchdog: None,
-        };
+        let err = out.try_clone().with_context(|| format!("duplicating {name} log file handle"))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::from(out)).stderr(Stdio::from(err));
+        let child = cmd.spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        let mut proc = ServerProcess { name, child, watchdog: None };
         let script = format!(
             "while kill -0 {test} 2>/dev/null; do sleep 1; done; kill -9 {server} 2>/dev/null",
             test = std::process::id(),
@@ -86,11 +76,7 @@ impl ServerProcess {
         if let Some(mut w) = self.watchdog.take() {
             kill_and_reap(&mut w);
         }
-        tracing::debug!(
-            name = self.name,
-            pid = self.child.id(),
-            "testkit: server killed"
-        );
+        tracing::debug!(name = self.name, pid = self.child.id(), "testkit: server killed");
     }
 }
 
@@ -119,9 +105,7 @@ pub(crate) fn log_tail(files: &[PathBuf], lines: usize) -> String {
             continue;
         };
         let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        if f.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)))
-            .is_err()
-        {
+        if f.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES))).is_err() {
             continue;
         }
         let mut buf = Vec::new();
@@ -144,10 +128,7 @@ pub(crate) fn log_tail(files: &[PathBuf], lines: usize) -> String {
 pub(crate) fn random_u64() -> u64 {
     let mut h = RandomState::new().build_hasher();
     h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or_default(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default(),
     );
     h.finish()
 }
@@ -163,17 +144,18 @@ pub(crate) fn unique_name(prefix: &str, sep: char, allow_dot_dash: bool) -> Stri
     h.write_u64(random_u64());
     h.write_u64(n);
     h.write_u32(std::process::id());
-    let clean: String = prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || (allow_dot_dash && (c == '.' || c == '-')) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(100)
-        .collect();
+    let clean: String =
+        prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || (allow_dot_dash && (c == '.' || c == '-')) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(100)
+            .collect();
     // Start with a letter so the name is also a valid unquoted SQL identifier.
     let clean = match clean.chars().next() {
         Some(c) if c.is_ascii_alphabetic() => clean,

@@ -45,7 +45,10 @@ impl Prometheus {
     /// returns once `/-/ready` answers 200.
     pub async fn start(jobs: &[Job], rule_files: &[PathBuf]) -> Result<Prometheus> {
         let bin = bins::prometheus_bin()?;
-        let dir = tempfile::Builder::new().prefix("meterline-prometheus-").tempdir().context("creating the Prometheus dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("meterline-prometheus-")
+            .tempdir()
+            .context("creating the Prometheus dir")?;
         let config = dir.path().join("prometheus.yml");
         std::fs::write(&config, config_text(jobs, rule_files)).context("writing prometheus.yml")?;
         let port = free_port();
@@ -125,7 +128,10 @@ mod tests {
 
     #[test]
     fn config_scrapes_the_named_loopback_targets_every_second() {
-        let c = config_text(&[Job { name: "meterline".into(), targets: vec!["127.0.0.1:8080".into()] }], &[PathBuf::from("/x/alerts.yml")]);
+        let c = config_text(
+            &[Job { name: "meterline".into(), targets: vec!["127.0.0.1:8080".into()] }],
+            &[PathBuf::from("/x/alerts.yml")],
+        );
         assert!(c.contains("scrape_interval: 1s"), "{c}");
         assert!(c.contains("- \"/x/alerts.yml\""), "{c}");
         assert!(c.contains("job_name: \"meterline\""), "{c}");

@@ -84,10 +84,7 @@ async fn consume(c: &StreamConsumer, n: usize, timeout: Duration) -> Result<Vec<
     while got.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            bail!(
-                "received only {} of {n} messages within {timeout:?}",
-                got.len()
-            );
+            bail!("received only {} of {n} messages within {timeout:?}", got.len());
         }
         match tokio::time::timeout(left, c.recv()).await {
             Err(_) => continue,
@@ -343,44 +340,26 @@ async fn clickhouse_starts_and_round_trips_a_decimal_38_9() -> Result<()> {
     let ch = ClickHouse::start().await?;
     assert_eq!(ch.query_text("SELECT 1").await?, "1\n");
     let (db, client) = ch.database("decimal").await?;
-    client
-        .query("CREATE TABLE t (id UInt64, amount Decimal(38, 9)) ENGINE = MergeTree ORDER BY id")
-        .execute()
-        .await?;
+    client.query("CREATE TABLE t (id UInt64, amount Decimal(38, 9)) ENGINE = MergeTree ORDER BY id").execute().await?;
 
     // Mantissas beyond i64 (~1.2e20, i.e. 123 billion units) and some negatives (credits).
     let rows: Vec<R> = (1..=1000u64)
         .map(|i| {
             let base = i128::from(i) * 123_456_789_012_345_678_901;
-            R {
-                id: i,
-                amount: if i % 10 == 0 {
-                    -base
-                } else {
-                    base + i128::from(i % 7)
-                },
-            }
+            R { id: i, amount: if i % 10 == 0 { -base } else { base + i128::from(i % 7) } }
         })
         .collect();
     insert_rows(&client, "t", &rows).await?;
 
     let expected: i128 = rows.iter().map(|r| r.amount).sum();
-    let text: String = client
-        .query("SELECT toString(sum(amount)) AS text FROM t")
-        .fetch_one()
-        .await?;
+    let text: String = client.query("SELECT toString(sum(amount)) AS text FROM t").fetch_one().await?;
     assert_eq!(trim_decimal(&text), trim_decimal(&decimal_9(expected)));
     // Also the exact 18.16 text, via the plain-text helper.
-    let tsv = ch
-        .query_text(&format!("SELECT sum(amount) FROM {db}.t"))
-        .await?;
+    let tsv = ch.query_text(&format!("SELECT sum(amount) FROM {db}.t")).await?;
     assert_eq!(trim_decimal(&tsv), trim_decimal(&decimal_9(expected)));
 
     // And back as mantissas through RowBinary.
-    let back: Vec<R> = client
-        .query("SELECT ?fields FROM t ORDER BY id")
-        .fetch_all()
-        .await?;
+    let back: Vec<R> = client.query("SELECT ?fields FROM t ORDER BY id").fetch_all().await?;
     assert_eq!(back, rows);
     eprintln!("decimal round trip ({text}): {:?}", started.elapsed());
     Ok(())
@@ -391,16 +370,8 @@ async fn clickhouse_restart_keeps_data() -> Result<()> {
     let started = Instant::now();
     let mut ch = ClickHouse::start().await?;
     let (db, client) = ch.database("restart").await?;
-    client
-        .query("CREATE TABLE t (id UInt64, amount Decimal(38, 9)) ENGINE = MergeTree ORDER BY id")
-        .execute()
-        .await?;
-    let rows: Vec<R> = (0..100u64)
-        .map(|i| R {
-            id: i,
-            amount: i128::from(i) * 1_000_000_001,
-        })
-        .collect();
+    client.query("CREATE TABLE t (id UInt64, amount Decimal(38, 9)) ENGINE = MergeTree ORDER BY id").execute().await?;
+    let rows: Vec<R> = (0..100u64).map(|i| R { id: i, amount: i128::from(i) * 1_000_000_001 }).collect();
     insert_rows(&client, "t", &rows).await?;
 
     ch.kill();
@@ -408,14 +379,9 @@ async fn clickhouse_restart_keeps_data() -> Result<()> {
     assert!(ch.query_text("SELECT 1").await.is_err(), "server is down");
     ch.restart().await?;
 
-    let count = ch
-        .query_text(&format!("SELECT count() FROM {db}.t"))
-        .await?;
+    let count = ch.query_text(&format!("SELECT count() FROM {db}.t")).await?;
     assert_eq!(count, "100\n");
-    let back: Vec<R> = client
-        .query("SELECT ?fields FROM t ORDER BY id")
-        .fetch_all()
-        .await?;
+    let back: Vec<R> = client.query("SELECT ?fields FROM t ORDER BY id").fetch_all().await?;
     assert_eq!(back, rows);
     eprintln!("clickhouse restart: {:?}", started.elapsed());
     Ok(())
@@ -432,22 +398,13 @@ async fn replacing_merge_tree_with_final_works_on_18_16() -> Result<()> {
     ))
     .await?;
     // Two separate inserts = two parts, so only FINAL (or a merge) collapses them.
-    ch.query_text(&format!(
-        "INSERT INTO {db}.charges VALUES ('a', 1, 1.5), ('b', 1, 7)"
-    ))
-    .await?;
-    ch.query_text(&format!("INSERT INTO {db}.charges VALUES ('a', 2, 2.25)"))
-        .await?;
+    ch.query_text(&format!("INSERT INTO {db}.charges VALUES ('a', 1, 1.5), ('b', 1, 7)")).await?;
+    ch.query_text(&format!("INSERT INTO {db}.charges VALUES ('a', 2, 2.25)")).await?;
 
-    let raw = ch
-        .query_text(&format!("SELECT count() FROM {db}.charges"))
-        .await?;
+    let raw = ch.query_text(&format!("SELECT count() FROM {db}.charges")).await?;
     assert_eq!(raw, "3\n", "both versions stored until merged");
-    let fin = ch
-        .query_text(&format!(
-            "SELECT key, version, toString(amount) FROM {db}.charges FINAL ORDER BY key"
-        ))
-        .await?;
+    let fin =
+        ch.query_text(&format!("SELECT key, version, toString(amount) FROM {db}.charges FINAL ORDER BY key")).await?;
     let lines: Vec<Vec<&str>> = fin.lines().map(|l| l.split('\t').collect()).collect();
     assert_eq!(lines.len(), 2, "{fin}");
     assert_eq!(lines[0][..2], ["a", "2"]);

@@ -17,7 +17,8 @@ pub const LICENSE: &str = "arn:aws:license-manager::123456789012:license:l-alpha
 /// a licence ARN on cust-a's analytics agreement.
 pub fn book_text() -> String {
     let hash = |k: &str| hex(&common::catalogue::api_key_hash(k));
-    let mut book = BOOK.replace("id = \"agmnt-a-analytics\"\n", &format!("id = \"agmnt-a-analytics\"\nlicense_arn = \"{LICENSE}\"\n"));
+    let mut book = BOOK
+        .replace("id = \"agmnt-a-analytics\"\n", &format!("id = \"agmnt-a-analytics\"\nlicense_arn = \"{LICENSE}\"\n"));
     for (id, customer, product, key) in [
         ("dep-a1", "cust-a", "acme-vm", "dep-key-a1"),
         ("dep-a2", "cust-a", "acme-vm", "dep-key-a2"),
@@ -62,7 +63,11 @@ impl Served {
         let mut out = BufReader::new(child.stdout.take().unwrap());
         out.read_line(&mut first).unwrap();
         std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the first line names the address").to_owned();
+        let url = first
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .expect("the first line names the address")
+            .to_owned();
         Served { child, url, dir }
     }
 

@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use ::common::catalogue::{
-    Agreement, Customer, Delivery, Dimension, Offer, PriceBookDoc, PriceVersion, Product, Seller,
-    UsageCategory, UsagePrice, Visibility,
+    Agreement, Customer, Delivery, Dimension, Offer, PriceBookDoc, PriceVersion, Product, Seller, UsageCategory,
+    UsagePrice, Visibility,
 };
 use ::common::time::Timestamp;
 
@@ -15,12 +15,7 @@ pub fn account(i: usize) -> String {
 /// The test seller's API key.
 pub const KEY: &str = "crash-test-key";
 /// Dimensions and their rates.
-pub const RATES: [(&str, &str); 4] = [
-    ("d0", "0.01234567"),
-    ("d1", "0.5"),
-    ("d2", "1.25"),
-    ("d3", "0.00000003"),
-];
+pub const RATES: [(&str, &str); 4] = [("d0", "0.01234567"), ("d1", "0.5"), ("d2", "1.25"), ("d3", "0.00000003")];
 
 /// A dimension priced by graduated tiers over the month: the fold, not the record, prices it.
 pub const TIERED: &str = "t0";
@@ -29,14 +24,8 @@ pub const TIERED: &str = "t0";
 pub fn tiered_price() -> UsagePrice {
     use ::common::pricing::Tier;
     UsagePrice::Graduated(vec![
-        Tier {
-            up_to: Some("5000".parse().unwrap()),
-            rate: "0.01".parse().unwrap(),
-        },
-        Tier {
-            up_to: None,
-            rate: "0.002".parse().unwrap(),
-        },
+        Tier { up_to: Some("5000".parse().unwrap()), rate: "0.01".parse().unwrap() },
+        Tier { up_to: None, rate: "0.002".parse().unwrap() },
     ])
 }
 
@@ -50,10 +39,7 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
         sellers: vec![Seller {
             id: "s1".into(),
             name: "s1".into(),
-            api_key_sha256: vec![::common::catalogue::api_key_hash(KEY)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()],
+            api_key_sha256: vec![::common::catalogue::api_key_hash(KEY).iter().map(|b| format!("{b:02x}")).collect()],
         }],
         products: vec![Product {
             code: "p".into(),
@@ -64,12 +50,7 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
                 .iter()
                 .map(|(k, _)| *k)
                 .chain([TIERED])
-                .map(|k| Dimension {
-                    key: k.into(),
-                    name: k.into(),
-                    category: UsageCategory::Units,
-                    unit: "u".into(),
-                })
+                .map(|k| Dimension { key: k.into(), name: k.into(), category: UsageCategory::Units, unit: "u".into() })
                 .collect(),
         }],
         offers: vec![Offer::usage_only(

@@ -62,14 +62,16 @@ fn epoch_seconds_as_sdks_send_them_are_accepted() {
 #[test]
 fn window_edges_5h59m59s_accepted_6h00m01s_rejected() {
     let now = "2026-10-10T12:00:00Z";
-    let at = |t: &str| format!(r#"{{"Timestamp":"{t}","CustomerIdentifier":"cid-alpha","Dimension":"users","Quantity":1}}"#);
+    let at =
+        |t: &str| format!(r#"{{"Timestamp":"{t}","CustomerIdentifier":"cid-alpha","Dimension":"users","Quantity":1}}"#);
     check(&at("2026-10-10T06:00:01Z"), now).unwrap();
     assert_eq!(code(check(&at("2026-10-10T05:59:59Z"), now)), RejectCode::TimestampOutOfBounds);
 }
 
 #[test]
 fn future_hour_is_rejected_current_hour_and_skew_accepted() {
-    let at = |t: &str| format!(r#"{{"Timestamp":"{t}","CustomerIdentifier":"cid-alpha","Dimension":"users","Quantity":1}}"#);
+    let at =
+        |t: &str| format!(r#"{{"Timestamp":"{t}","CustomerIdentifier":"cid-alpha","Dimension":"users","Quantity":1}}"#);
     // now 12:10: 12:50 is this hour; 13:00 is a future hour.
     check(&at("2026-10-10T12:50:00Z"), NOW).unwrap();
     assert_eq!(code(check(&at("2026-10-10T13:00:00Z"), NOW)), RejectCode::TimestampOutOfBounds);
@@ -93,7 +95,10 @@ fn quantity_bounds_omitted_and_null_refused_max_ok_over_and_negative_rejected() 
     assert_eq!(code(check(&rec(r#","Quantity":2.5"#), NOW)), RejectCode::InvalidQuantity);
     assert_eq!(code(check(&rec(r#","Quantity":"5""#), NOW)), RejectCode::InvalidQuantity);
     assert_eq!(code(check(&rec(r#","Quantity":1e400"#), NOW)), RejectCode::InvalidQuantity);
-    assert_eq!(code(check(&rec(r#","Quantity":99999999999999999999999999999999999"#), NOW)), RejectCode::InvalidQuantity);
+    assert_eq!(
+        code(check(&rec(r#","Quantity":99999999999999999999999999999999999"#), NOW)),
+        RejectCode::InvalidQuantity
+    );
     assert_eq!(check(&rec(r#","Quantity":5.0"#), NOW).unwrap().quantity, Decimal::from(5));
 }
 
@@ -103,9 +108,11 @@ fn customer_ids_both_neither_and_non_digit_are_rejected() {
     assert_eq!(code(check(both, NOW)), RejectCode::InvalidCustomerIdentifier);
     let neither = r#"{"Timestamp":"2026-10-10T11:30:00Z","Dimension":"users","Quantity":1}"#;
     assert_eq!(code(check(neither, NOW)), RejectCode::InvalidCustomerIdentifier);
-    let letters = r#"{"Timestamp":"2026-10-10T11:30:00Z","CustomerAWSAccountId":"1111-2222","Dimension":"users","Quantity":1}"#;
+    let letters =
+        r#"{"Timestamp":"2026-10-10T11:30:00Z","CustomerAWSAccountId":"1111-2222","Dimension":"users","Quantity":1}"#;
     assert_eq!(code(check(letters, NOW)), RejectCode::InvalidCustomerIdentifier);
-    let unknown = r#"{"Timestamp":"2026-10-10T11:30:00Z","CustomerIdentifier":"nobody","Dimension":"users","Quantity":1}"#;
+    let unknown =
+        r#"{"Timestamp":"2026-10-10T11:30:00Z","CustomerIdentifier":"nobody","Dimension":"users","Quantity":1}"#;
     assert_eq!(code(check(unknown, NOW)), RejectCode::CustomerNotSubscribed);
 }
 
@@ -124,11 +131,17 @@ fn identifier_and_account_id_normalise_to_one_customer() {
 
 #[test]
 fn unknown_dimension_and_wrong_case_are_named() {
-    let r = check(r#"{"Timestamp":"2026-10-10T11:30:00Z","CustomerIdentifier":"cid-alpha","Dimension":"Users","Quantity":1}"#, NOW);
+    let r = check(
+        r#"{"Timestamp":"2026-10-10T11:30:00Z","CustomerIdentifier":"cid-alpha","Dimension":"Users","Quantity":1}"#,
+        NOW,
+    );
     let e = r.unwrap_err();
     assert_eq!(e.code, RejectCode::InvalidUsageDimension);
     assert!(e.message.contains("did you mean `users`"), "{}", e.message);
-    let r = check(r#"{"Timestamp":"2026-10-10T11:30:00Z","CustomerIdentifier":"cid-alpha","Dimension":"cpu","Quantity":1}"#, NOW);
+    let r = check(
+        r#"{"Timestamp":"2026-10-10T11:30:00Z","CustomerIdentifier":"cid-alpha","Dimension":"cpu","Quantity":1}"#,
+        NOW,
+    );
     assert_eq!(code(r), RejectCode::InvalidUsageDimension);
 }
 
@@ -140,7 +153,8 @@ fn another_sellers_product_is_refused() {
 
 #[test]
 fn usage_before_a_future_dated_agreement_starts_is_refused() {
-    let at = |t: &str| format!(r#"{{"Timestamp":"{t}","CustomerIdentifier":"cid-gamma","Dimension":"users","Quantity":1}}"#);
+    let at =
+        |t: &str| format!(r#"{{"Timestamp":"{t}","CustomerIdentifier":"cid-gamma","Dimension":"users","Quantity":1}}"#);
     let e = check(&at("2026-10-10T11:30:00Z"), NOW).unwrap_err();
     assert_eq!(e.code, RejectCode::TimestampOutOfBounds);
     assert!(e.message.contains("before agreement `agmnt-c-analytics` starts"), "{}", e.message);
@@ -149,7 +163,8 @@ fn usage_before_a_future_dated_agreement_starts_is_refused() {
 
 #[test]
 fn final_records_within_one_hour_of_agreement_end_then_refused() {
-    let at = |t: &str| format!(r#"{{"Timestamp":"{t}","CustomerIdentifier":"cid-gamma","Dimension":"users","Quantity":1}}"#);
+    let at =
+        |t: &str| format!(r#"{{"Timestamp":"{t}","CustomerIdentifier":"cid-gamma","Dimension":"users","Quantity":1}}"#);
     // Agreement ends 2026-10-25T00:00Z: 23:30 usage sent at 00:50 is accepted, at 01:10 refused.
     check(&at("2026-10-24T23:30:00Z"), "2026-10-25T00:50:00Z").unwrap();
     assert_eq!(code(check(&at("2026-10-24T23:30:00Z"), "2026-10-25T01:10:00Z")), RejectCode::TimestampOutOfBounds);
@@ -162,8 +177,13 @@ fn alloc(json: &str) -> String {
 
 #[test]
 fn allocations_must_sum_to_quantity() {
-    check(&alloc(r#"[{"AllocatedUsageQuantity":4,"Tags":[{"Key":"team","Value":"a"}]},{"AllocatedUsageQuantity":6}]"#), NOW).unwrap();
-    let off_by_one = alloc(r#"[{"AllocatedUsageQuantity":4,"Tags":[{"Key":"team","Value":"a"}]},{"AllocatedUsageQuantity":5}]"#);
+    check(
+        &alloc(r#"[{"AllocatedUsageQuantity":4,"Tags":[{"Key":"team","Value":"a"}]},{"AllocatedUsageQuantity":6}]"#),
+        NOW,
+    )
+    .unwrap();
+    let off_by_one =
+        alloc(r#"[{"AllocatedUsageQuantity":4,"Tags":[{"Key":"team","Value":"a"}]},{"AllocatedUsageQuantity":5}]"#);
     assert_eq!(code(check(&off_by_one, NOW)), RejectCode::InvalidUsageAllocations);
 }
 
@@ -246,7 +266,11 @@ fn quantity_as_decimal_is_metered_exactly_and_conflicts_are_refused() {
     let frac = check(&rec(r#","QuantityAsDecimal":"2.5""#), NOW).unwrap_err();
     assert!(frac.code == RejectCode::InvalidQuantity && frac.message.contains("whole number"), "{frac:?}");
     for bad in [r#""-1""#, r#""1e3""#, r#""""#, r#"" 5""#, r#""5.""#, r#""abc""#, "-3"] {
-        assert_eq!(code(check(&rec(&format!(r#","QuantityAsDecimal":{bad}"#)), NOW)), RejectCode::InvalidQuantity, "{bad}");
+        assert_eq!(
+            code(check(&rec(&format!(r#","QuantityAsDecimal":{bad}"#)), NOW)),
+            RejectCode::InvalidQuantity,
+            "{bad}"
+        );
     }
     // Both fields: refused as the current model says, different values never guessed between.
     let same = check(&rec(r#","Quantity":7,"QuantityAsDecimal":"7.0""#), NOW).unwrap_err();

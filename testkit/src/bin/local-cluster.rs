@@ -19,7 +19,13 @@ struct Args {
 }
 
 fn args() -> anyhow::Result<Args> {
-    let mut a = Args { price_book: "docs/examples/price-book.toml".into(), dir: "meterline-cluster".into(), listen_port: 8080, partitions: 4, session_timeout_ms: 6000 };
+    let mut a = Args {
+        price_book: "docs/examples/price-book.toml".into(),
+        dir: "meterline-cluster".into(),
+        listen_port: 8080,
+        partitions: 4,
+        session_timeout_ms: 6000,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
@@ -45,7 +51,9 @@ fn spawn(bin_dir: &Path, name: &str, config: &Path, dir: &Path) -> anyhow::Resul
         .stderr(log)
         .stdin(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {} (build it with cargo build --release --workspace --all-features)", bin.display()))
+        .with_context(|| {
+            format!("starting {} (build it with cargo build --release --workspace --all-features)", bin.display())
+        })
 }
 
 #[tokio::main]
@@ -53,7 +61,8 @@ async fn main() -> anyhow::Result<()> {
     let a = args()?;
     std::fs::create_dir_all(&a.dir)?;
     let dir = std::fs::canonicalize(&a.dir)?;
-    let price_book = std::fs::canonicalize(&a.price_book).with_context(|| format!("price book {}", a.price_book.display()))?;
+    let price_book =
+        std::fs::canonicalize(&a.price_book).with_context(|| format!("price book {}", a.price_book.display()))?;
     let bin_dir = std::env::current_exe()?.parent().context("binary directory")?.to_owned();
 
     let broker = Broker::start().await?;
