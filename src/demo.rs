@@ -80,7 +80,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
         let (db, book, clock) = (db.clone(), Arc::clone(&book), Arc::clone(&clock) as Arc<dyn Clock>);
         async move {
             serve(listener, &db, book, clock, DEFAULT_MAX_IN_FLIGHT, async {
-                let _ = stop_rx.await;
+                // A dropped sender also means stop.
+                stop_rx.await.ok();
             })
             .await
         }
@@ -113,7 +114,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
     }
     let elapsed = started.elapsed();
     bar.finish_and_clear();
-    let _ = stop_tx.send(());
+    // The server may have stopped by itself already; its result is awaited next.
+    stop_tx.send(()).ok();
     let writer = server.await??;
 
     let conn = Store::open_read_only(&db)?;

@@ -197,7 +197,7 @@ fn emit(text: &str) -> anyhow::Result<()> {
 
 macro_rules! outln {
     ($buf:expr) => { $buf.push('\n') };
-    ($buf:expr, $($arg:tt)*) => {{ use std::fmt::Write as _; let _ = writeln!($buf, $($arg)*); }};
+    ($buf:expr, $($arg:tt)*) => {{ use std::fmt::Write as _; writeln!($buf, $($arg)*).expect("writing to a String cannot fail"); }};
 }
 
 fn main() -> anyhow::Result<()> {

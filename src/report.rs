@@ -9,6 +9,13 @@ use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+/// `writeln!` into a `String`, which cannot fail.
+macro_rules! outln {
+    ($buf:expr, $($arg:tt)*) => {
+        writeln!($buf, $($arg)*).expect("writing to a String cannot fail")
+    };
+}
+
 /// `1234567.8` → `1,234,567.8` (the decimal part untouched).
 pub fn group_thousands(s: &str) -> String {
     let (sign, rest) = s.strip_prefix('-').map(|r| ("-", r)).unwrap_or(("", s));
@@ -41,17 +48,17 @@ pub fn outcome_table(counts: &[(String, u64)]) -> String {
     let get = |k: &str| counts.iter().find(|(s, _)| s == k).map(|(_, v)| *v).unwrap_or(0);
     let mut out = String::new();
     let total: u64 = counts.iter().map(|(_, v)| v).sum();
-    let _ = writeln!(out, "  {:<44} {:>12}", "records answered", n(total));
-    let _ = writeln!(out, "  {:<44} {:>12}", "accepted and charged (Success)", n(get(STATUS_ACCEPTED)));
-    let _ = writeln!(out, "  {:<44} {:>12}", "identical resends (Success, charged once)", n(get(STATUS_IDENTICAL)));
-    let _ = writeln!(out, "  {:<44} {:>12}", "conflicting resends (DuplicateRecord)", n(get("DuplicateRecord")));
+    outln!(out, "  {:<44} {:>12}", "records answered", n(total));
+    outln!(out, "  {:<44} {:>12}", "accepted and charged (Success)", n(get(STATUS_ACCEPTED)));
+    outln!(out, "  {:<44} {:>12}", "identical resends (Success, charged once)", n(get(STATUS_IDENTICAL)));
+    outln!(out, "  {:<44} {:>12}", "conflicting resends (DuplicateRecord)", n(get("DuplicateRecord")));
     let mut rejected: Vec<&(String, u64)> = counts
         .iter()
         .filter(|(s, _)| s != STATUS_ACCEPTED && s != STATUS_IDENTICAL && s != "DuplicateRecord")
         .collect();
     rejected.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     for (s, v) in rejected {
-        let _ = writeln!(out, "  {:<44} {:>12}", format!("rejected: {s}"), n(*v));
+        outln!(out, "  {:<44} {:>12}", format!("rejected: {s}"), n(*v));
     }
     out
 }
@@ -61,11 +68,11 @@ pub fn product_table(lines: &[ChargeLine]) -> String {
     let mut out = String::new();
     let mut per_currency: BTreeMap<String, Decimal> = BTreeMap::new();
     for (month, product, currency, amount) in product_totals(lines) {
-        let _ = writeln!(out, "  {month}  {product:<20} {currency}  {:>16}", money(amount));
+        outln!(out, "  {month}  {product:<20} {currency}  {:>16}", money(amount));
         *per_currency.entry(currency.to_string()).or_default() += amount;
     }
     for (c, a) in per_currency {
-        let _ = writeln!(out, "  {:<7}  {:<20} {c}  {:>16}", "total", "", money(a));
+        outln!(out, "  {:<7}  {:<20} {c}  {:>16}", "total", "", money(a));
     }
     out
 }
@@ -75,20 +82,12 @@ pub fn invoice_table(invoices: &[InvoiceTotal], top: usize) -> String {
     let mut sorted: Vec<&InvoiceTotal> = invoices.iter().collect();
     sorted.sort_by(|a, b| b.amount.cmp(&a.amount).then(a.customer.cmp(&b.customer)));
     let mut out = String::new();
-    let _ = writeln!(out, "  {:<8} {:<10} {:<4} {:>5} {:>16}", "month", "customer", "cur", "lines", "amount");
+    outln!(out, "  {:<8} {:<10} {:<4} {:>5} {:>16}", "month", "customer", "cur", "lines", "amount");
     for i in sorted.iter().take(top) {
-        let _ = writeln!(
-            out,
-            "  {:<8} {:<10} {:<4} {:>5} {:>16}",
-            i.month,
-            i.customer,
-            i.currency,
-            i.lines,
-            money(i.amount)
-        );
+        outln!(out, "  {:<8} {:<10} {:<4} {:>5} {:>16}", i.month, i.customer, i.currency, i.lines, money(i.amount));
     }
     if sorted.len() > top {
-        let _ = writeln!(out, "  … and {} more invoices", sorted.len() - top);
+        outln!(out, "  … and {} more invoices", sorted.len() - top);
     }
     out
 }
@@ -99,12 +98,12 @@ pub fn store_summary(conn: &Connection, month: Option<&str>) -> Result<String, S
     let lines = Store::charge_lines(conn, month)?;
     let invoices = invoice_totals(&lines);
     let mut out = String::new();
-    let _ = writeln!(out, "Records by outcome");
+    outln!(out, "Records by outcome");
     out.push_str(&outcome_table(&counts));
-    let _ = writeln!(out, "\nCharges by product and currency (sums of rounded invoice lines)");
+    outln!(out, "\nCharges by product and currency (sums of rounded invoice lines)");
     out.push_str(&product_table(&lines));
     let customers: std::collections::BTreeSet<&str> = invoices.iter().map(|i| i.customer.as_str()).collect();
-    let _ = writeln!(
+    outln!(
         out,
         "\nInvoices: {} for {} customers, {} lines; the largest:",
         invoices.len(),

@@ -86,8 +86,8 @@ impl Served {
 
 impl Drop for Served {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill().ok();
+        self.child.wait().ok();
     }
 }
 
@@ -241,7 +241,7 @@ async fn connections_over_the_cap_get_a_short_503_and_are_closed() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut extra = TcpStream::connect(server.addr).await.unwrap();
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), extra.read_to_end(&mut answer)).await;
+    tokio::time::timeout(Duration::from_secs(3), extra.read_to_end(&mut answer)).await.ok();
     let answer = String::from_utf8_lossy(&answer).to_lowercase();
     println!("65th connection: {}", answer.lines().next().unwrap_or(""));
     assert!(answer.starts_with("http/1.1 503"), "{answer}");
@@ -284,7 +284,7 @@ async fn send_big(addr: SocketAddr, path: &str, key: Option<&str>, body_len: usi
         wr
     });
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut answer)).await;
+    tokio::time::timeout(Duration::from_secs(20), rd.read_to_end(&mut answer)).await.ok();
     writer.abort();
     let text = String::from_utf8_lossy(&answer).into_owned();
     format!("{} | {}", text.lines().next().unwrap_or("<closed without an answer>"), text.lines().last().unwrap_or(""))

@@ -170,8 +170,8 @@ flush_interval_ms = 300
 
     fn kill(&mut self, name: &str) {
         if let Some(mut c) = self.procs.remove(name) {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill().ok();
+            c.wait().ok();
         }
     }
 

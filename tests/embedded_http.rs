@@ -49,7 +49,7 @@ impl Server {
             let (db, clock) = (db.clone(), Arc::clone(&clock) as Arc<dyn Clock>);
             async move {
                 serve(listener, &db, book, clock, max_in_flight, async {
-                    let _ = rx.await;
+                    rx.await.ok();
                 })
                 .await
             }
@@ -58,7 +58,7 @@ impl Server {
     }
 
     async fn stop(mut self) -> (PathBuf, Option<tempfile::TempDir>) {
-        let _ = self.stop.take().unwrap().send(());
+        self.stop.take().unwrap().send(()).ok();
         self.task.await.unwrap().unwrap();
         (self.db.clone(), self._dir.take())
     }

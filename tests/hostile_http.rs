@@ -48,7 +48,7 @@ impl Server {
             let db = db.clone();
             async move {
                 serve_with(listener, &db, book, clock, 500_000, opts, async {
-                    let _ = rx.await;
+                    rx.await.ok();
                 })
                 .await
             }
@@ -57,7 +57,7 @@ impl Server {
     }
 
     async fn stop(mut self) -> (PathBuf, tempfile::TempDir) {
-        let _ = self.stop.take().unwrap().send(());
+        self.stop.take().unwrap().send(()).ok();
         self.task.await.unwrap().unwrap();
         (self.db, self.dir)
     }
@@ -165,7 +165,7 @@ async fn raw_exchange(addr: std::net::SocketAddr, head: &str, body_parts: &[(&[u
         tokio::time::sleep(*pause).await;
     }
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.ok();
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -567,7 +567,7 @@ async fn the_api_is_served_over_tls() {
     let mut tls = connector.connect(rustls::pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
     tls.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
-    let _ = tls.read_to_end(&mut answer).await;
+    tls.read_to_end(&mut answer).await.ok();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("\"Status\":\"Success\""), "{answer}");

@@ -21,8 +21,8 @@ fn loadtest_bin() -> PathBuf {
 struct Serve(Child);
 impl Drop for Serve {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.0.kill().ok();
+        self.0.wait().ok();
     }
 }
 

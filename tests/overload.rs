@@ -78,7 +78,7 @@ impl Served {
 
     /// SIGINT (graceful: in-flight calls finish, the writer commits), then wait.
     fn stop(mut self) {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        Command::new("kill").args(["-INT", &self.child.id().to_string()]).status().expect("running kill -INT");
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -86,7 +86,7 @@ impl Served {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let _ = self.child.kill();
+        self.child.kill().ok();
         panic!("meterline serve did not stop within 60 s of SIGINT");
     }
 }
@@ -539,13 +539,10 @@ async fn soak_of_mixed_good_and_bad_traffic_bills_exactly_the_good_records() {
                     // Once through the traffic, everything is an identical resend: still billed once.
                     let b = &calls[i % calls.len()];
                     let key = keys.iter().find(|k| k.seller == b.seller).unwrap().key.clone();
-                    loop {
-                        match call(&http, &url, &key, &b.product, &b.records, &tally).await {
-                            Answer::Shed { retry_after } => {
-                                tokio::time::sleep(Duration::from_secs(retry_after.min(5))).await
-                            }
-                            _ => break,
-                        }
+                    while let Answer::Shed { retry_after } =
+                        call(&http, &url, &key, &b.product, &b.records, &tally).await
+                    {
+                        tokio::time::sleep(Duration::from_secs(retry_after.min(5))).await
                     }
                 }
             })

@@ -23,7 +23,10 @@ pub async fn shutdown_signal() {
         }
         // Without a SIGTERM handler, SIGINT still stops us gracefully.
         Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            // No handler either: nothing stops us but the process ending, so wait on nothing.
+            if tokio::signal::ctrl_c().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 }

@@ -78,7 +78,9 @@ impl KafkaSink {
 
     /// Waits for outstanding deliveries (graceful shutdown).
     pub fn flush(&self, timeout: Duration) {
-        let _ = self.producer.flush(timeout);
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::warn!(error = %e, "records still unacknowledged at shutdown: their callers got no Success and will resend");
+        }
     }
 
     async fn send_all(&self, accepted: &[UsageRecord], refused: &[RefusedRecord]) -> Result<(), SinkError> {

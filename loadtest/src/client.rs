@@ -50,7 +50,7 @@ impl Tally {
         self.retries += other.retries;
         self.records += other.records;
         // Both use the same bounds, so adding cannot fail.
-        let _ = self.latency_us.add(&other.latency_us);
+        self.latency_us.add(&other.latency_us).expect("both histograms have the same bounds");
     }
 }
 
@@ -151,7 +151,7 @@ impl Client {
             if !status.is_success() {
                 bail!("{url} answered {status}: {text}");
             }
-            let _ = tally.latency_us.record(start.elapsed().as_micros().max(1) as u64);
+            tally.latency_us.saturating_record(start.elapsed().as_micros().max(1) as u64);
             tally.calls += 1;
             return serde_json::from_str(&text).with_context(|| format!("{url} answered invalid JSON"));
         }

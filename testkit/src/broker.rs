@@ -297,7 +297,7 @@ impl Broker {
         let log4j = self.dir.path().join("log4j2.properties");
         if !log4j.exists() {
             // Errors surface as a missing-config warning in the node's log, nothing worse.
-            let _ = std::fs::write(&log4j, LOG4J2);
+            std::fs::write(&log4j, LOG4J2).ok();
         }
         cmd.arg("-cp")
             .arg(format!("{}/*", self.libs.display()))
@@ -318,7 +318,7 @@ impl Broker {
         loop {
             for node in &mut self.nodes {
                 if let Some(status) = node.proc.as_mut().and_then(ServerProcess::exited) {
-                    let tail = log_tail(&[node.log.clone()], 40);
+                    let tail = log_tail(std::slice::from_ref(&node.log), 40);
                     bail!("kafka node {} on 127.0.0.1:{} exited during startup ({status}){tail}", node.id, node.port);
                 }
             }
@@ -381,7 +381,7 @@ logger.state.level = WARN
 /// Later keys win in Java's `Properties`, so the replication overrides for a cluster come last.
 fn node_properties(node: &Node, voters: &str, nodes: u32, data: &Path) -> String {
     let mut p = String::from(SHARED_SETTINGS);
-    let _ = write!(
+    write!(
         p,
         "\n# --- testkit: node {id} of {nodes} ---\n\
          process.roles=broker,controller\n\
@@ -397,7 +397,8 @@ fn node_properties(node: &Node, voters: &str, nodes: u32, data: &Path) -> String
         port = node.port,
         cport = node.controller_port,
         data = data.display(),
-    );
+    )
+    .expect("writing to a String cannot fail");
     if nodes >= 3 {
         p.push_str(
             "offsets.topic.replication.factor=3\n\

@@ -108,8 +108,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::signal::ctrl_c().await?;
     for (name, mut c) in children {
         // SIGKILL is safe: every stage is crash-safe by design.
-        let _ = c.kill();
-        let _ = c.wait();
+        // Already exited is fine: it is stopped either way.
+        c.kill().ok();
+        c.wait().ok();
         eprintln!("stopped {name}");
     }
     drop((broker, clickhouse));
