@@ -90,6 +90,7 @@ raw = "{raw}"
 rated = "{rated}"
 rejected = "{rejected}"
 dead_letter = "{dead}"
+decisions = "{decisions}"
 [clickhouse]
 url = "{ch}"
 database = "{db}"
@@ -115,6 +116,7 @@ flush_interval_ms = 300
                 rated = broker.topic("rated"),
                 rejected = broker.topic("rejected"),
                 dead = broker.topic("dead"),
+                decisions = broker.topic("decisions"),
                 ch = clickhouse.url(),
                 rg = broker.group("rater"),
                 ag = broker.group("aggregator"),
@@ -775,4 +777,280 @@ async fn chaos_kills_leave_every_acknowledged_record_charged_exactly_once() {
         started.elapsed()
     );
     assert_eq!(billed, truth);
+}
+
+/// One API call of the conformance suite and what both modes must answer.
+struct Case {
+    name: &'static str,
+    product: &'static str,
+    records: Value,
+    /// Send `X-Meterline-Per-Record: true` (else AWS's whole-call answers).
+    per_record: bool,
+    /// HTTP status and, for a 200, each record's `Status`.
+    expect: (u16, &'static [&'static str]),
+}
+
+/// An answer reduced to what a seller reads: HTTP status, the error type of a whole-call error,
+/// and per record its status, id and reason.
+#[derive(Debug, PartialEq, Eq)]
+struct Answer {
+    code: u16,
+    error_type: Option<String>,
+    records: Vec<(String, String, String)>,
+}
+
+async fn post_case(http: &reqwest::Client, url: &str, case: &Case) -> Answer {
+    let body = json!({ "ProductCode": case.product, "UsageRecords": case.records }).to_string();
+    let mut req = http.post(format!("{url}/v1/BatchMeterUsage")).header("X-Api-Key", KEY);
+    if case.per_record {
+        req = req.header("X-Meterline-Per-Record", "true");
+    }
+    // A 503 here would be the rater not having its partitions yet: retry it, as a seller would.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let r = req.try_clone().unwrap().header("Content-Type", "application/json").body(body.clone()).send().await;
+        let r = r.unwrap();
+        let code = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        if code == 503 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            continue;
+        }
+        let text = |x: &Value| x.as_str().unwrap_or("").to_owned();
+        // A window refusal names the instant it was judged at: the two calls are milliseconds apart.
+        let reason = |x: &Value| {
+            let r = text(x);
+            r.find(" (now ").map_or(r.clone(), |i| r[..i].to_owned())
+        };
+        let records = v["Results"]
+            .as_array()
+            .map(|rs| {
+                rs.iter().map(|r| (text(&r["Status"]), text(&r["MeteringRecordId"]), reason(&r["Reason"]))).collect()
+            })
+            .unwrap_or_default();
+        return Answer { code, error_type: v["__type"].as_str().map(str::to_owned), records };
+    }
+}
+
+/// Issue 14's conformance suite: the same API cases — every status, identical and conflicting
+/// resends, window edges, allocations, unknown product / customer / dimension, whole-call AWS
+/// answers — sent to `meterline serve` (embedded) and to the distributed binaries over one price
+/// book, in one order. Every answer must be equal, record by record (status, record id, reason),
+/// and equal the expected statuses. No case passes in one mode only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_both_modes_answer_every_case_alike() {
+    let mut c = Cluster::start("conformance", 8).await;
+    c.spawn("rater", "rater");
+    c.spawn("aggregator", "aggregator");
+    let port = testkit::free_port();
+    let data = c.dir.path().join("embedded");
+    let serve_log = std::fs::File::create(c.dir.path().join("serve.log")).unwrap();
+    let serve = Command::new(bin("meterline"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--price-book"])
+        .arg(c.dir.path().join("price-book.toml"))
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(serve_log)
+        .spawn()
+        .unwrap();
+    c.procs.insert("serve".into(), serve);
+    let embedded = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while http.get(format!("{embedded}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "meterline serve did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let now = Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64);
+    // Two hours ago, on the hour plus ten minutes: well inside the six-hour acceptance window.
+    let t = now.plus_millis(-2 * HOUR_MS).hour().start().plus_millis(10 * 60_000).millis() / 1000;
+    let rec = |c: usize, dim: &str, q: i64, ts: i64| json!({ "Timestamp": ts, "CustomerAWSAccountId": account(c), "Dimension": dim, "Quantity": q });
+    let tags = |q: [i64; 2]| {
+        json!([
+            { "AllocatedUsageQuantity": q[0], "Tags": [{ "Key": "team", "Value": "blue" }] },
+            { "AllocatedUsageQuantity": q[1], "Tags": [{ "Key": "team", "Value": "red" }] },
+        ])
+    };
+    let mut allocated = rec(3, "d2", 5, t);
+    allocated["UsageAllocations"] = tags([3, 2]);
+    let mut allocated_wrong = rec(4, "d2", 5, t);
+    allocated_wrong["UsageAllocations"] = tags([3, 1]);
+    const S: &str = "Success";
+    let cases = vec![
+        Case {
+            name: "new records",
+            product: "p",
+            records: json!([rec(0, "d1", 5, t), rec(1, "d1", 7, t), rec(2, "t0", 1500, t)]),
+            per_record: true,
+            expect: (200, &[S, S, S]),
+        },
+        Case {
+            name: "identical resend of the whole call",
+            product: "p",
+            records: json!([rec(0, "d1", 5, t), rec(1, "d1", 7, t), rec(2, "t0", 1500, t)]),
+            per_record: true,
+            expect: (200, &[S, S, S]),
+        },
+        Case {
+            name: "same slot later in the hour, same quantity: the same record",
+            product: "p",
+            records: json!([rec(0, "d1", 5, t + 40 * 60)]),
+            per_record: true,
+            expect: (200, &[S]),
+        },
+        Case {
+            name: "conflicting resend: the first stands",
+            product: "p",
+            records: json!([rec(0, "d1", 6, t)]),
+            per_record: true,
+            expect: (200, &["DuplicateRecord"]),
+        },
+        Case {
+            name: "a conflict inside one call",
+            product: "p",
+            records: json!([rec(5, "d0", 1, t), rec(5, "d0", 2, t)]),
+            per_record: true,
+            expect: (200, &[S, "DuplicateRecord"]),
+        },
+        Case {
+            name: "the next hour is another slot",
+            product: "p",
+            records: json!([rec(0, "d1", 6, t + 3600)]),
+            per_record: true,
+            expect: (200, &[S]),
+        },
+        Case {
+            name: "allocations that sum to the quantity",
+            product: "p",
+            records: json!([allocated]),
+            per_record: true,
+            expect: (200, &[S]),
+        },
+        Case {
+            name: "allocations that do not sum to the quantity",
+            product: "p",
+            records: json!([allocated_wrong]),
+            per_record: true,
+            expect: (200, &["InvalidUsageAllocations"]),
+        },
+        Case {
+            name: "unknown dimension, negative quantity, unknown customer, outside the window",
+            product: "p",
+            records: json!([
+                rec(6, "dx", 1, t),
+                rec(6, "d0", -1, t),
+                rec(999, "d0", 1, t),
+                rec(6, "d0", 1, t - 5 * 3600),
+                rec(6, "d0", 1, now.millis() / 1000 + 2 * 3600),
+            ]),
+            per_record: true,
+            expect: (
+                200,
+                &[
+                    "InvalidUsageDimension",
+                    "InvalidQuantity",
+                    "CustomerNotSubscribed",
+                    "TimestampOutOfBounds",
+                    "TimestampOutOfBounds",
+                ],
+            ),
+        },
+        Case {
+            name: "AWS answers: a conflicting resend is a per-record DuplicateRecord",
+            product: "p",
+            records: json!([rec(1, "d1", 8, t), rec(7, "d3", 1, t)]),
+            per_record: false,
+            expect: (200, &["DuplicateRecord", S]),
+        },
+        Case {
+            name: "AWS answers: an invalid record fails the whole call, nothing stored",
+            product: "p",
+            records: json!([rec(7, "d0", 1, t), rec(7, "dx", 1, t)]),
+            per_record: false,
+            expect: (400, &[]),
+        },
+        Case {
+            name: "AWS answers: unknown product",
+            product: "no-such-product",
+            records: json!([rec(0, "d0", 1, t)]),
+            per_record: false,
+            expect: (400, &[]),
+        },
+    ];
+    let mut first_ids: Option<Vec<String>> = None;
+    for case in &cases {
+        let distributed = post_case(&http, &c.ingest_url, case).await;
+        let local = post_case(&http, &embedded, case).await;
+        assert_eq!(distributed, local, "case `{}`: distributed (left) and embedded (right) differ", case.name);
+        let statuses: Vec<&str> = local.records.iter().map(|(s, _, _)| s.as_str()).collect();
+        assert_eq!((local.code, statuses.as_slice()), case.expect, "case `{}`: {local:?}", case.name);
+        let ids: Vec<String> = local.records.iter().map(|(_, id, _)| id.clone()).collect();
+        match &first_ids {
+            None => first_ids = Some(ids),
+            Some(first) if case.name.starts_with("identical") => assert_eq!(&ids, first, "same ids on a resend"),
+            Some(first) if case.name.starts_with("same slot") => assert_eq!(ids[0], first[0], "the same record"),
+            Some(_) => {}
+        }
+    }
+    // Both modes charged the same records: 3 + 1 (conflict in one call) + 1 (next hour) +
+    // 1 (allocations) + 1 (d3 beside the conflict) = 7 records.
+    c.wait_for_records(7, Duration::from_secs(60)).await;
+}
+
+/// A call no rater decides in time gets 503 with `Retry-After`; its records are durable and
+/// decided once a rater runs, and the seller's identical resend is answered with the same id,
+/// charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_no_rater_decides_in_time_gets_503_and_its_resend_the_decision() {
+    let mut c = Cluster::start("undecided", 2).await;
+    c.kill("ingest");
+    c.spawn_with("ingest", "ingest", &[("METERLINE__INGEST__DECISION_TIMEOUT_MS", "1500")]);
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http.get(format!("{}/health", c.ingest_url)).send().await.is_err() {
+        assert!(Instant::now() < deadline, "ingest did not restart:\n{}", c.log("ingest"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.spawn("aggregator", "aggregator");
+    let t = Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64)
+        .plus_millis(-HOUR_MS)
+        .millis()
+        / 1000;
+    let body = json!({ "ProductCode": "p", "UsageRecords": [
+        { "Timestamp": t, "CustomerAWSAccountId": account(0), "Dimension": "d1", "Quantity": 4 }
+    ] })
+    .to_string();
+    let url = format!("{}/v1/BatchMeterUsage", c.ingest_url);
+    let call = || {
+        http.post(&url).header("X-Api-Key", KEY).header("Content-Type", "application/json").body(body.clone()).send()
+    };
+    // No rater: the broker takes the record, nobody decides it.
+    let started = Instant::now();
+    let r = call().await.unwrap();
+    assert_eq!(r.status().as_u16(), 503, "{}", r.text().await.unwrap());
+    assert!(started.elapsed() >= Duration::from_millis(1500), "answered before the decision timeout");
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: Value = r.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains("resend the same call"), "{v}");
+
+    c.spawn("rater", "rater");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let first = loop {
+        let r = call().await.unwrap();
+        if r.status().is_success() {
+            break r.json::<Value>().await.unwrap();
+        }
+        assert_eq!(r.status().as_u16(), 503);
+        assert!(Instant::now() < deadline, "never decided:\n{}", c.log("rater"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(first["Results"][0]["Status"], "Success", "{first}");
+    let again: Value = call().await.unwrap().json().await.unwrap();
+    assert_eq!(again["Results"][0]["MeteringRecordId"], first["Results"][0]["MeteringRecordId"]);
+    // Three sends of one record (the undecided one included): charged once.
+    c.wait_for_records(1, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.wait_for_records(1, Duration::from_secs(5)).await;
 }

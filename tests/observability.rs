@@ -566,6 +566,7 @@ raw = "{raw}"
 rated = "{rated}"
 rejected = "{rejected}"
 dead_letter = "{dead}"
+decisions = "{decisions}"
 [clickhouse]
 url = "{ch}"
 database = "{db}"
@@ -586,6 +587,7 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
             rated = broker.topic("rated"),
             rejected = broker.topic("rejected"),
             dead = broker.topic("dead"),
+            decisions = broker.topic("decisions"),
             ch = clickhouse.url(),
             rg = broker.group("rater"),
             ag = broker.group("aggregator"),

@@ -52,6 +52,15 @@ pub struct Topics {
     pub rejected: String,
     /// Undecodable messages with the reason and their source.
     pub dead_letter: String,
+    /// The rater's per-record decisions, sent back to the `ingest` instance that asked (each
+    /// instance reads one partition of it): distributed ingest answers a call only once every
+    /// record's decision is committed. Short-lived; see docs/ARCHITECTURE.md.
+    #[serde(default = "default_decisions_topic")]
+    pub decisions: String,
+}
+
+fn default_decisions_topic() -> String {
+    "meterline.decisions".into()
 }
 
 impl Default for Topics {
@@ -61,6 +70,7 @@ impl Default for Topics {
             rated: "meterline.usage.rated".into(),
             rejected: "meterline.usage.rejected".into(),
             dead_letter: "meterline.dead-letter".into(),
+            decisions: default_decisions_topic(),
         }
     }
 }
@@ -166,6 +176,12 @@ pub struct IngestSection {
     /// How long to wait for the broker's acknowledgement before answering 503.
     #[serde(default = "default_delivery_timeout")]
     pub delivery_timeout_ms: u64,
+    /// How long, after the broker acknowledged a call's records, to wait for the raters'
+    /// decisions before answering 503 with `Retry-After`. The records stay durable in the raw
+    /// topic and are decided later; the seller's identical resend then answers with the same
+    /// record ids. Cover a rater failover (session timeout plus a partition rebuild).
+    #[serde(default = "default_decision_timeout")]
+    pub decision_timeout_ms: u64,
     /// `[ingest.security]`: TLS, key rotation, per-seller limits, body deadline.
     #[serde(default)]
     pub security: IngestSecurity,
@@ -211,6 +227,7 @@ impl Default for IngestSection {
             listen: default_listen(),
             max_in_flight: default_in_flight(),
             delivery_timeout_ms: default_delivery_timeout(),
+            decision_timeout_ms: default_decision_timeout(),
             security: IngestSecurity::default(),
         }
     }
@@ -224,6 +241,9 @@ fn default_in_flight() -> usize {
 }
 fn default_delivery_timeout() -> u64 {
     10_000
+}
+fn default_decision_timeout() -> u64 {
+    15_000
 }
 
 /// The `rater` binary.
@@ -308,8 +328,9 @@ fn default_rater_group() -> String {
 fn default_batch() -> usize {
     10_000
 }
+/// Short: a distributed call is answered when its batch commits, so linger adds to every ack.
 fn default_linger() -> u64 {
-    200
+    20
 }
 
 /// The `aggregator` binary.
@@ -438,7 +459,7 @@ impl PipelineConfig {
             }
         }
         let t = &k.topics;
-        let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter];
+        let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter, &t.decisions];
         for (i, a) in names.iter().enumerate() {
             if a.is_empty() || names[i + 1..].contains(a) {
                 return Err(ConfigError::Invalid(format!("kafka.topics: `{a}` is empty or used twice")));

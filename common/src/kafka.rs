@@ -67,13 +67,20 @@ pub fn consumer_config(k: &KafkaConfig, group: &str) -> ClientConfig {
     c
 }
 
-/// Creates the four topics if they are missing (an existing topic is fine).
+/// How long decisions are kept: a decision only matters to a call still waiting for it.
+const DECISIONS_RETENTION_MS: &str = "3600000";
+
+/// Creates the five topics if they are missing (an existing topic is fine).
 pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(k).create()?;
     let t = &k.topics;
     let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter];
-    let topics: Vec<NewTopic<'_>> =
+    let mut topics: Vec<NewTopic<'_>> =
         names.iter().map(|n| NewTopic::new(n.as_str(), k.partitions, TopicReplication::Fixed(k.replication))).collect();
+    topics.push(
+        NewTopic::new(t.decisions.as_str(), k.partitions, TopicReplication::Fixed(k.replication))
+            .set("retention.ms", DECISIONS_RETENTION_MS),
+    );
     let results =
         admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;
     for r in results {

@@ -141,7 +141,7 @@ impl From<SinkError> for ApiError {
                 retry_after: Some(retry_after_secs),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "ThrottlingException", e.to_string())
             },
-            SinkError::Unavailable(_) => ApiError {
+            SinkError::Unavailable(_) | SinkError::Undecided(_) => ApiError {
                 retry_after: Some(1),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "InternalServiceErrorException", e.to_string())
             },

@@ -1,24 +1,45 @@
-//! SHELL (distributed mode). Makes validated records durable in the raw topic.
+//! SHELL (distributed mode). Makes validated records durable in the raw topic and answers
+//! each with the rater's decision, as the embedded default does.
 //!
 //! Each call's records are produced with an idempotent, `acks=all` producer, keyed by
-//! (product, customer); the call is answered only when every record's delivery report is back
-//! (design guarantee 1). Records refused by validation go to the rejected topic in the same call.
-//! Dedup and rating happen in the rater: an identical resend is produced again and collapses
-//! there (same record id), and a conflicting one is refused there as `DuplicateRecord`.
+//! (product, customer), each with a [`REPLY_HEADER`] naming this instance's partition of the
+//! decisions topic, the call and the record's place in it. The rater that owns the record's raw
+//! partition decides it (dedup + rating) and, in the same Kafka transaction as its rated output,
+//! sends the decision back ([`DecisionBatch`]); this instance reads its decisions partition
+//! `read_committed`, so a decision it sees is durable. A call is answered when every record's
+//! decision is in: `Success` (new or an identical resend, with the record id), or the rater's
+//! refusal (`DuplicateRecord` for a conflicting resend, `NotPriced`, a closed month) in the same
+//! call, exactly as `meterline serve` answers. Records refused by validation go to the rejected
+//! topic in the same call.
 //!
-//! Back-pressure: at most `max_in_flight` records wait for delivery reports; beyond that, and
-//! when librdkafka's queue is full, callers get 429; when delivery fails or times out (broker
-//! down), 503. Nothing is buffered without bound.
+//! When a decision does not come within `ingest.decision_timeout_ms` (no rater owns the
+//! partition yet, a failover), the call gets 503 with `Retry-After`. Its records are durable and
+//! are decided later; the seller's retry is an identical resend and answers `Success` with the
+//! same ids (or the refusal that applies).
+//!
+//! Back-pressure: at most `max_in_flight` records wait; beyond that, and when librdkafka's
+//! queue is full, callers get 429; when delivery fails or times out (broker down), 503. Nothing
+//! is buffered without bound: a waiting call is one map entry, removed when it is answered or
+//! abandoned.
 
 use crate::sink::{InFlight, RefusedRecord, SinkError, SinkOutcome, UsageSink};
 use common::codec;
 use common::config::KafkaConfig;
-use common::topic::{partition_key, RejectedEvent};
+use common::id::RecordId;
+use common::reject::{RejectCode, Rejection};
+use common::topic::{partition_key, Decided, DecisionBatch, RejectedEvent, ReplyTo, REPLY_HEADER};
 use common::usage::UsageRecord;
 use futures::future::join_all;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::oneshot;
 
 /// The raw-topic sink.
 #[derive(Clone)]
@@ -29,6 +50,102 @@ pub struct KafkaSink {
     in_flight: InFlight,
     delivery_timeout: Duration,
     metrics: Option<std::sync::Arc<common::metrics::Metrics>>,
+    decisions: Arc<Decisions>,
+}
+
+/// Calls waiting for their records' decisions.
+#[derive(Debug)]
+struct Decisions {
+    topic: String,
+    /// The decisions partition this instance reads; -1 until [`KafkaSink::listen_for_decisions`].
+    partition: AtomicI32,
+    next_request: AtomicU64,
+    timeout: Duration,
+    waiting: Mutex<HashMap<u64, Waiting>>,
+}
+
+#[derive(Debug)]
+struct Waiting {
+    /// The records' own ids, for an answer that has none (an undecodable record).
+    ids: Vec<RecordId>,
+    slots: Vec<Option<SinkOutcome>>,
+    missing: usize,
+    done: Option<oneshot::Sender<Vec<SinkOutcome>>>,
+}
+
+impl Decisions {
+    /// Registers a call of `ids.len()` records; the entry leaves with the returned guard.
+    fn wait_for(self: &Arc<Self>, ids: Vec<RecordId>) -> (WaitGuard, oneshot::Receiver<Vec<SinkOutcome>>) {
+        let request = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let n = ids.len();
+        let w = Waiting { ids, slots: vec![None; n], missing: n, done: Some(tx) };
+        self.lock().insert(request, w);
+        (WaitGuard { decisions: Arc::clone(self), request }, rx)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Waiting>> {
+        // A panic while holding the map cannot leave it inconsistent (each entry is independent).
+        self.waiting.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Fills in a batch of decisions; a call whose last record is decided is answered. Decisions
+    /// for calls not waiting here (answered already, timed out, another instance's) are ignored.
+    fn complete(&self, batch: DecisionBatch) {
+        let mut waiting = self.lock();
+        let Some(w) = waiting.get_mut(&batch.request) else { return };
+        for (index, decided) in batch.decisions {
+            let i = index as usize;
+            let Some(slot) = w.slots.get_mut(i) else { continue };
+            if slot.is_some() {
+                continue;
+            }
+            *slot = Some(match decided {
+                Decided::Rated { record_id } => SinkOutcome::Accepted { record_id },
+                Decided::Identical { record_id } => SinkOutcome::AlreadyAccepted { record_id },
+                Decided::Refused { record_id, rejection } => SinkOutcome::Refused { record_id, rejection },
+                Decided::Undecodable { reason } => SinkOutcome::Refused {
+                    record_id: w.ids[i],
+                    rejection: Rejection::new(
+                        RejectCode::InvalidRecord,
+                        format!("the rater could not decode it: {reason}"),
+                    ),
+                },
+            });
+            w.missing -= 1;
+        }
+        if w.missing == 0 {
+            if let Some(mut w) = waiting.remove(&batch.request) {
+                let outcomes = w.slots.drain(..).flatten().collect();
+                if let Some(done) = w.done.take() {
+                    // A caller that went away is answered by nobody; its records are decided.
+                    drop(done.send(outcomes));
+                }
+            }
+        }
+    }
+}
+
+/// Removes a call's entry when the call ends, answered or not (an abandoned call frees its slot).
+struct WaitGuard {
+    decisions: Arc<Decisions>,
+    request: u64,
+}
+
+impl WaitGuard {
+    fn reply_to(&self, index: usize) -> ReplyTo {
+        ReplyTo {
+            partition: self.decisions.partition.load(Ordering::Relaxed),
+            request: self.request,
+            index: index as u32,
+        }
+    }
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        self.decisions.lock().remove(&self.request);
+    }
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -38,10 +155,18 @@ impl std::fmt::Debug for KafkaSink {
 }
 
 impl KafkaSink {
-    /// Builds the producer (no network until the first send).
-    pub fn new(k: &KafkaConfig, max_in_flight: usize, delivery_timeout: Duration) -> Result<Self, KafkaError> {
+    /// Builds the producer (no network until the first send). Calls are answered once
+    /// [`KafkaSink::listen_for_decisions`] runs.
+    pub fn new(
+        k: &KafkaConfig,
+        max_in_flight: usize,
+        delivery_timeout: Duration,
+        decision_timeout: Duration,
+    ) -> Result<Self, KafkaError> {
         let mut cfg = common::kafka::producer_config(k);
         cfg.set("message.timeout.ms", delivery_timeout.as_millis().to_string());
+        // A random start: a restarted instance never takes a predecessor's late decisions for its own.
+        let first_request = uuid::Uuid::new_v4().as_u64_pair().0;
         Ok(KafkaSink {
             producer: cfg.create()?,
             raw_topic: k.topics.raw.clone(),
@@ -49,7 +174,71 @@ impl KafkaSink {
             in_flight: InFlight::new(max_in_flight),
             delivery_timeout,
             metrics: None,
+            decisions: Arc::new(Decisions {
+                topic: k.topics.decisions.clone(),
+                partition: AtomicI32::new(-1),
+                next_request: AtomicU64::new(first_request),
+                timeout: decision_timeout,
+                waiting: Mutex::new(HashMap::new()),
+            }),
         })
+    }
+
+    /// Starts reading this instance's partition of the decisions topic from its current end (a
+    /// decision for any call made from now on lands after it) and answering waiting calls. The
+    /// partition follows from the instance's random request ids, so instances spread over the
+    /// partitions; instances that share one each ignore the other's decisions. Call once, before
+    /// serving.
+    pub async fn listen_for_decisions(&self, k: &KafkaConfig) -> Result<tokio::task::JoinHandle<()>, KafkaError> {
+        let d = Arc::clone(&self.decisions);
+        let mut cfg = common::kafka::consumer_config(k, &format!("meterline-ingest-decisions-{}", d.topic));
+        // One small partition, read as soon as a rater commits: fetch without waiting to fill.
+        cfg.set("fetch.wait.max.ms", "10");
+        let consumer: StreamConsumer = cfg.create()?;
+        let timeout = Duration::from_secs(10);
+        let find_end = || -> Result<(i32, i64), KafkaError> {
+            let md = consumer.fetch_metadata(Some(&d.topic), timeout)?;
+            let count = md.topics().first().map_or(0, |t| t.partitions().len());
+            if count == 0 {
+                return Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition));
+            }
+            let partition = (d.next_request.load(Ordering::Relaxed) % count as u64) as i32;
+            let (_, high) = consumer.fetch_watermarks(&d.topic, partition, timeout)?;
+            Ok((partition, high))
+        };
+        // A topic created a moment ago has no leader yet (NotLeaderForPartition): transient, so
+        // retried for a while; an error that outlasts it stops the start with its cause.
+        let started = std::time::Instant::now();
+        let (partition, high) = loop {
+            match tokio::task::block_in_place(find_end) {
+                Ok(end) => break end,
+                Err(e) if started.elapsed() < Duration::from_secs(60) => {
+                    tracing::debug!(error = %e, "decisions topic not ready yet");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&d.topic, partition, Offset::Offset(high))?;
+        consumer.assign(&tpl)?;
+        d.partition.store(partition, Ordering::Relaxed);
+        tracing::info!(topic = %d.topic, partition, from_offset = high, "reading decisions");
+        Ok(tokio::spawn(async move {
+            loop {
+                match consumer.recv().await {
+                    Ok(m) => match codec::decode::<DecisionBatch>(m.payload().unwrap_or_default()) {
+                        Ok(batch) => d.complete(batch),
+                        Err(e) => tracing::warn!(offset = m.offset(), error = %e, "undecodable decision ignored"),
+                    },
+                    // Transient (a broker restarting): librdkafka reconnects by itself.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading decisions");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }))
     }
 
     /// Counts delivery errors into `m` and reports the producer queue depth at each scrape.
@@ -83,12 +272,19 @@ impl KafkaSink {
         }
     }
 
-    async fn send_all(&self, accepted: &[UsageRecord], refused: &[RefusedRecord]) -> Result<(), SinkError> {
+    async fn send_all(
+        &self,
+        accepted: &[UsageRecord],
+        refused: &[RefusedRecord],
+        call: &WaitGuard,
+    ) -> Result<(), SinkError> {
         let mut deliveries = Vec::with_capacity(accepted.len() + refused.len());
-        for r in accepted {
+        for (i, r) in accepted.iter().enumerate() {
             let key = partition_key(&r.product, &r.customer);
             let payload = codec::encode(r);
-            deliveries.push(self.enqueue(&self.raw_topic, key, payload)?);
+            let reply = call.reply_to(i).encode();
+            let headers = OwnedHeaders::new().insert(Header { key: REPLY_HEADER, value: Some(&reply[..]) });
+            deliveries.push(self.enqueue(&self.raw_topic, key, payload, Some(headers))?);
         }
         for r in refused {
             let ev = RejectedEvent::new(
@@ -101,7 +297,12 @@ impl KafkaSink {
                 r.rejection.message.clone(),
                 r.raw.clone(),
             );
-            deliveries.push(self.enqueue(&self.rejected_topic, r.seller.as_bytes().to_vec(), codec::encode(&ev))?);
+            deliveries.push(self.enqueue(
+                &self.rejected_topic,
+                r.seller.as_bytes().to_vec(),
+                codec::encode(&ev),
+                None,
+            )?);
         }
         let n_raw = accepted.len();
         let mut first_failure = None;
@@ -125,8 +326,12 @@ impl KafkaSink {
         topic: &str,
         key: Vec<u8>,
         payload: Vec<u8>,
+        headers: Option<OwnedHeaders>,
     ) -> Result<rdkafka::producer::DeliveryFuture, SinkError> {
-        let record = FutureRecord::to(topic).key(&key).payload(&payload);
+        let mut record = FutureRecord::to(topic).key(&key).payload(&payload);
+        if let Some(h) = headers {
+            record = record.headers(h);
+        }
         match self.producer.send_result(record) {
             Ok(f) => Ok(f),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -144,12 +349,27 @@ impl UsageSink for KafkaSink {
         refused: Vec<RefusedRecord>,
     ) -> Result<Vec<SinkOutcome>, SinkError> {
         let _admitted = self.in_flight.admit(accepted.len() + refused.len())?;
+        if self.decisions.partition.load(Ordering::Relaxed) < 0 {
+            return Err(SinkError::Unavailable("not reading decisions yet".into()));
+        }
+        // Registered before anything is produced: a decision can come back before the ack.
+        let (call, decided) = self.decisions.wait_for(accepted.iter().map(UsageRecord::record_id).collect());
         let timeout = self.delivery_timeout + Duration::from_secs(1);
-        let result = match tokio::time::timeout(timeout, self.send_all(&accepted, &refused)).await {
+        let result = match tokio::time::timeout(timeout, self.send_all(&accepted, &refused, &call)).await {
             Ok(r) => r,
             Err(_) => Err(SinkError::Unavailable(format!("no acknowledgement from the broker within {timeout:?}"))),
         };
         result?;
-        Ok(accepted.iter().map(|r| SinkOutcome::Accepted { record_id: r.record_id() }).collect())
+        if accepted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wait = self.decisions.timeout;
+        match tokio::time::timeout(wait, decided).await {
+            Ok(Ok(outcomes)) => Ok(outcomes),
+            _ => Err(SinkError::Undecided(format!(
+                "the records are durable but no rater decided them within {wait:?}; resend the same call: \
+                 an identical resend answers with the same record ids"
+            ))),
+        }
     }
 }

@@ -40,9 +40,14 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Metrics::new("ingest");
     metrics.in_flight_limit.set(cfg.ingest.max_in_flight as i64);
     metrics.set_config("partitions", i64::from(cfg.kafka.partitions));
-    let sink =
-        KafkaSink::new(&cfg.kafka, cfg.ingest.max_in_flight, Duration::from_millis(cfg.ingest.delivery_timeout_ms))?
-            .with_metrics(Arc::clone(&metrics));
+    let sink = KafkaSink::new(
+        &cfg.kafka,
+        cfg.ingest.max_in_flight,
+        Duration::from_millis(cfg.ingest.delivery_timeout_ms),
+        Duration::from_millis(cfg.ingest.decision_timeout_ms),
+    )?
+    .with_metrics(Arc::clone(&metrics));
+    let decisions = sink.listen_for_decisions(&cfg.kafka).await.context("reading the decisions topic")?;
     let listen = args.listen.unwrap_or(cfg.ingest.listen.clone());
     let sec = &cfg.ingest.security;
     let tls = match (&sec.tls_cert, &sec.tls_key) {
@@ -124,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
     ingest::serve::serve(listener, app, tls, limits, shutdown).await?;
     reloads.abort();
     probing.abort();
+    decisions.abort();
     sink.flush(Duration::from_secs(10));
     tracing::info!("ingest stopped: producer flushed");
     Ok(())

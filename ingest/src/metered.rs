@@ -77,6 +77,8 @@ impl<S: UsageSink> UsageSink for Metered<S> {
             Err(e) => {
                 let kind = match e {
                     SinkError::Overloaded { .. } => "overloaded",
+                    // The broker took the records; a rater is late. Readiness is not the sink's.
+                    SinkError::Undecided(_) => "undecided",
                     SinkError::Unavailable(_) => {
                         // The store or broker refuses writes: out of the load balancer until it
                         // takes one again (the embedded writer and `ingest` probe meanwhile).

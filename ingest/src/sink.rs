@@ -82,6 +82,10 @@ pub enum SinkError {
     /// The store or broker is not available (HTTP 503).
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// Durable, but not decided in time (distributed mode: no rater answered yet). HTTP 503
+    /// with `Retry-After`; the identical resend answers with the decision.
+    #[error("not decided yet: {0}")]
+    Undecided(String),
 }
 
 /// A durable destination for validated records.

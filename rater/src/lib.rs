@@ -9,6 +9,8 @@
 //!
 //! - `pipeline` (feature `distributed`): SHELL. Consume raw → decide → produce rated/rejected →
 //!   commit, with the partition's dedup state rebuilt from the rated topic on assignment.
+//! - `reply` (feature `distributed`): SHELL. Each asking record's decision, back to the ingest
+//!   instance that asked, in the batch's transaction.
 //!
 //! Data enters as [`common::usage::UsageRecord`]s and leaves as [`common::rated::RatedRecord`]s or
 //! refusals; the shells (embedded store, Kafka) persist them and only then call
@@ -19,3 +21,5 @@ pub mod dedup;
 #[cfg(feature = "distributed")]
 pub mod pipeline;
 pub mod rating;
+#[cfg(feature = "distributed")]
+pub mod reply;

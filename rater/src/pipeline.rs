@@ -24,13 +24,14 @@
 //! id) ends the process with an error; the supervisor restarts it and the rebuild takes over.
 
 use crate::decision::{Decision, Rater};
+use crate::reply::{self, Replies};
 use common::catalogue::PriceBook;
 use common::codec;
 use common::config::PipelineConfig;
 use common::metrics::{Histogram, Metrics, Outcome, RecordLabels, Tally};
 use common::money::Currency;
 use common::time::{Timestamp, HOUR_MS};
-use common::topic::{partition_key, DeadLetter, RejectedEvent};
+use common::topic::{partition_key, DeadLetter, Decided, RejectedEvent};
 use common::usage::UsageRecord;
 use futures::future::join_all;
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -199,6 +200,11 @@ pub async fn run_with_metrics(
             }
         }
         if batch.len > 0 {
+            // The asking calls' decisions join the same transaction (see `reply`).
+            for (partition, decisions) in batch.replies.drain().collect::<Vec<_>>() {
+                let payload = codec::encode(&decisions);
+                send(&producer, &cfg.kafka.topics.decisions, Some(partition), &[], &payload, &mut batch)?;
+            }
             commit_batch(&consumer, &producer, batch, &mut states, &mut stats, &obs).await?;
             let now = now();
             for r in states.values_mut() {
@@ -262,6 +268,8 @@ struct Batch<'o> {
     started: Instant,
     /// The consumer's group metadata when the batch's transaction began.
     group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    /// Decisions to send back to the ingest calls that asked.
+    replies: Replies,
 }
 
 impl Batch<'_> {
@@ -276,6 +284,7 @@ impl Batch<'_> {
             dead_lettered: 0,
             started: Instant::now(),
             group: None,
+            replies: Replies::default(),
         }
     }
 }
@@ -342,9 +351,13 @@ fn decide_one<'b>(
     batch.topic = msg.topic().to_owned();
     batch.next_offsets.insert(p, msg.offset() + 1);
     let payload = msg.payload().unwrap_or_default();
+    let reply_to = reply::reply_to(msg, cfg.kafka.partitions);
     let record: UsageRecord = match codec::decode(payload) {
         Ok(r) => r,
         Err(e) => {
+            if let Some(to) = reply_to {
+                batch.replies.add(to, Decided::Undecodable { reason: e.to_string() });
+            }
             let dl = DeadLetter {
                 source_topic: msg.topic().to_owned(),
                 source_partition: p,
@@ -367,7 +380,11 @@ fn decide_one<'b>(
     let decided_at = now();
     obs.event_to_rated.observe(secs_between(record.timestamp, decided_at));
     obs.received_to_rated.observe(secs_between(record.received_at, decided_at));
-    match rater.decide(&record, book) {
+    let decision = rater.decide(&record, book);
+    if let Some(to) = reply_to {
+        batch.replies.add(to, reply::decided(&decision));
+    }
+    match decision {
         Decision::Rated(r) => {
             stats.rated += 1;
             batch.tally.add(labels, Outcome::Accepted);
