@@ -2,9 +2,15 @@
 //!
 //! Each line keeps exact sums (quantity, covered and billable quantity, amount) and is rounded
 //! only when read ([`MonthlyRollup::line`]): half-up to the currency's minor unit, with the
-//! unrounded amount beside it (design guarantee 4). Folding is order-independent, so replaying
-//! records in another order gives the same lines; idempotency (never folding a record twice) is
-//! the caller's, by record id.
+//! unrounded amount beside it (design guarantee 4). [`LineSums::amounts`] is the one rounding of a
+//! line, used by the line read here and by ClickHouse's `monthly_charges` row. Folding is
+//! order-independent, so replaying records in another order gives the same lines; idempotency
+//! (never folding a record twice) is the caller's, by record id.
+//!
+//! Folds are staged like the rater's dedup claims: [`MonthlyRollup::stage`] folds a record into
+//! a copy of its line (visible to later records of the batch and in [`MonthlyRollup::staged`],
+//! what the shell writes), [`MonthlyRollup::commit`] keeps the copies once the write is durable,
+//! and [`MonthlyRollup::rollback`] forgets them, so a failed write leaves no line changed.
 
 use common::money::round_to_minor;
 use common::pricing::UsagePrice;
@@ -109,10 +115,17 @@ impl LineSums {
         }
     }
 
+    /// The line's amount, exact and rounded half-up once to `key`'s currency's minor unit: the
+    /// one rounding of a line (the invoice line and the ClickHouse row both take it from here).
+    pub fn amounts(&self, key: &ChargeLineKey) -> Result<LineAmount, FoldError> {
+        let minor = key.currency.minor_units().ok_or_else(|| FoldError::UnknownCurrency(key.currency.to_string()))?;
+        let exact = self.exact_amount().ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
+        Ok(LineAmount { exact, rounded: round_to_minor(exact, minor) })
+    }
+
     /// The invoice line: sums plus the amount rounded half-up once.
     pub fn to_line(&self, key: &ChargeLineKey) -> Result<ChargeLine, FoldError> {
-        let minor = key.currency.minor_units().ok_or_else(|| FoldError::UnknownCurrency(key.currency.to_string()))?;
-        let amount = self.exact_amount().ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
+        let LineAmount { exact, rounded } = self.amounts(key)?;
         Ok(ChargeLine {
             month: key.month.to_string(),
             customer: key.customer.clone(),
@@ -128,17 +141,29 @@ impl LineSums {
             covered_quantity: self.covered_quantity.normalize(),
             billable_quantity: self.billable_quantity.normalize(),
             unit_rate: self.unit_rate,
-            amount_unrounded: amount,
-            amount: round_to_minor(amount, minor),
+            amount_unrounded: exact,
+            amount: rounded,
             records: self.records,
         })
     }
 }
 
+/// A line's amount: exact, and rounded once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineAmount {
+    /// Σ of the exact amounts (the month-priced part at the month's price).
+    pub exact: Decimal,
+    /// `exact` rounded half-up to the currency's minor unit.
+    pub rounded: Decimal,
+}
+
 /// Exact monthly sums for any number of months and customers.
 #[derive(Debug, Default)]
 pub struct MonthlyRollup {
+    /// Durable lines.
     lines: HashMap<ChargeLineKey, LineSums>,
+    /// New sums of the lines the open batch touched, not yet durable.
+    staged: HashMap<ChargeLineKey, LineSums>,
 }
 
 impl MonthlyRollup {
@@ -147,15 +172,41 @@ impl MonthlyRollup {
         Self::default()
     }
 
-    /// Folds one record; returns the key of the line it changed.
+    /// Folds one record and keeps it at once (callers without a durable write: the `rate`
+    /// command, the demo, tests); returns the key of the line it changed. Keeps any staged
+    /// folds with it.
     pub fn fold(&mut self, r: &RatedRecord) -> Result<ChargeLineKey, FoldError> {
-        let key = r.line_key();
-        let sums =
-            self.lines.entry(key.clone()).or_insert_with(|| LineSums::empty(&r.seller, &r.offer_id, &r.pricing_model));
-        let mut next = sums.clone();
-        next.add(r).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
-        *sums = next;
+        let key = self.stage(r)?;
+        self.commit();
         Ok(key)
+    }
+
+    /// Folds one record into a staged copy of its line; returns the line's key. On overflow the
+    /// line is left as it was.
+    pub fn stage(&mut self, r: &RatedRecord) -> Result<ChargeLineKey, FoldError> {
+        let key = r.line_key();
+        let mut next = match self.staged.get(&key).or_else(|| self.lines.get(&key)) {
+            Some(sums) => sums.clone(),
+            None => LineSums::empty(&r.seller, &r.offer_id, &r.pricing_model),
+        };
+        next.add(r).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
+        self.staged.insert(key.clone(), next);
+        Ok(key)
+    }
+
+    /// The lines the open batch changed, with their new sums (what the shell writes).
+    pub fn staged(&self) -> impl Iterator<Item = (&ChargeLineKey, &LineSums)> + '_ {
+        self.staged.iter()
+    }
+
+    /// The staged lines are durable: keep them.
+    pub fn commit(&mut self) {
+        self.lines.extend(self.staged.drain());
+    }
+
+    /// The staged lines were not written: forget them.
+    pub fn rollback(&mut self) {
+        self.staged.clear();
     }
 
     /// Restores a line's sums (the embedded store reloads them on start).
@@ -288,6 +339,52 @@ mod tests {
         recs.iter().for_each(|r| drop(a.fold(r)));
         recs.iter().rev().for_each(|r| drop(b.fold(r)));
         assert_eq!(a.lines().unwrap(), b.lines().unwrap());
+    }
+
+    #[test]
+    fn a_rolled_back_batch_changes_no_line_and_a_committed_one_keeps_its_sums() {
+        let mut r = MonthlyRollup::new();
+        r.fold(&rated(NOV_2026, "users", "100", "0.014", "USD")).unwrap(); // 1.400
+        let before = r.lines().unwrap();
+        // A batch of two records on the same line and one on a new line, then a failed write.
+        r.stage(&rated(NOV_2026 + 1, "users", "50", "0.014", "USD")).unwrap();
+        r.stage(&rated(NOV_2026 + 2, "users", "50", "0.014", "USD")).unwrap();
+        r.stage(&rated(NOV_2026, "gb_ingest", "3", "0.10", "USD")).unwrap();
+        let staged: Decimal = r.staged().filter(|(k, _)| k.dimension == "users").map(|(_, s)| s.amount).sum();
+        assert_eq!(staged.to_string(), "2.800", "later records of the batch see the staged line");
+        assert_eq!(r.lines().unwrap(), before, "staged folds are not read as lines");
+        r.rollback();
+        assert_eq!((r.lines().unwrap(), r.staged().count()), (before, 0));
+        // The same batch, written: 1.400 + 0.700 + 0.700 = 2.80 and a new 0.30 line.
+        r.stage(&rated(NOV_2026 + 1, "users", "50", "0.014", "USD")).unwrap();
+        r.stage(&rated(NOV_2026 + 2, "users", "50", "0.014", "USD")).unwrap();
+        r.stage(&rated(NOV_2026, "gb_ingest", "3", "0.10", "USD")).unwrap();
+        r.commit();
+        let amounts: Vec<String> = r.lines().unwrap().iter().map(|l| l.amount.to_string()).collect();
+        assert_eq!(amounts, ["0.30", "2.80"]);
+        assert_eq!(r.staged().count(), 0);
+    }
+
+    #[test]
+    fn an_overflowing_stage_leaves_the_line_as_it_was() {
+        let mut r = MonthlyRollup::new();
+        r.fold(&rated(NOV_2026, "users", "1", "1", "USD")).unwrap();
+        let huge = RatedRecord { amount: Decimal::MAX, ..rated(NOV_2026 + 1, "users", "1", "1", "USD") };
+        assert!(matches!(r.stage(&huge), Err(FoldError::Overflow(_))));
+        r.commit();
+        assert_eq!(r.lines().unwrap()[0].amount.to_string(), "1.00");
+    }
+
+    #[test]
+    fn a_line_is_rounded_once_half_up_and_keeps_its_exact_amount() {
+        let mut r = MonthlyRollup::new();
+        // 1011.695 USD exact → 1011.70 billed, the exact amount beside it.
+        r.fold(&rated(NOV_2026, "users", "1", "1011.695", "USD")).unwrap();
+        let key = r.lines.keys().next().unwrap().clone();
+        let amount = r.sums(&key).unwrap().amounts(&key).unwrap();
+        assert_eq!((amount.exact.to_string(), amount.rounded.to_string()), ("1011.695".into(), "1011.70".into()));
+        let line = r.line(&key).unwrap().unwrap();
+        assert_eq!((line.amount_unrounded, line.amount), (amount.exact, amount.rounded));
     }
 
     #[test]
