@@ -1,8 +1,8 @@
 //! The `rate` command: a price book and a file of usage records in, the charge lines out.
 //!
 //! The same pure cores as the running pipeline (ingest validation, the rater's batch core
-//! [`rater::batch`], aggregator fold), with no HTTP and no store, so scripted checks and golden tests exercise the
-//! path users' records take. Input: JSON lines in the API's record format, each with its
+//! [`rater::batch`], aggregator fold), with no HTTP and no store, so scripted checks and golden
+//! tests exercise the path users' records take. Input: JSON lines in the API's record format, each with its
 //! `ProductCode` (the native bulk format). Output: deterministic, sorted JSON.
 
 use aggregator::close::{ami_trial_agreements, close_month, close_totals, CloseTotals, MonthClose, TrialHourUsage};

@@ -80,14 +80,21 @@ impl LineSums {
         }
     }
 
-    /// Adds one rated record.
+    /// Adds one rated record; on overflow (`None`) the sums are left as they were.
     pub fn add(&mut self, r: &RatedRecord) -> Option<()> {
-        self.quantity = self.quantity.checked_add(r.quantity)?;
-        self.covered_quantity = self.covered_quantity.checked_add(r.covered_quantity)?;
-        self.billable_quantity = self.billable_quantity.checked_add(r.billable_quantity)?;
-        self.amount = self.amount.checked_add(r.amount)?;
+        // Every sum that can overflow first, so a refused record changes nothing.
+        let quantity = self.quantity.checked_add(r.quantity)?;
+        let covered_quantity = self.covered_quantity.checked_add(r.covered_quantity)?;
+        let billable_quantity = self.billable_quantity.checked_add(r.billable_quantity)?;
+        let amount = self.amount.checked_add(r.amount)?;
+        let month_priced_quantity = match r.month_price {
+            Some(_) => self.month_priced_quantity.checked_add(r.billable_quantity)?,
+            None => self.month_priced_quantity,
+        };
+        (self.quantity, self.covered_quantity, self.billable_quantity, self.amount) =
+            (quantity, covered_quantity, billable_quantity, amount);
+        self.month_priced_quantity = month_priced_quantity;
         if let Some(price) = &r.month_price {
-            self.month_priced_quantity = self.month_priced_quantity.checked_add(r.billable_quantity)?;
             if self.month_price.as_ref().is_none_or(|(h, _)| r.hour > *h) {
                 self.month_price = Some((r.hour, price.clone()));
                 self.pricing_model = r.pricing_model.clone();
@@ -176,8 +183,16 @@ impl MonthlyRollup {
     /// command, the demo, tests); returns the key of the line it changed. Keeps any staged
     /// folds with it.
     pub fn fold(&mut self, r: &RatedRecord) -> Result<ChargeLineKey, FoldError> {
-        let key = self.stage(r)?;
-        self.commit();
+        if !self.staged.is_empty() {
+            let key = self.stage(r)?;
+            self.commit();
+            return Ok(key);
+        }
+        let key = r.line_key();
+        // A new line takes its first record without overflow; `add` leaves a line it refuses as it was.
+        let sums =
+            self.lines.entry(key.clone()).or_insert_with(|| LineSums::empty(&r.seller, &r.offer_id, &r.pricing_model));
+        sums.add(r).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
         Ok(key)
     }
 
@@ -185,11 +200,17 @@ impl MonthlyRollup {
     /// line is left as it was.
     pub fn stage(&mut self, r: &RatedRecord) -> Result<ChargeLineKey, FoldError> {
         let key = r.line_key();
-        let mut next = match self.staged.get(&key).or_else(|| self.lines.get(&key)) {
+        let overflow = || FoldError::Overflow(Box::new(r.line_key()));
+        if let Some(staged) = self.staged.get_mut(&key) {
+            staged.add(r).ok_or_else(overflow)?;
+            return Ok(key);
+        }
+        // First touch in this batch: a copy of the durable line (or a new one).
+        let mut next = match self.lines.get(&key) {
             Some(sums) => sums.clone(),
             None => LineSums::empty(&r.seller, &r.offer_id, &r.pricing_model),
         };
-        next.add(r).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
+        next.add(r).ok_or_else(overflow)?;
         self.staged.insert(key.clone(), next);
         Ok(key)
     }
@@ -371,8 +392,13 @@ mod tests {
         r.fold(&rated(NOV_2026, "users", "1", "1", "USD")).unwrap();
         let huge = RatedRecord { amount: Decimal::MAX, ..rated(NOV_2026 + 1, "users", "1", "1", "USD") };
         assert!(matches!(r.stage(&huge), Err(FoldError::Overflow(_))));
+        // Also once the line is staged: 1 + 1, then the refused record changes no sum.
+        r.stage(&rated(NOV_2026 + 2, "users", "1", "1", "USD")).unwrap();
+        assert!(matches!(r.stage(&huge), Err(FoldError::Overflow(_))));
+        assert!(matches!(r.fold(&huge), Err(FoldError::Overflow(_))));
         r.commit();
-        assert_eq!(r.lines().unwrap()[0].amount.to_string(), "1.00");
+        let line = &r.lines().unwrap()[0];
+        assert_eq!((line.amount.to_string(), line.quantity.to_string(), line.records), ("2.00".into(), "2".into(), 2));
     }
 
     #[test]
