@@ -2,8 +2,9 @@
 //!
 //! HTTP handlers validate records (ingest core) and hand each call to [`EmbeddedSink`]. One
 //! writer thread owns the store and the rater and aggregator cores; it takes every call waiting
-//! in its queue, decides them (dedup + rating), folds the rated records into the month's lines
-//! and writes all of it in one SQLite transaction (group commit). Only after that commit does it
+//! in its queue, decides them through the batch core ([`rater::batch`]: dedup + rating, counts,
+//! refused rows), stages the rated records in the month's lines ([`MonthlyRollup::stage`]) and
+//! writes all of it in one SQLite transaction (group commit). Only after that commit does it
 //! make the batch's dedup claims and line sums permanent in memory and answer the callers: an
 //! answer of `Success` means durable, and a failed commit leaves no trace in memory either.
 //!
@@ -19,34 +20,26 @@
 //! writer probes the store once a second and marks it writable again when a write commits.
 
 use crate::store::{BatchWrite, RejectedRow, Store, StoreError};
-use aggregator::rollup::{LineSums, MonthlyRollup};
+use aggregator::rollup::MonthlyRollup;
 use common::catalogue::PriceBook;
-use common::metrics::{Metrics, Outcome, RecordLabels, Tally};
-use common::money::Currency;
-use common::rated::ChargeLineKey;
-use common::time::HOUR_MS;
+use common::metrics::Metrics;
 use common::usage::UsageRecord;
 use ingest::clock::Clock;
 use ingest::shed::QueueTarget;
 use ingest::sink::{InFlight, RefusedRecord, SinkError, SinkOutcome, UsageSink};
+use rater::batch::{BatchEffects, Refusal};
 use rater::decision::{Decision, Rater};
-use rust_decimal::Decimal;
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-/// Dedup state is kept this much longer than the acceptance window.
-pub const DEDUP_SLACK_MS: i64 = HOUR_MS;
 /// Most records one transaction takes (bounds a transaction's size and latency).
 const MAX_RECORDS_PER_TXN: usize = 50_000;
 
-/// Status names counted in `ingest_counts` besides the rejection codes.
-pub const STATUS_ACCEPTED: &str = "Success";
-/// An identical resend, answered `Success`.
-pub const STATUS_IDENTICAL: &str = "Success (identical resend)";
+/// Status names counted in `ingest_counts` besides the rejection codes (the batch core's).
+pub use rater::batch::{STATUS_ACCEPTED, STATUS_IDENTICAL};
 
 struct Job {
     accepted: Vec<UsageRecord>,
@@ -149,7 +142,7 @@ impl Embedded {
         store.probe_write()?;
         let mut rater = Rater::new();
         let windows = book.windows();
-        let oldest = clock.now().plus_millis(-(windows.acceptance_ms + DEDUP_SLACK_MS)).hour();
+        let oldest = common::window::eviction_horizon(clock.now(), windows.acceptance_ms);
         for (k, h, id) in store.dedup_claims_since(oldest)? {
             rater.restore_claim(k, h, id);
         }
@@ -291,108 +284,59 @@ impl Writer {
         // one-row table), so late usage follows the profile's policy from the close on.
         self.rater.set_closed_through(Store::closed_months(self.store.conn())?.last().copied());
         let book = Arc::clone(&self.book);
-        let mut decisions: Vec<Vec<Decision>> = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            decisions.push(job.accepted.iter().map(|r| self.rater.decide(r, &book)).collect());
-        }
-
-        // New sums of touched lines, computed on copies so a failed commit changes nothing.
-        let mut touched: HashMap<ChargeLineKey, LineSums> = HashMap::new();
-        let mut write = BatchWrite::default();
-        let mut counts: HashMap<&'static str, u64> = HashMap::new();
-        // Counted into the metrics only once the commit succeeded.
-        let mut tally = Tally::default();
-        let mut amounts: Vec<(Currency, Decimal)> = Vec::new();
         let (event_to_rated, received_to_rated) = (
             self.metrics.event_to_rated_seconds.with_label_values(&[STAGE]),
             self.metrics.received_to_rated_seconds.with_label_values(&[STAGE]),
         );
-        for (job, ds) in jobs.iter().zip(&decisions) {
-            for (record, d) in job.accepted.iter().zip(ds) {
-                let labels = RecordLabels::new(&book, &record.product, &record.seller);
+        // The batch core decides, counts and renders; the records refused by validation pass
+        // through it too, each call's after its decided ones (the rejected table's order).
+        let mut effects = BatchEffects::new();
+        for job in jobs {
+            for record in &job.accepted {
                 event_to_rated.observe((now.millis() - record.timestamp.millis()).max(0) as f64 / 1000.0);
                 received_to_rated.observe((now.millis() - record.received_at.millis()).max(0) as f64 / 1000.0);
-                tally.add(
-                    labels,
-                    match d {
-                        Decision::Rated(_) => Outcome::Accepted,
-                        Decision::Identical { .. } => Outcome::Duplicate,
-                        Decision::Refused { rejection, .. } => Outcome::refused(rejection.code),
-                    },
-                );
-                match d {
-                    Decision::Rated(rated) => {
-                        let key = rated.line_key();
-                        let sums = match touched.get_mut(&key) {
-                            Some(s) => s,
-                            None => {
-                                let start = self.rollup.sums(&key).cloned().unwrap_or_else(|| {
-                                    LineSums::empty(&rated.seller, &rated.offer_id, &rated.pricing_model)
-                                });
-                                touched.entry(key.clone()).or_insert(start)
-                            }
-                        };
-                        if sums.add(rated).is_none() {
-                            self.rater.rollback();
-                            return Err(StoreError::Corrupt {
-                                table: "monthly_charges",
-                                column: "amount",
-                                value: "overflow".into(),
-                            });
-                        }
-                        write.rated.push((rated, record));
-                        match amounts.iter_mut().find(|(c, _)| *c == rated.currency) {
-                            Some((_, sum)) => *sum += rated.amount,
-                            None => amounts.push((rated.currency, rated.amount)),
-                        }
-                        *counts.entry(STATUS_ACCEPTED).or_default() += 1;
-                    }
-                    Decision::Identical { .. } => *counts.entry(STATUS_IDENTICAL).or_default() += 1,
-                    Decision::Refused { record_id, rejection } => {
-                        tracing::debug!(record_id = %record_id, seller = %record.seller, product = %record.product, reason = rejection.code.as_str(), message = %rejection.message, "record refused");
-                        *counts.entry(rejection.code.as_str()).or_default() += 1;
-                        write.rejected.push(RejectedRow {
-                            received_at_ms: record.received_at.millis(),
-                            seller: record.seller.clone(),
-                            product: record.product.clone(),
-                            record_id: Some(*record_id),
-                            reason: rejection.code.as_str(),
-                            message: rejection.message.clone(),
-                            raw: serde_json::to_string(record).unwrap_or_default(),
-                        });
-                    }
+                if let Decision::Refused { record_id, rejection } = effects.decide(&mut self.rater, record, &book) {
+                    tracing::debug!(record_id = %record_id, seller = %record.seller, product = %record.product, reason = rejection.code.as_str(), message = %rejection.message, "record refused");
                 }
             }
             for r in &job.refused {
-                *counts.entry(r.rejection.code.as_str()).or_default() += 1;
-                write.rejected.push(RejectedRow {
-                    received_at_ms: r.received_at.millis(),
-                    seller: r.seller.clone(),
-                    product: r.product.clone(),
-                    record_id: r.record_id,
-                    reason: r.rejection.code.as_str(),
-                    message: r.rejection.message.clone(),
-                    raw: r.raw.clone(),
-                });
+                effects.pass_refused(refusal_of(r));
             }
         }
-        write.lines = touched.iter().map(|(k, s)| (k.clone(), s.clone())).collect();
-        write.counts = counts.into_iter().collect();
+
+        // Fold into staged lines, so a failed commit changes nothing in memory.
+        let mut write = BatchWrite::default();
+        let records = jobs.iter().flat_map(|j| &j.accepted);
+        for (decision, record) in effects.decisions.iter().zip(records) {
+            let Decision::Rated(rated) = decision else { continue };
+            if self.rollup.stage(rated).is_err() {
+                self.rater.rollback();
+                self.rollup.rollback();
+                return Err(StoreError::Corrupt {
+                    table: "monthly_charges",
+                    column: "amount",
+                    value: "overflow".into(),
+                });
+            }
+            write.rated.push((rated, record));
+        }
+        write.rejected = effects.refusals.iter().map(RejectedRow::from).collect();
+        write.lines = self.rollup.staged().map(|(k, s)| (k.clone(), s.clone())).collect();
+        write.counts = effects.counts.iter().collect();
 
         if let Err(e) = self.store.apply(&write) {
             self.rater.rollback();
+            self.rollup.rollback();
             return Err(e);
         }
         // Durable: now make claims and sums permanent in memory.
         self.rater.commit();
-        for (k, s) in touched {
-            self.rollup.restore(k, s);
-        }
-        let w = self.book.windows();
-        self.rater.evict(now, w.acceptance_ms, DEDUP_SLACK_MS);
+        self.rollup.commit();
+        self.rater.evict(now, self.book.windows().acceptance_ms);
+        let BatchEffects { decisions, tally, amounts, .. } = effects;
         let m = &self.metrics;
         tally.flush(m, STAGE);
-        for (currency, amount) in amounts {
+        for (currency, amount) in amounts.iter() {
             m.add_rated_amount(currency, amount);
         }
         m.commits.with_label_values(&[STAGE, "sqlite_group_commit"]).inc();
@@ -401,17 +345,25 @@ impl Writer {
             .observe(jobs.iter().map(|j| j.accepted.len() + j.refused.len()).sum::<usize>() as f64);
         m.set_dedup(STAGE, 0, self.rater.dedup_keys(), self.rater.dedup_keys());
 
-        Ok(decisions
-            .into_iter()
-            .map(|ds| {
-                ds.into_iter()
-                    .map(|d| match d {
-                        Decision::Rated(r) => SinkOutcome::Accepted { record_id: r.record_id },
-                        Decision::Identical { record_id } => SinkOutcome::AlreadyAccepted { record_id },
-                        Decision::Refused { record_id, rejection } => SinkOutcome::Refused { record_id, rejection },
-                    })
-                    .collect()
-            })
-            .collect())
+        // One answer per accepted record, call by call.
+        let mut answers = decisions.into_iter().map(|d| match d {
+            Decision::Rated(r) => SinkOutcome::Accepted { record_id: r.record_id },
+            Decision::Identical { record_id } => SinkOutcome::AlreadyAccepted { record_id },
+            Decision::Refused { record_id, rejection } => SinkOutcome::Refused { record_id, rejection },
+        });
+        Ok(jobs.iter().map(|j| answers.by_ref().take(j.accepted.len()).collect()).collect())
+    }
+}
+
+/// A record refused by ingest validation, for the batch core (it has no resolved customer).
+fn refusal_of(r: &RefusedRecord) -> Refusal {
+    Refusal {
+        received_at: r.received_at,
+        seller: r.seller.clone(),
+        product: r.product.clone(),
+        customer: String::new(),
+        record_id: r.record_id,
+        rejection: r.rejection.clone(),
+        raw: r.raw.clone(),
     }
 }

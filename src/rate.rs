@@ -1,8 +1,8 @@
 //! The `rate` command: a price book and a file of usage records in, the charge lines out.
 //!
-//! The same pure cores as the running pipeline (ingest validation, rater dedup + rating,
-//! aggregator fold), with no HTTP and no store, so scripted checks and golden tests exercise the
-//! path users' records take. Input: JSON lines in the API's record format, each with its
+//! The same pure cores as the running pipeline (ingest validation, the rater's batch core
+//! [`rater::batch`], aggregator fold), with no HTTP and no store, so scripted checks and golden
+//! tests exercise the path users' records take. Input: JSON lines in the API's record format, each with its
 //! `ProductCode` (the native bulk format). Output: deterministic, sorted JSON.
 
 use aggregator::close::{ami_trial_agreements, close_month, close_totals, CloseTotals, MonthClose, TrialHourUsage};
@@ -12,9 +12,11 @@ use common::catalogue::PriceBook;
 use common::rated::ChargeLine;
 use common::reject::{RejectCode, Rejection};
 use common::time::{Month, Timestamp};
+use ingest::sink::RefusedRecord;
 use ingest::validate::{validate, Caller, Context};
 use ingest::wire::WireRecord;
-use rater::decision::{Decision, Rater};
+use rater::batch::{BatchEffects, Refusal};
+use rater::decision::Rater;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -78,46 +80,59 @@ pub fn rate_lines(book: &PriceBook, usage: &str, opts: &RateOptions<'_>) -> anyh
     let cx = Context { book, caller: Caller::Trusted, now, received_at };
     let mut rater = Rater::new();
     rater.set_closed_through(closed_through);
-    let mut rollup = MonthlyRollup::new();
-    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut refused = Vec::new();
+    // The batch core decides and counts every line; lines refused by validation pass through it.
+    let mut effects = BatchEffects::new();
+    // The input line of each refusal, in the core's order.
+    let mut refused_at = Vec::new();
     for (i, line) in usage.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
-        let outcome = serde_json::from_str::<WireRecord<'_>>(line)
+        let validated = serde_json::from_str::<WireRecord<'_>>(line)
             .map_err(|e| Rejection::new(RejectCode::InvalidRecord, format!("line does not parse: {e}")))
             .and_then(|w| validate(&w, None, &cx));
-        let status = match outcome {
-            Err(rej) => Err(rej),
-            Ok(record) => match rater.decide(&record, book) {
-                Decision::Rated(r) => {
-                    if trial_agreements.contains(&r.agreement_id) {
-                        trial_hours.push(TrialHourUsage {
-                            agreement_id: r.agreement_id.clone(),
-                            hour: r.hour,
-                            dimension: r.dimension.clone(),
-                            billable_quantity: r.billable_quantity,
-                            unit_rate: r.unit_rate,
-                        });
-                    }
-                    rollup.fold(&r)?;
-                    rater.commit();
-                    Ok("Success")
-                }
-                Decision::Identical { .. } => Ok("Success (identical resend)"),
-                Decision::Refused { rejection, .. } => Err(rejection),
-            },
-        };
-        match status {
-            Ok(s) => *counts.entry(s.to_owned()).or_default() += 1,
-            Err(rej) => {
-                *counts.entry(rej.code.as_str().to_owned()).or_default() += 1;
-                refused.push(RefusedLine { line: i + 1, status: rej.code.as_str(), reason: rej.message });
+        let refusals = effects.refusals.len();
+        match validated {
+            Ok(record) => {
+                effects.decide(&mut rater, &record, book);
             }
+            Err(rejection) => effects.pass_refused(Refusal {
+                received_at,
+                seller: String::new(),
+                product: String::new(),
+                customer: String::new(),
+                record_id: None,
+                rejection,
+                raw: RefusedRecord::clip(line),
+            }),
+        }
+        if effects.refusals.len() > refusals {
+            refused_at.push(i + 1);
         }
     }
+    // No store: the whole file is one batch, kept at once.
+    rater.commit();
+    let mut rollup = MonthlyRollup::new();
+    for r in effects.rated() {
+        if trial_agreements.contains(&r.agreement_id) {
+            trial_hours.push(TrialHourUsage {
+                agreement_id: r.agreement_id.clone(),
+                hour: r.hour,
+                dimension: r.dimension.clone(),
+                billable_quantity: r.billable_quantity,
+                unit_rate: r.unit_rate,
+            });
+        }
+        rollup.stage(r)?;
+    }
+    rollup.commit();
+    let counts: BTreeMap<String, u64> = effects.counts.iter().map(|(s, n)| (s.to_owned(), n)).collect();
+    let refused: Vec<RefusedLine> = refused_at
+        .into_iter()
+        .zip(effects.refusals)
+        .map(|(line, r)| RefusedLine { line, status: r.rejection.code.as_str(), reason: r.rejection.message })
+        .collect();
     let mut lines = rollup.lines()?;
     if let Some(m) = month {
         lines.retain(|l| l.month == m);

@@ -157,6 +157,21 @@ pub struct RejectedRow {
     pub raw: String,
 }
 
+impl From<&rater::batch::Refusal> for RejectedRow {
+    /// The batch core's refusal, rendered once for both stores ([`rater::batch::render_as_sent`]).
+    fn from(r: &rater::batch::Refusal) -> Self {
+        RejectedRow {
+            received_at_ms: r.received_at.millis(),
+            seller: r.seller.clone(),
+            product: r.product.clone(),
+            record_id: r.record_id,
+            reason: r.rejection.code.as_str(),
+            message: r.rejection.message.clone(),
+            raw: r.raw.clone(),
+        }
+    }
+}
+
 /// Everything one batch writes.
 #[derive(Debug, Default)]
 pub struct BatchWrite<'a> {
@@ -528,5 +543,38 @@ impl Store {
             .query_row("SELECT 1 FROM rated_usage WHERE record_id = ?1 LIMIT 1", [id.to_string()], |_| Ok(()))
             .optional()?
             .is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::reject::{RejectCode, Rejection};
+    use common::usage::{CustomerRef, UsageRecord};
+    use rater::batch::Refusal;
+
+    #[test]
+    fn the_refused_rendering_is_the_same_in_both_stores() {
+        let t = Timestamp::parse_rfc3339("2026-11-02T10:00:00Z").unwrap();
+        let record = UsageRecord {
+            seller: "acme".into(),
+            product: "acme-analytics".into(),
+            customer: "cust-b".into(),
+            customer_ref: CustomerRef::CustomerId,
+            dimension: "users".into(),
+            timestamp: t,
+            quantity: 4.into(),
+            allocations: vec![],
+            received_at: t,
+        };
+        let why = Rejection::new(RejectCode::NotPriced, "cust-b has no agreement for acme-analytics");
+        let refusal = Refusal::of_record(&record, record.record_id(), why);
+        let (row, event) = (RejectedRow::from(&refusal), refusal.to_event());
+        assert_eq!(row.raw, event.raw, "SQLite's rejected_records and the Kafka rejected topic keep one rendering");
+        assert_eq!(row.raw, rater::batch::render_as_sent(&record));
+        assert_eq!(
+            (row.reason, row.record_id, row.received_at_ms, row.message.as_str()),
+            (event.code.as_str(), event.record_id, event.received_at.millis(), event.message.as_str())
+        );
     }
 }

@@ -3,10 +3,12 @@
 //!
 //! How a replay after a crash changes nothing:
 //! - Each invoice line is owned by one rated partition (lines are per customer and product, and
-//!   the topics are keyed by product + customer). A flush writes, for every line it touched, the
+//!   the topics are keyed by product + customer). Folds are staged in the partition's
+//!   `MonthlyRollup`; a flush writes, for every staged line, the
 //!   line's full exact sums as a new row of `monthly_charges` (a `ReplacingMergeTree(version)`)
 //!   with `version` = the last rated offset folded in. Replaying the same offsets rebuilds the
-//!   same sums for the same versions: identical rows, collapsed.
+//!   same sums for the same versions: identical rows, collapsed. The staged lines are kept
+//!   (`commit`) only once ClickHouse confirmed the flush.
 //! - ClickHouse, not Kafka, is the source of truth for progress. At start each owned partition's
 //!   state is loaded from ClickHouse (`load_partition`): its lines (FINAL), the last offset they
 //!   include, and the dedup keys of line items up to that offset; the partition is then assigned
@@ -29,8 +31,8 @@ use common::codec;
 use common::config::PipelineConfig;
 use common::id::DedupKey;
 use common::metrics::{Metrics, Outcome, RecordLabels};
-use common::rated::{ChargeLineKey, RatedRecord};
-use common::time::{Timestamp, HOUR_MS};
+use common::rated::RatedRecord;
+use common::time::{Hour, Timestamp};
 use common::topic::{DeadLetter, RejectedEvent};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -41,9 +43,6 @@ use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Dedup keys are kept this long beyond the acceptance window (in stream time).
-pub const DEDUP_SLACK_MS: i64 = HOUR_MS;
 
 /// What stopped the aggregator.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +88,6 @@ struct PartState {
     /// Folded dedup keys per hour (stream-time window).
     seen: BTreeMap<i64, HashSet<u128>>,
     max_hour: i64,
-    touched: HashSet<ChargeLineKey>,
     rows: Vec<RatedRow>,
     /// When each pending row's rated record was produced (ms), for the rated → ClickHouse latency.
     produced_ms: Vec<i64>,
@@ -103,9 +101,11 @@ impl PartState {
     fn seen_keys(&self) -> usize {
         self.seen.values().map(HashSet::len).sum()
     }
+    /// Drops folded keys of hours the window no longer admits, in stream time (the newest hour
+    /// folded stands for `now`).
     fn evict(&mut self, window_ms: i64) {
-        let oldest = self.max_hour - (window_ms + DEDUP_SLACK_MS) / HOUR_MS;
-        self.seen = self.seen.split_off(&oldest);
+        let oldest = common::window::eviction_horizon(Hour(self.max_hour).start(), window_ms);
+        self.seen = self.seen.split_off(&oldest.0);
     }
 }
 
@@ -303,7 +303,7 @@ impl Aggregator<'_> {
     }
 
     async fn load(&mut self, p: i32) -> Result<(), AggregatorError> {
-        let since = now().plus_millis(-(self.window_ms + DEDUP_SLACK_MS)).hour();
+        let since = common::window::eviction_horizon(now(), self.window_ms);
         let mut backoff = Duration::from_millis(200);
         let snap = loop {
             match sink::load_partition(&self.client, p, since).await {
@@ -371,9 +371,8 @@ impl Aggregator<'_> {
             return Ok(());
         }
         let row = RatedRow::new(&r, p, o, now())?;
-        let key =
-            st.rollup.fold(&r).map_err(|e| SinkError::Corrupt { table: "monthly_charges", what: e.to_string() })?;
-        st.touched.insert(key);
+        // Staged until the flush that writes the line is confirmed.
+        st.rollup.stage(&r).map_err(|e| SinkError::Corrupt { table: "monthly_charges", what: e.to_string() })?;
         st.seen.entry(hour).or_default().insert(r.dedup_key.0);
         if hour > st.max_hour {
             st.max_hour = hour;
@@ -485,10 +484,8 @@ impl Aggregator<'_> {
             rows.append(&mut st.rows);
             produced_ms.append(&mut st.produced_ms);
             dead.append(&mut st.dead);
-            for key in st.touched.drain() {
-                if let Some(sums) = st.rollup.sums(&key) {
-                    lines.push(ChargeRow::new(&key, sums, &self.marketplace, *p, last, t)?);
-                }
+            for (key, sums) in st.rollup.staged() {
+                lines.push(ChargeRow::new(key, sums, &self.marketplace, *p, last, t)?);
             }
             advanced.push((*p, last));
         }
@@ -548,6 +545,8 @@ impl Aggregator<'_> {
         for (p, last) in &advanced {
             if let Some(st) = self.parts.get_mut(p) {
                 st.committed = Some(*last);
+                // ClickHouse holds the staged lines now.
+                st.rollup.commit();
             }
         }
         self.commit_positions(rated, &advanced);

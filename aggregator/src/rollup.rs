@@ -2,9 +2,15 @@
 //!
 //! Each line keeps exact sums (quantity, covered and billable quantity, amount) and is rounded
 //! only when read ([`MonthlyRollup::line`]): half-up to the currency's minor unit, with the
-//! unrounded amount beside it (design guarantee 4). Folding is order-independent, so replaying
-//! records in another order gives the same lines; idempotency (never folding a record twice) is
-//! the caller's, by record id.
+//! unrounded amount beside it (design guarantee 4). [`LineSums::amounts`] is the one rounding of a
+//! line, used by the line read here and by ClickHouse's `monthly_charges` row. Folding is
+//! order-independent, so replaying records in another order gives the same lines; idempotency
+//! (never folding a record twice) is the caller's, by record id.
+//!
+//! Folds are staged like the rater's dedup claims: [`MonthlyRollup::stage`] folds a record into
+//! a copy of its line (visible to later records of the batch and in [`MonthlyRollup::staged`],
+//! what the shell writes), [`MonthlyRollup::commit`] keeps the copies once the write is durable,
+//! and [`MonthlyRollup::rollback`] forgets them, so a failed write leaves no line changed.
 
 use common::money::round_to_minor;
 use common::pricing::UsagePrice;
@@ -74,14 +80,21 @@ impl LineSums {
         }
     }
 
-    /// Adds one rated record.
+    /// Adds one rated record; on overflow (`None`) the sums are left as they were.
     pub fn add(&mut self, r: &RatedRecord) -> Option<()> {
-        self.quantity = self.quantity.checked_add(r.quantity)?;
-        self.covered_quantity = self.covered_quantity.checked_add(r.covered_quantity)?;
-        self.billable_quantity = self.billable_quantity.checked_add(r.billable_quantity)?;
-        self.amount = self.amount.checked_add(r.amount)?;
+        // Every sum that can overflow first, so a refused record changes nothing.
+        let quantity = self.quantity.checked_add(r.quantity)?;
+        let covered_quantity = self.covered_quantity.checked_add(r.covered_quantity)?;
+        let billable_quantity = self.billable_quantity.checked_add(r.billable_quantity)?;
+        let amount = self.amount.checked_add(r.amount)?;
+        let month_priced_quantity = match r.month_price {
+            Some(_) => self.month_priced_quantity.checked_add(r.billable_quantity)?,
+            None => self.month_priced_quantity,
+        };
+        (self.quantity, self.covered_quantity, self.billable_quantity, self.amount) =
+            (quantity, covered_quantity, billable_quantity, amount);
+        self.month_priced_quantity = month_priced_quantity;
         if let Some(price) = &r.month_price {
-            self.month_priced_quantity = self.month_priced_quantity.checked_add(r.billable_quantity)?;
             if self.month_price.as_ref().is_none_or(|(h, _)| r.hour > *h) {
                 self.month_price = Some((r.hour, price.clone()));
                 self.pricing_model = r.pricing_model.clone();
@@ -109,10 +122,17 @@ impl LineSums {
         }
     }
 
+    /// The line's amount, exact and rounded half-up once to `key`'s currency's minor unit: the
+    /// one rounding of a line (the invoice line and the ClickHouse row both take it from here).
+    pub fn amounts(&self, key: &ChargeLineKey) -> Result<LineAmount, FoldError> {
+        let minor = key.currency.minor_units().ok_or_else(|| FoldError::UnknownCurrency(key.currency.to_string()))?;
+        let exact = self.exact_amount().ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
+        Ok(LineAmount { exact, rounded: round_to_minor(exact, minor) })
+    }
+
     /// The invoice line: sums plus the amount rounded half-up once.
     pub fn to_line(&self, key: &ChargeLineKey) -> Result<ChargeLine, FoldError> {
-        let minor = key.currency.minor_units().ok_or_else(|| FoldError::UnknownCurrency(key.currency.to_string()))?;
-        let amount = self.exact_amount().ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
+        let LineAmount { exact, rounded } = self.amounts(key)?;
         Ok(ChargeLine {
             month: key.month.to_string(),
             customer: key.customer.clone(),
@@ -128,17 +148,29 @@ impl LineSums {
             covered_quantity: self.covered_quantity.normalize(),
             billable_quantity: self.billable_quantity.normalize(),
             unit_rate: self.unit_rate,
-            amount_unrounded: amount,
-            amount: round_to_minor(amount, minor),
+            amount_unrounded: exact,
+            amount: rounded,
             records: self.records,
         })
     }
 }
 
+/// A line's amount: exact, and rounded once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineAmount {
+    /// Σ of the exact amounts (the month-priced part at the month's price).
+    pub exact: Decimal,
+    /// `exact` rounded half-up to the currency's minor unit.
+    pub rounded: Decimal,
+}
+
 /// Exact monthly sums for any number of months and customers.
 #[derive(Debug, Default)]
 pub struct MonthlyRollup {
+    /// Durable lines.
     lines: HashMap<ChargeLineKey, LineSums>,
+    /// New sums of the lines the open batch touched, not yet durable.
+    staged: HashMap<ChargeLineKey, LineSums>,
 }
 
 impl MonthlyRollup {
@@ -147,15 +179,55 @@ impl MonthlyRollup {
         Self::default()
     }
 
-    /// Folds one record; returns the key of the line it changed.
+    /// Folds one record and keeps it at once (callers without a durable write: the `rate`
+    /// command, the demo, tests); returns the key of the line it changed. Keeps any staged
+    /// folds with it.
     pub fn fold(&mut self, r: &RatedRecord) -> Result<ChargeLineKey, FoldError> {
+        if !self.staged.is_empty() {
+            let key = self.stage(r)?;
+            self.commit();
+            return Ok(key);
+        }
         let key = r.line_key();
+        // A new line takes its first record without overflow; `add` leaves a line it refuses as it was.
         let sums =
             self.lines.entry(key.clone()).or_insert_with(|| LineSums::empty(&r.seller, &r.offer_id, &r.pricing_model));
-        let mut next = sums.clone();
-        next.add(r).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
-        *sums = next;
+        sums.add(r).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
         Ok(key)
+    }
+
+    /// Folds one record into a staged copy of its line; returns the line's key. On overflow the
+    /// line is left as it was.
+    pub fn stage(&mut self, r: &RatedRecord) -> Result<ChargeLineKey, FoldError> {
+        let key = r.line_key();
+        let overflow = || FoldError::Overflow(Box::new(r.line_key()));
+        if let Some(staged) = self.staged.get_mut(&key) {
+            staged.add(r).ok_or_else(overflow)?;
+            return Ok(key);
+        }
+        // First touch in this batch: a copy of the durable line (or a new one).
+        let mut next = match self.lines.get(&key) {
+            Some(sums) => sums.clone(),
+            None => LineSums::empty(&r.seller, &r.offer_id, &r.pricing_model),
+        };
+        next.add(r).ok_or_else(overflow)?;
+        self.staged.insert(key.clone(), next);
+        Ok(key)
+    }
+
+    /// The lines the open batch changed, with their new sums (what the shell writes).
+    pub fn staged(&self) -> impl Iterator<Item = (&ChargeLineKey, &LineSums)> + '_ {
+        self.staged.iter()
+    }
+
+    /// The staged lines are durable: keep them.
+    pub fn commit(&mut self) {
+        self.lines.extend(self.staged.drain());
+    }
+
+    /// The staged lines were not written: forget them.
+    pub fn rollback(&mut self) {
+        self.staged.clear();
     }
 
     /// Restores a line's sums (the embedded store reloads them on start).
@@ -288,6 +360,57 @@ mod tests {
         recs.iter().for_each(|r| drop(a.fold(r)));
         recs.iter().rev().for_each(|r| drop(b.fold(r)));
         assert_eq!(a.lines().unwrap(), b.lines().unwrap());
+    }
+
+    #[test]
+    fn a_rolled_back_batch_changes_no_line_and_a_committed_one_keeps_its_sums() {
+        let mut r = MonthlyRollup::new();
+        r.fold(&rated(NOV_2026, "users", "100", "0.014", "USD")).unwrap(); // 1.400
+        let before = r.lines().unwrap();
+        // A batch of two records on the same line and one on a new line, then a failed write.
+        r.stage(&rated(NOV_2026 + 1, "users", "50", "0.014", "USD")).unwrap();
+        r.stage(&rated(NOV_2026 + 2, "users", "50", "0.014", "USD")).unwrap();
+        r.stage(&rated(NOV_2026, "gb_ingest", "3", "0.10", "USD")).unwrap();
+        let staged: Decimal = r.staged().filter(|(k, _)| k.dimension == "users").map(|(_, s)| s.amount).sum();
+        assert_eq!(staged.to_string(), "2.800", "later records of the batch see the staged line");
+        assert_eq!(r.lines().unwrap(), before, "staged folds are not read as lines");
+        r.rollback();
+        assert_eq!((r.lines().unwrap(), r.staged().count()), (before, 0));
+        // The same batch, written: 1.400 + 0.700 + 0.700 = 2.80 and a new 0.30 line.
+        r.stage(&rated(NOV_2026 + 1, "users", "50", "0.014", "USD")).unwrap();
+        r.stage(&rated(NOV_2026 + 2, "users", "50", "0.014", "USD")).unwrap();
+        r.stage(&rated(NOV_2026, "gb_ingest", "3", "0.10", "USD")).unwrap();
+        r.commit();
+        let amounts: Vec<String> = r.lines().unwrap().iter().map(|l| l.amount.to_string()).collect();
+        assert_eq!(amounts, ["0.30", "2.80"]);
+        assert_eq!(r.staged().count(), 0);
+    }
+
+    #[test]
+    fn an_overflowing_stage_leaves_the_line_as_it_was() {
+        let mut r = MonthlyRollup::new();
+        r.fold(&rated(NOV_2026, "users", "1", "1", "USD")).unwrap();
+        let huge = RatedRecord { amount: Decimal::MAX, ..rated(NOV_2026 + 1, "users", "1", "1", "USD") };
+        assert!(matches!(r.stage(&huge), Err(FoldError::Overflow(_))));
+        // Also once the line is staged: 1 + 1, then the refused record changes no sum.
+        r.stage(&rated(NOV_2026 + 2, "users", "1", "1", "USD")).unwrap();
+        assert!(matches!(r.stage(&huge), Err(FoldError::Overflow(_))));
+        assert!(matches!(r.fold(&huge), Err(FoldError::Overflow(_))));
+        r.commit();
+        let line = &r.lines().unwrap()[0];
+        assert_eq!((line.amount.to_string(), line.quantity.to_string(), line.records), ("2.00".into(), "2".into(), 2));
+    }
+
+    #[test]
+    fn a_line_is_rounded_once_half_up_and_keeps_its_exact_amount() {
+        let mut r = MonthlyRollup::new();
+        // 1011.695 USD exact → 1011.70 billed, the exact amount beside it.
+        r.fold(&rated(NOV_2026, "users", "1", "1011.695", "USD")).unwrap();
+        let key = r.lines.keys().next().unwrap().clone();
+        let amount = r.sums(&key).unwrap().amounts(&key).unwrap();
+        assert_eq!((amount.exact.to_string(), amount.rounded.to_string()), ("1011.695".into(), "1011.70".into()));
+        let line = r.line(&key).unwrap().unwrap();
+        assert_eq!((line.amount_unrounded, line.amount), (amount.exact, amount.rounded));
     }
 
     #[test]

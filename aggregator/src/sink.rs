@@ -7,9 +7,9 @@
 //! 18.16 lacks `RowBinaryWithNamesAndTypes`).
 
 use crate::close::{InvoiceLine, TrialHourUsage};
-use crate::rollup::LineSums;
+use crate::rollup::{FoldError, LineAmount, LineSums};
 use clickhouse::{Client, Row};
-use common::money::{round_to_minor, Currency};
+use common::money::Currency;
 use common::pricing::UsagePrice;
 use common::rated::{ChargeLine, ChargeLineKey, ChargeType, RatedRecord};
 use common::time::{Hour, Month, Timestamp};
@@ -191,14 +191,12 @@ impl ChargeRow {
         version: i64,
         now: Timestamp,
     ) -> Result<Self, SinkError> {
-        let minor = key.currency.minor_units().ok_or_else(|| SinkError::Corrupt {
-            table: "monthly_charges",
-            what: format!("currency {}", key.currency),
-        })?;
-        let exact = sums.exact_amount().ok_or_else(|| SinkError::Precision {
-            what: "amount_unrounded",
-            value: format!("{key:?}"),
-            scale: AMOUNT_SCALE,
+        // The line's one rounding (the invoice line reads the same).
+        let LineAmount { exact, rounded } = sums.amounts(key).map_err(|e| match e {
+            FoldError::Overflow(_) => {
+                SinkError::Precision { what: "amount_unrounded", value: format!("{key:?}"), scale: AMOUNT_SCALE }
+            }
+            other => SinkError::Corrupt { table: "monthly_charges", what: other.to_string() },
         })?;
         Ok(ChargeRow {
             month: days(key.month.start()),
@@ -226,7 +224,7 @@ impl ChargeRow {
             month_priced_quantity: mantissa("month_priced_quantity", sums.month_priced_quantity, QTY_SCALE)?,
             record_amounts: mantissa("record_amounts", sums.amount, AMOUNT_SCALE)?,
             amount_unrounded: mantissa("amount_unrounded", exact, AMOUNT_SCALE)?,
-            customer_billed_amount: mantissa("customer_billed_amount", round_to_minor(exact, minor), BILLED_SCALE)?,
+            customer_billed_amount: mantissa("customer_billed_amount", rounded, BILLED_SCALE)?,
             records: sums.records,
             source_partition: partition,
             version,

@@ -1,7 +1,9 @@
 //! Meterline's shared vocabulary: what every stage agrees on.
 //!
 //! # Layout
-//! - [`time`]: UTC instants, hours and billing months (time is always an argument, never read here).
+//! - [`time`]: UTC instants, hours and billing months, and the [`time::Clock`] shells read `now` from
+//!   (cores take time as an argument; only [`time::SystemClock`] reads the system's).
+//! - [`window`]: PURE. Window arithmetic: the dedup slack, the replay start, the eviction horizon.
 //! - [`money`]: ISO-4217 currencies and exact decimal amounts, rounding half-up once per invoice line.
 //! - [`id`]: deterministic 128-bit dedup keys and record ids (the exactly-once backbone).
 //! - [`usage`]: a validated usage record, as accepted by ingest.
@@ -16,7 +18,8 @@
 //! - [`metrics`]: every Prometheus metric, one registry per process; `ops` (feature `ops`)
 //!   serves it with `/health` and `/ready`.
 //!
-//! Nothing here performs I/O except [`catalogue::PriceBook::load`], which reads one file.
+//! Nothing here performs I/O except [`catalogue::PriceBook::load`], which reads one file, and
+//! [`time::SystemClock`], which reads the system clock.
 
 pub mod catalogue;
 pub mod codec;
@@ -36,3 +39,4 @@ pub mod shell;
 pub mod time;
 pub mod topic;
 pub mod usage;
+pub mod window;

@@ -2,14 +2,63 @@
 //!
 //! Metering is hourly (domain-rules HR-1) and billing monthly; both are derived from the record's
 //! own timestamp, never from the time it was received (HR-8). Stage cores take `now` as an
-//! argument so that tests, replays and the demo's simulated month behave exactly like production.
+//! argument so that tests, replays and the demo's simulated month behave exactly like production;
+//! shells read it from a [`Clock`].
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 /// Milliseconds per hour.
 pub const HOUR_MS: i64 = 3_600_000;
+
+/// A source of "now": the one way a shell reads time. Cores take `now` as an argument; the
+/// embedded demo replays a month, and tests pin an instant, by handing a shell a [`ManualClock`].
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// The current instant.
+    fn now(&self) -> Timestamp;
+
+    /// The start of the current hour.
+    fn now_hour_start(&self) -> Timestamp {
+        self.now().hour().start()
+    }
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        Timestamp(ms)
+    }
+}
+
+/// A clock set by its owner (demo replays and tests).
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    /// A clock showing `t`.
+    pub fn new(t: Timestamp) -> Self {
+        ManualClock(AtomicI64::new(t.millis()))
+    }
+    /// Moves the clock to `t`.
+    pub fn set(&self, t: Timestamp) {
+        self.0.store(t.millis(), Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.0.load(Ordering::SeqCst))
+    }
+}
 
 /// A UTC instant with millisecond precision (what the metering API carries).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

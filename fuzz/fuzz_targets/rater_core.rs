@@ -125,7 +125,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 rated.iter_mut().filter(|(_, f)| *f == Fate::Staged).for_each(|(_, f)| *f = Fate::Gone);
             }
             Op::Evict(h) => {
-                rater.evict(now(), i64::from(*h) * 3_600_000, 0);
+                rater.evict(now(), i64::from(*h) * 3_600_000);
                 // Which slots survive depends on their hour; treat all as unknown from here on.
                 rated.iter_mut().for_each(|(_, f)| *f = Fate::Gone);
             }

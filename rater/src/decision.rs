@@ -105,9 +105,10 @@ impl Rater {
         self.dedup.restore(key, hour, record_id);
     }
 
-    /// Drops dedup state for hours that the acceptance window (plus slack) no longer admits.
-    pub fn evict(&mut self, now: Timestamp, window_ms: i64, slack_ms: i64) {
-        self.dedup.evict_before(Hour(now.plus_millis(-(window_ms + slack_ms)).hour().0));
+    /// Drops dedup state for hours that the acceptance window (plus slack) no longer admits at
+    /// `now` ([`common::window::eviction_horizon`], the same span a rebuild replays).
+    pub fn evict(&mut self, now: Timestamp, acceptance_ms: i64) {
+        self.dedup.evict_before(common::window::eviction_horizon(now, acceptance_ms));
     }
 
     /// Dedup keys held (bounded by the window).

@@ -6,6 +6,9 @@
 //!   claims that only become permanent once the caller has made the record durable.
 //! - [`rating`]: PURE. Price lookup and the per-unit and annual-coverage (Y−X) math.
 //! - [`decision`]: PURE. [`decision::Rater::decide`] = dedup, then rating, as one [`decision::Decision`].
+//! - [`batch`]: PURE. A batch of records through the rater: decisions in order, refusals with one
+//!   rendering, counts per status, amounts per currency. Every shell (the embedded writer, the
+//!   distributed rater, `meterline rate`) decides through it.
 //!
 //! - `pipeline` (feature `distributed`): SHELL. Consume raw → decide → produce rated/rejected →
 //!   commit, with the partition's dedup state rebuilt from the rated topic on assignment.
@@ -16,6 +19,7 @@
 //! refusals; the shells (embedded store, Kafka) persist them and only then call
 //! [`decision::Rater::commit`].
 
+pub mod batch;
 pub mod decision;
 pub mod dedup;
 #[cfg(feature = "distributed")]

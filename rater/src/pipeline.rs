@@ -23,15 +23,15 @@
 //! reason; the partition flows on. A fatal producer error (fenced by a newer instance of the same
 //! id) ends the process with an error; the supervisor restarts it and the rebuild takes over.
 
+use crate::batch::BatchEffects;
 use crate::decision::{Decision, Rater};
 use crate::reply::{self, Replies};
 use common::catalogue::PriceBook;
 use common::codec;
 use common::config::PipelineConfig;
-use common::metrics::{Histogram, Metrics, Outcome, RecordLabels, Tally};
-use common::money::Currency;
-use common::time::{Timestamp, HOUR_MS};
-use common::topic::{partition_key, DeadLetter, Decided, RejectedEvent};
+use common::metrics::{Histogram, Metrics};
+use common::time::{Clock, SystemClock, Timestamp};
+use common::topic::{partition_key, DeadLetter, Decided};
 use common::usage::UsageRecord;
 use futures::future::join_all;
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -39,14 +39,10 @@ use rdkafka::error::{KafkaError, RDKafkaError};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Dedup state is kept this much beyond the acceptance window.
-pub const DEDUP_SLACK_MS: i64 = HOUR_MS;
 
 /// Bound on each blocking transactional call (init, send offsets, commit, abort).
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -135,6 +131,17 @@ pub async fn run_with_metrics(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RaterStats, RaterError> {
+    run_with_clock(cfg, book, metrics, Arc::new(SystemClock), shutdown).await
+}
+
+/// [`run_with_metrics`], reading `now` (rebuild start, eviction, latencies) from `clock`.
+pub async fn run_with_clock(
+    cfg: &PipelineConfig,
+    book: Arc<PriceBook>,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RaterStats, RaterError> {
     let k = &cfg.kafka;
     let revoked = RebalanceLog(Arc::default(), Arc::clone(&metrics));
     let consumer: StreamConsumer<RebalanceLog> =
@@ -190,11 +197,11 @@ pub async fn run_with_metrics(
                         }
                         let p = msg.partition();
                         if !states.contains_key(&p) {
-                            states.insert(p, rebuild(cfg, p, window_ms).await?);
+                            states.insert(p, rebuild(cfg, p, window_ms, clock.now()).await?);
                             stats.rebuilds += 1;
                         }
                         let rater = states.get_mut(&p).expect("state present after rebuild");
-                        decide_one(&msg, rater, &book, cfg, &producer, &mut batch, &mut stats, &obs)?;
+                        decide_one(&msg, rater, &book, cfg, &producer, &mut batch, &mut stats, &obs, clock.now())?;
                     }
                 }
             }
@@ -206,9 +213,9 @@ pub async fn run_with_metrics(
                 send(&producer, &cfg.kafka.topics.decisions, Some(partition), &[], &payload, &mut batch)?;
             }
             commit_batch(&consumer, &producer, batch, &mut states, &mut stats, &obs).await?;
-            let now = now();
+            let now = clock.now();
             for r in states.values_mut() {
-                r.evict(now, window_ms, DEDUP_SLACK_MS);
+                r.evict(now, window_ms);
             }
             obs.dedup(&states);
         }
@@ -260,10 +267,9 @@ struct Batch<'o> {
     /// Next offset to commit per partition.
     next_offsets: BTreeMap<i32, i64>,
     topic: String,
-    /// Outcomes, added to the registry once the batch is committed.
-    tally: Tally<'o>,
-    /// Rated amounts per currency (exact), added to the revenue counter at commit.
-    amounts: Vec<(Currency, Decimal)>,
+    /// What the decided records produced (outcomes, amounts per currency), counted into the
+    /// registry once the batch is committed.
+    effects: BatchEffects<'o>,
     dead_lettered: u64,
     started: Instant,
     /// The consumer's group metadata when the batch's transaction began.
@@ -279,20 +285,13 @@ impl Batch<'_> {
             deliveries: Vec::new(),
             next_offsets: BTreeMap::new(),
             topic: String::new(),
-            tally: Tally::default(),
-            amounts: Vec::new(),
+            effects: BatchEffects::new(),
             dead_lettered: 0,
             started: Instant::now(),
             group: None,
             replies: Replies::default(),
         }
     }
-}
-
-fn now() -> Timestamp {
-    let ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    Timestamp(ms)
 }
 
 fn drop_revoked(log: &RebalanceLog, states: &mut HashMap<i32, Rater>) {
@@ -303,10 +302,11 @@ fn drop_revoked(log: &RebalanceLog, states: &mut HashMap<i32, Rater>) {
     }
 }
 
-/// Rebuilds partition `p`'s dedup state from the rated partition `p`.
-async fn rebuild(cfg: &PipelineConfig, p: i32, window_ms: i64) -> Result<Rater, RaterError> {
+/// Rebuilds partition `p`'s dedup state from the rated partition `p`, over the span eviction keeps
+/// at `now`.
+async fn rebuild(cfg: &PipelineConfig, p: i32, window_ms: i64, now: Timestamp) -> Result<Rater, RaterError> {
     let k = cfg.kafka.clone();
-    let since = now().plus_millis(-(window_ms + DEDUP_SLACK_MS));
+    let since = common::window::replay_start(now, window_ms);
     let started = Instant::now();
     let topic = k.topics.rated.clone();
     let (rater, n) = tokio::task::spawn_blocking(move || {
@@ -344,6 +344,7 @@ fn decide_one<'b>(
     batch: &mut Batch<'b>,
     stats: &mut RaterStats,
     obs: &Observer,
+    now: Timestamp,
 ) -> Result<(), RaterError> {
     let t = &cfg.kafka.topics;
     let p = msg.partition();
@@ -365,7 +366,7 @@ fn decide_one<'b>(
                 stage: "rater".into(),
                 reason: e.to_string(),
                 payload: payload.to_vec(),
-                at: now(),
+                at: now,
             };
             tracing::warn!(partition = p, offset = msg.offset(), reason = %e, "undecodable raw message dead-lettered");
             stats.dead_lettered += 1;
@@ -376,68 +377,38 @@ fn decide_one<'b>(
     };
     stats.decided += 1;
     let key = partition_key(&record.product, &record.customer);
-    let labels = RecordLabels::new(book, &record.product, &record.seller);
-    let decided_at = now();
-    obs.event_to_rated.observe(secs_between(record.timestamp, decided_at));
-    obs.received_to_rated.observe(secs_between(record.received_at, decided_at));
-    let decision = rater.decide(&record, book);
+    obs.event_to_rated.observe(secs_between(record.timestamp, now));
+    obs.received_to_rated.observe(secs_between(record.received_at, now));
+    // The core decides and counts; this is the one place each message's outcome is known.
+    let decision = batch.effects.decide(rater, &record, book);
     if let Some(to) = reply_to {
-        batch.replies.add(to, reply::decided(&decision));
+        batch.replies.add(to, reply::decided(decision));
     }
-    match decision {
+    let bytes = match decision {
         Decision::Rated(r) => {
             stats.rated += 1;
-            batch.tally.add(labels, Outcome::Accepted);
-            add_amount(&mut batch.amounts, r.currency, r.amount);
-            send(producer, &t.rated, Some(p), &key, &codec::encode(&r), batch)
+            Some((&t.rated, Some(p), codec::encode(r)))
         }
         Decision::Identical { .. } => {
             stats.identical += 1;
-            batch.tally.add(labels, Outcome::Duplicate);
-            Ok(())
+            None
         }
         Decision::Refused { record_id, rejection } => {
             stats.refused += 1;
-            batch.tally.add(labels, Outcome::refused(rejection.code));
             tracing::debug!(record_id = %record_id, seller = %record.seller, product = %record.product, reason = rejection.code.as_str(), message = %rejection.message, "record refused");
-            let ev = RejectedEvent::new(
-                record.received_at,
-                &record.seller,
-                &record.product,
-                &record.customer,
-                Some(record_id),
-                rejection.code,
-                rejection.message,
-                raw_summary(&record),
-            );
-            send(producer, &t.rejected, None, &key, &codec::encode(&ev), batch)
+            let refusal = batch.effects.refusals.last().expect("a refused decision adds its refusal");
+            Some((&t.rejected, None, codec::encode(&refusal.to_event())))
         }
+    };
+    match bytes {
+        Some((topic, partition, payload)) => send(producer, topic, partition, &key, &payload, batch),
+        None => Ok(()),
     }
-}
-
-/// A compact, readable rendering of a refused record for the rejected table.
-fn raw_summary(r: &UsageRecord) -> String {
-    format!(
-        "{{\"ProductCode\":\"{}\",\"CustomerId\":\"{}\",\"Dimension\":\"{}\",\"Timestamp\":\"{}\",\"Quantity\":{},\"Allocations\":{}}}",
-        r.product,
-        r.customer,
-        r.dimension,
-        r.timestamp,
-        r.quantity,
-        r.allocations.len()
-    )
 }
 
 /// Seconds from `from` to `to` (0 when `from` is later: clocks of two machines).
 fn secs_between(from: Timestamp, to: Timestamp) -> f64 {
     (to.millis() - from.millis()).max(0) as f64 / 1000.0
-}
-
-fn add_amount(amounts: &mut Vec<(Currency, Decimal)>, currency: Currency, amount: Decimal) {
-    match amounts.iter_mut().find(|(c, _)| *c == currency) {
-        Some((_, sum)) => *sum += amount,
-        None => amounts.push((currency, amount)),
-    }
 }
 
 fn send(
@@ -526,12 +497,12 @@ async fn commit_batch(
     // The outputs are committed: count the batch, and log it in one line.
     m.batch_records.with_label_values(&[STAGE]).observe(batch.len as f64);
     m.dead_letters.with_label_values(&[STAGE]).inc_by(batch.dead_lettered);
-    let mut per_currency = Vec::with_capacity(batch.amounts.len());
-    for (currency, amount) in &batch.amounts {
-        m.add_rated_amount(*currency, *amount);
+    let mut per_currency = Vec::new();
+    for (currency, amount) in batch.effects.amounts.iter() {
+        m.add_rated_amount(currency, amount);
         per_currency.push(format!("{amount} {currency}"));
     }
-    batch.tally.flush(m, STAGE);
+    batch.effects.tally.flush(m, STAGE);
     tracing::info!(
         records = batch.len,
         dead_lettered = batch.dead_lettered,
