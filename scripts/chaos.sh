@@ -16,4 +16,4 @@ export METERLINE_CHAOS_KILLS="${METERLINE_CHAOS_KILLS:-25}"
 export METERLINE_CHAOS_PACE_MS="${METERLINE_CHAOS_PACE_MS:-0}"
 export METERLINE_CHAOS_DRAIN_SECS="${METERLINE_CHAOS_DRAIN_SECS:-1200}"
 cargo build --release --workspace --all-features --bins
-exec cargo test --release --all-features --test distributed chaos_kills -- --nocapture --test-threads=1
+exec cargo test --release --all-features --test it distributed::chaos_kills -- --nocapture --test-threads=1

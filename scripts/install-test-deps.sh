@@ -5,7 +5,7 @@
 #     ${METERLINE_CACHE:-$HOME/.cache/meterline}/kafka-4.1.1/libs (testkit runs them with java);
 #   * Prometheus and promtool from Debian's package (2.42 on bookworm);
 #   * boto3 1.44.x (the AWS SDK for Python) in a virtualenv cached under
-#     ${METERLINE_CACHE:-$HOME/.cache/meterline}/boto3-venv, for tests/boto3.rs.
+#     ${METERLINE_CACHE:-$HOME/.cache/meterline}/boto3-venv, for tests/it/boto3.rs.
 # Idempotent: anything already present and working is reused, so running it again is cheap.
 # Tests never use the ClickHouse system service; testkit starts its own server processes on
 # free loopback ports, so the service is kept from starting during the package install.
@@ -140,7 +140,7 @@ fi
 step "kafka: $(java -version 2>&1 | head -n1), Apache Kafka $KAFKA_VERSION"
 
 # ---------------------------------------------------------------------------------------------
-# 3. Prometheus (server + promtool) from Debian's package: tests/observability.rs scrapes the
+# 3. Prometheus (server + promtool) from Debian's package: tests/it/observability.rs scrapes the
 #    pipeline with a real server; scripts/test.sh runs `promtool check/test rules`. The package's
 #    service is kept from starting, as for ClickHouse (testkit starts its own on loopback).
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ fi
 step "prometheus: $(/usr/bin/prometheus --version 2>&1 | head -n1)"
 
 # ---------------------------------------------------------------------------------------------
-# 4. boto3 in a virtualenv: tests/boto3.rs runs tests/boto3/metering_calls.py with it against
+# 4. boto3 in a virtualenv: tests/it/boto3.rs runs tests/boto3/metering_calls.py with it against
 #    `meterline serve` (a second, independent AWS client beside the Rust SDK). Reused when the
 #    venv already imports a 1.44 boto3; otherwise (re)created and installed from PyPI.
 # ---------------------------------------------------------------------------------------------

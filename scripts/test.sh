@@ -5,13 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian's clickhouse-server and Prometheus, Apache Kafka's jars (Maven) and the boto3 virtualenv
-# that tests/boto3.rs runs (all cached in ~/.cache/meterline).
+# that tests/it/boto3.rs runs (all cached in ~/.cache/meterline).
 bash scripts/install-test-deps.sh
 
 # Two cores: one test at a time keeps server-backed tests from starving each other.
 export RUST_BACKTRACE=1
 # --all-features: the distributed binaries (ingest, rater, aggregator) are built first, because
-# tests/distributed.rs runs them as separate processes against real servers.
+# tests/it/distributed.rs runs them as separate processes against real servers.
 cargo build --workspace --all-targets --all-features --locked
 # The alert rules: syntax, the Prometheus config that loads them, and one unit test per alert.
 promtool check rules deploy/prometheus/alerts.yml

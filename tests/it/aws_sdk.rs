@@ -20,8 +20,7 @@ use mm::primitives::DateTime;
 use mm::types::{Tag, UsageAllocation, UsageRecord, UsageRecordResultStatus};
 use std::time::{Duration, Instant};
 
-mod aws_common;
-use aws_common::{issue_token, Served, ACME, GLOBEX, LICENSE};
+use crate::aws_fixtures::{issue_token, Served, ACME, GLOBEX, LICENSE};
 
 /// Adds Meterline's key header to every request the SDK sends (after signing, so the signature
 /// is the SDK's own; Meterline does not verify it).

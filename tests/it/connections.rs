@@ -23,8 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-mod common;
-use common::{price_book, KEY};
+use crate::fixtures::{price_book, KEY};
 
 struct Served {
     child: Child,
@@ -94,7 +93,7 @@ impl Drop for Served {
 /// One record of customer `c` in the current hour (unique per `(c, dim)`).
 fn record(c: usize, dim: &str, q: u64) -> Value {
     let ts = ingest::clock::SystemClock.now_hour_start().millis() / 1000 + 60;
-    json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(c), "Dimension": dim, "Quantity": q })
+    json!({ "Timestamp": ts, "CustomerAWSAccountId": crate::fixtures::account(c), "Dimension": dim, "Quantity": q })
 }
 
 fn batch(records: Vec<Value>) -> String {

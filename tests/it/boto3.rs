@@ -6,8 +6,7 @@
 //! Without the virtualenv the test says so and passes, except under `CI=true`, where a missing
 //! client is a failure (CI must have run the install script).
 
-mod aws_common;
-use aws_common::{issue_token, Served, LICENSE};
+use crate::aws_fixtures::{issue_token, Served, LICENSE};
 use rust_decimal::Decimal;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

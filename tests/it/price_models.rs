@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-const MODELS: &str = include_str!("../docs/examples/price-models.toml");
+const MODELS: &str = include_str!("../../docs/examples/price-models.toml");
 
 /// Runs `meterline rate` on `book` text and `usage`; Ok(stdout JSON) or Err(stderr).
 fn run(book: &str, usage: &str, args: &[&str]) -> Result<(String, Value), String> {
@@ -559,7 +559,7 @@ fn late_usage_for_a_closed_month_follows_the_profile_policy_edge_34() {
 
 #[test]
 fn a_softline_style_profile_states_every_parameter_and_closes_in_its_own_terms_edge_59() {
-    const SOFTLINE: &str = include_str!("../docs/examples/softline.toml");
+    const SOFTLINE: &str = include_str!("../../docs/examples/softline.toml");
     // Decimal quantities pulled from the vendor: 2.5 vCPU-hours an hour for 10 hours.
     let usage: String = (0..10)
         .map(|h| {

@@ -32,8 +32,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-mod common;
-use common::{price_book, KEY, RATES};
+use crate::fixtures::{price_book, KEY, RATES};
 
 struct Served {
     child: Child,
@@ -240,7 +239,7 @@ async fn twice_the_sustainable_load_is_shed_with_retry_after_and_nothing_acknowl
         let ts = now_hour.plus_millis(-h * HOUR_MS).millis() / 1000 + 60;
         for c in 0..CUSTOMERS {
             for (i, (dim, _)) in RATES.iter().enumerate() {
-                cur.push(json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(c), "Dimension": dim, "Quantity": (c * 7 + i * 13) % 1000 + 1 }));
+                cur.push(json!({ "Timestamp": ts, "CustomerAWSAccountId": crate::fixtures::account(c), "Dimension": dim, "Quantity": (c * 7 + i * 13) % 1000 + 1 }));
                 if cur.len() == 25 {
                     batches.push(std::mem::take(&mut cur));
                 }

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-const BOOK: &str = include_str!("../docs/examples/price-book.toml");
+const BOOK: &str = include_str!("../../docs/examples/price-book.toml");
 const ACME: &str = "demo-key-acme";
 const GLOBEX: &str = "demo-key-globex";
 

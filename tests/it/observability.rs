@@ -14,13 +14,12 @@
 //!   `deploy/k8s/*.yaml` parse, and the configuration they carry loads.
 //!   (No container engine runs here: the files are parsed and checked, not started.)
 
-mod common;
 
 use ::common::catalogue::PriceBook;
 use ::common::config::PipelineConfig;
 use ::common::metrics::Metrics;
 use ::common::time::{Timestamp, HOUR_MS};
-use common::{price_book, KEY, RATES};
+use crate::fixtures::{price_book, KEY, RATES};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -196,19 +195,19 @@ fn known_input() -> Input {
             let q = (c * 7 + i * 3 + 1) as i64;
             revenue += Decimal::from(q) * rate.parse::<Decimal>().unwrap();
             records.push(
-                json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(c), "Dimension": dim, "Quantity": q }),
+                json!({ "Timestamp": ts, "CustomerAWSAccountId": crate::fixtures::account(c), "Dimension": dim, "Quantity": q }),
             );
         }
     }
     let first: Vec<Value> = records[..25].to_vec();
     let second: Vec<Value> = records[25..].to_vec();
     let conflicting = vec![
-        json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(0), "Dimension": "d0", "Quantity": 999_999 }),
+        json!({ "Timestamp": ts, "CustomerAWSAccountId": crate::fixtures::account(0), "Dimension": "d0", "Quantity": 999_999 }),
     ];
     let invalid = vec![
-        json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(1), "Dimension": "nope", "Quantity": 1 }),
-        json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(2), "Dimension": "nope", "Quantity": 1 }),
-        json!({ "Timestamp": ts - 2 * 86_400, "CustomerAWSAccountId": common::account(3), "Dimension": "d1", "Quantity": 1 }),
+        json!({ "Timestamp": ts, "CustomerAWSAccountId": crate::fixtures::account(1), "Dimension": "nope", "Quantity": 1 }),
+        json!({ "Timestamp": ts, "CustomerAWSAccountId": crate::fixtures::account(2), "Dimension": "nope", "Quantity": 1 }),
+        json!({ "Timestamp": ts - 2 * 86_400, "CustomerAWSAccountId": crate::fixtures::account(3), "Dimension": "d1", "Quantity": 1 }),
     ];
     Input {
         calls: vec![first.clone(), second, first, conflicting, invalid],
@@ -758,7 +757,7 @@ fn burst_input() -> Vec<Value> {
         let ts = (Timestamp(now().millis() - h * HOUR_MS).hour().start().millis() + 10 * 60_000) / 1000;
         for c in 0..CUSTOMERS {
             for (dim, _) in RATES {
-                out.push(json!({ "Timestamp": ts, "CustomerAWSAccountId": common::account(c), "Dimension": dim, "Quantity": 2 }));
+                out.push(json!({ "Timestamp": ts, "CustomerAWSAccountId": crate::fixtures::account(c), "Dimension": dim, "Quantity": 2 }));
             }
         }
     }

@@ -22,8 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-mod common;
-use common::{price_book, KEY, RATES};
+use crate::fixtures::{price_book, KEY, RATES};
 
 const CUSTOMERS: usize = 1000;
 const HOURS: i64 = 4;

@@ -19,11 +19,10 @@
 //! The binaries must be built first (`scripts/test.sh` does: `cargo build --workspace
 //! --all-features`).
 
-mod common;
 
 use ::common::money::round_to_minor;
 use ::common::time::{Timestamp, HOUR_MS};
-use common::{account, price_book, tiered_price, KEY, RATES, TIERED};
+use crate::fixtures::{account, price_book, tiered_price, KEY, RATES, TIERED};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BOOK: &str = include_str!("../docs/examples/price-book.toml");
+const BOOK: &str = include_str!("../../docs/examples/price-book.toml");
 const ACME: &str = "demo-key-acme";
 const GLOBEX: &str = "demo-key-globex";
 const NOW: &str = "2026-11-02T12:10:00Z";
