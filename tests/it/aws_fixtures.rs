@@ -2,9 +2,8 @@
 //! licence, and `meterline serve` as a child process on a free loopback port.
 #![allow(dead_code)] // Each test binary uses its own part.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 pub const BOOK: &str = include_str!("../../docs/examples/price-book.toml");
@@ -49,25 +48,7 @@ impl Served {
     pub fn start(extra: &[&str]) -> Served {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("book.toml"), book_text()).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_meterline"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
-            .arg(dir.path().join("book.toml"))
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting meterline serve");
-        let mut first = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        out.read_line(&mut first).unwrap();
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        let url = first
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .expect("the first line names the address")
-            .to_owned();
+        let (child, url) = crate::fixtures::spawn_serve(&dir.path().join("book.toml"), &dir.path().join("data"), extra);
         Served { child, url, dir }
     }
 

@@ -16,9 +16,8 @@
 use ::common::catalogue::PriceBook;
 use ingest::clock::Clock;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -38,31 +37,11 @@ fn write_book(dir: &std::path::Path) -> std::path::PathBuf {
     book_path
 }
 
-fn spawn(book: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> Child {
-    Command::new(std::env::var("METERLINE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meterline").into()))
-        .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
-        .arg(book)
-        .arg("--data-dir")
-        .arg(data)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting meterline serve")
-}
-
 fn serve(extra: &[&str]) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let book = write_book(dir.path());
     let data = dir.path().join("data");
-    let mut child = spawn(&book, &data, extra);
-    let mut first = String::new();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    out.read_line(&mut first).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let mut err = child.stderr.take().unwrap();
-    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
-    let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the first line names the address");
+    let (child, url) = crate::fixtures::spawn_serve(&book, &data, extra);
     let addr = url.trim_start_matches("http://").parse().unwrap();
     Served { child, addr, _dir: dir, data }
 }
@@ -73,13 +52,7 @@ impl Served {
     }
 
     fn vm_kb(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        crate::fixtures::vm_kb(self.child.id(), field)
     }
 }
 
@@ -438,7 +411,11 @@ async fn ready_follows_whether_the_store_accepts_writes_and_start_up_needs_a_wri
     let book = write_book(dir.path());
     let lock = rusqlite::Connection::open(&db).unwrap();
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let mut second = spawn(&book, &server.data, &[]);
+    let mut second = crate::fixtures::serve_command(&book, &server.data, &[])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting meterline serve");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = second.try_wait().unwrap() {

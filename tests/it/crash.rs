@@ -16,8 +16,7 @@ use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,25 +32,7 @@ struct Running {
 }
 
 fn start(book: &std::path::Path, data: &std::path::Path) -> Running {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meterline"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
-        .arg(book)
-        .arg("--data-dir")
-        .arg(data)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting meterline serve");
-    let mut first = String::new();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    out.read_line(&mut first).unwrap();
-    // Keep draining so the server never writes into a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("the first line names the address")
-        .to_owned();
+    let (child, url) = crate::fixtures::spawn_serve(book, data, &[]);
     Running { child, url }
 }
 

@@ -19,10 +19,9 @@
 //! The binaries must be built first (`scripts/test.sh` does: `cargo build --workspace
 //! --all-features`).
 
-
+use crate::fixtures::{account, price_book, tiered_price, KEY, RATES, TIERED};
 use ::common::money::round_to_minor;
 use ::common::time::{Timestamp, HOUR_MS};
-use crate::fixtures::{account, price_book, tiered_price, KEY, RATES, TIERED};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;

@@ -97,3 +97,40 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
         deployments: vec![],
     }
 }
+
+/// `meterline serve --listen 127.0.0.1:0` over `book` and `data`, not started yet.
+pub fn serve_command(book: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> std::process::Command {
+    let bin = std::env::var("METERLINE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meterline").into());
+    let mut c = std::process::Command::new(bin);
+    c.args(["serve", "--listen", "127.0.0.1:0", "--price-book"]).arg(book).arg("--data-dir").arg(data).args(extra);
+    c
+}
+
+/// Starts `meterline serve --listen 127.0.0.1:0` over `book` and `data` (the binary in
+/// `METERLINE_BIN`, else this build's), and returns it with the URL its first line names. Its
+/// output is drained so it never writes into a closed pipe.
+pub fn spawn_serve(book: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut child = serve_command(book, data, extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting meterline serve");
+    let mut first = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout is piped"));
+    out.read_line(&mut first).expect("reading the first line of meterline serve");
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    let url = first.split_whitespace().find(|w| w.starts_with("http://")).expect("the first line names the address");
+    (child, url.to_owned())
+}
+
+/// A field of /proc/<pid>/status in kB (VmRSS, VmHWM); 0 when absent.
+pub fn vm_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}

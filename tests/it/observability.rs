@@ -14,12 +14,11 @@
 //!   `deploy/k8s/*.yaml` parse, and the configuration they carry loads.
 //!   (No container engine runs here: the files are parsed and checked, not started.)
 
-
+use crate::fixtures::{price_book, KEY, RATES};
 use ::common::catalogue::PriceBook;
 use ::common::config::PipelineConfig;
 use ::common::metrics::Metrics;
 use ::common::time::{Timestamp, HOUR_MS};
-use crate::fixtures::{price_book, KEY, RATES};
 use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::{json, Value};

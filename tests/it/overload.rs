@@ -26,8 +26,7 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -40,39 +39,14 @@ struct Served {
 }
 
 fn serve(book: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> Served {
-    let mut child =
-        Command::new(std::env::var("METERLINE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_meterline").into()))
-            .args(["serve", "--listen", "127.0.0.1:0", "--price-book"])
-            .arg(book)
-            .arg("--data-dir")
-            .arg(data)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting meterline serve");
-    let mut first = String::new();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    out.read_line(&mut first).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-    let url = first
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("the first line names the address")
-        .to_owned();
+    let (child, url) = crate::fixtures::spawn_serve(book, data, extra);
     Served { child, url }
 }
 
 impl Served {
     /// A field of /proc/<pid>/status in kB (VmRSS, VmHWM).
     fn vm_kb(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        crate::fixtures::vm_kb(self.child.id(), field)
     }
 
     /// SIGINT (graceful: in-flight calls finish, the writer commits), then wait.
