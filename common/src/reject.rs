@@ -87,6 +87,36 @@ impl fmt::Display for RejectCode {
     }
 }
 
+/// What became of one record, as answered and counted: a new record and an identical resend are
+/// both `Success` on the wire but are counted apart (only the first is charged); a refusal is
+/// its code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RecordStatus {
+    /// New and charged.
+    Success,
+    /// An identical resend of an accepted record: `Success`, charged once.
+    IdenticalResend,
+    /// Refused, for this reason.
+    Refused(RejectCode),
+}
+
+impl RecordStatus {
+    /// The name it is counted under (the store's `ingest_counts`, `meterline rate`'s counts).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordStatus::Success => "Success",
+            RecordStatus::IdenticalResend => "Success (identical resend)",
+            RecordStatus::Refused(code) => code.as_str(),
+        }
+    }
+}
+
+impl fmt::Display for RecordStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A refused record's reason: the class and a sentence naming the field and value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rejection {

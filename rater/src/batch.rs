@@ -23,25 +23,24 @@ use common::id::RecordId;
 use common::metrics::{Outcome, RecordLabels, Tally};
 use common::money::Currency;
 use common::rated::RatedRecord;
-use common::reject::Rejection;
+use common::reject::{RecordStatus, Rejection};
 use common::time::Timestamp;
 use common::topic::RejectedEvent;
 use common::usage::UsageRecord;
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 
-/// Status name of a new, rated record (the API's `Success`).
+/// Status name of a new, rated record (the API's `Success`), as the store counts it.
 pub const STATUS_ACCEPTED: &str = "Success";
 /// Status name of an identical resend, answered `Success` with nothing charged.
 pub const STATUS_IDENTICAL: &str = "Success (identical resend)";
 
-/// The status a decision is counted under: [`STATUS_ACCEPTED`], [`STATUS_IDENTICAL`] or the
-/// rejection code.
-pub fn status(decision: &Decision) -> &'static str {
+/// The status a decision is counted under.
+pub fn status(decision: &Decision) -> RecordStatus {
     match decision {
-        Decision::Rated(_) => STATUS_ACCEPTED,
-        Decision::Identical { .. } => STATUS_IDENTICAL,
-        Decision::Refused { rejection, .. } => rejection.code.as_str(),
+        Decision::Rated(_) => RecordStatus::Success,
+        Decision::Identical { .. } => RecordStatus::IdenticalResend,
+        Decision::Refused { rejection, .. } => RecordStatus::Refused(rejection.code),
     }
 }
 
@@ -112,24 +111,26 @@ impl Refusal {
     }
 }
 
-/// Records per status name, for the embedded store's `ingest_counts` and `meterline rate`.
+/// Records per status, for the embedded store's `ingest_counts` and `meterline rate`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StatusCounts(BTreeMap<&'static str, u64>);
+pub struct StatusCounts(BTreeMap<RecordStatus, u64>);
 
 impl StatusCounts {
     /// Counts one record under `status`.
-    pub fn add(&mut self, status: &'static str) {
+    pub fn add(&mut self, status: RecordStatus) {
         *self.0.entry(status).or_default() += 1;
     }
 
     /// The count of `status` (0 if none).
-    pub fn get(&self, status: &str) -> u64 {
-        self.0.get(status).copied().unwrap_or(0)
+    pub fn get(&self, status: RecordStatus) -> u64 {
+        self.0.get(&status).copied().unwrap_or(0)
     }
 
-    /// Every (status, count), by status name.
+    /// Every (status name, count), by status name.
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        self.0.iter().map(|(s, n)| (*s, *n))
+        let mut named: Vec<(&'static str, u64)> = self.0.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+        named.sort_unstable();
+        named.into_iter()
     }
 }
 
@@ -206,7 +207,7 @@ impl<'b> BatchEffects<'b> {
     /// A record refused before the rater (ingest validation): counted and kept like a decided
     /// refusal.
     pub fn pass_refused(&mut self, refusal: Refusal) {
-        self.counts.add(refusal.rejection.code.as_str());
+        self.counts.add(RecordStatus::Refused(refusal.rejection.code));
         self.refusals.push(refusal);
     }
 
@@ -268,7 +269,10 @@ mod tests {
         let effects = decide_batch(&mut rater, [&first, &first], &book);
         assert!(matches!(effects.decisions[0], Decision::Rated(_)));
         assert_eq!(effects.decisions[1], Decision::Identical { record_id: first.record_id() });
-        assert_eq!((effects.counts.get(STATUS_ACCEPTED), effects.counts.get(STATUS_IDENTICAL)), (1, 1));
+        assert_eq!(
+            (effects.counts.get(RecordStatus::Success), effects.counts.get(RecordStatus::IdenticalResend)),
+            (1, 1)
+        );
         // 100 user-hours × 0.014 = 1.400 USD, once.
         assert_eq!(effects.amounts.get(Currency::new("USD").unwrap()), "1.400".parse::<Decimal>().unwrap());
         assert_eq!(effects.rated().count(), 1);
@@ -285,7 +289,7 @@ mod tests {
         assert_eq!(rejection.code, RejectCode::DuplicateRecord);
         assert!(rejection.message.contains(&first.record_id().to_string()), "names the standing record");
         assert_eq!(*record_id, conflict.record_id());
-        assert_eq!(effects.counts.get("DuplicateRecord"), 1);
+        assert_eq!(effects.counts.get(RecordStatus::Refused(RejectCode::DuplicateRecord)), 1);
         assert_eq!(effects.refusals.len(), 1);
         assert_eq!(effects.refusals[0].record_id, Some(conflict.record_id()));
         // Only the first is charged: 100 × 0.014.
@@ -303,10 +307,10 @@ mod tests {
         assert_eq!(rater.dedup_keys(), 0);
         // Decided again after the rollback: new, rated again (not an identical resend).
         let again = decide_batch(&mut rater, [&a, &b], &book);
-        assert_eq!(again.counts.get(STATUS_ACCEPTED), 2);
+        assert_eq!(again.counts.get(RecordStatus::Success), 2);
         rater.commit();
         assert_eq!(rater.dedup_keys(), 2);
-        assert_eq!(decide_batch(&mut rater, [&a], &book).counts.get(STATUS_IDENTICAL), 1);
+        assert_eq!(decide_batch(&mut rater, [&a], &book).counts.get(RecordStatus::IdenticalResend), 1);
     }
 
     #[test]
@@ -316,7 +320,7 @@ mod tests {
         let rated = users("2026-11-02T10:00:00Z", 1);
         let unpriced = rec("acme-analytics", "cust-b", "users", "2026-11-02T10:00:00Z", 1);
         let effects = decide_batch(&mut rater, [&rated, &unpriced, &rated], &book);
-        let statuses: Vec<&str> = effects.decisions.iter().map(status).collect();
+        let statuses: Vec<&str> = effects.decisions.iter().map(|d| status(d).as_str()).collect();
         assert_eq!(statuses, [STATUS_ACCEPTED, "NotPriced", STATUS_IDENTICAL]);
         let shown: Vec<(&str, u64)> = effects.counts.iter().collect();
         assert_eq!(shown, [("NotPriced", 1), (STATUS_ACCEPTED, 1), (STATUS_IDENTICAL, 1)]);
@@ -337,7 +341,7 @@ mod tests {
             rec("globex-db", "cust-b", "requests", "2026-11-02T10:00:00Z", 3),
         ];
         let effects = decide_batch(&mut rater, &records, &book);
-        assert_eq!(effects.counts.get(STATUS_ACCEPTED), 3, "{:?}", effects.decisions);
+        assert_eq!(effects.counts.get(RecordStatus::Success), 3, "{:?}", effects.decisions);
         let (usd, eur) = (Currency::new("USD").unwrap(), Currency::new("EUR").unwrap());
         assert_eq!(effects.amounts.get(usd), "0.298".parse::<Decimal>().unwrap());
         assert_eq!(effects.amounts.get(eur), "0.00000003".parse::<Decimal>().unwrap());
@@ -376,7 +380,7 @@ mod tests {
             raw: r#"{"Quantity":-3}"#.into(),
         });
         assert_eq!((effects.decisions.len(), effects.refusals.len()), (1, 1));
-        assert_eq!(effects.counts.get("InvalidQuantity"), 1);
+        assert_eq!(effects.counts.get(RecordStatus::Refused(RejectCode::InvalidQuantity)), 1);
         assert_eq!(effects.refusals[0].raw, r#"{"Quantity":-3}"#, "kept as sent");
     }
 }
