@@ -582,3 +582,147 @@ fn a_softline_style_profile_states_every_parameter_and_closes_in_its_own_terms_e
     let err = run(&bare, &usage, &["--month", "2026-11", "--close"]).unwrap_err();
     assert!(err.contains("marketplace `softline` sets no listing_fees"), "{err}");
 }
+
+/// `book` with `from` replaced by `to` in the text after `anchor` only (the first match there).
+fn edit_after(book: &str, anchor: &str, from: &str, to: &str) -> String {
+    let at = book.find(anchor).expect("anchor") + anchor.len();
+    let (head, tail) = book.split_at(at);
+    assert!(tail.contains(from), "`{from}` not found after `{anchor}`");
+    format!("{head}{}", tail.replacen(from, to, 1))
+}
+
+/// Runs `meterline check-price-book` on `book`; Err(stderr) when refused.
+fn check_price_book(book: &str) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("book.toml");
+    std::fs::write(&path, book).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meterline"))
+        .args(["check-price-book", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    if out.status.success() {
+        Ok(text(&out.stdout))
+    } else {
+        Err(text(&out.stderr))
+    }
+}
+
+#[test]
+fn annual_purchase_2_x_3000_is_invoiced_6000_at_subscription_and_hours_beyond_it_pay_hourly_section_3_4() {
+    // 3 m5.large running, 2 covered (Y − X = 1): 1 × $0.50 on the usage line, beside the
+    // $6,000.00 annual line invoiced on the purchase date with its unrounded amount.
+    let usage = rec("vm-hourly", "100000000030", "m5_large", "2026-03-02T00:00:00Z", 3);
+    let v = close(&usage, "2026-03");
+    let annual = one(&v, &[("customer", "annualco"), ("charge_type", "annual")]);
+    assert_eq!(annual["customer_billed_amount"], "6000.00");
+    assert_eq!(annual["amount_unrounded"], "6000");
+    assert_eq!(annual["quantity"], "2");
+    assert_eq!(annual["unit_rate"], "3000");
+    assert_eq!(annual["invoice_date"], "2026-03-01");
+    assert_eq!(annual["listing_fee"], "1200.00"); // public server offer: 20 % of 6,000
+    assert_eq!(billed(&v, &[("customer", "annualco"), ("charge_type", "usage")]), "0.50");
+    // Invoiced once: nothing in the following months of the term.
+    let april = close("", "2026-04");
+    assert!(lines(&april, &[("customer", "annualco")]).is_empty());
+}
+
+#[test]
+fn annual_purchase_by_installments_1400_at_purchase_and_1400_on_1_september() {
+    // $2,800 in two installments; the first is dated 20 Feb, before the purchase on 1 Mar, so it
+    // is invoiced on 1 Mar.
+    let march = close("", "2026-03");
+    let first = one(&march, &[("customer", "annualpriv"), ("charge_type", "installment")]);
+    assert_eq!(
+        (first["customer_billed_amount"].as_str(), first["invoice_date"].as_str()),
+        (Some("1400.00"), Some("2026-03-01"))
+    );
+    assert_eq!(first["pricing_model"], "annual");
+    let sept = close("", "2026-09");
+    assert_eq!(billed(&sept, &[("customer", "annualpriv"), ("charge_type", "installment")]), "1400.00");
+    assert!(lines(&march, &[("customer", "annualpriv"), ("charge_type", "annual")]).is_empty());
+}
+
+#[test]
+fn annual_price_change_reaches_new_subscribers_at_once_and_a_renewal_only_if_made_90_days_before_edge_45() {
+    // Renewal on 1 Mar 2027; 90 days before is 1 Dec 2026. The example's change to $3,300 is
+    // made 15 Dec (76 days before): the renewal keeps 2 × 3,000 = $6,000.00.
+    let renewal = |book: &str| {
+        let (_, v) = run(book, "", &["--month", "2027-03", "--close"]).unwrap();
+        let l = one(&v, &[("customer", "annualco"), ("charge_type", "annual")]).clone();
+        assert!(l["description"].as_str().unwrap().contains("renewal"), "{l}");
+        l["customer_billed_amount"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(renewal(MODELS), "6000.00");
+    let changed = |day: &str| {
+        MODELS.replace(
+            "rate = \"3300\", effective_from = \"2026-12-15T00:00:00Z\"",
+            &format!("rate = \"3300\", effective_from = \"2026-{day}T00:00:00Z\""),
+        )
+    };
+    // Made on 1 Dec, exactly 90 days before: 2 × 3,300 = $6,600.00. On 2 Dec (89 days): $6,000.00.
+    assert_eq!(renewal(&changed("12-01")), "6600.00");
+    assert_eq!(renewal(&changed("12-02")), "6000.00");
+    // A new subscription on 5 Jan 2027, after the change: 1 × $3,300.00 at once.
+    let jan = close("", "2027-01");
+    assert_eq!(billed(&jan, &[("customer", "annualnew"), ("charge_type", "annual")]), "3300.00");
+}
+
+#[test]
+fn an_annual_instance_type_without_an_hourly_price_is_refused_by_name_at_load_and_by_check_price_book() {
+    // The offer prices c5_xlarge annually but not hourly: every record for it would be NotPriced.
+    let no_hourly = edit_after(MODELS, "id = \"vm-annual\"\n", ", c5_xlarge = { per_unit = \"0.34\" }", "");
+    let err = refused(|_| no_hourly.clone());
+    assert!(err.contains("offer `vm-annual`: annual price for `c5_xlarge`, which has no hourly price"), "{err}");
+    let shown = check_price_book(&no_hourly).unwrap_err();
+    assert!(shown.contains("every annual instance type needs an hourly price too (PRC-12)"), "{shown}");
+    assert!(check_price_book(MODELS).unwrap().contains("valid"));
+    // Coverage of a type the offer does not price hourly is refused the same way.
+    let uncovered =
+        edit_after(MODELS, "id = \"agmnt-annual-priv\"\n", "dimension = \"m5_large\"", "dimension = \"c5_xlarge\"");
+    let err = refused(|_| uncovered.clone());
+    assert!(
+        err.contains("annual coverage of `c5_xlarge`, which has no hourly price in offer `vm-annual-private`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn annual_terms_that_cannot_be_priced_are_refused_with_the_rule() {
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "renews no coverage of that type ending then",
+            refused(|b| {
+                b.replace(
+                    "start = \"2027-03-01T00:00:00Z\", end = \"2028-03-01T00:00:00Z\", renewal = true",
+                    "start = \"2027-03-02T00:00:00Z\", end = \"2028-03-01T00:00:00Z\", renewal = true",
+                )
+            }),
+        ),
+        (
+            "installments sum to 2700 but the purchase is worth 2800.00 USD",
+            refused(|b| {
+                b.replace(
+                    "{ date = \"2026-09-01T00:00:00Z\", amount = \"1400\" }",
+                    "{ date = \"2026-09-01T00:00:00Z\", amount = \"1300\" }",
+                )
+            }),
+        ),
+        (
+            "runs past 12 months",
+            refused(|b| {
+                b.replace(
+                    "units = 1, start = \"2027-01-05T00:00:00Z\", end = \"2028-01-05T00:00:00Z\"",
+                    "units = 1, start = \"2027-01-05T00:00:00Z\", end = \"2028-02-05T00:00:00Z\"",
+                )
+            }),
+        ),
+        (
+            "a $0 annual price for `m5_large` is allowed only when its hourly price is $0",
+            refused(|b| b.replace("rate = \"2800\"", "rate = \"0\"")),
+        ),
+    ];
+    for (want, err) in cases {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+}

@@ -17,7 +17,8 @@
 //! Every amount is exact until it is rounded once per line; the unrounded amount stays beside it.
 
 use common::catalogue::{
-    contract_value, Agreement, Channel, Delivery, LateUsage, ListingFees, Offer, PriceBook, TrialKind, Visibility,
+    annual_purchase, contract_value, Agreement, AnnualTerm, Channel, Delivery, LateUsage, ListingFees, Offer,
+    PriceBook, TrialKind, Visibility,
 };
 use common::money::{round_to_minor, Currency};
 use common::rated::{ChargeLine, ChargeType};
@@ -41,6 +42,10 @@ pub enum CloseError {
     /// A line names an agreement or offer the price book does not have.
     #[error("charge line of agreement `{0}` has no agreement or offer in this price book")]
     UnknownAgreement(String),
+    /// An annual purchase cannot be priced (the book's load-time checks make this unreachable
+    /// for a validated book).
+    #[error("annual purchase: {0}")]
+    Annual(String),
     /// Arithmetic left the exact range.
     #[error("amount of {0} overflows exact decimal arithmetic")]
     Overflow(String),
@@ -195,6 +200,7 @@ pub fn close_month(
         let Some(o) = book.offer(&a.offer) else { return Err(CloseError::UnknownAgreement(a.id.clone())) };
         cx.monthly_fee(a, o)?;
         cx.contract_charges(a, o)?;
+        cx.annual_charges(a, o)?;
     }
     cx.ami_trial_credits(trial_hours)?;
 
@@ -381,6 +387,81 @@ impl<'b> Closer<'b> {
         if let Some(old_id) = &c.replaces {
             if self.in_month(a.start) {
                 self.upgrade_credit(a, old_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// PRC-12: each annual coverage entry the offer prices is invoiced at its start (purchase or
+    /// auto-renewal), in full or per installment; the price follows [`annual_purchase`].
+    fn annual_charges(&mut self, a: &'b Agreement, o: &'b Offer) -> Result<(), CloseError> {
+        let notice_days = self.book.marketplace().price_change_notice_days;
+        for c in &a.annual {
+            let purchase = annual_purchase(&a.id, o, c, notice_days).map_err(|e| CloseError::Annual(e.to_string()))?;
+            let Some(p) = purchase else {
+                if self.in_month(c.start) {
+                    self.warnings.push(format!(
+                        "agreement `{}`: annual coverage of {} × {} from {} has no annual price in offer `{}`; netted against usage but not invoiced here",
+                        a.id, c.units, c.dimension, date(c.start), o.id
+                    ));
+                }
+                continue;
+            };
+            let what = format!(
+                "annual subscription{}, {} × {} from {} to {}{}",
+                if p.term == AnnualTerm::Renewal { " renewal" } else { "" },
+                c.units,
+                c.dimension,
+                date(c.start),
+                date(c.end),
+                if p.term_days == p.year_days {
+                    String::new()
+                } else {
+                    format!(", {}/{} days of a year", p.term_days, p.year_days)
+                },
+            );
+            let price_note = match p.term {
+                AnnualTerm::New => format!("price {} set {}", p.price.rate, date(p.price.effective_from)),
+                AnnualTerm::Renewal => format!(
+                    "price {} set {}, the latest set at least {} days before the renewal",
+                    p.price.rate,
+                    date(p.price.effective_from),
+                    notice_days.unwrap_or_default()
+                ),
+            };
+            let line = |charge_type, description: String, amount: Decimal, invoice_date| Draft {
+                charge_type,
+                dimension: c.dimension.clone(),
+                unit: "instance-year".into(),
+                description,
+                pricing_model: "annual".into(),
+                quantity: Decimal::from(c.units),
+                unit_rate: Some(p.price.rate),
+                amount,
+                invoice_date,
+                records: 0,
+                wholesale: Wholesale::Amount,
+            };
+            if c.installments.is_empty() {
+                if self.in_month(c.start) {
+                    let d = line(
+                        ChargeType::Annual,
+                        format!("{what}, invoiced at purchase ({price_note})"),
+                        p.amount,
+                        c.start,
+                    );
+                    self.push(a, o, d)?;
+                }
+                continue;
+            }
+            for (n, i) in c.installments.iter().enumerate() {
+                // An installment dated before the purchase is invoiced at the purchase.
+                let on = i.date.max(c.start);
+                if self.in_month(on) {
+                    let description =
+                        format!("installment {} of {} of the {what} ({price_note})", n + 1, c.installments.len());
+                    self.push(a, o, line(ChargeType::Installment, description, i.amount, on))?;
+                }
             }
         }
         Ok(())

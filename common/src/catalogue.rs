@@ -19,6 +19,9 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 
+mod annual;
+pub use annual::{annual_purchase, AnnualPrice, AnnualPurchase, AnnualTerm};
+
 /// The most dimensions a product may have (PRC-3).
 pub const MAX_DIMENSIONS: usize = 24;
 /// Longest dimension API name the catalogue accepts (PRC-4).
@@ -446,6 +449,10 @@ pub struct Offer {
     /// For a partner's offer: the resale authorisation it sells under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resale: Option<String>,
+    /// Effective-dated annual prices per instance type (PRC-12): coverage bought under this
+    /// offer is invoiced at purchase (see [`annual_purchase`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub annual_prices: Vec<AnnualPrice>,
 }
 
 impl Offer {
@@ -471,6 +478,7 @@ impl Offer {
             contract_shape: None,
             free_trial: None,
             resale: None,
+            annual_prices: vec![],
         }
     }
 }
@@ -575,6 +583,13 @@ pub struct AnnualCoverage {
     /// End of coverage (exclusive); from this hour on, hourly prices apply.
     #[serde(with = "crate::time::rfc3339")]
     pub end: Timestamp,
+    /// This term auto-renews the coverage of the same type ending at its `start`: it is priced
+    /// by the renewal rule (a price change counts only if made ≥ the notice days before).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renewal: bool,
+    /// Private offers: the purchase's payment schedule; empty = invoiced in full at `start`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub installments: Vec<Installment>,
 }
 
 /// A customer's subscription to a product under an offer.
@@ -893,6 +908,15 @@ impl PriceBook {
                 }
             }
             check_offer_terms(o, &doc.products[pi], &dimension_by_key[pi], &doc.marketplace)?;
+            for p in &o.annual_prices {
+                if !dimension_by_key[pi].contains_key(&p.dimension) {
+                    return Err(invalid(format!(
+                        "offer `{}`: annual price for `{}`, which is not a dimension of product `{}`",
+                        o.id, p.dimension, o.product
+                    )));
+                }
+            }
+            annual::check_offer_annual_prices(o, doc.marketplace.contract_rate_decimals)?;
         }
         check_resale(&doc, &offer_by_id, &product_by_code, &seller_ids)?;
 
@@ -956,6 +980,7 @@ impl PriceBook {
                         a.id, c.dimension
                     )));
                 }
+                annual::check_coverage(&a.id, &a.annual, c, offer, doc.marketplace.price_change_notice_days)?;
             }
             agreements_by_customer_product
                 .entry(a.customer.clone())

@@ -320,6 +320,8 @@ impl Scenario {
                                 } else {
                                     ts("2027-03-01T00:00:00Z")
                                 },
+                                renewal: false,
+                                installments: vec![],
                             });
                         }
                         let mut d = vec![("m5_large".to_owned(), base)];
