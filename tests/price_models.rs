@@ -726,3 +726,30 @@ fn annual_terms_that_cannot_be_priced_are_refused_with_the_rule() {
         assert!(err.contains(want), "expected `{want}` in: {err}");
     }
 }
+
+/// The pricechange increase ($0.10 → $0.12) notified and effective for new subscribers on `date`.
+fn notified_on(date: &str) -> String {
+    let from = "effective_from = \"2026-03-16T00:00:00Z\"\nnotified_at = \"2026-03-16T00:00:00Z\"";
+    MODELS.replace(from, &from.replace("2026-03-16", date))
+}
+
+#[test]
+fn price_increase_notified_31_december_reaches_existing_subscribers_1_april_and_29_february_1_june_edge_43() {
+    // oldco (signed 1 Feb 2026), 100 users in the last hour before and the first hour from the
+    // effective date: 10.00 at 0.10, then 12.00 at 0.12.
+    for (notice, before, from) in [
+        // 31 Dec 2026 + 89 days = 30 Mar 2027 → effective 1 Apr 2027.
+        ("2026-12-31", "2027-03-31T23:00:00Z", "2027-04-01T00:00:00Z"),
+        // Leap year: 29 Feb 2028 + 89 days = 28 May 2028 → effective 1 Jun 2028.
+        ("2028-02-29", "2028-05-31T23:00:00Z", "2028-06-01T00:00:00Z"),
+        // A period containing 29 Feb: 2 Dec 2027 + 89 days = 29 Feb 2028 → effective 1 Mar 2028.
+        ("2027-12-02", "2028-02-29T23:00:00Z", "2028-03-01T00:00:00Z"),
+    ] {
+        let book = notified_on(notice);
+        let usage = rec("pricechange", "100000000016", "users", before, 100)
+            + &rec("pricechange", "100000000016", "users", from, 100);
+        let month = |ts: &str| run(&book, &usage, &["--month", &ts[..7], "--close"]).unwrap().1;
+        assert_eq!(billed(&month(before), &[("customer", "oldco")]), "10.00", "notice {notice}, before");
+        assert_eq!(billed(&month(from), &[("customer", "oldco")]), "12.00", "notice {notice}, from");
+    }
+}
