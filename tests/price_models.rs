@@ -753,3 +753,77 @@ fn price_increase_notified_31_december_reaches_existing_subscribers_1_april_and_
         assert_eq!(billed(&month(from), &[("customer", "oldco")]), "12.00", "notice {notice}, from");
     }
 }
+
+#[test]
+fn contract_usage_nets_20_entitled_hosts_so_25_metered_bill_5_or_meters_overage_only_section_3_7() {
+    // hostco nets: 25 hosts → 5 × 0.10 = 0.50; 18 hosts → 0; a month of 25 hosts every hour
+    // (720 h) → 5 × 720 × 0.10 = $360.00, §3.7's worked month.
+    let usage = rec("saas-hosts", "100000000033", "hosts", "2026-11-02T00:00:00Z", 25)
+        + &rec("saas-hosts", "100000000033", "hosts", "2026-11-02T01:00:00Z", 18);
+    let v = close(&usage, "2026-11");
+    let net = one(&v, &[("customer", "hostco"), ("charge_type", "usage")]);
+    assert_eq!(net["customer_billed_amount"], "0.50");
+    assert_eq!(net["quantity"], "5");
+    let line = &v["charge_lines"].as_array().unwrap().iter().find(|l| l["customer"] == "hostco").unwrap().clone();
+    assert_eq!((line["quantity"].as_str(), line["covered_quantity"].as_str()), (Some("43"), Some("38")));
+    let month = hourly("saas-hosts", "100000000033", "hosts", "2026-11-01T00:00:00Z", 720, 25);
+    assert_eq!(billed(&close(&month, "2026-11"), &[("customer", "hostco")]), "360.00");
+    // hostover's seller meters the overage only: 5 metered → 0.50; 25 metered are 25 billed.
+    let over = rec("saas-hosts", "100000000034", "hosts", "2026-11-02T00:00:00Z", 5)
+        + &rec("saas-hosts", "100000000034", "hosts", "2026-11-02T01:00:00Z", 25);
+    assert_eq!(billed(&close(&over, "2026-11"), &[("customer", "hostover")]), "3.00");
+    // The entitlement itself: 20 × $100 = $2,000.00 upfront at acceptance, 1 Jan.
+    let jan = close("", "2026-01");
+    assert_eq!(billed(&jan, &[("customer", "hostco"), ("charge_type", "contract_upfront")]), "2000.00");
+    // Netting ends with the 12-month term (1 Jan 2027): 25 metered then are 25 billed, $2.50.
+    let after = rec("saas-hosts", "100000000033", "hosts", "2027-01-02T00:00:00Z", 25);
+    assert_eq!(billed(&close(&after, "2027-01"), &[("customer", "hostco"), ("charge_type", "usage")]), "2.50");
+}
+
+#[test]
+fn a_contract_dimension_that_is_also_metered_must_say_how_usage_meets_the_entitlement() {
+    // Refused, not warned: the ambiguous form would bill every unit of usage the entitlement covers.
+    let err = refused(|b| b.replace("contract_usage = \"net_against_entitlement\"\n", ""));
+    assert!(
+        err.contains("offer `hosts-net`: `hosts` is both a contract dimension and a metered one, which is ambiguous"),
+        "{err}"
+    );
+    assert!(err.contains("net_against_entitlement") && err.contains("overage_only"), "{err}");
+    // A volume over the term cannot be netted per hour.
+    let err = refused(|b| {
+        b.replace(
+            "dimensions = [{ key = \"hosts\", category = \"hosts\", unit = \"host-hour\" }]",
+            "dimensions = [{ key = \"hosts\", category = \"data\", unit = \"host-hour\" }]",
+        )
+    });
+    assert!(err.contains("cannot be netted per hour"), "{err}");
+}
+
+#[test]
+fn a_byol_only_product_is_refused_past_launch_plus_90_days_1_april_2026() {
+    // byol-agent launched 1 Jan 2026 (its first price): a paid option is needed by 1 Apr 2026.
+    let without_paid = |paid_from: Option<&str>| {
+        let paid = "[[offers]]\nid = \"byol-paid\"\nproduct = \"byol-agent\"\nvisibility = \"public\"\ncurrency = \"USD\"\n[[offers.prices]]\neffective_from = \"2026-01-01T00:00:00Z\"\nusage = { nodes = { per_unit = \"0.05\" } }\n";
+        assert_eq!(MODELS.matches(paid).count(), 1);
+        match paid_from {
+            None => MODELS.replace(paid, ""),
+            Some(day) => MODELS.replace(paid, &paid.replace("2026-01-01", day)),
+        }
+    };
+    let err = run(&without_paid(None), "", &[]).unwrap_err();
+    assert!(
+        err.contains("product `byol-agent` has no paid option beside BYOL by 2026-04-01")
+            && err.contains("agreement `agmnt-byol` runs past that day")
+            && err.contains("(PRC-16)"),
+        "{err}"
+    );
+    // A paid option from exactly launch + 90 days is in time; a day later is not.
+    assert!(run(&without_paid(Some("2026-04-01")), "", &[]).is_ok());
+    assert!(run(&without_paid(Some("2026-04-02")), "", &[]).is_err());
+    // BYOL-only is fine while every agreement ends within the first 90 days.
+    let short = without_paid(None).replace(
+        "offer = \"byol-public\"\nstart = \"2026-01-01T00:00:00Z\"\n",
+        "offer = \"byol-public\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n",
+    );
+    assert!(run(&short, "", &[]).is_ok());
+}

@@ -20,7 +20,9 @@ use std::fmt;
 use std::path::Path;
 
 mod annual;
+mod entitlement;
 pub use annual::{annual_purchase, AnnualPrice, AnnualPurchase, AnnualTerm};
+pub use entitlement::ContractUsage;
 
 /// The most dimensions a product may have (PRC-3).
 pub const MAX_DIMENSIONS: usize = 24;
@@ -453,6 +455,10 @@ pub struct Offer {
     /// offer is invoiced at purchase (see [`annual_purchase`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub annual_prices: Vec<AnnualPrice>,
+    /// What metered usage of a contract dimension is: netted against the entitlement, or the
+    /// overage only (PRC-15). Required when a contract dimension also has a usage price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract_usage: Option<ContractUsage>,
 }
 
 impl Offer {
@@ -479,6 +485,7 @@ impl Offer {
             free_trial: None,
             resale: None,
             annual_prices: vec![],
+            contract_usage: None,
         }
     }
 }
@@ -519,6 +526,10 @@ pub struct AgreementContract {
     /// The agreement this one upgrades mid-term: its unused part is credited pro rata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<String>,
+    /// Set on load from the offer's `contract_usage`: metered usage of a contracted dimension
+    /// is netted against the quantity each hour. Never read from or written to the file.
+    #[serde(skip)]
+    pub nets_metered_usage: bool,
 }
 
 /// A buyer.
@@ -917,8 +928,14 @@ impl PriceBook {
                 }
             }
             annual::check_offer_annual_prices(o, doc.marketplace.contract_rate_decimals)?;
+            let product = &doc.products[pi];
+            entitlement::check_contract_usage(o, |d| {
+                product.dimensions.iter().find(|x| x.key == d).map(|x| x.category)
+            })?;
         }
         check_resale(&doc, &offer_by_id, &product_by_code, &seller_ids)?;
+        entitlement::check_byol_paid_option(&doc)?;
+        entitlement::mark_netting_contracts(&mut doc);
 
         let mut agreements_by_customer_product: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         let mut agreement_ids = HashSet::new();
@@ -1239,15 +1256,18 @@ impl PriceBook {
         Ok(())
     }
 
-    /// Annual units (X) of `dimension` covering `hour` under `agreement`.
+    /// Units (X) of `dimension` covering `hour` under `agreement`: its annual coverage, plus
+    /// the contracted quantity when the offer nets metered usage against the entitlement
+    /// (`contract_usage = "net_against_entitlement"`, PRC-15).
     pub fn annual_units(agreement: &Agreement, dimension: &str, hour: Hour) -> u64 {
         let t = hour.start();
-        agreement
+        let annual: u64 = agreement
             .annual
             .iter()
             .filter(|c| c.dimension == dimension && c.start <= t && t < c.end)
             .map(|c| u64::from(c.units))
-            .sum()
+            .sum();
+        annual + entitlement::entitled_units(agreement, dimension, t)
     }
 }
 
