@@ -827,3 +827,144 @@ fn a_byol_only_product_is_refused_past_launch_plus_90_days_1_april_2026() {
     );
     assert!(run(&short, "", &[]).is_ok());
 }
+
+#[test]
+fn a_partial_refund_of_500_of_a_2000_contract_credits_a_quarter_of_the_fee_15_and_names_the_line() {
+    let v = close("", "2026-12");
+    let r = one(&v, &[("customer", "standardco"), ("charge_type", "refund")]);
+    assert_eq!(r["customer_billed_amount"], "-500.00");
+    assert_eq!(r["amount_unrounded"], "-500.00");
+    assert_eq!(r["listing_fee"], "-15.00"); // 60.00 × 500 / 2,000
+    assert_eq!(r["seller_net"], "-485.00");
+    assert_eq!(r["invoice_date"], "2026-12-03");
+    assert_eq!(r["credits_line"], "INV-2026-11-standardco-USD-20261116/agmnt-standard/contract_upfront/");
+    // The credited line is November's, unchanged: a refund is a new row, never an update.
+    let nov = close("", "2026-11");
+    let orig = one(&nov, &[("customer", "standardco"), ("charge_type", "contract_upfront")]);
+    assert_eq!(orig["customer_billed_amount"], "2000.00");
+    assert!(lines(&nov, &[("charge_type", "refund")]).is_empty());
+}
+
+#[test]
+fn a_half_refund_of_a_cppo_contract_reverses_each_partys_share_by_half_edge_57() {
+    // 90,000.00 billed: partner fee 350.00, cost of goods 80,000.00, manufacturer fee 2,800.00,
+    // partner net 9,650.00, manufacturer net 77,200.00 → each × −0.5.
+    let v = close("", "2026-12");
+    let r = one(&v, &[("customer", "retailco"), ("charge_type", "refund")]);
+    let col = |k: &str| r[k].as_str().unwrap().to_owned();
+    assert_eq!(col("customer_billed_amount"), "-45000.00");
+    assert_eq!(col("listing_fee"), "-175.00");
+    assert_eq!(col("cost_of_goods"), "-40000.00");
+    assert_eq!(col("manufacturer_listing_fee"), "-1400.00");
+    assert_eq!(col("seller_net"), "-4825.00");
+    assert_eq!(col("manufacturer_net"), "-38600.00");
+    assert_eq!((col("channel"), col("seller_of_record")), ("cppo".to_owned(), "channelco".to_owned()));
+    assert!(col("description").contains("authorised by the seller"));
+}
+
+#[test]
+fn a_full_refund_of_a_metered_line_cancels_it_to_the_cent_edge_55() {
+    // February: 30 hours × 100 api_calls = 3,000 → 1,000 × 0.10 + 2,000 × 0.05 = 200.00, fee
+    // 6.00; refunded in full on 27 Feb: −200.00, −6.00, net −194.00; the month nets to zero.
+    let usage = hourly("saas-tiers", "100000000001", "api_calls", "2026-02-01T00:00:00Z", 30, 100);
+    let v = close(&usage, "2026-02");
+    let tier = lines(&v, &[("customer", "tierco")]);
+    assert_eq!(tier.len(), 2);
+    let sum = |k: &str| -> rust_decimal::Decimal {
+        tier.iter().map(|l| l[k].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap()).sum()
+    };
+    for k in ["customer_billed_amount", "listing_fee", "seller_net", "amount_unrounded"] {
+        assert!(sum(k).is_zero(), "{k} sums to {}", sum(k));
+    }
+    assert_eq!(billed(&v, &[("customer", "tierco"), ("charge_type", "refund")]), "-200.00");
+    // Without the month's usage the credited line does not exist, and the close says which.
+    let err = run(MODELS, "", &["--month", "2026-02", "--close"]).unwrap_err();
+    assert!(
+        err.contains(
+            "refund `rf-metering`: credits the usage line of agreement `agmnt-tiers`, dimension `api_calls` in 2026-02"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn refunds_never_credit_more_than_was_billed_and_are_refused_by_name() {
+    // A second refund of 1,600.00 after the 500.00: 2,100.00 > 2,000.00 billed.
+    let more = MODELS.to_owned()
+        + "\n[[refunds]]\nid = \"rf-too-much\"\nagreement = \"agmnt-standard\"\nmonth = \"2026-11\"\ncharge_type = \"contract_upfront\"\namount = \"1600.00\"\nissued = \"2026-12-20T00:00:00Z\"\nreason = \"goodwill\"\n";
+    let err = run(&more, "", &["--month", "2026-12", "--close"]).unwrap_err();
+    assert!(err.contains("refund `rf-too-much`: refunds of line INV-2026-11-standardco-USD-20261116/agmnt-standard/contract_upfront/ would total 2100.00, more than its billed 2000.00"), "{err}");
+    // 1,500.00 is exactly the rest: accepted, and the line is refunded in full.
+    let rest = more.replace("amount = \"1600.00\"", "amount = \"1500.00\"");
+    let (_, v) = run(&rest, "", &["--month", "2026-12", "--close"]).unwrap();
+    assert_eq!(lines(&v, &[("customer", "standardco"), ("charge_type", "refund")]).len(), 2);
+    // Load-time rules: fractions of one line over 1, a private-offer refund without the
+    // seller's authorisation, both fraction and amount.
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "add up to 1.5 of it; never more than was billed",
+            refused(|b| {
+                b.to_owned() + "\n[[refunds]]\nid = \"rf-retail-more\"\nagreement = \"agmnt-retail\"\nmonth = \"2026-11\"\ncharge_type = \"contract_upfront\"\nfraction = \"1\"\nissued = \"2026-12-11T00:00:00Z\"\nreason = \"x\"\nseller_authorised = true\n"
+            }),
+        ),
+        (
+            "need the seller's authorisation",
+            refused(|b| {
+                b.replace(
+                    "reason = \"half the platform licences returned\"\nseller_authorised = true\n",
+                    "reason = \"half the platform licences returned\"\n",
+                )
+            }),
+        ),
+        (
+            "give either fraction (0 < f ≤ 1) or amount, not both",
+            refused(|b| b.replace("amount = \"500.00\"\n", "amount = \"500.00\"\nfraction = \"0.25\"\n")),
+        ),
+    ];
+    for (want, err) in cases {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+}
+
+#[test]
+fn meterline_close_writes_refund_lines_to_the_sqlite_close_tables_and_the_csv_and_json_export() {
+    // A store written before the `credits_line` column existed gains it on open.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meterline.db");
+    drop(meterline::store::Store::open(&db).unwrap());
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("ALTER TABLE invoice_lines DROP COLUMN credits_line")
+        .unwrap();
+    let book = dir.path().join("book.toml");
+    std::fs::write(&book, MODELS).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meterline"))
+        .args(["close", "--data-dir", dir.path().to_str().unwrap(), "--price-book", book.to_str().unwrap()])
+        .args(["--month", "2026-12", "--out-dir", dir.path().join("out").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let credited = "INV-2026-11-standardco-USD-20261116/agmnt-standard/contract_upfront/";
+    // SQLite: the negative line and the line it credits.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (billed, fee, credits): (String, String, String) = conn
+        .query_row(
+            "SELECT customer_billed_amount, listing_fee, credits_line FROM invoice_lines WHERE customer = 'standardco' AND charge_type = 'refund'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((billed.as_str(), fee.as_str(), credits.as_str()), ("-500.00", "-15.00", credited));
+    // CSV: the credits_line column, last; JSON: the same line.
+    let csv = std::fs::read_to_string(dir.path().join("out/invoice-lines-2026-12.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with(",metering_records,credits_line"));
+    let row = csv.lines().find(|l| l.contains(",refund,") && l.contains("standardco")).unwrap();
+    assert!(row.ends_with(&format!(",0,{credited}")) && row.contains(",-500.00,"), "{row}");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/invoice-lines-2026-12.json")).unwrap())
+            .unwrap();
+    let refunds: Vec<&Value> =
+        json["lines"].as_array().unwrap().iter().filter(|l| l["charge_type"] == "refund").collect();
+    assert_eq!(refunds.len(), 2);
+    assert!(refunds.iter().any(|l| l["credits_line"] == credited));
+}

@@ -27,6 +27,8 @@ use rust_decimal::Decimal;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
+mod refund;
+
 /// Why a month cannot be closed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
@@ -46,6 +48,26 @@ pub enum CloseError {
     /// for a validated book).
     #[error("annual purchase: {0}")]
     Annual(String),
+    /// A refund names a line its month does not have.
+    #[error("refund `{refund}`: {why}")]
+    RefundedLineNotFound {
+        /// Refund id.
+        refund: String,
+        /// Which line was looked for, and what was found.
+        why: String,
+    },
+    /// The refunds of a line would credit more than it billed.
+    #[error("refund `{refund}`: refunds of line {line} would total {refunded}, more than its billed {billed}; never more than was billed")]
+    RefundExceedsBilled {
+        /// Refund id.
+        refund: String,
+        /// The credited line ([`InvoiceLine::line_key`]).
+        line: String,
+        /// What the line billed.
+        billed: Decimal,
+        /// What its refunds up to this one credit (positive).
+        refunded: Decimal,
+    },
     /// Arithmetic left the exact range.
     #[error("amount of {0} overflows exact decimal arithmetic")]
     Overflow(String),
@@ -141,6 +163,22 @@ pub struct InvoiceLine {
     pub reporting_amount: Option<Decimal>,
     /// Rated records folded into a usage line.
     pub metering_records: u64,
+    /// For a refund: the line it credits ([`InvoiceLine::line_key`]); empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub credits_line: String,
+}
+
+impl InvoiceLine {
+    /// A line's identity across closes: invoice, agreement, charge type and dimension (an
+    /// invoice id names the month, customer, currency and invoice date).
+    pub fn line_key(&self) -> String {
+        format!("{}/{}/{}/{}", self.invoice_id, self.agreement_id, self.charge_type, self.dimension)
+    }
+}
+
+/// The invoice a line goes on: one per (month, customer, currency, invoice date).
+pub(crate) fn invoice_id(month: Month, customer: &str, currency: Currency, invoice_date: &str) -> String {
+    format!("INV-{month}-{customer}-{currency}-{}", invoice_date.replace('-', ""))
 }
 
 /// A closed month.
@@ -162,7 +200,42 @@ pub struct MonthClose {
 
 /// Closes `month`: `usage` are the month's usage lines from the fold; `trial_hours` the hourly
 /// items of agreements with an AMI one-instance trial ([`ami_trial_agreements`]).
+///
+/// Refunds issued in `month` credit lines of this or earlier months. A credited line of an
+/// earlier month is recomputed by the same close from that month's usage, so `usage` must also
+/// hold the usage lines of the months [`refund_months`] names (lines of other months are
+/// ignored); lines that need no usage (fees, contracts, annual purchases) need nothing more.
 pub fn close_month(
+    book: &PriceBook,
+    month: Month,
+    usage: &[ChargeLine],
+    trial_hours: &[TrialHourUsage],
+) -> Result<MonthClose, CloseError> {
+    let mut close = close_charges(book, month, usage, trial_hours)?;
+    let mut refunds = refund::Refunds::new(book, usage);
+    let lines = refunds.lines_issued_in(month, &close.lines)?;
+    close.warnings.extend(refunds.warnings);
+    close.lines.extend(lines);
+    sort_lines(&mut close.lines);
+    Ok(close)
+}
+
+/// The earlier months whose usage lines [`close_month`] of `month` needs for its refunds.
+pub fn refund_months(book: &PriceBook, month: Month) -> Vec<Month> {
+    let mut months: Vec<Month> = book
+        .doc()
+        .refunds
+        .iter()
+        .filter(|r| r.issued.month() == month && r.credited_month() != month)
+        .map(|r| r.credited_month())
+        .collect();
+    months.sort();
+    months.dedup();
+    months
+}
+
+/// Every charge of `month` except refunds (which credit what this produces).
+pub(crate) fn close_charges(
     book: &PriceBook,
     month: Month,
     usage: &[ChargeLine],
@@ -205,6 +278,18 @@ pub fn close_month(
     cx.ami_trial_credits(trial_hours)?;
 
     let mut lines = cx.lines;
+    sort_lines(&mut lines);
+    Ok(MonthClose {
+        month: month.to_string(),
+        marketplace: profile.id.clone(),
+        price_book_version: book.version().to_owned(),
+        late_usage,
+        lines,
+        warnings: cx.warnings,
+    })
+}
+
+fn sort_lines(lines: &mut [InvoiceLine]) {
     lines.sort_by(|x, y| {
         (&x.customer, x.currency, &x.product, &x.agreement_id, x.charge_type, &x.dimension, &x.invoice_date).cmp(&(
             &y.customer,
@@ -216,14 +301,6 @@ pub fn close_month(
             &y.invoice_date,
         ))
     });
-    Ok(MonthClose {
-        month: month.to_string(),
-        marketplace: profile.id.clone(),
-        price_book_version: book.version().to_owned(),
-        late_usage,
-        lines,
-        warnings: cx.warnings,
-    })
 }
 
 /// Agreements whose offer has an AMI one-instance free trial overlapping `month`: the shell
@@ -633,19 +710,8 @@ impl<'b> Closer<'b> {
         let manufacturer_listing_fee = round_to_minor(cost_of_goods * rate, minor);
         let customer = book.customer(&a.customer);
         let reporting_currency = profile.reporting_currency;
-        let reporting_amount = match reporting_currency {
-            Some(to) => match book.fx_rate(o.currency, to, d.invoice_date.min(self.month.end())) {
-                Some(fx) => Some(round_to_minor(billed * fx, to.minor_units().unwrap_or(2))),
-                None => {
-                    self.warnings.push(format!(
-                        "no FX rate {} → {to} for {}; reporting amount left empty",
-                        o.currency, self.month
-                    ));
-                    None
-                }
-            },
-            None => None,
-        };
+        let reporting_amount =
+            reporting_amount(book, o.currency, billed, d.invoice_date, self.month, &mut self.warnings);
         let invoice_date = date(d.invoice_date);
         self.lines.push(InvoiceLine {
             billing_month: self.month.to_string(),
@@ -653,7 +719,7 @@ impl<'b> Closer<'b> {
             usage_period_end: self.month.end().to_string(),
             marketplace: profile.id.clone(),
             broker_id: profile.broker_id.clone().unwrap_or_default(),
-            invoice_id: format!("INV-{}-{}-{}-{}", self.month, a.customer, o.currency, invoice_date.replace('-', "")),
+            invoice_id: invoice_id(self.month, &a.customer, o.currency, &invoice_date),
             invoice_date,
             seller_of_record: sor,
             manufacturer,
@@ -687,6 +753,7 @@ impl<'b> Closer<'b> {
             reporting_currency,
             reporting_amount,
             metering_records: d.records,
+            credits_line: String::new(),
         });
         Ok(())
     }
@@ -721,6 +788,25 @@ pub fn listing_fee_rate(
         base
     } else {
         base + f.channel_uplift
+    }
+}
+
+/// The billed amount in the profile's reporting currency at the invoice date (reporting only).
+fn reporting_amount(
+    book: &PriceBook,
+    from: Currency,
+    billed: Decimal,
+    invoice_date: Timestamp,
+    month: Month,
+    warnings: &mut Vec<String>,
+) -> Option<Decimal> {
+    let to = book.marketplace().reporting_currency?;
+    match book.fx_rate(from, to, invoice_date.min(month.end())) {
+        Some(fx) => Some(round_to_minor(billed * fx, to.minor_units().unwrap_or(2))),
+        None => {
+            warnings.push(format!("no FX rate {from} → {to} for {month}; reporting amount left empty"));
+            None
+        }
     }
 }
 
@@ -762,10 +848,10 @@ pub fn close_totals(lines: &[InvoiceLine]) -> CloseTotals {
 }
 
 /// Number of columns of an invoice line.
-pub const FIELD_COUNT: usize = 36;
+pub const FIELD_COUNT: usize = 37;
 
 /// The CSV header of [`to_csv`] (and the column names of the `invoice_lines` tables).
-pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records";
+pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records,credits_line";
 
 impl InvoiceLine {
     /// The line's values as text, in [`CSV_HEADER`] order (CSV export and SQL tables).
@@ -808,6 +894,7 @@ impl InvoiceLine {
             self.reporting_currency.map(|c| c.to_string()).unwrap_or_default(),
             opt(self.reporting_amount),
             self.metering_records.to_string(),
+            self.credits_line.clone(),
         ]
     }
 }

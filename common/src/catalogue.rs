@@ -21,8 +21,10 @@ use std::path::Path;
 
 mod annual;
 mod entitlement;
+mod refund;
 pub use annual::{annual_purchase, AnnualPrice, AnnualPurchase, AnnualTerm};
 pub use entitlement::ContractUsage;
+pub use refund::Refund;
 
 /// The most dimensions a product may have (PRC-3).
 pub const MAX_DIMENSIONS: usize = 24;
@@ -688,6 +690,9 @@ pub struct PriceBookDoc {
     /// Customer deployments that call `MeterUsage` / `RegisterUsage` with their own keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deployments: Vec<Deployment>,
+    /// Refunds (credit notes) of invoice lines already billed (§4.5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refunds: Vec<Refund>,
 }
 
 /// A validated, indexed price book. Cheap lookups for the per-record cores.
@@ -935,6 +940,7 @@ impl PriceBook {
         }
         check_resale(&doc, &offer_by_id, &product_by_code, &seller_ids)?;
         entitlement::check_byol_paid_option(&doc)?;
+        refund::check_refunds(&doc)?;
         entitlement::mark_netting_contracts(&mut doc);
 
         let mut agreements_by_customer_product: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();

@@ -31,11 +31,13 @@ pub enum ChargeType {
     Adjustment,
     /// An annual subscription invoiced in full at purchase or renewal (PRC-12).
     Annual,
+    /// A refund (credit note) of an invoice line already billed: negative (BIL-9).
+    Refund,
 }
 
 impl ChargeType {
     /// Every charge type, in invoice order.
-    pub const ALL: [ChargeType; 7] = [
+    pub const ALL: [ChargeType; 8] = [
         ChargeType::Usage,
         ChargeType::MonthlyFee,
         ChargeType::ContractUpfront,
@@ -43,6 +45,7 @@ impl ChargeType {
         ChargeType::Credit,
         ChargeType::Adjustment,
         ChargeType::Annual,
+        ChargeType::Refund,
     ];
     /// The name stored in tables and exports (RPT-6).
     pub fn as_str(self) -> &'static str {
@@ -54,6 +57,7 @@ impl ChargeType {
             ChargeType::Credit => "credit",
             ChargeType::Adjustment => "adjustment",
             ChargeType::Annual => "annual",
+            ChargeType::Refund => "refund",
         }
     }
     /// Parses [`Self::as_str`].

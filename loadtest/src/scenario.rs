@@ -391,6 +391,7 @@ impl Scenario {
                 effective_from: listed,
             }],
             deployments: vec![],
+            refunds: vec![],
         };
         Scenario { config, doc, keys, usage }
     }
