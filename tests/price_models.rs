@@ -968,3 +968,77 @@ fn meterline_close_writes_refund_lines_to_the_sqlite_close_tables_and_the_csv_an
     assert_eq!(refunds.len(), 2);
     assert!(refunds.iter().any(|l| l["credits_line"] == credited));
 }
+
+/// A stage binary built beside this test (`cargo build --workspace --all-features --bins`).
+fn stage_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().and_then(std::path::Path::parent).unwrap().join(name);
+    assert!(p.exists(), "{} is missing: run cargo build --workspace --all-features --bins first", p.display());
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregator_close_writes_refund_lines_naming_the_credited_line_to_clickhouse_invoice_lines() {
+    // `aggregator close` applies migration 003 and writes December's two refunds of November
+    // contracts (they need no usage): −500.00 / fee −15.00 and −45,000.00 / fee −175.00.
+    let ch = testkit::ClickHouse::start().await.unwrap();
+    let (db, _) = ch.database("refunds").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let book = dir.path().join("book.toml");
+    std::fs::write(&book, MODELS).unwrap();
+    let config = dir.path().join("meterline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "price_book = \"{}\"\n[kafka]\nbootstrap = \"127.0.0.1:9\"\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n",
+            book.display(),
+            ch.url()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(stage_bin("aggregator"))
+        .args(["--config", config.to_str().unwrap(), "close", "--month", "2026-12", "--out-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = ch
+        .query_text(&format!(
+            "SELECT customer, toString(customer_billed_amount), toString(listing_fee), toString(cost_of_goods), credits_line
+             FROM {db}.invoice_lines_current WHERE charge_type = 'refund' ORDER BY customer"
+        ))
+        .await
+        .unwrap();
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split('\t').collect()).collect();
+    let norm = |s: &str| s.parse::<rust_decimal::Decimal>().unwrap().normalize().to_string();
+    let got: Vec<(String, String, String, String, String)> =
+        rows.iter().map(|r| (r[0].into(), norm(r[1]), norm(r[2]), norm(r[3]), r[4].into())).collect();
+    let want = |c: &str, b: &str, f: &str, g: &str, line: &str| (c.into(), b.into(), f.into(), g.into(), line.into());
+    assert_eq!(
+        got,
+        vec![
+            want(
+                "retailco",
+                "-45000",
+                "-175",
+                "-40000",
+                "INV-2026-11-retailco-USD-20261101/agmnt-retail/contract_upfront/"
+            ),
+            want(
+                "standardco",
+                "-500",
+                "-15",
+                "0",
+                "INV-2026-11-standardco-USD-20261116/agmnt-standard/contract_upfront/"
+            ),
+        ]
+    );
+    // Other lines carry no reference.
+    let others = ch
+        .query_text(&format!(
+            "SELECT count() FROM {db}.invoice_lines WHERE charge_type != 'refund' AND credits_line != ''"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(others.trim(), "0");
+}

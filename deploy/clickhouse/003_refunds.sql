@@ -7,3 +7,12 @@
 
 ALTER TABLE {database}.invoice_lines
     ADD COLUMN credits_line String DEFAULT if(charge_type = 'refund', extract(description, '^refund of ([^ ]+): '), '');
+
+-- ClickHouse 18.16 expands a view's `SELECT *` when the view is created: recreate the current
+-- view so it shows the new column (same definition as in 002).
+DROP TABLE IF EXISTS {database}.invoice_lines_current;
+
+CREATE VIEW IF NOT EXISTS {database}.invoice_lines_current AS
+SELECT * FROM {database}.invoice_lines
+WHERE (billing_month, close_version) IN
+    (SELECT billing_month, max(close_version) FROM {database}.invoice_lines GROUP BY billing_month);
