@@ -1042,3 +1042,37 @@ async fn aggregator_close_writes_refund_lines_naming_the_credited_line_to_clickh
         .unwrap();
     assert_eq!(others.trim(), "0");
 }
+
+#[test]
+fn resale_authorisations_are_one_time_or_recurring_and_sell_nothing_after_they_expire() {
+    // acme-to-channelco is one-time and expires 31 Dec 2026; retailco accepted on 1 Nov.
+    let v = close("", "2026-11");
+    assert_eq!(billed(&v, &[("customer", "retailco"), ("charge_type", "contract_upfront")]), "90000.00");
+    let second_buyer =
+        |b: &str| b.replace("buyers = [\"retailco\"]\nresale", "buyers = [\"retailco\", \"eurco\"]\nresale");
+    let cases: Vec<(&str, String)> = vec![
+        // One-time: a second buyer on the offer.
+        ("resale `acme-to-channelco` is one-time: it allows one offer to one buyer", refused(second_buyer)),
+        // Accepted after the expiry: 1 Jan 2027 > 31 Dec 2026.
+        (
+            "agreement `agmnt-retail` was accepted at 2027-01-01T00:00:00.000Z under resale `acme-to-channelco`, which expired at 2026-12-31T00:00:00.000Z",
+            refused(|b| b.replace("offer = \"suite-cppo\"\nstart = \"2026-11-01T00:00:00Z\"", "offer = \"suite-cppo\"\nstart = \"2027-01-01T00:00:00Z\"")),
+        ),
+    ];
+    for (want, err) in cases {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+    // Recurring (the default): the same second buyer is fine.
+    let recurring = second_buyer(MODELS).replace("kind = \"one_time\"\n", "");
+    run(&recurring, "", &[]).unwrap();
+    // One-time, accepted twice: a second agreement under the same offer (after the first ends).
+    let twice = MODELS.replace(
+        "offer = \"suite-cppo\"\nstart = \"2026-11-01T00:00:00Z\"\n",
+        "offer = \"suite-cppo\"\nstart = \"2026-11-01T00:00:00Z\"\nend = \"2026-11-20T00:00:00Z\"\n",
+    ) + "\n[[agreements]]\nid = \"agmnt-retail-2\"\ncustomer = \"retailco\"\nproduct = \"suite\"\noffer = \"suite-cppo\"\nstart = \"2026-11-20T00:00:00Z\"\n";
+    let err = run(&twice, "", &[]).unwrap_err();
+    assert!(
+        err.contains("is one-time: it is accepted once, but agreements `agmnt-retail` and `agmnt-retail-2` use it"),
+        "{err}"
+    );
+}

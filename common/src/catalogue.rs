@@ -400,6 +400,31 @@ pub struct ResaleAuthorization {
     /// Custom wholesale contract prices, instead of a discount.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wholesale_contract: Vec<ContractPrice>,
+    /// One-time (one offer to one buyer, one agreement) or recurring (any number of offers).
+    #[serde(default, skip_serializing_if = "AuthorizationUse::is_recurring")]
+    pub kind: AuthorizationUse,
+    /// After this instant the partner can no longer sell under it: agreements accepted later
+    /// are refused (those accepted before keep their terms).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::time::rfc3339_opt")]
+    pub expires_at: Option<Timestamp>,
+}
+
+/// How often a resale authorisation may be used (PRC-20).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthorizationUse {
+    /// Multi-use: any number of offers and buyers until it expires (the default, AWS's
+    /// "recurring" authorisation).
+    #[default]
+    Recurring,
+    /// Single use: one private offer to one buyer, accepted once.
+    OneTime,
+}
+
+impl AuthorizationUse {
+    fn is_recurring(&self) -> bool {
+        *self == AuthorizationUse::Recurring
+    }
 }
 
 /// One effective-dated exchange rate: 1 `from` = `rate` `to` (reporting only).
@@ -1461,6 +1486,48 @@ fn check_resale(
                 "offer `{}`: currency mismatch in the resale chain: the offer is in {}, resale `{rid}` in {}",
                 o.id, o.currency, r.currency
             )));
+        }
+    }
+    check_authorization_use(doc)
+}
+
+/// PRC-20: a one-time authorisation is one private offer to one buyer, accepted once; no
+/// agreement is accepted under an authorisation after it expires.
+fn check_authorization_use(doc: &PriceBookDoc) -> Result<(), CatalogueError> {
+    for r in &doc.resale {
+        let offers: Vec<&Offer> = doc.offers.iter().filter(|o| o.resale.as_deref() == Some(r.id.as_str())).collect();
+        let agreements: Vec<&Agreement> =
+            doc.agreements.iter().filter(|a| offers.iter().any(|o| o.id == a.offer)).collect();
+        if r.kind == AuthorizationUse::OneTime {
+            if offers.len() > 1 || offers.iter().any(|o| o.buyers.len() != 1) {
+                return Err(invalid(format!(
+                    "resale `{}` is one-time: it allows one offer to one buyer, but {} offer(s) use it ({})",
+                    r.id,
+                    offers.len(),
+                    offers
+                        .iter()
+                        .map(|o| format!("`{}` for {} buyer(s)", o.id, o.buyers.len()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if agreements.len() > 1 {
+                return Err(invalid(format!(
+                    "resale `{}` is one-time: it is accepted once, but agreements {} use it",
+                    r.id,
+                    agreements.iter().map(|a| format!("`{}`", a.id)).collect::<Vec<_>>().join(" and ")
+                )));
+            }
+        }
+        if let Some(expiry) = r.expires_at {
+            if let Some(a) = agreements.iter().find(|a| a.signed_at() >= expiry) {
+                return Err(invalid(format!(
+                    "agreement `{}` was accepted at {} under resale `{}`, which expired at {expiry}; an expired authorisation sells nothing more",
+                    a.id,
+                    a.signed_at(),
+                    r.id
+                )));
+            }
         }
     }
     Ok(())
