@@ -955,11 +955,13 @@ fn meterline_close_writes_refund_lines_to_the_sqlite_close_tables_and_the_csv_an
         )
         .unwrap();
     assert_eq!((billed.as_str(), fee.as_str(), credits.as_str()), ("-500.00", "-15.00", credited));
-    // CSV: the credits_line column, last; JSON: the same line.
+    // CSV: the credits_line column (then the DSOR partner's four, empty here); JSON: the same line.
     let csv = std::fs::read_to_string(dir.path().join("out/invoice-lines-2026-12.csv")).unwrap();
-    assert!(csv.lines().next().unwrap().ends_with(",metering_records,credits_line"));
+    assert!(csv.lines().next().unwrap().ends_with(
+        ",metering_records,credits_line,distributor,distributor_cost_of_goods,distributor_listing_fee,distributor_net"
+    ));
     let row = csv.lines().find(|l| l.contains(",refund,") && l.contains("standardco")).unwrap();
-    assert!(row.ends_with(&format!(",0,{credited}")) && row.contains(",-500.00,"), "{row}");
+    assert!(row.ends_with(&format!(",0,{credited},,,,")) && row.contains(",-500.00,"), "{row}");
     let json: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/invoice-lines-2026-12.json")).unwrap())
             .unwrap();
@@ -1075,4 +1077,93 @@ fn resale_authorisations_are_one_time_or_recurring_and_sell_nothing_after_they_e
         err.contains("is one-time: it is accepted once, but agreements `agmnt-retail` and `agmnt-retail-2` use it"),
         "{err}"
     );
+}
+
+#[test]
+fn dsor_channel_model_splits_98000_between_reseller_dsor_partner_and_manufacturer_section_3_13() {
+    // Resell Co bills 98,000.00, owes DSOR Co 90,000.00, which owes acme 85,000.00; 3.5 % each
+    // on its own share: 280.00 (net 7,720.00), 175.00 (net 4,825.00), 2,975.00 (net 82,025.00).
+    let v = close("", "2026-12");
+    let l = one(&v, &[("customer", "schoolco"), ("charge_type", "contract_upfront")]);
+    let col = |k: &str| l[k].as_str().unwrap().to_owned();
+    assert_eq!(
+        (col("seller_of_record"), col("manufacturer"), col("channel")),
+        ("resellco".into(), "acme".into(), "cppo".into())
+    );
+    assert_eq!(col("customer_billed_amount"), "98000.00");
+    assert_eq!(col("listing_fee_rate"), "0.035");
+    assert_eq!(
+        (col("listing_fee"), col("cost_of_goods"), col("seller_net")),
+        ("280.00".into(), "90000.00".into(), "7720.00".into())
+    );
+    let d = &l["distributor"];
+    assert_eq!(d["party"], "dsorco");
+    assert_eq!(
+        (d["cost_of_goods"].as_str(), d["listing_fee"].as_str(), d["net"].as_str()),
+        (Some("85000.00"), Some("175.00"), Some("4825.00"))
+    );
+    assert_eq!((col("manufacturer_listing_fee"), col("manufacturer_net")), ("2975.00".into(), "82025.00".into()));
+    // Every cent is someone's: nets + fees = billed.
+    let dec = |s: &str| s.parse::<rust_decimal::Decimal>().unwrap();
+    let parts = ["seller_net", "listing_fee", "manufacturer_listing_fee", "manufacturer_net"]
+        .iter()
+        .map(|k| dec(&col(k)))
+        .sum::<rust_decimal::Decimal>()
+        + dec(d["net"].as_str().unwrap())
+        + dec(d["listing_fee"].as_str().unwrap());
+    assert_eq!(parts, dec("98000.00"));
+    // The party nets of the close name all three.
+    let nets = v["close_totals"]["party_net"].as_array().unwrap();
+    let net = |p: &str| nets.iter().find(|n| n[0] == p).map(|n| n[2].as_str().unwrap().to_owned());
+    assert_eq!(net("resellco").as_deref(), Some("7720.00"));
+    // A one-level DSOR sale has no middle party.
+    assert!(one(&close("", "2026-11"), &[("customer", "govco"), ("charge_type", "contract_upfront")])
+        .get("distributor")
+        .is_none());
+}
+
+#[test]
+fn a_two_level_resale_chain_is_cppo_under_dsor_two_levels_at_most() {
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "the DSOR channel model is a cppo authorisation under a dsor one, not cppo under cppo",
+            refused(|b| b.replace("parent = \"acme-to-dsorco\"", "parent = \"acme-to-channelco\"")),
+        ),
+        (
+            "the parent authorisation is not defined",
+            refused(|b| b.replace("parent = \"acme-to-dsorco\"", "parent = \"nobody\"")),
+        ),
+        ("`dsorco` cannot resell to itself", refused(|b| b.replace("partner = \"resellco\"", "partner = \"dsorco\""))),
+    ];
+    for (want, err) in cases {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+}
+
+#[test]
+fn a_full_refund_of_a_two_level_resale_line_reverses_all_three_parties_to_the_cent() {
+    let book = MODELS.to_owned()
+        + "\n[[refunds]]\nid = \"rf-school\"\nagreement = \"agmnt-school\"\nmonth = \"2026-12\"\ncharge_type = \"contract_upfront\"\nfraction = \"1\"\nissued = \"2026-12-15T00:00:00Z\"\nreason = \"cancelled within 48 hours\"\nseller_authorised = true\n";
+    let (_, v) = run(&book, "", &["--month", "2026-12", "--close"]).unwrap();
+    let school = lines(&v, &[("customer", "schoolco")]);
+    assert_eq!(school.len(), 2);
+    let dec = |x: &Value| x.as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap();
+    for k in [
+        "customer_billed_amount",
+        "listing_fee",
+        "cost_of_goods",
+        "seller_net",
+        "manufacturer_listing_fee",
+        "manufacturer_net",
+    ] {
+        assert!(school.iter().map(|l| dec(&l[k])).sum::<rust_decimal::Decimal>().is_zero(), "{k}");
+    }
+    for k in ["cost_of_goods", "listing_fee", "net"] {
+        assert!(
+            school.iter().map(|l| dec(&l["distributor"][k])).sum::<rust_decimal::Decimal>().is_zero(),
+            "distributor {k}"
+        );
+    }
+    let refund = one(&v, &[("customer", "schoolco"), ("charge_type", "refund")]);
+    assert_eq!(refund["distributor"]["net"], "-4825.00");
 }

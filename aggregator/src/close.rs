@@ -18,7 +18,7 @@
 
 use common::catalogue::{
     annual_purchase, contract_value, Agreement, AnnualTerm, Channel, Delivery, LateUsage, ListingFees, Offer,
-    PriceBook, TrialKind, Visibility,
+    PriceBook, ResaleAuthorization, TrialKind, Visibility,
 };
 use common::money::{round_to_minor, Currency};
 use common::rated::{ChargeLine, ChargeType};
@@ -166,6 +166,24 @@ pub struct InvoiceLine {
     /// For a refund: the line it credits ([`InvoiceLine::line_key`]); empty otherwise.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub credits_line: String,
+    /// Two-level resale (DSOR channel model): the DSOR partner between the seller of record and
+    /// the manufacturer, and its share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributor: Option<DistributorShare>,
+}
+
+/// The middle party's share of a two-level resale line: it receives the seller of record's cost
+/// of goods and owes the manufacturer its own wholesale (all rounded once, like the line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DistributorShare {
+    /// The DSOR partner (seller id).
+    pub party: String,
+    /// Wholesale it owes the manufacturer.
+    pub cost_of_goods: Decimal,
+    /// Its listing fee, on its margin (received − owed).
+    pub listing_fee: Decimal,
+    /// Its net: received − owed − fee.
+    pub net: Decimal,
 }
 
 impl InvoiceLine {
@@ -650,9 +668,15 @@ impl<'b> Closer<'b> {
         listing_fee_rate(self.fees, o.visibility, delivery, a.renewal, tcv, channel)
     }
 
-    /// The exact wholesale a partner owes the manufacturer for a line.
-    fn wholesale(&self, a: &Agreement, o: &Offer, amount: Decimal, w: &Wholesale<'_>) -> Option<Decimal> {
-        let r = self.book.resale(o.resale.as_deref()?)?;
+    /// The exact wholesale owed upstream for a line under authorisation `r`.
+    fn wholesale(
+        &self,
+        r: &ResaleAuthorization,
+        a: &Agreement,
+        o: &Offer,
+        amount: Decimal,
+        w: &Wholesale<'_>,
+    ) -> Option<Decimal> {
         if let Some(discount) = r.discount {
             let keep = Decimal::ONE - discount;
             let list = self.book.offer(r.list_offer.as_deref()?)?;
@@ -691,23 +715,38 @@ impl<'b> Closer<'b> {
         };
         let rate = self.fee_rate(a, o, channel);
         let billed = round_to_minor(d.amount, minor);
-        let cost_of_goods = match channel {
-            Channel::Direct => round_to_minor(Decimal::ZERO, minor),
-            _ => {
-                let w = self.wholesale(a, o, d.amount, &d.wholesale);
-                if w.is_none() {
-                    self.warnings.push(format!(
-                        "agreement `{}`: no wholesale price for `{}`; cost of goods recorded as 0",
-                        a.id, d.dimension
-                    ));
-                }
-                round_to_minor(w.unwrap_or_default(), minor)
+        let mut warnings = Vec::new();
+        let mut owed = |r: &ResaleAuthorization| {
+            let w = self.wholesale(r, a, o, d.amount, &d.wholesale);
+            if w.is_none() {
+                warnings.push(format!(
+                    "agreement `{}`: no wholesale price for `{}` under resale `{}`; cost of goods recorded as 0",
+                    a.id, d.dimension, r.id
+                ));
             }
+            round_to_minor(w.unwrap_or_default(), minor)
         };
-        // Each party's fee on its own share [DEC, Q9]: the seller of record on its margin, the
-        // manufacturer on the wholesale.
+        let cost_of_goods = resale.map_or_else(|| round_to_minor(Decimal::ZERO, minor), &mut owed);
+        // Two-level resale (DSOR channel model): the seller of record owes the DSOR partner its
+        // wholesale, and the DSOR partner owes the manufacturer the wholesale of its own
+        // authorisation.
+        let upstream = resale.and_then(|r| r.parent.as_deref()).and_then(|p| book.resale(p));
+        let distributor_cost = upstream.map(&mut owed);
+        self.warnings.append(&mut warnings);
+        // Each party's fee on its own share [DEC, Q9]: the seller of record on its margin, a
+        // DSOR partner on its margin, the manufacturer on the wholesale it receives.
         let listing_fee = round_to_minor((billed - cost_of_goods) * rate, minor);
-        let manufacturer_listing_fee = round_to_minor(cost_of_goods * rate, minor);
+        let manufacturer_receives = distributor_cost.unwrap_or(cost_of_goods);
+        let manufacturer_listing_fee = round_to_minor(manufacturer_receives * rate, minor);
+        let distributor = upstream.zip(distributor_cost).map(|(p, cog)| {
+            let fee = round_to_minor((cost_of_goods - cog) * rate, minor);
+            DistributorShare {
+                party: p.partner.clone(),
+                cost_of_goods: cog,
+                listing_fee: fee,
+                net: cost_of_goods - cog - fee,
+            }
+        });
         let customer = book.customer(&a.customer);
         let reporting_currency = profile.reporting_currency;
         let reporting_amount =
@@ -749,11 +788,12 @@ impl<'b> Closer<'b> {
             cost_of_goods,
             manufacturer_listing_fee,
             seller_net: billed - listing_fee - cost_of_goods,
-            manufacturer_net: cost_of_goods - manufacturer_listing_fee,
+            manufacturer_net: manufacturer_receives - manufacturer_listing_fee,
             reporting_currency,
             reporting_amount,
             metering_records: d.records,
             credits_line: String::new(),
+            distributor,
         });
         Ok(())
     }
@@ -837,6 +877,10 @@ pub fn close_totals(lines: &[InvoiceLine]) -> CloseTotals {
             *party.entry((l.manufacturer.clone(), l.currency)).or_default() += l.manufacturer_net;
         }
         *fees.entry(l.currency).or_default() += l.listing_fee + l.manufacturer_listing_fee;
+        if let Some(d) = &l.distributor {
+            *party.entry((d.party.clone(), l.currency)).or_default() += d.net;
+            *fees.entry(l.currency).or_default() += d.listing_fee;
+        }
     }
     let mut listing_fees: Vec<(Currency, Decimal)> = fees.into_iter().collect();
     listing_fees.sort();
@@ -848,10 +892,10 @@ pub fn close_totals(lines: &[InvoiceLine]) -> CloseTotals {
 }
 
 /// Number of columns of an invoice line.
-pub const FIELD_COUNT: usize = 37;
+pub const FIELD_COUNT: usize = 41;
 
 /// The CSV header of [`to_csv`] (and the column names of the `invoice_lines` tables).
-pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records,credits_line";
+pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records,credits_line,distributor,distributor_cost_of_goods,distributor_listing_fee,distributor_net";
 
 impl InvoiceLine {
     /// The line's values as text, in [`CSV_HEADER`] order (CSV export and SQL tables).
@@ -895,6 +939,10 @@ impl InvoiceLine {
             opt(self.reporting_amount),
             self.metering_records.to_string(),
             self.credits_line.clone(),
+            self.distributor.as_ref().map(|d| d.party.clone()).unwrap_or_default(),
+            opt(self.distributor.as_ref().map(|d| d.cost_of_goods)),
+            opt(self.distributor.as_ref().map(|d| d.listing_fee)),
+            opt(self.distributor.as_ref().map(|d| d.net)),
         ]
     }
 }

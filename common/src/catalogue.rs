@@ -407,6 +407,11 @@ pub struct ResaleAuthorization {
     /// are refused (those accepted before keep their terms).
     #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::time::rfc3339_opt")]
     pub expires_at: Option<Timestamp>,
+    /// Two-level resale (DSOR channel model, PRC-21): the DSOR authorisation this CPPO one is
+    /// granted under. Its partner (the DSOR partner) authorises this partner; the wholesale
+    /// here is what this partner owes it, and the parent's is what it owes the manufacturer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// How often a resale authorisation may be used (PRC-20).
@@ -1488,7 +1493,42 @@ fn check_resale(
             )));
         }
     }
-    check_authorization_use(doc)
+    check_authorization_use(doc)?;
+    check_resale_chain(doc)
+}
+
+/// PRC-21's channel model: a CPPO authorisation under a DSOR one, two levels at most, for the
+/// same product, manufacturer and currency, to another partner; the parent's expiry bounds it.
+fn check_resale_chain(doc: &PriceBookDoc) -> Result<(), CatalogueError> {
+    for r in &doc.resale {
+        let Some(pid) = &r.parent else { continue };
+        let err = |what: String| invalid(format!("resale `{}` under `{pid}`: {what}", r.id));
+        let Some(p) = doc.resale.iter().find(|p| &p.id == pid) else {
+            return Err(err("the parent authorisation is not defined".into()));
+        };
+        if p.parent.is_some() {
+            return Err(err("resale goes two levels deep at most (ISV → DSOR partner → CPPO partner)".into()));
+        }
+        if p.channel != Channel::Dsor || r.channel != Channel::Cppo {
+            return Err(err(format!(
+                "the DSOR channel model is a cppo authorisation under a dsor one, not {} under {}",
+                r.channel.as_str(),
+                p.channel.as_str()
+            )));
+        }
+        if p.product != r.product || p.manufacturer != r.manufacturer || p.currency != r.currency {
+            return Err(err("product, manufacturer and currency must be the parent's".into()));
+        }
+        if r.partner == p.partner {
+            return Err(err(format!("`{}` cannot resell to itself", r.partner)));
+        }
+        if let Some(pe) = p.expires_at {
+            if r.expires_at.is_none_or(|e| e > pe) {
+                return Err(err(format!("it must expire no later than the parent, at {pe}")));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// PRC-20: a one-time authorisation is one private offer to one buyer, accepted once; no

@@ -8,7 +8,7 @@
 //! in proportion and a full refund cancels the line to the cent. The refunds of a line, taken in
 //! issue order, never credit more than it billed; the credited line itself never changes.
 
-use super::{close_charges, date, invoice_id, reporting_amount, CloseError, InvoiceLine, MonthClose};
+use super::{close_charges, date, invoice_id, reporting_amount, CloseError, DistributorShare, InvoiceLine, MonthClose};
 use common::catalogue::{PriceBook, Refund};
 use common::money::round_to_minor;
 use common::rated::{ChargeLine, ChargeType};
@@ -144,6 +144,16 @@ impl<'a> Refunds<'a> {
         let (listing_fee, cost_of_goods, manufacturer_listing_fee) =
             (back(orig.listing_fee), back(orig.cost_of_goods), back(orig.manufacturer_listing_fee));
         let billed_back = -credited;
+        // A DSOR partner's share reverses in the same proportion.
+        let distributor = orig.distributor.as_ref().map(|d| {
+            let (cog, fee) = (back(d.cost_of_goods), back(d.listing_fee));
+            DistributorShare {
+                party: d.party.clone(),
+                cost_of_goods: cog,
+                listing_fee: fee,
+                net: cost_of_goods - cog - fee,
+            }
+        });
         let invoice_date = date(r.issued);
         let reporting = reporting_amount(self.book, orig.currency, billed_back, r.issued, month, &mut self.warnings);
         Ok(InvoiceLine {
@@ -167,7 +177,9 @@ impl<'a> Refunds<'a> {
             cost_of_goods,
             manufacturer_listing_fee,
             seller_net: billed_back - listing_fee - cost_of_goods,
-            manufacturer_net: cost_of_goods - manufacturer_listing_fee,
+            manufacturer_net: distributor.as_ref().map_or(cost_of_goods, |d| d.cost_of_goods)
+                - manufacturer_listing_fee,
+            distributor,
             reporting_amount: reporting,
             metering_records: 0,
             credits_line: key,
