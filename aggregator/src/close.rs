@@ -6,12 +6,18 @@
 //! - contract value upfront at acceptance, or per installment on its date (an installment dated
 //!   before acceptance is invoiced at acceptance); the unused part of an upgraded contract as a
 //!   prorated credit (PRC-14, PRC-19);
+//! - annual purchases (PRC-12): each annual coverage entry its offer prices, once at its start,
+//!   in full or per installment, at the new-subscription or the auto-renewal price
+//!   ([`common::catalogue::annual_purchase`]);
 //! - the AMI free trial: in each trial hour one instance of the most expensive instance type
 //!   running is free, as a credit on that type's line (PRC-17);
+//! - refunds issued in the month (§4.5): a negative line naming the line it credits, every share
+//!   reversed in proportion, never more than was billed ([`refund`]);
 //! - for every line: seller of record and manufacturer, the listing fee by offer type and total
 //!   contract value (+ the channel uplift for resale), the wholesale cost of goods a channel
-//!   partner owes the manufacturer, and each party's net (PRC-20–22), each computed on that
-//!   party's own share and rounded half-up once per line;
+//!   partner owes upstream (the manufacturer, or in the two-level DSOR channel model the DSOR
+//!   partner, who owes the manufacturer in turn), and each party's net (PRC-20–22), each computed
+//!   on that party's own share and rounded half-up once per line;
 //! - a reporting amount through the effective-dated FX table (reporting only).
 //!
 //! Every amount is exact until it is rounded once per line; the unrounded amount stays beside it.

@@ -8,6 +8,10 @@
 //!
 //! Pricing models are tagged variants of [`UsagePrice`], so new models (tiers, packages,
 //! contracts …) are new variants and new fields, never a new file format.
+//!
+//! Layout: this file holds the document and its indexes; rules with their own module are
+//! `annual` (annual purchases and their price-change rules), `entitlement` (how a contract's
+//! entitlement meets metered usage; BYOL's paid option) and `refund` (refunds' load-time rules).
 
 use crate::money::{decimal_places, decimal_text, opt_decimal_text, Currency};
 pub use crate::pricing::UsagePrice;

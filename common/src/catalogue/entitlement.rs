@@ -108,9 +108,10 @@ pub(super) fn mark_netting_contracts(doc: &mut PriceBookDoc) {
     }
 }
 
-/// Whether an offer charges for anything: a usage price other than BYOL, a monthly fee, a
-/// contract or an annual price.
-fn is_paid(o: &Offer, from: impl Fn(&Offer) -> Option<Timestamp>) -> Option<Timestamp> {
+/// From when an offer charges for anything: its first version with a usage price other than
+/// BYOL, or its first price at all when it has a monthly fee, a contract or an annual price.
+fn paid_from(o: &Offer) -> Option<Timestamp> {
+    let first = o.prices.iter().map(|v| v.effective_from).min();
     let usage = o
         .prices
         .iter()
@@ -118,9 +119,9 @@ fn is_paid(o: &Offer, from: impl Fn(&Offer) -> Option<Timestamp>) -> Option<Time
         .map(|v| v.effective_from)
         .min();
     let terms = (o.monthly_fee.is_some() || !o.contract_prices.is_empty() || !o.annual_prices.is_empty())
-        .then(|| from(o))
+        .then_some(first)
         .flatten();
-    [usage, terms].into_iter().flatten().min()
+    usage.into_iter().chain(terms).min()
 }
 
 /// PRC-16: a product priced BYOL must also have a paid option after its first 90 days. Launch is
@@ -138,9 +139,7 @@ pub(super) fn check_byol_paid_option(doc: &PriceBookDoc) -> Result<(), Catalogue
             continue;
         }
         let grace_end = Timestamp(launch.day() * DAY_MS).plus_millis(BYOL_ONLY_GRACE_DAYS * DAY_MS);
-        let first_price = |o: &Offer| o.prices.iter().map(|v| v.effective_from).min();
-        let paid_from = offers.iter().filter_map(|o| is_paid(o, first_price)).min();
-        if paid_from.is_some_and(|t| t <= grace_end) {
+        if offers.iter().filter_map(|o| paid_from(o)).min().is_some_and(|t| t <= grace_end) {
             continue;
         }
         let late = doc.agreements.iter().find(|a| a.product == p.code && a.end.is_none_or(|e| e > grace_end));
