@@ -1167,3 +1167,17 @@ fn a_full_refund_of_a_two_level_resale_line_reverses_all_three_parties_to_the_ce
     let refund = one(&v, &[("customer", "schoolco"), ("charge_type", "refund")]);
     assert_eq!(refund["distributor"]["net"], "-4825.00");
 }
+
+#[test]
+fn december_close_with_refunds_and_a_two_level_resale_is_golden() {
+    // Issue 17's lines together: the two refunds of November contracts (−500.00, −45,000.00),
+    // the DSOR channel sale (98,000.00 split 7,720.00 / 4,825.00 / 82,025.00 net) and annualco's
+    // usage beside its annual coverage (3 running, 2 covered → 0.50).
+    let usage = rec("vm-hourly", "100000000030", "m5_large", "2026-12-02T00:00:00Z", 3);
+    let (text, _) = run(MODELS, &usage, &["--month", "2026-12", "--close"]).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/month_close_2026_12.json");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(path, &text).unwrap();
+    }
+    assert_eq!(text, std::fs::read_to_string(path).expect("run with UPDATE_GOLDEN=1 once"), "differs from {path}");
+}

@@ -26,6 +26,14 @@ pub(super) struct Refunds<'a> {
     pub warnings: Vec<String>,
 }
 
+/// `d`, with a zero printed as `0.00`, never `-0.00` (negating a zero keeps its sign bit).
+fn unsigned_zero(mut d: Decimal) -> Decimal {
+    if d.is_zero() {
+        d.set_sign_positive(true);
+    }
+    d
+}
+
 /// Whether two refunds credit the same line.
 fn same_target(a: &Refund, b: &Refund) -> bool {
     (&a.agreement, &a.month, a.charge_type, &a.dimension, &a.invoice_date)
@@ -140,10 +148,10 @@ impl<'a> Refunds<'a> {
             return Err(exceeds(earlier + credited));
         }
         let minor = orig.currency.minor_units().unwrap_or(2);
-        let back = |d: Decimal| -round_to_minor(d * share, minor);
+        let back = |d: Decimal| unsigned_zero(-round_to_minor(d * share, minor));
         let (listing_fee, cost_of_goods, manufacturer_listing_fee) =
             (back(orig.listing_fee), back(orig.cost_of_goods), back(orig.manufacturer_listing_fee));
-        let billed_back = -credited;
+        let billed_back = unsigned_zero(-credited);
         // A DSOR partner's share reverses in the same proportion.
         let distributor = orig.distributor.as_ref().map(|d| {
             let (cog, fee) = (back(d.cost_of_goods), back(d.listing_fee));
@@ -151,7 +159,7 @@ impl<'a> Refunds<'a> {
                 party: d.party.clone(),
                 cost_of_goods: cog,
                 listing_fee: fee,
-                net: cost_of_goods - cog - fee,
+                net: unsigned_zero(cost_of_goods - cog - fee),
             }
         });
         let invoice_date = date(r.issued);
@@ -170,15 +178,16 @@ impl<'a> Refunds<'a> {
                 billed,
                 if r.seller_authorised { ", authorised by the seller" } else { "" }
             ),
-            quantity: -(orig.quantity * share).round_dp(9).normalize(),
-            amount_unrounded: -exact,
+            quantity: unsigned_zero(-(orig.quantity * share).round_dp(9).normalize()),
+            amount_unrounded: unsigned_zero(-exact),
             customer_billed_amount: billed_back,
             listing_fee,
             cost_of_goods,
             manufacturer_listing_fee,
-            seller_net: billed_back - listing_fee - cost_of_goods,
-            manufacturer_net: distributor.as_ref().map_or(cost_of_goods, |d| d.cost_of_goods)
-                - manufacturer_listing_fee,
+            seller_net: unsigned_zero(billed_back - listing_fee - cost_of_goods),
+            manufacturer_net: unsigned_zero(
+                distributor.as_ref().map_or(cost_of_goods, |d| d.cost_of_goods) - manufacturer_listing_fee,
+            ),
             distributor,
             reporting_amount: reporting,
             metering_records: 0,
