@@ -1181,3 +1181,19 @@ fn december_close_with_refunds_and_a_two_level_resale_is_golden() {
     }
     assert_eq!(text, std::fs::read_to_string(path).expect("run with UPDATE_GOLDEN=1 once"), "differs from {path}");
 }
+
+#[test]
+fn an_annual_amendment_of_181_days_is_prorated_2000_x_181_over_365_is_991_78() {
+    // annualco adds one c5.xlarge on 1 Sep 2026 to the end of its term (1 Mar 2027): 181 of the
+    // 365 days of the year from 1 Sep, 2,000 × 181 / 365 = 991.780821… → 991.78.
+    let book = MODELS.replace(
+        "  { dimension = \"m5_large\", units = 2, start = \"2027-03-01T00:00:00Z\", end = \"2028-03-01T00:00:00Z\", renewal = true },\n",
+        "  { dimension = \"m5_large\", units = 2, start = \"2027-03-01T00:00:00Z\", end = \"2028-03-01T00:00:00Z\", renewal = true },\n  { dimension = \"c5_xlarge\", units = 1, start = \"2026-09-01T00:00:00Z\", end = \"2027-03-01T00:00:00Z\" },\n",
+    );
+    assert_ne!(book, MODELS);
+    let (_, v) = run(&book, "", &["--month", "2026-09", "--close"]).unwrap();
+    let l = one(&v, &[("customer", "annualco"), ("charge_type", "annual")]);
+    assert_eq!(l["customer_billed_amount"], "991.78");
+    assert!(l["amount_unrounded"].as_str().unwrap().starts_with("991.780821"), "{l}");
+    assert!(l["description"].as_str().unwrap().contains("181/365 days of a year"), "{l}");
+}
