@@ -4,7 +4,7 @@
 
 use crate::report::money;
 use crate::store::Store;
-use aggregator::close::{ami_trial_agreements, close_month, close_totals, to_csv, MonthClose};
+use aggregator::close::{ami_trial_agreements, close_month, close_totals, refund_months, to_csv, MonthClose};
 use common::catalogue::PriceBook;
 use common::time::{Month, Timestamp};
 use std::fmt::Write as _;
@@ -24,7 +24,11 @@ pub struct Closed {
 /// Closes `month` in the store at `db`, exporting to `out_dir`.
 pub fn close(db: &Path, book: &PriceBook, month: Month, out_dir: &Path, now: Timestamp) -> anyhow::Result<Closed> {
     let mut store = Store::open(db)?;
-    let usage = Store::charge_lines(store.conn(), Some(&month.to_string()))?;
+    let mut usage = Store::charge_lines(store.conn(), Some(&month.to_string()))?;
+    // Refunds of earlier months' usage lines recompute those lines from their usage.
+    for earlier in refund_months(book, month) {
+        usage.extend(Store::charge_lines(store.conn(), Some(&earlier.to_string()))?);
+    }
     let trial = Store::trial_hours(store.conn(), month, &ami_trial_agreements(book, month))?;
     let close = close_month(book, month, &usage, &trial)?;
     store.write_close(&close, now)?;

@@ -240,6 +240,15 @@ impl Store {
              CREATE INDEX IF NOT EXISTS invoice_lines_month ON invoice_lines(billing_month, customer);",
             columns.join(", ")
         ))?;
+        // Columns added since the table was first created (`credits_line`, issue 17): a store
+        // written by an earlier version gains them, empty for the lines it already holds.
+        let existing: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('invoice_lines')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for c in CSV_HEADER.split(',').filter(|c| !existing.iter().any(|e| e == c)) {
+            conn.execute_batch(&format!("ALTER TABLE invoice_lines ADD COLUMN {c} TEXT NOT NULL DEFAULT ''"))?;
+        }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Store { conn })
     }

@@ -6,18 +6,25 @@
 //! - contract value upfront at acceptance, or per installment on its date (an installment dated
 //!   before acceptance is invoiced at acceptance); the unused part of an upgraded contract as a
 //!   prorated credit (PRC-14, PRC-19);
+//! - annual purchases (PRC-12): each annual coverage entry its offer prices, once at its start,
+//!   in full or per installment, at the new-subscription or the auto-renewal price
+//!   ([`common::catalogue::annual_purchase`]);
 //! - the AMI free trial: in each trial hour one instance of the most expensive instance type
 //!   running is free, as a credit on that type's line (PRC-17);
+//! - refunds issued in the month (§4.5): a negative line naming the line it credits, every share
+//!   reversed in proportion, never more than was billed ([`refund`]);
 //! - for every line: seller of record and manufacturer, the listing fee by offer type and total
 //!   contract value (+ the channel uplift for resale), the wholesale cost of goods a channel
-//!   partner owes the manufacturer, and each party's net (PRC-20–22), each computed on that
-//!   party's own share and rounded half-up once per line;
+//!   partner owes upstream (the manufacturer, or in the two-level DSOR channel model the DSOR
+//!   partner, who owes the manufacturer in turn), and each party's net (PRC-20–22), each computed
+//!   on that party's own share and rounded half-up once per line;
 //! - a reporting amount through the effective-dated FX table (reporting only).
 //!
 //! Every amount is exact until it is rounded once per line; the unrounded amount stays beside it.
 
 use common::catalogue::{
-    contract_value, Agreement, Channel, Delivery, LateUsage, ListingFees, Offer, PriceBook, TrialKind, Visibility,
+    annual_purchase, contract_value, Agreement, AnnualTerm, Channel, Delivery, LateUsage, ListingFees, Offer,
+    PriceBook, ResaleAuthorization, TrialKind, Visibility,
 };
 use common::money::{round_to_minor, Currency};
 use common::rated::{ChargeLine, ChargeType};
@@ -25,6 +32,8 @@ use common::time::{Hour, Month, Timestamp, DAY_MS};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
+
+mod refund;
 
 /// Why a month cannot be closed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,6 +50,30 @@ pub enum CloseError {
     /// A line names an agreement or offer the price book does not have.
     #[error("charge line of agreement `{0}` has no agreement or offer in this price book")]
     UnknownAgreement(String),
+    /// An annual purchase cannot be priced (the book's load-time checks make this unreachable
+    /// for a validated book).
+    #[error("annual purchase: {0}")]
+    Annual(String),
+    /// A refund names a line its month does not have.
+    #[error("refund `{refund}`: {why}")]
+    RefundedLineNotFound {
+        /// Refund id.
+        refund: String,
+        /// Which line was looked for, and what was found.
+        why: String,
+    },
+    /// The refunds of a line would credit more than it billed.
+    #[error("refund `{refund}`: refunds of line {line} would total {refunded}, more than its billed {billed}; never more than was billed")]
+    RefundExceedsBilled {
+        /// Refund id.
+        refund: String,
+        /// The credited line ([`InvoiceLine::line_key`]).
+        line: String,
+        /// What the line billed.
+        billed: Decimal,
+        /// What its refunds up to this one credit (positive).
+        refunded: Decimal,
+    },
     /// Arithmetic left the exact range.
     #[error("amount of {0} overflows exact decimal arithmetic")]
     Overflow(String),
@@ -136,6 +169,40 @@ pub struct InvoiceLine {
     pub reporting_amount: Option<Decimal>,
     /// Rated records folded into a usage line.
     pub metering_records: u64,
+    /// For a refund: the line it credits ([`InvoiceLine::line_key`]); empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub credits_line: String,
+    /// Two-level resale (DSOR channel model): the DSOR partner between the seller of record and
+    /// the manufacturer, and its share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distributor: Option<DistributorShare>,
+}
+
+/// The middle party's share of a two-level resale line: it receives the seller of record's cost
+/// of goods and owes the manufacturer its own wholesale (all rounded once, like the line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DistributorShare {
+    /// The DSOR partner (seller id).
+    pub party: String,
+    /// Wholesale it owes the manufacturer.
+    pub cost_of_goods: Decimal,
+    /// Its listing fee, on its margin (received − owed).
+    pub listing_fee: Decimal,
+    /// Its net: received − owed − fee.
+    pub net: Decimal,
+}
+
+impl InvoiceLine {
+    /// A line's identity across closes: invoice, agreement, charge type and dimension (an
+    /// invoice id names the month, customer, currency and invoice date).
+    pub fn line_key(&self) -> String {
+        format!("{}/{}/{}/{}", self.invoice_id, self.agreement_id, self.charge_type, self.dimension)
+    }
+}
+
+/// The invoice a line goes on: one per (month, customer, currency, invoice date).
+pub(crate) fn invoice_id(month: Month, customer: &str, currency: Currency, invoice_date: &str) -> String {
+    format!("INV-{month}-{customer}-{currency}-{}", invoice_date.replace('-', ""))
 }
 
 /// A closed month.
@@ -157,7 +224,42 @@ pub struct MonthClose {
 
 /// Closes `month`: `usage` are the month's usage lines from the fold; `trial_hours` the hourly
 /// items of agreements with an AMI one-instance trial ([`ami_trial_agreements`]).
+///
+/// Refunds issued in `month` credit lines of this or earlier months. A credited line of an
+/// earlier month is recomputed by the same close from that month's usage, so `usage` must also
+/// hold the usage lines of the months [`refund_months`] names (lines of other months are
+/// ignored); lines that need no usage (fees, contracts, annual purchases) need nothing more.
 pub fn close_month(
+    book: &PriceBook,
+    month: Month,
+    usage: &[ChargeLine],
+    trial_hours: &[TrialHourUsage],
+) -> Result<MonthClose, CloseError> {
+    let mut close = close_charges(book, month, usage, trial_hours)?;
+    let mut refunds = refund::Refunds::new(book, usage);
+    let lines = refunds.lines_issued_in(month, &close.lines)?;
+    close.warnings.extend(refunds.warnings);
+    close.lines.extend(lines);
+    sort_lines(&mut close.lines);
+    Ok(close)
+}
+
+/// The earlier months whose usage lines [`close_month`] of `month` needs for its refunds.
+pub fn refund_months(book: &PriceBook, month: Month) -> Vec<Month> {
+    let mut months: Vec<Month> = book
+        .doc()
+        .refunds
+        .iter()
+        .filter(|r| r.issued.month() == month && r.credited_month() != month)
+        .map(|r| r.credited_month())
+        .collect();
+    months.sort();
+    months.dedup();
+    months
+}
+
+/// Every charge of `month` except refunds (which credit what this produces).
+pub(crate) fn close_charges(
     book: &PriceBook,
     month: Month,
     usage: &[ChargeLine],
@@ -195,10 +297,23 @@ pub fn close_month(
         let Some(o) = book.offer(&a.offer) else { return Err(CloseError::UnknownAgreement(a.id.clone())) };
         cx.monthly_fee(a, o)?;
         cx.contract_charges(a, o)?;
+        cx.annual_charges(a, o)?;
     }
     cx.ami_trial_credits(trial_hours)?;
 
     let mut lines = cx.lines;
+    sort_lines(&mut lines);
+    Ok(MonthClose {
+        month: month.to_string(),
+        marketplace: profile.id.clone(),
+        price_book_version: book.version().to_owned(),
+        late_usage,
+        lines,
+        warnings: cx.warnings,
+    })
+}
+
+fn sort_lines(lines: &mut [InvoiceLine]) {
     lines.sort_by(|x, y| {
         (&x.customer, x.currency, &x.product, &x.agreement_id, x.charge_type, &x.dimension, &x.invoice_date).cmp(&(
             &y.customer,
@@ -210,14 +325,6 @@ pub fn close_month(
             &y.invoice_date,
         ))
     });
-    Ok(MonthClose {
-        month: month.to_string(),
-        marketplace: profile.id.clone(),
-        price_book_version: book.version().to_owned(),
-        late_usage,
-        lines,
-        warnings: cx.warnings,
-    })
 }
 
 /// Agreements whose offer has an AMI one-instance free trial overlapping `month`: the shell
@@ -386,6 +493,81 @@ impl<'b> Closer<'b> {
         Ok(())
     }
 
+    /// PRC-12: each annual coverage entry the offer prices is invoiced at its start (purchase or
+    /// auto-renewal), in full or per installment; the price follows [`annual_purchase`].
+    fn annual_charges(&mut self, a: &'b Agreement, o: &'b Offer) -> Result<(), CloseError> {
+        let notice_days = self.book.marketplace().price_change_notice_days;
+        for c in &a.annual {
+            let purchase = annual_purchase(&a.id, o, c, notice_days).map_err(|e| CloseError::Annual(e.to_string()))?;
+            let Some(p) = purchase else {
+                if self.in_month(c.start) {
+                    self.warnings.push(format!(
+                        "agreement `{}`: annual coverage of {} × {} from {} has no annual price in offer `{}`; netted against usage but not invoiced here",
+                        a.id, c.units, c.dimension, date(c.start), o.id
+                    ));
+                }
+                continue;
+            };
+            let what = format!(
+                "annual subscription{}, {} × {} from {} to {}{}",
+                if p.term == AnnualTerm::Renewal { " renewal" } else { "" },
+                c.units,
+                c.dimension,
+                date(c.start),
+                date(c.end),
+                if p.term_days == p.year_days {
+                    String::new()
+                } else {
+                    format!(", {}/{} days of a year", p.term_days, p.year_days)
+                },
+            );
+            let price_note = match p.term {
+                AnnualTerm::New => format!("price {} set {}", p.price.rate, date(p.price.effective_from)),
+                AnnualTerm::Renewal => format!(
+                    "price {} set {}, the latest set at least {} days before the renewal",
+                    p.price.rate,
+                    date(p.price.effective_from),
+                    notice_days.unwrap_or_default()
+                ),
+            };
+            let line = |charge_type, description: String, amount: Decimal, invoice_date| Draft {
+                charge_type,
+                dimension: c.dimension.clone(),
+                unit: "instance-year".into(),
+                description,
+                pricing_model: "annual".into(),
+                quantity: Decimal::from(c.units),
+                unit_rate: Some(p.price.rate),
+                amount,
+                invoice_date,
+                records: 0,
+                wholesale: Wholesale::Amount,
+            };
+            if c.installments.is_empty() {
+                if self.in_month(c.start) {
+                    let d = line(
+                        ChargeType::Annual,
+                        format!("{what}, invoiced at purchase ({price_note})"),
+                        p.amount,
+                        c.start,
+                    );
+                    self.push(a, o, d)?;
+                }
+                continue;
+            }
+            for (n, i) in c.installments.iter().enumerate() {
+                // An installment dated before the purchase is invoiced at the purchase.
+                let on = i.date.max(c.start);
+                if self.in_month(on) {
+                    let description =
+                        format!("installment {} of {} of the {what} ({price_note})", n + 1, c.installments.len());
+                    self.push(a, o, line(ChargeType::Installment, description, i.amount, on))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// When an agreement's contract was replaced by an upgrade, the upgrade's start.
     fn upgraded_at(&self, a: &Agreement) -> Option<Timestamp> {
         self.book
@@ -492,9 +674,15 @@ impl<'b> Closer<'b> {
         listing_fee_rate(self.fees, o.visibility, delivery, a.renewal, tcv, channel)
     }
 
-    /// The exact wholesale a partner owes the manufacturer for a line.
-    fn wholesale(&self, a: &Agreement, o: &Offer, amount: Decimal, w: &Wholesale<'_>) -> Option<Decimal> {
-        let r = self.book.resale(o.resale.as_deref()?)?;
+    /// The exact wholesale owed upstream for a line under authorisation `r`.
+    fn wholesale(
+        &self,
+        r: &ResaleAuthorization,
+        a: &Agreement,
+        o: &Offer,
+        amount: Decimal,
+        w: &Wholesale<'_>,
+    ) -> Option<Decimal> {
         if let Some(discount) = r.discount {
             let keep = Decimal::ONE - discount;
             let list = self.book.offer(r.list_offer.as_deref()?)?;
@@ -533,38 +721,42 @@ impl<'b> Closer<'b> {
         };
         let rate = self.fee_rate(a, o, channel);
         let billed = round_to_minor(d.amount, minor);
-        let cost_of_goods = match channel {
-            Channel::Direct => round_to_minor(Decimal::ZERO, minor),
-            _ => {
-                let w = self.wholesale(a, o, d.amount, &d.wholesale);
-                if w.is_none() {
-                    self.warnings.push(format!(
-                        "agreement `{}`: no wholesale price for `{}`; cost of goods recorded as 0",
-                        a.id, d.dimension
-                    ));
-                }
-                round_to_minor(w.unwrap_or_default(), minor)
+        let mut warnings = Vec::new();
+        let mut owed = |r: &ResaleAuthorization| {
+            let w = self.wholesale(r, a, o, d.amount, &d.wholesale);
+            if w.is_none() {
+                warnings.push(format!(
+                    "agreement `{}`: no wholesale price for `{}` under resale `{}`; cost of goods recorded as 0",
+                    a.id, d.dimension, r.id
+                ));
             }
+            round_to_minor(w.unwrap_or_default(), minor)
         };
-        // Each party's fee on its own share [DEC, Q9]: the seller of record on its margin, the
-        // manufacturer on the wholesale.
+        let cost_of_goods = resale.map_or_else(|| round_to_minor(Decimal::ZERO, minor), &mut owed);
+        // Two-level resale (DSOR channel model): the seller of record owes the DSOR partner its
+        // wholesale, and the DSOR partner owes the manufacturer the wholesale of its own
+        // authorisation.
+        let upstream = resale.and_then(|r| r.parent.as_deref()).and_then(|p| book.resale(p));
+        let distributor_cost = upstream.map(&mut owed);
+        self.warnings.append(&mut warnings);
+        // Each party's fee on its own share [DEC, Q9]: the seller of record on its margin, a
+        // DSOR partner on its margin, the manufacturer on the wholesale it receives.
         let listing_fee = round_to_minor((billed - cost_of_goods) * rate, minor);
-        let manufacturer_listing_fee = round_to_minor(cost_of_goods * rate, minor);
+        let manufacturer_receives = distributor_cost.unwrap_or(cost_of_goods);
+        let manufacturer_listing_fee = round_to_minor(manufacturer_receives * rate, minor);
+        let distributor = upstream.zip(distributor_cost).map(|(p, cog)| {
+            let fee = round_to_minor((cost_of_goods - cog) * rate, minor);
+            DistributorShare {
+                party: p.partner.clone(),
+                cost_of_goods: cog,
+                listing_fee: fee,
+                net: cost_of_goods - cog - fee,
+            }
+        });
         let customer = book.customer(&a.customer);
         let reporting_currency = profile.reporting_currency;
-        let reporting_amount = match reporting_currency {
-            Some(to) => match book.fx_rate(o.currency, to, d.invoice_date.min(self.month.end())) {
-                Some(fx) => Some(round_to_minor(billed * fx, to.minor_units().unwrap_or(2))),
-                None => {
-                    self.warnings.push(format!(
-                        "no FX rate {} → {to} for {}; reporting amount left empty",
-                        o.currency, self.month
-                    ));
-                    None
-                }
-            },
-            None => None,
-        };
+        let reporting_amount =
+            reporting_amount(book, o.currency, billed, d.invoice_date, self.month, &mut self.warnings);
         let invoice_date = date(d.invoice_date);
         self.lines.push(InvoiceLine {
             billing_month: self.month.to_string(),
@@ -572,7 +764,7 @@ impl<'b> Closer<'b> {
             usage_period_end: self.month.end().to_string(),
             marketplace: profile.id.clone(),
             broker_id: profile.broker_id.clone().unwrap_or_default(),
-            invoice_id: format!("INV-{}-{}-{}-{}", self.month, a.customer, o.currency, invoice_date.replace('-', "")),
+            invoice_id: invoice_id(self.month, &a.customer, o.currency, &invoice_date),
             invoice_date,
             seller_of_record: sor,
             manufacturer,
@@ -602,10 +794,12 @@ impl<'b> Closer<'b> {
             cost_of_goods,
             manufacturer_listing_fee,
             seller_net: billed - listing_fee - cost_of_goods,
-            manufacturer_net: cost_of_goods - manufacturer_listing_fee,
+            manufacturer_net: manufacturer_receives - manufacturer_listing_fee,
             reporting_currency,
             reporting_amount,
             metering_records: d.records,
+            credits_line: String::new(),
+            distributor,
         });
         Ok(())
     }
@@ -643,6 +837,25 @@ pub fn listing_fee_rate(
     }
 }
 
+/// The billed amount in the profile's reporting currency at the invoice date (reporting only).
+fn reporting_amount(
+    book: &PriceBook,
+    from: Currency,
+    billed: Decimal,
+    invoice_date: Timestamp,
+    month: Month,
+    warnings: &mut Vec<String>,
+) -> Option<Decimal> {
+    let to = book.marketplace().reporting_currency?;
+    match book.fx_rate(from, to, invoice_date.min(month.end())) {
+        Some(fx) => Some(round_to_minor(billed * fx, to.minor_units().unwrap_or(2))),
+        None => {
+            warnings.push(format!("no FX rate {from} → {to} for {month}; reporting amount left empty"));
+            None
+        }
+    }
+}
+
 fn date(t: Timestamp) -> String {
     t.to_datetime().format("%Y-%m-%d").to_string()
 }
@@ -670,6 +883,10 @@ pub fn close_totals(lines: &[InvoiceLine]) -> CloseTotals {
             *party.entry((l.manufacturer.clone(), l.currency)).or_default() += l.manufacturer_net;
         }
         *fees.entry(l.currency).or_default() += l.listing_fee + l.manufacturer_listing_fee;
+        if let Some(d) = &l.distributor {
+            *party.entry((d.party.clone(), l.currency)).or_default() += d.net;
+            *fees.entry(l.currency).or_default() += d.listing_fee;
+        }
     }
     let mut listing_fees: Vec<(Currency, Decimal)> = fees.into_iter().collect();
     listing_fees.sort();
@@ -681,10 +898,10 @@ pub fn close_totals(lines: &[InvoiceLine]) -> CloseTotals {
 }
 
 /// Number of columns of an invoice line.
-pub const FIELD_COUNT: usize = 36;
+pub const FIELD_COUNT: usize = 41;
 
 /// The CSV header of [`to_csv`] (and the column names of the `invoice_lines` tables).
-pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records";
+pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records,credits_line,distributor,distributor_cost_of_goods,distributor_listing_fee,distributor_net";
 
 impl InvoiceLine {
     /// The line's values as text, in [`CSV_HEADER`] order (CSV export and SQL tables).
@@ -727,6 +944,11 @@ impl InvoiceLine {
             self.reporting_currency.map(|c| c.to_string()).unwrap_or_default(),
             opt(self.reporting_amount),
             self.metering_records.to_string(),
+            self.credits_line.clone(),
+            self.distributor.as_ref().map(|d| d.party.clone()).unwrap_or_default(),
+            opt(self.distributor.as_ref().map(|d| d.cost_of_goods)),
+            opt(self.distributor.as_ref().map(|d| d.listing_fee)),
+            opt(self.distributor.as_ref().map(|d| d.net)),
         ]
     }
 }

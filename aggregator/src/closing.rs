@@ -3,7 +3,7 @@
 //! `rated_usage`), closes it with the pure [`crate::close`] core, appends the invoice lines to
 //! `invoice_lines` under a new close version, and exports CSV and JSON.
 
-use crate::close::{ami_trial_agreements, close_month, to_csv, MonthClose};
+use crate::close::{ami_trial_agreements, close_month, refund_months, to_csv, MonthClose};
 use crate::sink::{insert_rows, load_month_lines, load_trial_hours, InvoiceRow};
 use clickhouse::Client;
 use common::catalogue::PriceBook;
@@ -18,7 +18,11 @@ pub async fn close(
     out_dir: &Path,
     now: Timestamp,
 ) -> anyhow::Result<MonthClose> {
-    let usage = load_month_lines(client, month).await?;
+    let mut usage = load_month_lines(client, month).await?;
+    // Refunds of earlier months' usage lines recompute those lines from their usage.
+    for earlier in refund_months(book, month) {
+        usage.extend(load_month_lines(client, earlier).await?);
+    }
     let trial = load_trial_hours(client, month, &ami_trial_agreements(book, month)).await?;
     let close = close_month(book, month, &usage, &trial)?;
     let version = u64::try_from(now.millis()).unwrap_or_default();

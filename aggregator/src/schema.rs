@@ -7,6 +7,7 @@ use clickhouse::Client;
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "001_init.sql", include_str!("../../deploy/clickhouse/001_init.sql")),
     (2, "002_invoice_lines.sql", include_str!("../../deploy/clickhouse/002_invoice_lines.sql")),
+    (3, "003_refunds.sql", include_str!("../../deploy/clickhouse/003_refunds.sql")),
 ];
 
 /// Splits a migration file into statements (`;` at a line end), dropping comment-only lines.
@@ -81,5 +82,11 @@ mod tests {
         let s = statements(MIGRATIONS[1].2, "meterline");
         assert_eq!(s.len(), 2);
         assert!(s[1].starts_with("CREATE VIEW IF NOT EXISTS meterline.invoice_lines_current"));
+        // 003: the ALTER and the view recreated, with no `?` (the client reads it as a bind
+        // placeholder).
+        let s = statements(MIGRATIONS[2].2, "meterline");
+        assert_eq!(s.len(), 3);
+        assert!(s[0].starts_with("ALTER TABLE meterline.invoice_lines") && s.iter().all(|x| !x.contains('?')));
+        assert!(s[2].starts_with("CREATE VIEW IF NOT EXISTS meterline.invoice_lines_current"));
     }
 }

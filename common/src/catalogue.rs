@@ -8,6 +8,10 @@
 //!
 //! Pricing models are tagged variants of [`UsagePrice`], so new models (tiers, packages,
 //! contracts …) are new variants and new fields, never a new file format.
+//!
+//! Layout: this file holds the document and its indexes; rules with their own module are
+//! `annual` (annual purchases and their price-change rules), `entitlement` (how a contract's
+//! entitlement meets metered usage; BYOL's paid option) and `refund` (refunds' load-time rules).
 
 use crate::money::{decimal_places, decimal_text, opt_decimal_text, Currency};
 pub use crate::pricing::UsagePrice;
@@ -18,6 +22,13 @@ use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
+
+mod annual;
+mod entitlement;
+mod refund;
+pub use annual::{annual_purchase, AnnualPrice, AnnualPurchase, AnnualTerm};
+pub use entitlement::ContractUsage;
+pub use refund::Refund;
 
 /// The most dimensions a product may have (PRC-3).
 pub const MAX_DIMENSIONS: usize = 24;
@@ -393,6 +404,36 @@ pub struct ResaleAuthorization {
     /// Custom wholesale contract prices, instead of a discount.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wholesale_contract: Vec<ContractPrice>,
+    /// One-time (one offer to one buyer, one agreement) or recurring (any number of offers).
+    #[serde(default, skip_serializing_if = "AuthorizationUse::is_recurring")]
+    pub kind: AuthorizationUse,
+    /// After this instant the partner can no longer sell under it: agreements accepted later
+    /// are refused (those accepted before keep their terms).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "crate::time::rfc3339_opt")]
+    pub expires_at: Option<Timestamp>,
+    /// Two-level resale (DSOR channel model, PRC-21): the DSOR authorisation this CPPO one is
+    /// granted under. Its partner (the DSOR partner) authorises this partner; the wholesale
+    /// here is what this partner owes it, and the parent's is what it owes the manufacturer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+}
+
+/// How often a resale authorisation may be used (PRC-20).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthorizationUse {
+    /// Multi-use: any number of offers and buyers until it expires (the default, AWS's
+    /// "recurring" authorisation).
+    #[default]
+    Recurring,
+    /// Single use: one private offer to one buyer, accepted once.
+    OneTime,
+}
+
+impl AuthorizationUse {
+    fn is_recurring(&self) -> bool {
+        *self == AuthorizationUse::Recurring
+    }
 }
 
 /// One effective-dated exchange rate: 1 `from` = `rate` `to` (reporting only).
@@ -446,6 +487,14 @@ pub struct Offer {
     /// For a partner's offer: the resale authorisation it sells under.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resale: Option<String>,
+    /// Effective-dated annual prices per instance type (PRC-12): coverage bought under this
+    /// offer is invoiced at purchase (see [`annual_purchase`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub annual_prices: Vec<AnnualPrice>,
+    /// What metered usage of a contract dimension is: netted against the entitlement, or the
+    /// overage only (PRC-15). Required when a contract dimension also has a usage price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract_usage: Option<ContractUsage>,
 }
 
 impl Offer {
@@ -471,6 +520,8 @@ impl Offer {
             contract_shape: None,
             free_trial: None,
             resale: None,
+            annual_prices: vec![],
+            contract_usage: None,
         }
     }
 }
@@ -511,6 +562,10 @@ pub struct AgreementContract {
     /// The agreement this one upgrades mid-term: its unused part is credited pro rata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<String>,
+    /// Set on load from the offer's `contract_usage`: metered usage of a contracted dimension
+    /// is netted against the quantity each hour. Never read from or written to the file.
+    #[serde(skip)]
+    pub nets_metered_usage: bool,
 }
 
 /// A buyer.
@@ -575,6 +630,13 @@ pub struct AnnualCoverage {
     /// End of coverage (exclusive); from this hour on, hourly prices apply.
     #[serde(with = "crate::time::rfc3339")]
     pub end: Timestamp,
+    /// This term auto-renews the coverage of the same type ending at its `start`: it is priced
+    /// by the renewal rule (a price change counts only if made ≥ the notice days before).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renewal: bool,
+    /// Private offers: the purchase's payment schedule; empty = invoiced in full at `start`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub installments: Vec<Installment>,
 }
 
 /// A customer's subscription to a product under an offer.
@@ -662,6 +724,9 @@ pub struct PriceBookDoc {
     /// Customer deployments that call `MeterUsage` / `RegisterUsage` with their own keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deployments: Vec<Deployment>,
+    /// Refunds (credit notes) of invoice lines already billed (§4.5).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refunds: Vec<Refund>,
 }
 
 /// A validated, indexed price book. Cheap lookups for the per-record cores.
@@ -893,8 +958,24 @@ impl PriceBook {
                 }
             }
             check_offer_terms(o, &doc.products[pi], &dimension_by_key[pi], &doc.marketplace)?;
+            for p in &o.annual_prices {
+                if !dimension_by_key[pi].contains_key(&p.dimension) {
+                    return Err(invalid(format!(
+                        "offer `{}`: annual price for `{}`, which is not a dimension of product `{}`",
+                        o.id, p.dimension, o.product
+                    )));
+                }
+            }
+            annual::check_offer_annual_prices(o, doc.marketplace.contract_rate_decimals)?;
+            let product = &doc.products[pi];
+            entitlement::check_contract_usage(o, |d| {
+                product.dimensions.iter().find(|x| x.key == d).map(|x| x.category)
+            })?;
         }
         check_resale(&doc, &offer_by_id, &product_by_code, &seller_ids)?;
+        entitlement::check_byol_paid_option(&doc)?;
+        refund::check_refunds(&doc)?;
+        entitlement::mark_netting_contracts(&mut doc);
 
         let mut agreements_by_customer_product: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
         let mut agreement_ids = HashSet::new();
@@ -956,6 +1037,7 @@ impl PriceBook {
                         a.id, c.dimension
                     )));
                 }
+                annual::check_coverage(&a.id, &a.annual, c, offer, doc.marketplace.price_change_notice_days)?;
             }
             agreements_by_customer_product
                 .entry(a.customer.clone())
@@ -1214,15 +1296,18 @@ impl PriceBook {
         Ok(())
     }
 
-    /// Annual units (X) of `dimension` covering `hour` under `agreement`.
+    /// Units (X) of `dimension` covering `hour` under `agreement`: its annual coverage, plus
+    /// the contracted quantity when the offer nets metered usage against the entitlement
+    /// (`contract_usage = "net_against_entitlement"`, PRC-15).
     pub fn annual_units(agreement: &Agreement, dimension: &str, hour: Hour) -> u64 {
         let t = hour.start();
-        agreement
+        let annual: u64 = agreement
             .annual
             .iter()
             .filter(|c| c.dimension == dimension && c.start <= t && t < c.end)
             .map(|c| u64::from(c.units))
-            .sum()
+            .sum();
+        annual + entitlement::entitled_units(agreement, dimension, t)
     }
 }
 
@@ -1410,6 +1495,83 @@ fn check_resale(
                 "offer `{}`: currency mismatch in the resale chain: the offer is in {}, resale `{rid}` in {}",
                 o.id, o.currency, r.currency
             )));
+        }
+    }
+    check_authorization_use(doc)?;
+    check_resale_chain(doc)
+}
+
+/// PRC-21's channel model: a CPPO authorisation under a DSOR one, two levels at most, for the
+/// same product, manufacturer and currency, to another partner; the parent's expiry bounds it.
+fn check_resale_chain(doc: &PriceBookDoc) -> Result<(), CatalogueError> {
+    for r in &doc.resale {
+        let Some(pid) = &r.parent else { continue };
+        let err = |what: String| invalid(format!("resale `{}` under `{pid}`: {what}", r.id));
+        let Some(p) = doc.resale.iter().find(|p| &p.id == pid) else {
+            return Err(err("the parent authorisation is not defined".into()));
+        };
+        if p.parent.is_some() {
+            return Err(err("resale goes two levels deep at most (ISV → DSOR partner → CPPO partner)".into()));
+        }
+        if p.channel != Channel::Dsor || r.channel != Channel::Cppo {
+            return Err(err(format!(
+                "the DSOR channel model is a cppo authorisation under a dsor one, not {} under {}",
+                r.channel.as_str(),
+                p.channel.as_str()
+            )));
+        }
+        if p.product != r.product || p.manufacturer != r.manufacturer || p.currency != r.currency {
+            return Err(err("product, manufacturer and currency must be the parent's".into()));
+        }
+        if r.partner == p.partner {
+            return Err(err(format!("`{}` cannot resell to itself", r.partner)));
+        }
+        if let Some(pe) = p.expires_at {
+            if r.expires_at.is_none_or(|e| e > pe) {
+                return Err(err(format!("it must expire no later than the parent, at {pe}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// PRC-20: a one-time authorisation is one private offer to one buyer, accepted once; no
+/// agreement is accepted under an authorisation after it expires.
+fn check_authorization_use(doc: &PriceBookDoc) -> Result<(), CatalogueError> {
+    for r in &doc.resale {
+        let offers: Vec<&Offer> = doc.offers.iter().filter(|o| o.resale.as_deref() == Some(r.id.as_str())).collect();
+        let agreements: Vec<&Agreement> =
+            doc.agreements.iter().filter(|a| offers.iter().any(|o| o.id == a.offer)).collect();
+        if r.kind == AuthorizationUse::OneTime {
+            if offers.len() > 1 || offers.iter().any(|o| o.buyers.len() != 1) {
+                return Err(invalid(format!(
+                    "resale `{}` is one-time: it allows one offer to one buyer, but {} offer(s) use it ({})",
+                    r.id,
+                    offers.len(),
+                    offers
+                        .iter()
+                        .map(|o| format!("`{}` for {} buyer(s)", o.id, o.buyers.len()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            if agreements.len() > 1 {
+                return Err(invalid(format!(
+                    "resale `{}` is one-time: it is accepted once, but agreements {} use it",
+                    r.id,
+                    agreements.iter().map(|a| format!("`{}`", a.id)).collect::<Vec<_>>().join(" and ")
+                )));
+            }
+        }
+        if let Some(expiry) = r.expires_at {
+            if let Some(a) = agreements.iter().find(|a| a.signed_at() >= expiry) {
+                return Err(invalid(format!(
+                    "agreement `{}` was accepted at {} under resale `{}`, which expired at {expiry}; an expired authorisation sells nothing more",
+                    a.id,
+                    a.signed_at(),
+                    r.id
+                )));
+            }
         }
     }
     Ok(())

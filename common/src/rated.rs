@@ -29,17 +29,23 @@ pub enum ChargeType {
     Credit,
     /// Usage that arrived after its month was closed, booked on the next open month.
     Adjustment,
+    /// An annual subscription invoiced in full at purchase or renewal (PRC-12).
+    Annual,
+    /// A refund (credit note) of an invoice line already billed: negative (BIL-9).
+    Refund,
 }
 
 impl ChargeType {
     /// Every charge type, in invoice order.
-    pub const ALL: [ChargeType; 6] = [
+    pub const ALL: [ChargeType; 8] = [
         ChargeType::Usage,
         ChargeType::MonthlyFee,
         ChargeType::ContractUpfront,
         ChargeType::Installment,
         ChargeType::Credit,
         ChargeType::Adjustment,
+        ChargeType::Annual,
+        ChargeType::Refund,
     ];
     /// The name stored in tables and exports (RPT-6).
     pub fn as_str(self) -> &'static str {
@@ -50,6 +56,8 @@ impl ChargeType {
             ChargeType::Installment => "installment",
             ChargeType::Credit => "credit",
             ChargeType::Adjustment => "adjustment",
+            ChargeType::Annual => "annual",
+            ChargeType::Refund => "refund",
         }
     }
     /// Parses [`Self::as_str`].

@@ -250,6 +250,74 @@ mod tests {
         assert_eq!(t("2026-01-31T00:00:00Z").plus_months(1).to_string(), "2026-02-28T00:00:00.000Z");
     }
 
+    /// Effective date for existing subscribers of a change notified at `notice` (90-day period).
+    fn effective_90(notice: &str) -> String {
+        existing_subscriber_effective(Timestamp::parse_rfc3339(notice).unwrap(), 90).to_string()
+    }
+
+    #[test]
+    fn notice_2_march_ends_the_period_30_may_so_the_change_applies_1_june() {
+        assert_eq!(effective_90("2026-03-02T00:00:00Z"), "2026-06-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn notice_3_march_ends_the_period_31_may_so_the_change_applies_1_june_not_1_july() {
+        // The corrected reading (domain-rules §3.10): day 1 is 3 Mar, day 90 is 31 May.
+        assert_eq!(effective_90("2026-03-03T00:00:00Z"), "2026-06-01T00:00:00.000Z");
+        // The notice's time of day does not move it: the last instant of 3 Mar is still 1 Jun.
+        assert_eq!(effective_90("2026-03-03T23:59:59.999Z"), "2026-06-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn notice_4_march_ends_the_period_1_june_so_the_change_applies_1_july() {
+        assert_eq!(effective_90("2026-03-04T00:00:00Z"), "2026-07-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn notice_16_march_ends_the_period_13_june_so_the_change_applies_1_july_aws_example() {
+        assert_eq!(effective_90("2026-03-16T09:00:00Z"), "2026-07-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn notice_31_december_ends_the_period_30_march_so_the_change_applies_1_april() {
+        // 31 Dec 2026 + 89 days = 30 Mar 2027 → 1 Apr 2027. Before a leap February:
+        // 31 Dec 2027 + 89 days = 29 Mar 2028 → 1 Apr 2028 as well.
+        assert_eq!(effective_90("2026-12-31T00:00:00Z"), "2027-04-01T00:00:00.000Z");
+        assert_eq!(effective_90("2027-12-31T00:00:00Z"), "2028-04-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn leap_year_notices_count_29_february_as_a_day_of_the_period() {
+        // 29 Feb 2028 + 89 = 28 May → 1 Jun 2028.
+        assert_eq!(effective_90("2028-02-29T12:00:00Z"), "2028-06-01T00:00:00.000Z");
+        // A period that contains 29 Feb ends a day earlier than in a common year:
+        // 2 Dec 2027 + 89 = 29 Feb 2028 → 1 Mar 2028; 2 Dec 2026 + 89 = 1 Mar 2027 → 1 Apr 2027.
+        assert_eq!(effective_90("2027-12-02T00:00:00Z"), "2028-03-01T00:00:00.000Z");
+        assert_eq!(effective_90("2026-12-02T00:00:00Z"), "2027-04-01T00:00:00.000Z");
+        // 3 Dec 2027 + 89 = 1 Mar 2028 → 1 Apr 2028 (the first notice day that misses March).
+        assert_eq!(effective_90("2027-12-03T00:00:00Z"), "2028-04-01T00:00:00.000Z");
+        // March notices in a leap year fall after February: 3 Mar 2028 → 31 May → 1 Jun,
+        // 4 Mar 2028 → 1 Jun → 1 Jul, as in 2026.
+        assert_eq!(effective_90("2028-03-03T00:00:00Z"), "2028-06-01T00:00:00.000Z");
+        assert_eq!(effective_90("2028-03-04T00:00:00Z"), "2028-07-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn every_notice_day_of_four_years_takes_effect_on_the_first_of_the_month_after_its_90th_day() {
+        // The property behind the examples, for every day 2026–2029 (one leap year): the
+        // effective instant is a 1st at 00:00, after the period's last day (notice + 89 days),
+        // and no later than the 1st of the month after that day.
+        let start = Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        for day in 0..(4 * 365 + 1) {
+            let notice = start.plus_millis(day * DAY_MS + 13 * HOUR_MS);
+            let eff = existing_subscriber_effective(notice, 90);
+            let last_day = Timestamp(notice.day() * DAY_MS).plus_millis(89 * DAY_MS);
+            assert_eq!(eff, eff.month().start(), "{notice}: not the 1st of a month");
+            assert!(eff > last_day, "{notice}: effective {eff} inside the period ending {last_day}");
+            assert_eq!(eff, last_day.month().end(), "{notice}: not the month after the 90th day");
+        }
+    }
+
     #[test]
     fn hour_floors_and_boundary_splits_two_hours() {
         let a = Timestamp::parse_rfc3339("2026-10-01T10:59:59.999Z").unwrap();

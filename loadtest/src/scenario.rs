@@ -320,6 +320,8 @@ impl Scenario {
                                 } else {
                                     ts("2027-03-01T00:00:00Z")
                                 },
+                                renewal: false,
+                                installments: vec![],
                             });
                         }
                         let mut d = vec![("m5_large".to_owned(), base)];
@@ -389,6 +391,7 @@ impl Scenario {
                 effective_from: listed,
             }],
             deployments: vec![],
+            refunds: vec![],
         };
         Scenario { config, doc, keys, usage }
     }

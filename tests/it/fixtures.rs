@@ -95,6 +95,7 @@ pub fn price_book(customers: usize) -> PriceBookDoc {
         resale: vec![],
         fx_rates: vec![],
         deployments: vec![],
+        refunds: vec![],
     }
 }
 

@@ -582,3 +582,618 @@ fn a_softline_style_profile_states_every_parameter_and_closes_in_its_own_terms_e
     let err = run(&bare, &usage, &["--month", "2026-11", "--close"]).unwrap_err();
     assert!(err.contains("marketplace `softline` sets no listing_fees"), "{err}");
 }
+
+/// `book` with `from` replaced by `to` in the text after `anchor` only (the first match there).
+fn edit_after(book: &str, anchor: &str, from: &str, to: &str) -> String {
+    let at = book.find(anchor).expect("anchor") + anchor.len();
+    let (head, tail) = book.split_at(at);
+    assert!(tail.contains(from), "`{from}` not found after `{anchor}`");
+    format!("{head}{}", tail.replacen(from, to, 1))
+}
+
+/// Runs `meterline check-price-book` on `book`; Err(stderr) when refused.
+fn check_price_book(book: &str) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("book.toml");
+    std::fs::write(&path, book).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meterline"))
+        .args(["check-price-book", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    if out.status.success() {
+        Ok(text(&out.stdout))
+    } else {
+        Err(text(&out.stderr))
+    }
+}
+
+#[test]
+fn annual_purchase_2_x_3000_is_invoiced_6000_at_subscription_and_hours_beyond_it_pay_hourly_section_3_4() {
+    // 3 m5.large running, 2 covered (Y − X = 1): 1 × $0.50 on the usage line, beside the
+    // $6,000.00 annual line invoiced on the purchase date with its unrounded amount.
+    let usage = rec("vm-hourly", "100000000030", "m5_large", "2026-03-02T00:00:00Z", 3);
+    let v = close(&usage, "2026-03");
+    let annual = one(&v, &[("customer", "annualco"), ("charge_type", "annual")]);
+    assert_eq!(annual["customer_billed_amount"], "6000.00");
+    assert_eq!(annual["amount_unrounded"], "6000");
+    assert_eq!(annual["quantity"], "2");
+    assert_eq!(annual["unit_rate"], "3000");
+    assert_eq!(annual["invoice_date"], "2026-03-01");
+    assert_eq!(annual["listing_fee"], "1200.00"); // public server offer: 20 % of 6,000
+    assert_eq!(billed(&v, &[("customer", "annualco"), ("charge_type", "usage")]), "0.50");
+    // Invoiced once: nothing in the following months of the term.
+    let april = close("", "2026-04");
+    assert!(lines(&april, &[("customer", "annualco")]).is_empty());
+}
+
+#[test]
+fn annual_purchase_by_installments_1400_at_purchase_and_1400_on_1_september() {
+    // $2,800 in two installments; the first is dated 20 Feb, before the purchase on 1 Mar, so it
+    // is invoiced on 1 Mar.
+    let march = close("", "2026-03");
+    let first = one(&march, &[("customer", "annualpriv"), ("charge_type", "installment")]);
+    assert_eq!(
+        (first["customer_billed_amount"].as_str(), first["invoice_date"].as_str()),
+        (Some("1400.00"), Some("2026-03-01"))
+    );
+    assert_eq!(first["pricing_model"], "annual");
+    let sept = close("", "2026-09");
+    assert_eq!(billed(&sept, &[("customer", "annualpriv"), ("charge_type", "installment")]), "1400.00");
+    assert!(lines(&march, &[("customer", "annualpriv"), ("charge_type", "annual")]).is_empty());
+}
+
+#[test]
+fn annual_price_change_reaches_new_subscribers_at_once_and_a_renewal_only_if_made_90_days_before_edge_45() {
+    // Renewal on 1 Mar 2027; 90 days before is 1 Dec 2026. The example's change to $3,300 is
+    // made 15 Dec (76 days before): the renewal keeps 2 × 3,000 = $6,000.00.
+    let renewal = |book: &str| {
+        let (_, v) = run(book, "", &["--month", "2027-03", "--close"]).unwrap();
+        let l = one(&v, &[("customer", "annualco"), ("charge_type", "annual")]).clone();
+        assert!(l["description"].as_str().unwrap().contains("renewal"), "{l}");
+        l["customer_billed_amount"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(renewal(MODELS), "6000.00");
+    let changed = |day: &str| {
+        MODELS.replace(
+            "rate = \"3300\", effective_from = \"2026-12-15T00:00:00Z\"",
+            &format!("rate = \"3300\", effective_from = \"2026-{day}T00:00:00Z\""),
+        )
+    };
+    // Made on 1 Dec, exactly 90 days before: 2 × 3,300 = $6,600.00. On 2 Dec (89 days): $6,000.00.
+    assert_eq!(renewal(&changed("12-01")), "6600.00");
+    assert_eq!(renewal(&changed("12-02")), "6000.00");
+    // A new subscription on 5 Jan 2027, after the change: 1 × $3,300.00 at once.
+    let jan = close("", "2027-01");
+    assert_eq!(billed(&jan, &[("customer", "annualnew"), ("charge_type", "annual")]), "3300.00");
+}
+
+#[test]
+fn an_annual_instance_type_without_an_hourly_price_is_refused_by_name_at_load_and_by_check_price_book() {
+    // The offer prices c5_xlarge annually but not hourly: every record for it would be NotPriced.
+    let no_hourly = edit_after(MODELS, "id = \"vm-annual\"\n", ", c5_xlarge = { per_unit = \"0.34\" }", "");
+    let err = refused(|_| no_hourly.clone());
+    assert!(err.contains("offer `vm-annual`: annual price for `c5_xlarge`, which has no hourly price"), "{err}");
+    let shown = check_price_book(&no_hourly).unwrap_err();
+    assert!(shown.contains("every annual instance type needs an hourly price too (PRC-12)"), "{shown}");
+    assert!(check_price_book(MODELS).unwrap().contains("valid"));
+    // Coverage of a type the offer does not price hourly is refused the same way.
+    let uncovered =
+        edit_after(MODELS, "id = \"agmnt-annual-priv\"\n", "dimension = \"m5_large\"", "dimension = \"c5_xlarge\"");
+    let err = refused(|_| uncovered.clone());
+    assert!(
+        err.contains("annual coverage of `c5_xlarge`, which has no hourly price in offer `vm-annual-private`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn annual_terms_that_cannot_be_priced_are_refused_with_the_rule() {
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "renews no coverage of that type ending then",
+            refused(|b| {
+                b.replace(
+                    "start = \"2027-03-01T00:00:00Z\", end = \"2028-03-01T00:00:00Z\", renewal = true",
+                    "start = \"2027-03-02T00:00:00Z\", end = \"2028-03-01T00:00:00Z\", renewal = true",
+                )
+            }),
+        ),
+        (
+            "installments sum to 2700 but the purchase is worth 2800.00 USD",
+            refused(|b| {
+                b.replace(
+                    "{ date = \"2026-09-01T00:00:00Z\", amount = \"1400\" }",
+                    "{ date = \"2026-09-01T00:00:00Z\", amount = \"1300\" }",
+                )
+            }),
+        ),
+        (
+            "runs past 12 months",
+            refused(|b| {
+                b.replace(
+                    "units = 1, start = \"2027-01-05T00:00:00Z\", end = \"2028-01-05T00:00:00Z\"",
+                    "units = 1, start = \"2027-01-05T00:00:00Z\", end = \"2028-02-05T00:00:00Z\"",
+                )
+            }),
+        ),
+        (
+            "a $0 annual price for `m5_large` is allowed only when its hourly price is $0",
+            refused(|b| b.replace("rate = \"2800\"", "rate = \"0\"")),
+        ),
+    ];
+    for (want, err) in cases {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+}
+
+/// The pricechange increase ($0.10 → $0.12) notified and effective for new subscribers on `date`.
+fn notified_on(date: &str) -> String {
+    let from = "effective_from = \"2026-03-16T00:00:00Z\"\nnotified_at = \"2026-03-16T00:00:00Z\"";
+    MODELS.replace(from, &from.replace("2026-03-16", date))
+}
+
+#[test]
+fn price_increase_notified_31_december_reaches_existing_subscribers_1_april_and_29_february_1_june_edge_43() {
+    // oldco (signed 1 Feb 2026), 100 users in the last hour before and the first hour from the
+    // effective date: 10.00 at 0.10, then 12.00 at 0.12.
+    for (notice, before, from) in [
+        // 31 Dec 2026 + 89 days = 30 Mar 2027 → effective 1 Apr 2027.
+        ("2026-12-31", "2027-03-31T23:00:00Z", "2027-04-01T00:00:00Z"),
+        // Leap year: 29 Feb 2028 + 89 days = 28 May 2028 → effective 1 Jun 2028.
+        ("2028-02-29", "2028-05-31T23:00:00Z", "2028-06-01T00:00:00Z"),
+        // A period containing 29 Feb: 2 Dec 2027 + 89 days = 29 Feb 2028 → effective 1 Mar 2028.
+        ("2027-12-02", "2028-02-29T23:00:00Z", "2028-03-01T00:00:00Z"),
+    ] {
+        let book = notified_on(notice);
+        let usage = rec("pricechange", "100000000016", "users", before, 100)
+            + &rec("pricechange", "100000000016", "users", from, 100);
+        let month = |ts: &str| run(&book, &usage, &["--month", &ts[..7], "--close"]).unwrap().1;
+        assert_eq!(billed(&month(before), &[("customer", "oldco")]), "10.00", "notice {notice}, before");
+        assert_eq!(billed(&month(from), &[("customer", "oldco")]), "12.00", "notice {notice}, from");
+    }
+}
+
+#[test]
+fn contract_usage_nets_20_entitled_hosts_so_25_metered_bill_5_or_meters_overage_only_section_3_7() {
+    // hostco nets: 25 hosts → 5 × 0.10 = 0.50; 18 hosts → 0; a month of 25 hosts every hour
+    // (720 h) → 5 × 720 × 0.10 = $360.00, §3.7's worked month.
+    let usage = rec("saas-hosts", "100000000033", "hosts", "2026-11-02T00:00:00Z", 25)
+        + &rec("saas-hosts", "100000000033", "hosts", "2026-11-02T01:00:00Z", 18);
+    let v = close(&usage, "2026-11");
+    let net = one(&v, &[("customer", "hostco"), ("charge_type", "usage")]);
+    assert_eq!(net["customer_billed_amount"], "0.50");
+    assert_eq!(net["quantity"], "5");
+    let line = &v["charge_lines"].as_array().unwrap().iter().find(|l| l["customer"] == "hostco").unwrap().clone();
+    assert_eq!((line["quantity"].as_str(), line["covered_quantity"].as_str()), (Some("43"), Some("38")));
+    let month = hourly("saas-hosts", "100000000033", "hosts", "2026-11-01T00:00:00Z", 720, 25);
+    assert_eq!(billed(&close(&month, "2026-11"), &[("customer", "hostco")]), "360.00");
+    // hostover's seller meters the overage only: 5 metered → 0.50; 25 metered are 25 billed.
+    let over = rec("saas-hosts", "100000000034", "hosts", "2026-11-02T00:00:00Z", 5)
+        + &rec("saas-hosts", "100000000034", "hosts", "2026-11-02T01:00:00Z", 25);
+    assert_eq!(billed(&close(&over, "2026-11"), &[("customer", "hostover")]), "3.00");
+    // The entitlement itself: 20 × $100 = $2,000.00 upfront at acceptance, 1 Jan.
+    let jan = close("", "2026-01");
+    assert_eq!(billed(&jan, &[("customer", "hostco"), ("charge_type", "contract_upfront")]), "2000.00");
+    // Netting ends with the 12-month term (1 Jan 2027): 25 metered then are 25 billed, $2.50.
+    let after = rec("saas-hosts", "100000000033", "hosts", "2027-01-02T00:00:00Z", 25);
+    assert_eq!(billed(&close(&after, "2027-01"), &[("customer", "hostco"), ("charge_type", "usage")]), "2.50");
+}
+
+#[test]
+fn a_contract_dimension_that_is_also_metered_must_say_how_usage_meets_the_entitlement() {
+    // Refused, not warned: the ambiguous form would bill every unit of usage the entitlement covers.
+    let err = refused(|b| b.replace("contract_usage = \"net_against_entitlement\"\n", ""));
+    assert!(
+        err.contains("offer `hosts-net`: `hosts` is both a contract dimension and a metered one, which is ambiguous"),
+        "{err}"
+    );
+    assert!(err.contains("net_against_entitlement") && err.contains("overage_only"), "{err}");
+    // A volume over the term cannot be netted per hour.
+    let err = refused(|b| {
+        b.replace(
+            "dimensions = [{ key = \"hosts\", category = \"hosts\", unit = \"host-hour\" }]",
+            "dimensions = [{ key = \"hosts\", category = \"data\", unit = \"host-hour\" }]",
+        )
+    });
+    assert!(err.contains("cannot be netted per hour"), "{err}");
+}
+
+#[test]
+fn a_byol_only_product_is_refused_past_launch_plus_90_days_1_april_2026() {
+    // byol-agent launched 1 Jan 2026 (its first price): a paid option is needed by 1 Apr 2026.
+    let without_paid = |paid_from: Option<&str>| {
+        let paid = "[[offers]]\nid = \"byol-paid\"\nproduct = \"byol-agent\"\nvisibility = \"public\"\ncurrency = \"USD\"\n[[offers.prices]]\neffective_from = \"2026-01-01T00:00:00Z\"\nusage = { nodes = { per_unit = \"0.05\" } }\n";
+        assert_eq!(MODELS.matches(paid).count(), 1);
+        match paid_from {
+            None => MODELS.replace(paid, ""),
+            Some(day) => MODELS.replace(paid, &paid.replace("2026-01-01", day)),
+        }
+    };
+    let err = run(&without_paid(None), "", &[]).unwrap_err();
+    assert!(
+        err.contains("product `byol-agent` has no paid option beside BYOL by 2026-04-01")
+            && err.contains("agreement `agmnt-byol` runs past that day")
+            && err.contains("(PRC-16)"),
+        "{err}"
+    );
+    // A paid option from exactly launch + 90 days is in time; a day later is not.
+    assert!(run(&without_paid(Some("2026-04-01")), "", &[]).is_ok());
+    assert!(run(&without_paid(Some("2026-04-02")), "", &[]).is_err());
+    // BYOL-only is fine while every agreement ends within the first 90 days.
+    let short = without_paid(None).replace(
+        "offer = \"byol-public\"\nstart = \"2026-01-01T00:00:00Z\"\n",
+        "offer = \"byol-public\"\nstart = \"2026-01-01T00:00:00Z\"\nend = \"2026-04-01T00:00:00Z\"\n",
+    );
+    assert!(run(&short, "", &[]).is_ok());
+}
+
+#[test]
+fn a_partial_refund_of_500_of_a_2000_contract_credits_a_quarter_of_the_fee_15_and_names_the_line() {
+    let v = close("", "2026-12");
+    let r = one(&v, &[("customer", "standardco"), ("charge_type", "refund")]);
+    assert_eq!(r["customer_billed_amount"], "-500.00");
+    assert_eq!(r["amount_unrounded"], "-500.00");
+    assert_eq!(r["listing_fee"], "-15.00"); // 60.00 × 500 / 2,000
+    assert_eq!(r["seller_net"], "-485.00");
+    assert_eq!(r["invoice_date"], "2026-12-03");
+    assert_eq!(r["credits_line"], "INV-2026-11-standardco-USD-20261116/agmnt-standard/contract_upfront/");
+    // The credited line is November's, unchanged: a refund is a new row, never an update.
+    let nov = close("", "2026-11");
+    let orig = one(&nov, &[("customer", "standardco"), ("charge_type", "contract_upfront")]);
+    assert_eq!(orig["customer_billed_amount"], "2000.00");
+    assert!(lines(&nov, &[("charge_type", "refund")]).is_empty());
+}
+
+#[test]
+fn a_half_refund_of_a_cppo_contract_reverses_each_partys_share_by_half_edge_57() {
+    // 90,000.00 billed: partner fee 350.00, cost of goods 80,000.00, manufacturer fee 2,800.00,
+    // partner net 9,650.00, manufacturer net 77,200.00 → each × −0.5.
+    let v = close("", "2026-12");
+    let r = one(&v, &[("customer", "retailco"), ("charge_type", "refund")]);
+    let col = |k: &str| r[k].as_str().unwrap().to_owned();
+    assert_eq!(col("customer_billed_amount"), "-45000.00");
+    assert_eq!(col("listing_fee"), "-175.00");
+    assert_eq!(col("cost_of_goods"), "-40000.00");
+    assert_eq!(col("manufacturer_listing_fee"), "-1400.00");
+    assert_eq!(col("seller_net"), "-4825.00");
+    assert_eq!(col("manufacturer_net"), "-38600.00");
+    assert_eq!((col("channel"), col("seller_of_record")), ("cppo".to_owned(), "channelco".to_owned()));
+    assert!(col("description").contains("authorised by the seller"));
+}
+
+#[test]
+fn a_full_refund_of_a_metered_line_cancels_it_to_the_cent_edge_55() {
+    // February: 30 hours × 100 api_calls = 3,000 → 1,000 × 0.10 + 2,000 × 0.05 = 200.00, fee
+    // 6.00; refunded in full on 27 Feb: −200.00, −6.00, net −194.00; the month nets to zero.
+    let usage = hourly("saas-tiers", "100000000001", "api_calls", "2026-02-01T00:00:00Z", 30, 100);
+    let v = close(&usage, "2026-02");
+    let tier = lines(&v, &[("customer", "tierco")]);
+    assert_eq!(tier.len(), 2);
+    let sum = |k: &str| -> rust_decimal::Decimal {
+        tier.iter().map(|l| l[k].as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap()).sum()
+    };
+    for k in ["customer_billed_amount", "listing_fee", "seller_net", "amount_unrounded"] {
+        assert!(sum(k).is_zero(), "{k} sums to {}", sum(k));
+    }
+    assert_eq!(billed(&v, &[("customer", "tierco"), ("charge_type", "refund")]), "-200.00");
+    // Without the month's usage the credited line does not exist, and the close says which.
+    let err = run(MODELS, "", &["--month", "2026-02", "--close"]).unwrap_err();
+    assert!(
+        err.contains(
+            "refund `rf-metering`: credits the usage line of agreement `agmnt-tiers`, dimension `api_calls` in 2026-02"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn refunds_never_credit_more_than_was_billed_and_are_refused_by_name() {
+    // A second refund of 1,600.00 after the 500.00: 2,100.00 > 2,000.00 billed.
+    let more = MODELS.to_owned()
+        + "\n[[refunds]]\nid = \"rf-too-much\"\nagreement = \"agmnt-standard\"\nmonth = \"2026-11\"\ncharge_type = \"contract_upfront\"\namount = \"1600.00\"\nissued = \"2026-12-20T00:00:00Z\"\nreason = \"goodwill\"\n";
+    let err = run(&more, "", &["--month", "2026-12", "--close"]).unwrap_err();
+    assert!(err.contains("refund `rf-too-much`: refunds of line INV-2026-11-standardco-USD-20261116/agmnt-standard/contract_upfront/ would total 2100.00, more than its billed 2000.00"), "{err}");
+    // 1,500.00 is exactly the rest: accepted, and the line is refunded in full.
+    let rest = more.replace("amount = \"1600.00\"", "amount = \"1500.00\"");
+    let (_, v) = run(&rest, "", &["--month", "2026-12", "--close"]).unwrap();
+    assert_eq!(lines(&v, &[("customer", "standardco"), ("charge_type", "refund")]).len(), 2);
+    // Load-time rules: fractions of one line over 1, a private-offer refund without the
+    // seller's authorisation, both fraction and amount.
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "add up to 1.5 of it; never more than was billed",
+            refused(|b| {
+                b.to_owned() + "\n[[refunds]]\nid = \"rf-retail-more\"\nagreement = \"agmnt-retail\"\nmonth = \"2026-11\"\ncharge_type = \"contract_upfront\"\nfraction = \"1\"\nissued = \"2026-12-11T00:00:00Z\"\nreason = \"x\"\nseller_authorised = true\n"
+            }),
+        ),
+        (
+            "need the seller's authorisation",
+            refused(|b| {
+                b.replace(
+                    "reason = \"half the platform licences returned\"\nseller_authorised = true\n",
+                    "reason = \"half the platform licences returned\"\n",
+                )
+            }),
+        ),
+        (
+            "give either fraction (0 < f ≤ 1) or amount, not both",
+            refused(|b| b.replace("amount = \"500.00\"\n", "amount = \"500.00\"\nfraction = \"0.25\"\n")),
+        ),
+    ];
+    for (want, err) in cases {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+}
+
+#[test]
+fn meterline_close_writes_refund_lines_to_the_sqlite_close_tables_and_the_csv_and_json_export() {
+    // A store written before the `credits_line` column existed gains it on open.
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meterline.db");
+    drop(meterline::store::Store::open(&db).unwrap());
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute_batch("ALTER TABLE invoice_lines DROP COLUMN credits_line")
+        .unwrap();
+    let book = dir.path().join("book.toml");
+    std::fs::write(&book, MODELS).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_meterline"))
+        .args(["close", "--data-dir", dir.path().to_str().unwrap(), "--price-book", book.to_str().unwrap()])
+        .args(["--month", "2026-12", "--out-dir", dir.path().join("out").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let credited = "INV-2026-11-standardco-USD-20261116/agmnt-standard/contract_upfront/";
+    // SQLite: the negative line and the line it credits.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (billed, fee, credits): (String, String, String) = conn
+        .query_row(
+            "SELECT customer_billed_amount, listing_fee, credits_line FROM invoice_lines WHERE customer = 'standardco' AND charge_type = 'refund'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((billed.as_str(), fee.as_str(), credits.as_str()), ("-500.00", "-15.00", credited));
+    // CSV: the credits_line column (then the DSOR partner's four, empty here); JSON: the same line.
+    let csv = std::fs::read_to_string(dir.path().join("out/invoice-lines-2026-12.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with(
+        ",metering_records,credits_line,distributor,distributor_cost_of_goods,distributor_listing_fee,distributor_net"
+    ));
+    let row = csv.lines().find(|l| l.contains(",refund,") && l.contains("standardco")).unwrap();
+    assert!(row.ends_with(&format!(",0,{credited},,,,")) && row.contains(",-500.00,"), "{row}");
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/invoice-lines-2026-12.json")).unwrap())
+            .unwrap();
+    let refunds: Vec<&Value> =
+        json["lines"].as_array().unwrap().iter().filter(|l| l["charge_type"] == "refund").collect();
+    assert_eq!(refunds.len(), 2);
+    assert!(refunds.iter().any(|l| l["credits_line"] == credited));
+}
+
+/// A stage binary built beside this test (`cargo build --workspace --all-features --bins`).
+fn stage_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().and_then(std::path::Path::parent).unwrap().join(name);
+    assert!(p.exists(), "{} is missing: run cargo build --workspace --all-features --bins first", p.display());
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregator_close_writes_refund_lines_naming_the_credited_line_to_clickhouse_invoice_lines() {
+    // `aggregator close` applies migration 003 and writes December's two refunds of November
+    // contracts (they need no usage): −500.00 / fee −15.00 and −45,000.00 / fee −175.00.
+    let ch = testkit::ClickHouse::start().await.unwrap();
+    let (db, _) = ch.database("refunds").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let book = dir.path().join("book.toml");
+    std::fs::write(&book, MODELS).unwrap();
+    let config = dir.path().join("meterline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "price_book = \"{}\"\n[kafka]\nbootstrap = \"127.0.0.1:9\"\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n",
+            book.display(),
+            ch.url()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(stage_bin("aggregator"))
+        .args(["--config", config.to_str().unwrap(), "close", "--month", "2026-12", "--out-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = ch
+        .query_text(&format!(
+            "SELECT customer, toString(customer_billed_amount), toString(listing_fee), toString(cost_of_goods), credits_line
+             FROM {db}.invoice_lines_current WHERE charge_type = 'refund' ORDER BY customer"
+        ))
+        .await
+        .unwrap();
+    let rows: Vec<Vec<&str>> = text.lines().map(|l| l.split('\t').collect()).collect();
+    let norm = |s: &str| s.parse::<rust_decimal::Decimal>().unwrap().normalize().to_string();
+    let got: Vec<(String, String, String, String, String)> =
+        rows.iter().map(|r| (r[0].into(), norm(r[1]), norm(r[2]), norm(r[3]), r[4].into())).collect();
+    let want = |c: &str, b: &str, f: &str, g: &str, line: &str| (c.into(), b.into(), f.into(), g.into(), line.into());
+    assert_eq!(
+        got,
+        vec![
+            want(
+                "retailco",
+                "-45000",
+                "-175",
+                "-40000",
+                "INV-2026-11-retailco-USD-20261101/agmnt-retail/contract_upfront/"
+            ),
+            want(
+                "standardco",
+                "-500",
+                "-15",
+                "0",
+                "INV-2026-11-standardco-USD-20261116/agmnt-standard/contract_upfront/"
+            ),
+        ]
+    );
+    // Other lines carry no reference.
+    let others = ch
+        .query_text(&format!(
+            "SELECT count() FROM {db}.invoice_lines WHERE charge_type != 'refund' AND credits_line != ''"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(others.trim(), "0");
+}
+
+#[test]
+fn resale_authorisations_are_one_time_or_recurring_and_sell_nothing_after_they_expire() {
+    // acme-to-channelco is one-time and expires 31 Dec 2026; retailco accepted on 1 Nov.
+    let v = close("", "2026-11");
+    assert_eq!(billed(&v, &[("customer", "retailco"), ("charge_type", "contract_upfront")]), "90000.00");
+    let second_buyer =
+        |b: &str| b.replace("buyers = [\"retailco\"]\nresale", "buyers = [\"retailco\", \"eurco\"]\nresale");
+    let cases: Vec<(&str, String)> = vec![
+        // One-time: a second buyer on the offer.
+        ("resale `acme-to-channelco` is one-time: it allows one offer to one buyer", refused(second_buyer)),
+        // Accepted after the expiry: 1 Jan 2027 > 31 Dec 2026.
+        (
+            "agreement `agmnt-retail` was accepted at 2027-01-01T00:00:00.000Z under resale `acme-to-channelco`, which expired at 2026-12-31T00:00:00.000Z",
+            refused(|b| b.replace("offer = \"suite-cppo\"\nstart = \"2026-11-01T00:00:00Z\"", "offer = \"suite-cppo\"\nstart = \"2027-01-01T00:00:00Z\"")),
+        ),
+    ];
+    for (want, err) in cases {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+    // Recurring (the default): the same second buyer is fine.
+    let recurring = second_buyer(MODELS).replace("kind = \"one_time\"\n", "");
+    run(&recurring, "", &[]).unwrap();
+    // One-time, accepted twice: a second agreement under the same offer (after the first ends).
+    let twice = MODELS.replace(
+        "offer = \"suite-cppo\"\nstart = \"2026-11-01T00:00:00Z\"\n",
+        "offer = \"suite-cppo\"\nstart = \"2026-11-01T00:00:00Z\"\nend = \"2026-11-20T00:00:00Z\"\n",
+    ) + "\n[[agreements]]\nid = \"agmnt-retail-2\"\ncustomer = \"retailco\"\nproduct = \"suite\"\noffer = \"suite-cppo\"\nstart = \"2026-11-20T00:00:00Z\"\n";
+    let err = run(&twice, "", &[]).unwrap_err();
+    assert!(
+        err.contains("is one-time: it is accepted once, but agreements `agmnt-retail` and `agmnt-retail-2` use it"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dsor_channel_model_splits_98000_between_reseller_dsor_partner_and_manufacturer_section_3_13() {
+    // Resell Co bills 98,000.00, owes DSOR Co 90,000.00, which owes acme 85,000.00; 3.5 % each
+    // on its own share: 280.00 (net 7,720.00), 175.00 (net 4,825.00), 2,975.00 (net 82,025.00).
+    let v = close("", "2026-12");
+    let l = one(&v, &[("customer", "schoolco"), ("charge_type", "contract_upfront")]);
+    let col = |k: &str| l[k].as_str().unwrap().to_owned();
+    assert_eq!(
+        (col("seller_of_record"), col("manufacturer"), col("channel")),
+        ("resellco".into(), "acme".into(), "cppo".into())
+    );
+    assert_eq!(col("customer_billed_amount"), "98000.00");
+    assert_eq!(col("listing_fee_rate"), "0.035");
+    assert_eq!(
+        (col("listing_fee"), col("cost_of_goods"), col("seller_net")),
+        ("280.00".into(), "90000.00".into(), "7720.00".into())
+    );
+    let d = &l["distributor"];
+    assert_eq!(d["party"], "dsorco");
+    assert_eq!(
+        (d["cost_of_goods"].as_str(), d["listing_fee"].as_str(), d["net"].as_str()),
+        (Some("85000.00"), Some("175.00"), Some("4825.00"))
+    );
+    assert_eq!((col("manufacturer_listing_fee"), col("manufacturer_net")), ("2975.00".into(), "82025.00".into()));
+    // Every cent is someone's: nets + fees = billed.
+    let dec = |s: &str| s.parse::<rust_decimal::Decimal>().unwrap();
+    let parts = ["seller_net", "listing_fee", "manufacturer_listing_fee", "manufacturer_net"]
+        .iter()
+        .map(|k| dec(&col(k)))
+        .sum::<rust_decimal::Decimal>()
+        + dec(d["net"].as_str().unwrap())
+        + dec(d["listing_fee"].as_str().unwrap());
+    assert_eq!(parts, dec("98000.00"));
+    // The party nets of the close name all three.
+    let nets = v["close_totals"]["party_net"].as_array().unwrap();
+    let net = |p: &str| nets.iter().find(|n| n[0] == p).map(|n| n[2].as_str().unwrap().to_owned());
+    assert_eq!(net("resellco").as_deref(), Some("7720.00"));
+    // A one-level DSOR sale has no middle party.
+    assert!(one(&close("", "2026-11"), &[("customer", "govco"), ("charge_type", "contract_upfront")])
+        .get("distributor")
+        .is_none());
+}
+
+#[test]
+fn a_two_level_resale_chain_is_cppo_under_dsor_two_levels_at_most() {
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "the DSOR channel model is a cppo authorisation under a dsor one, not cppo under cppo",
+            refused(|b| b.replace("parent = \"acme-to-dsorco\"", "parent = \"acme-to-channelco\"")),
+        ),
+        (
+            "the parent authorisation is not defined",
+            refused(|b| b.replace("parent = \"acme-to-dsorco\"", "parent = \"nobody\"")),
+        ),
+        ("`dsorco` cannot resell to itself", refused(|b| b.replace("partner = \"resellco\"", "partner = \"dsorco\""))),
+    ];
+    for (want, err) in cases {
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+}
+
+#[test]
+fn a_full_refund_of_a_two_level_resale_line_reverses_all_three_parties_to_the_cent() {
+    let book = MODELS.to_owned()
+        + "\n[[refunds]]\nid = \"rf-school\"\nagreement = \"agmnt-school\"\nmonth = \"2026-12\"\ncharge_type = \"contract_upfront\"\nfraction = \"1\"\nissued = \"2026-12-15T00:00:00Z\"\nreason = \"cancelled within 48 hours\"\nseller_authorised = true\n";
+    let (_, v) = run(&book, "", &["--month", "2026-12", "--close"]).unwrap();
+    let school = lines(&v, &[("customer", "schoolco")]);
+    assert_eq!(school.len(), 2);
+    let dec = |x: &Value| x.as_str().unwrap().parse::<rust_decimal::Decimal>().unwrap();
+    for k in [
+        "customer_billed_amount",
+        "listing_fee",
+        "cost_of_goods",
+        "seller_net",
+        "manufacturer_listing_fee",
+        "manufacturer_net",
+    ] {
+        assert!(school.iter().map(|l| dec(&l[k])).sum::<rust_decimal::Decimal>().is_zero(), "{k}");
+    }
+    for k in ["cost_of_goods", "listing_fee", "net"] {
+        assert!(
+            school.iter().map(|l| dec(&l["distributor"][k])).sum::<rust_decimal::Decimal>().is_zero(),
+            "distributor {k}"
+        );
+    }
+    let refund = one(&v, &[("customer", "schoolco"), ("charge_type", "refund")]);
+    assert_eq!(refund["distributor"]["net"], "-4825.00");
+}
+
+#[test]
+fn december_close_with_refunds_and_a_two_level_resale_is_golden() {
+    // Issue 17's lines together: the two refunds of November contracts (−500.00, −45,000.00),
+    // the DSOR channel sale (98,000.00 split 7,720.00 / 4,825.00 / 82,025.00 net) and annualco's
+    // usage beside its annual coverage (3 running, 2 covered → 0.50).
+    let usage = rec("vm-hourly", "100000000030", "m5_large", "2026-12-02T00:00:00Z", 3);
+    let (text, _) = run(MODELS, &usage, &["--month", "2026-12", "--close"]).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/month_close_2026_12.json");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(path, &text).unwrap();
+    }
+    assert_eq!(text, std::fs::read_to_string(path).expect("run with UPDATE_GOLDEN=1 once"), "differs from {path}");
+}
+
+#[test]
+fn an_annual_amendment_of_181_days_is_prorated_2000_x_181_over_365_is_991_78() {
+    // annualco adds one c5.xlarge on 1 Sep 2026 to the end of its term (1 Mar 2027): 181 of the
+    // 365 days of the year from 1 Sep, 2,000 × 181 / 365 = 991.780821… → 991.78.
+    let book = MODELS.replace(
+        "  { dimension = \"m5_large\", units = 2, start = \"2027-03-01T00:00:00Z\", end = \"2028-03-01T00:00:00Z\", renewal = true },\n",
+        "  { dimension = \"m5_large\", units = 2, start = \"2027-03-01T00:00:00Z\", end = \"2028-03-01T00:00:00Z\", renewal = true },\n  { dimension = \"c5_xlarge\", units = 1, start = \"2026-09-01T00:00:00Z\", end = \"2027-03-01T00:00:00Z\" },\n",
+    );
+    assert_ne!(book, MODELS);
+    let (_, v) = run(&book, "", &["--month", "2026-09", "--close"]).unwrap();
+    let l = one(&v, &[("customer", "annualco"), ("charge_type", "annual")]);
+    assert_eq!(l["customer_billed_amount"], "991.78");
+    assert!(l["amount_unrounded"].as_str().unwrap().starts_with("991.780821"), "{l}");
+    assert!(l["description"].as_str().unwrap().contains("181/365 days of a year"), "{l}");
+}
