@@ -133,12 +133,14 @@ pub fn rate_lines(book: &PriceBook, usage: &str, opts: &RateOptions<'_>) -> anyh
         .zip(effects.refusals)
         .map(|(line, r)| RefusedLine { line, status: r.rejection.code.as_str(), reason: r.rejection.message })
         .collect();
-    let mut lines = rollup.lines()?;
+    let all_lines = rollup.lines()?;
+    // The close takes every month's lines: a refund issued this month may credit an earlier one.
+    let month_close = close_month_of.map(|m| close_month(book, m, &all_lines, &trial_hours)).transpose()?;
+    let mut lines = all_lines;
     if let Some(m) = month {
         lines.retain(|l| l.month == m);
     }
     let invoice_totals = invoice_totals(&lines);
-    let month_close = close_month_of.map(|m| close_month(book, m, &lines, &trial_hours)).transpose()?;
     let close_totals = month_close.as_ref().map(|c| close_totals(&c.lines));
     Ok(RateOutput {
         price_book_version: book.version().to_owned(),
