@@ -44,7 +44,7 @@ pub fn close(db: &Path, book: &PriceBook, month: Month, out_dir: &Path, now: Tim
 pub fn summary(c: &Closed) -> String {
     let mut s = String::new();
     let totals = close_totals(&c.close.lines);
-    let _ = writeln!(
+    outln!(
         s,
         "Closed {} for marketplace `{}` (price book {}): {} invoice lines; later usage for it is {}.",
         c.close.month,
@@ -56,25 +56,25 @@ pub fn summary(c: &Closed) -> String {
             common::catalogue::LateUsage::CorrectionNextMonth => "booked on the next month as a correction",
         }
     );
-    let _ = writeln!(s, "\nInvoices: {} (customer × currency)", totals.invoices.len());
+    outln!(s, "\nInvoices: {} (customer × currency)", totals.invoices.len());
     let mut by_currency: std::collections::BTreeMap<String, rust_decimal::Decimal> = Default::default();
     for (_, cur, amount) in &totals.invoices {
         *by_currency.entry(cur.to_string()).or_default() += amount;
     }
     for (cur, amount) in &by_currency {
-        let _ = writeln!(s, "  billed {:>18} {cur}", money(*amount));
+        outln!(s, "  billed {:>18} {cur}", money(*amount));
     }
-    let _ = writeln!(s, "\nNet per party (seller of record or manufacturer):");
+    outln!(s, "\nNet per party (seller of record or manufacturer):");
     for (party, cur, net) in &totals.party_net {
-        let _ = writeln!(s, "  {party:<24} {:>18} {cur}", money(*net));
+        outln!(s, "  {party:<24} {:>18} {cur}", money(*net));
     }
-    let _ = writeln!(s, "\nListing fees (the marketplace's share):");
+    outln!(s, "\nListing fees (the marketplace's share):");
     for (cur, fee) in &totals.listing_fees {
-        let _ = writeln!(s, "  {:>18} {cur}", money(*fee));
+        outln!(s, "  {:>18} {cur}", money(*fee));
     }
     for w in &c.close.warnings {
-        let _ = writeln!(s, "warning: {w}");
+        outln!(s, "warning: {w}");
     }
-    let _ = writeln!(s, "\nExported {} and {}", c.csv.display(), c.json.display());
+    outln!(s, "\nExported {} and {}", c.csv.display(), c.json.display());
     s
 }

@@ -15,6 +15,13 @@
 //!
 //! Data enters at `ingest::http` (via [`server`]) and leaves in the store's `monthly_charges`.
 
+/// `writeln!` into a `String`, which cannot fail (the modules below print reports with it).
+macro_rules! outln {
+    ($buf:expr, $($arg:tt)*) => {
+        writeln!($buf, $($arg)*).expect("writing to a String cannot fail")
+    };
+}
+
 pub mod close;
 pub mod demo;
 pub mod pipeline;

@@ -9,13 +9,6 @@ use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-/// `writeln!` into a `String`, which cannot fail.
-macro_rules! outln {
-    ($buf:expr, $($arg:tt)*) => {
-        writeln!($buf, $($arg)*).expect("writing to a String cannot fail")
-    };
-}
-
 /// `1234567.8` → `1,234,567.8` (the decimal part untouched).
 pub fn group_thousands(s: &str) -> String {
     let (sign, rest) = s.strip_prefix('-').map(|r| ("-", r)).unwrap_or(("", s));

@@ -10,6 +10,9 @@ use common::time::{Hour, Month, Timestamp};
 use common::usage::UsageRecord;
 
 /// The rater's verdict on a record.
+// `Rated` is much larger than the others; boxing it would cost an allocation per rated record on
+// the hot path, while a decision lives only until its batch is written.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     /// A new record, priced. Persist it, then [`Rater::commit`].
