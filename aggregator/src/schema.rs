@@ -7,6 +7,7 @@ use clickhouse::Client;
 pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "001_init.sql", include_str!("../../deploy/clickhouse/001_init.sql")),
     (2, "002_invoice_lines.sql", include_str!("../../deploy/clickhouse/002_invoice_lines.sql")),
+    (4, "004_closed_months.sql", include_str!("../../deploy/clickhouse/004_closed_months.sql")),
 ];
 
 /// Splits a migration file into statements (`;` at a line end), dropping comment-only lines.
@@ -81,5 +82,8 @@ mod tests {
         let s = statements(MIGRATIONS[1].2, "meterline");
         assert_eq!(s.len(), 2);
         assert!(s[1].starts_with("CREATE VIEW IF NOT EXISTS meterline.invoice_lines_current"));
+        let s = statements(MIGRATIONS[2].2, "meterline");
+        assert_eq!(s.len(), 1);
+        assert!(s[0].starts_with("CREATE TABLE IF NOT EXISTS meterline.closed_months"));
     }
 }

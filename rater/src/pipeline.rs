@@ -62,6 +62,9 @@ pub enum RaterError {
         /// Why.
         reason: String,
     },
+    /// The closed-months follower could not start.
+    #[error("closed months: {0}")]
+    ClosedMonths(#[from] crate::closed::FollowError),
     /// The dedup rebuild of a partition failed.
     #[error("rebuilding partition {partition} from {topic}: {source}")]
     Rebuild {
@@ -155,6 +158,8 @@ pub async fn run_with_clock(
     // Fences any earlier producer with this id and aborts its open transaction.
     tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))?;
     tracing::info!(transactional_id, "transactional producer ready");
+    // Every close published so far is known before the first decision (see `closed`).
+    let closed = tokio::task::block_in_place(|| crate::closed::follow(k, &cfg.rater.group))?;
     let mut states: HashMap<i32, Rater> = HashMap::new();
     let mut stats = RaterStats::default();
     let window_ms = book.windows().acceptance_ms;
@@ -194,6 +199,7 @@ pub async fn run_with_clock(
                             // presents it, so a batch that outlived a rebalance (a zombie's) is
                             // refused by the broker even if this instance has rejoined since.
                             batch.group = consumer.group_metadata();
+                            batch.closed_through = closed.get();
                         }
                         let p = msg.partition();
                         if !states.contains_key(&p) {
@@ -201,6 +207,7 @@ pub async fn run_with_clock(
                             stats.rebuilds += 1;
                         }
                         let rater = states.get_mut(&p).expect("state present after rebuild");
+                        rater.set_closed_through(batch.closed_through);
                         decide_one(&msg, rater, &book, cfg, &producer, &mut batch, &mut stats, &obs, clock.now())?;
                     }
                 }
@@ -212,7 +219,11 @@ pub async fn run_with_clock(
                 let payload = codec::encode(&decisions);
                 send(&producer, &cfg.kafka.topics.decisions, Some(partition), &[], &payload, &mut batch)?;
             }
-            commit_batch(&consumer, &producer, batch, &mut states, &mut stats, &obs).await?;
+            // A close learnt while the batch was open: its decisions may rate into the closed
+            // month, so abort it and decide it again under the close.
+            let stale = (closed.get() != batch.closed_through)
+                .then(|| "a month was closed while the batch was open".to_owned());
+            commit_batch(&consumer, &producer, batch, stale, &mut states, &mut stats, &obs).await?;
             let now = clock.now();
             for r in states.values_mut() {
                 r.evict(now, window_ms);
@@ -276,6 +287,8 @@ struct Batch<'o> {
     group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
     /// Decisions to send back to the ingest calls that asked.
     replies: Replies,
+    /// The closed-through month every decision of the batch was made under.
+    closed_through: Option<common::time::Month>,
 }
 
 impl Batch<'_> {
@@ -290,6 +303,7 @@ impl Batch<'_> {
             started: Instant::now(),
             group: None,
             replies: Replies::default(),
+            closed_through: None,
         }
     }
 }
@@ -444,18 +458,20 @@ fn send(
 /// offsets and makes the dedup claims permanent. An abortable failure (a rebalance moved a
 /// partition, a delivery failed) aborts the transaction instead: the claims are rolled back and
 /// the consumer rewinds to the committed offsets, so the batch is decided again by whoever owns
-/// each partition now. Only a fatal error (this producer was fenced) ends the rater.
+/// each partition now. `abort` (a reason) aborts it likewise once its outputs are delivered.
+/// Only a fatal error (this producer was fenced) ends the rater.
 async fn commit_batch(
     consumer: &StreamConsumer<RebalanceLog>,
     producer: &FutureProducer,
     batch: Batch<'_>,
+    abort: Option<String>,
     states: &mut HashMap<i32, Rater>,
     stats: &mut RaterStats,
     obs: &Observer,
 ) -> Result<(), RaterError> {
     let m = &obs.metrics;
     let (topics, futures): (Vec<String>, Vec<DeliveryFuture>) = batch.deliveries.into_iter().unzip();
-    let mut failure = None;
+    let mut failure = abort;
     for (topic, d) in topics.into_iter().zip(join_all(futures).await) {
         let reason = match d {
             Ok(Ok(_)) => continue,
