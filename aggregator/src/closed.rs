@@ -61,11 +61,11 @@ pub async fn mark_closed(
     client
         .query(
             "INSERT INTO closed_months (billing_month, close_version, closed_at, marketplace, price_book_version) \
-             VALUES (toDate(?), ?, fromUnixTimestamp64Milli(?), ?, ?)",
+             VALUES (toDate(?), ?, toDateTime(?), ?, ?)",
         )
         .bind(format!("{month}-01"))
         .bind(u64::try_from(now.millis()).unwrap_or_default())
-        .bind(now.millis())
+        .bind(now.millis().div_euclid(1000))
         .bind(marketplace)
         .bind(price_book_version)
         .execute()

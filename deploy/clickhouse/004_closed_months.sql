@@ -8,7 +8,7 @@ CREATE TABLE IF NOT EXISTS {database}.closed_months
 (
     billing_month      Date,
     close_version      UInt64,                 -- milliseconds since the epoch of the close
-    closed_at          DateTime64(3, 'UTC'),
+    closed_at          DateTime,               -- the close version, in seconds
     marketplace        String,                 -- the profile id of the price book closed under
     price_book_version String
 )
