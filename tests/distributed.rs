@@ -1071,7 +1071,8 @@ async fn answer_alike(http: &reqwest::Client, distributed_url: &str, embedded_ur
 /// Issue 14 item 3: after `aggregator close --month <this month>` the distributed raters refuse a
 /// record of this month as late usage (the test book's AWS profile refuses it), exactly as
 /// `meterline serve` does after `meterline close --month`: the same status, id and reason. A
-/// record before the close is charged in both; the close is in ClickHouse `closed_months`.
+/// record before the close is charged in both; a rater restarted after the close still refuses;
+/// the close is in ClickHouse `closed_months`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_month_refuses_late_usage_alike_in_both_modes() {
     let mut c = Cluster::start("closed", 4).await;
@@ -1098,6 +1099,13 @@ async fn a_closed_month_refuses_late_usage_alike_in_both_modes() {
     // Dedup comes before rating: the record charged before the close is still an identical resend.
     let resend = case("after the close: the record charged before, sent again", 0, &["Success"]);
     assert_eq!(answer_alike(&http, &c.ingest_url, &embedded, &resend).await, first);
+    // A rater started after the close knows it before its first decision: it reads the
+    // closed-months topic to its end at startup.
+    c.kill("rater");
+    c.spawn("rater", "rater");
+    let after_restart = case("after a rater restart: still a closed month", 2, &["TimestampOutOfBounds"]);
+    let refused_again = answer_alike(&http, &c.ingest_url, &embedded, &after_restart).await;
+    assert!(refused_again.records[0].2.contains("a closed month"), "{refused_again:?}");
 
     let closed = c.query("SELECT toString(billing_month) FROM {db}.closed_months FORMAT TabSeparated").await;
     assert_eq!(closed.trim(), format!("{month}-01"));
