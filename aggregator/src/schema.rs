@@ -82,7 +82,8 @@ mod tests {
         let s = statements(MIGRATIONS[1].2, "meterline");
         assert_eq!(s.len(), 2);
         assert!(s[1].starts_with("CREATE VIEW IF NOT EXISTS meterline.invoice_lines_current"));
-        let s = statements(MIGRATIONS[2].2, "meterline");
+        let closed_months = MIGRATIONS.iter().find(|m| m.0 == 4).unwrap();
+        let s = statements(closed_months.2, "meterline");
         assert_eq!(s.len(), 1);
         assert!(s[0].starts_with("CREATE TABLE IF NOT EXISTS meterline.closed_months"));
     }
