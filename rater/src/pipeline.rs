@@ -219,11 +219,7 @@ pub async fn run_with_clock(
                 let payload = codec::encode(&decisions);
                 send(&producer, &cfg.kafka.topics.decisions, Some(partition), &[], &payload, &mut batch)?;
             }
-            // A close learnt while the batch was open: its decisions may rate into the closed
-            // month, so abort it and decide it again under the close.
-            let stale = (closed.get() != batch.closed_through)
-                .then(|| "a month was closed while the batch was open".to_owned());
-            commit_batch(&consumer, &producer, batch, stale, &mut states, &mut stats, &obs).await?;
+            commit_batch(&consumer, &producer, batch, &closed, &mut states, &mut stats, &obs).await?;
             let now = clock.now();
             for r in states.values_mut() {
                 r.evict(now, window_ms);
@@ -458,20 +454,21 @@ fn send(
 /// offsets and makes the dedup claims permanent. An abortable failure (a rebalance moved a
 /// partition, a delivery failed) aborts the transaction instead: the claims are rolled back and
 /// the consumer rewinds to the committed offsets, so the batch is decided again by whoever owns
-/// each partition now. `abort` (a reason) aborts it likewise once its outputs are delivered.
+/// each partition now. So does a close the rater learnt while the batch was open (`closed` moved
+/// past the month the batch was decided under): the batch is decided again under the close.
 /// Only a fatal error (this producer was fenced) ends the rater.
 async fn commit_batch(
     consumer: &StreamConsumer<RebalanceLog>,
     producer: &FutureProducer,
     batch: Batch<'_>,
-    abort: Option<String>,
+    closed: &crate::closed::ClosedThrough,
     states: &mut HashMap<i32, Rater>,
     stats: &mut RaterStats,
     obs: &Observer,
 ) -> Result<(), RaterError> {
     let m = &obs.metrics;
     let (topics, futures): (Vec<String>, Vec<DeliveryFuture>) = batch.deliveries.into_iter().unzip();
-    let mut failure = abort;
+    let mut failure = None;
     for (topic, d) in topics.into_iter().zip(join_all(futures).await) {
         let reason = match d {
             Ok(Ok(_)) => continue,
@@ -480,6 +477,10 @@ async fn commit_batch(
         };
         m.delivery_errors.with_label_values(&[STAGE, &topic]).inc();
         failure.get_or_insert(format!("producing to {topic}: {reason}"));
+    }
+    // Checked as late as possible, just before the commit: see "Closed months" in ARCHITECTURE.md.
+    if failure.is_none() && closed.get() != batch.closed_through {
+        failure = Some("a month was closed while the batch was open".to_owned());
     }
     let mut tpl = TopicPartitionList::new();
     for (p, o) in &batch.next_offsets {
