@@ -18,6 +18,10 @@
 //!    redelivered raw record is an identical resend and produces nothing; the aggregator folds
 //!    each dedup key once and ClickHouse writes are versioned.
 //!
+//! Closed months: each batch is decided under the latest close the [`crate::closed`] follower
+//! knows when the batch begins; a batch a close overtook is aborted just before its commit and
+//! decided again under the close.
+//!
 //! The group uses the cooperative-sticky assignor: a member joining or leaving moves only the
 //! partitions that change owner. Undecodable raw messages go to the dead-letter topic with the
 //! reason; the partition flows on. A fatal producer error (fenced by a newer instance of the same
