@@ -10,6 +10,22 @@ use common::catalogue::PriceBook;
 use common::time::{Month, Timestamp};
 use std::path::Path;
 
+/// Closes `month` as `aggregator close` does: first records the close where the raters read it
+/// and waits `settle` ([`crate::closed`]), then [`close`]s it.
+pub async fn close_and_tell_raters(
+    cfg: &common::config::PipelineConfig,
+    client: &Client,
+    book: &PriceBook,
+    month: Month,
+    out_dir: &Path,
+    now: Timestamp,
+    settle: std::time::Duration,
+) -> anyhow::Result<MonthClose> {
+    crate::closed::mark_closed(cfg, client, month, &book.marketplace().id, book.version(), now).await?;
+    tokio::time::sleep(settle).await;
+    close(client, book, month, out_dir, now).await
+}
+
 /// Closes `month`; `client` is bound to the Meterline database.
 pub async fn close(
     client: &Client,

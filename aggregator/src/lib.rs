@@ -9,6 +9,8 @@
 //!
 //! - `schema` (feature `distributed`): the versioned ClickHouse migrations of `deploy/clickhouse/`.
 //! - `sink` (feature `distributed`): SHELL. Row types and ClickHouse reads and writes.
+//! - `closed` (feature `distributed`): SHELL. `aggregator close` records the close (ClickHouse
+//!   `closed_months`, the closed-months topic the raters follow) before it reads lines.
 //! - `closing` (feature `distributed`): SHELL. `aggregator close`: month close over ClickHouse.
 //! - `pipeline` (feature `distributed`): SHELL. Rated topic → fold → ClickHouse, exactly once.
 //!
@@ -16,6 +18,8 @@
 //! [`common::rated::ChargeLine`]s (to the store or ClickHouse).
 
 pub mod close;
+#[cfg(feature = "distributed")]
+pub mod closed;
 #[cfg(feature = "distributed")]
 pub mod closing;
 pub mod invoice;

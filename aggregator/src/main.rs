@@ -4,6 +4,9 @@
 //!   SIGINT/SIGTERM (finishing the current flush). `/metrics`, `/health` and `/ready` on
 //!   `aggregator.metrics_listen`.
 //! - `aggregator migrate --config meterline.toml`: applies `deploy/clickhouse/` migrations only.
+//! - `aggregator close --month YYYY-MM`: tells the raters the month is closed (ClickHouse
+//!   `closed_months`, the closed-months topic), waits the settle time, then writes its invoice
+//!   lines and exports them.
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -37,6 +40,11 @@ enum Command {
         /// Where the CSV and JSON go.
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
+        /// How long to wait after telling the raters the month is closed, before reading its
+        /// lines (ms). Default: the raters' follower poll + `rater.linger_ms` +
+        /// `aggregator.flush_interval_ms` + 1 s for a commit and an insert.
+        #[arg(long)]
+        settle_ms: Option<u64>,
     },
 }
 
@@ -64,11 +72,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let book =
         Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
-    if let Some(Command::Close { month, out_dir }) = &args.command {
+    if let Some(Command::Close { month, out_dir, settle_ms }) = &args.command {
         let month = common::time::Month::parse(month).map_err(anyhow::Error::msg)?;
         let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
         let now = common::time::Timestamp::from_millis(i64::try_from(since_epoch.as_millis())?);
-        let close = aggregator::closing::close(&base.with_database(&ch.database), &book, month, out_dir, now).await?;
+        // The closed-months topic the raters follow must exist before the marker goes on it.
+        common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
+        let settle = settle_ms.map_or_else(|| aggregator::closed::settle_time(&cfg), std::time::Duration::from_millis);
+        let client = base.with_database(&ch.database);
+        let close =
+            aggregator::closing::close_and_tell_raters(&cfg, &client, &book, month, out_dir, now, settle).await?;
         let billed: std::collections::BTreeMap<String, rust_decimal::Decimal> =
             close.lines.iter().fold(Default::default(), |mut m, l| {
                 *m.entry(l.currency.to_string()).or_default() += l.customer_billed_amount;

@@ -8,6 +8,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (1, "001_init.sql", include_str!("../../deploy/clickhouse/001_init.sql")),
     (2, "002_invoice_lines.sql", include_str!("../../deploy/clickhouse/002_invoice_lines.sql")),
     (3, "003_refunds.sql", include_str!("../../deploy/clickhouse/003_refunds.sql")),
+    (4, "004_closed_months.sql", include_str!("../../deploy/clickhouse/004_closed_months.sql")),
 ];
 
 /// Splits a migration file into statements (`;` at a line end), dropping comment-only lines.
@@ -88,5 +89,9 @@ mod tests {
         assert_eq!(s.len(), 3);
         assert!(s[0].starts_with("ALTER TABLE meterline.invoice_lines") && s.iter().all(|x| !x.contains('?')));
         assert!(s[2].starts_with("CREATE VIEW IF NOT EXISTS meterline.invoice_lines_current"));
+        let closed_months = MIGRATIONS.iter().find(|m| m.0 == 4).unwrap();
+        let s = statements(closed_months.2, "meterline");
+        assert_eq!(s.len(), 1);
+        assert!(s[0].starts_with("CREATE TABLE IF NOT EXISTS meterline.closed_months"));
     }
 }

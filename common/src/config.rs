@@ -57,10 +57,19 @@ pub struct Topics {
     /// record's decision is committed. Short-lived; see docs/ARCHITECTURE.md.
     #[serde(default = "default_decisions_topic")]
     pub decisions: String,
+    /// The latest closed month, written by `aggregator close` before it reads the month's lines
+    /// and followed by every rater, so late usage meets the profile's policy as in the embedded
+    /// default. Compacted, one partition; see docs/ARCHITECTURE.md.
+    #[serde(default = "default_closed_months_topic")]
+    pub closed_months: String,
 }
 
 fn default_decisions_topic() -> String {
     "meterline.decisions".into()
+}
+
+fn default_closed_months_topic() -> String {
+    "meterline.closed-months".into()
 }
 
 impl Default for Topics {
@@ -71,6 +80,7 @@ impl Default for Topics {
             rejected: "meterline.usage.rejected".into(),
             dead_letter: "meterline.dead-letter".into(),
             decisions: default_decisions_topic(),
+            closed_months: default_closed_months_topic(),
         }
     }
 }
@@ -459,7 +469,7 @@ impl PipelineConfig {
             }
         }
         let t = &k.topics;
-        let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter, &t.decisions];
+        let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter, &t.decisions, &t.closed_months];
         for (i, a) in names.iter().enumerate() {
             if a.is_empty() || names[i + 1..].contains(a) {
                 return Err(ConfigError::Invalid(format!("kafka.topics: `{a}` is empty or used twice")));

@@ -70,7 +70,16 @@ pub fn consumer_config(k: &KafkaConfig, group: &str) -> ClientConfig {
 /// How long decisions are kept: a decision only matters to a call still waiting for it.
 const DECISIONS_RETENTION_MS: &str = "3600000";
 
-/// Creates the five topics if they are missing (an existing topic is fine).
+/// The one key of the closed-months topic: compaction keeps its latest value, the latest closed
+/// month as `YYYY-MM` text.
+pub const CLOSED_THROUGH_KEY: &[u8] = b"closed_through";
+
+/// How often a rater's follower of the closed-months topic polls it (ms): part of the settle
+/// time `aggregator close` waits after publishing a close.
+pub const CLOSED_MONTHS_POLL_MS: u64 = 100;
+
+/// Creates the six topics if they are missing (an existing topic is fine). The closed-months
+/// topic has one partition (one ordered history of closes) and is compacted.
 pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(k).create()?;
     let t = &k.topics;
@@ -80,6 +89,10 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaError> {
     topics.push(
         NewTopic::new(t.decisions.as_str(), k.partitions, TopicReplication::Fixed(k.replication))
             .set("retention.ms", DECISIONS_RETENTION_MS),
+    );
+    topics.push(
+        NewTopic::new(t.closed_months.as_str(), 1, TopicReplication::Fixed(k.replication))
+            .set("cleanup.policy", "compact"),
     );
     let results =
         admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;

@@ -12,6 +12,8 @@
 //!
 //! - `pipeline` (feature `distributed`): SHELL. Consume raw → decide → produce rated/rejected →
 //!   commit, with the partition's dedup state rebuilt from the rated topic on assignment.
+//! - `closed` (feature `distributed`): SHELL. Follows the closed-months topic `aggregator close`
+//!   writes, so the late-usage policy applies in distributed mode as in the embedded default.
 //! - `reply` (feature `distributed`): SHELL. Each asking record's decision, back to the ingest
 //!   instance that asked, in the batch's transaction.
 //!
@@ -20,6 +22,8 @@
 //! [`decision::Rater::commit`].
 
 pub mod batch;
+#[cfg(feature = "distributed")]
+pub mod closed;
 pub mod decision;
 pub mod dedup;
 #[cfg(feature = "distributed")]

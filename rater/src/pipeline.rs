@@ -18,6 +18,10 @@
 //!    redelivered raw record is an identical resend and produces nothing; the aggregator folds
 //!    each dedup key once and ClickHouse writes are versioned.
 //!
+//! Closed months: each batch is decided under the latest close the [`crate::closed`] follower
+//! knows when the batch begins; a batch a close overtook is aborted just before its commit and
+//! decided again under the close.
+//!
 //! The group uses the cooperative-sticky assignor: a member joining or leaving moves only the
 //! partitions that change owner. Undecodable raw messages go to the dead-letter topic with the
 //! reason; the partition flows on. A fatal producer error (fenced by a newer instance of the same
@@ -62,6 +66,9 @@ pub enum RaterError {
         /// Why.
         reason: String,
     },
+    /// The closed-months follower could not start.
+    #[error("closed months: {0}")]
+    ClosedMonths(#[from] crate::closed::FollowError),
     /// The dedup rebuild of a partition failed.
     #[error("rebuilding partition {partition} from {topic}: {source}")]
     Rebuild {
@@ -155,6 +162,8 @@ pub async fn run_with_clock(
     // Fences any earlier producer with this id and aborts its open transaction.
     tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))?;
     tracing::info!(transactional_id, "transactional producer ready");
+    // Every close published so far is known before the first decision (see `closed`).
+    let closed = tokio::task::block_in_place(|| crate::closed::follow(k, &cfg.rater.group))?;
     let mut states: HashMap<i32, Rater> = HashMap::new();
     let mut stats = RaterStats::default();
     let window_ms = book.windows().acceptance_ms;
@@ -194,6 +203,7 @@ pub async fn run_with_clock(
                             // presents it, so a batch that outlived a rebalance (a zombie's) is
                             // refused by the broker even if this instance has rejoined since.
                             batch.group = consumer.group_metadata();
+                            batch.closed_through = closed.get();
                         }
                         let p = msg.partition();
                         if !states.contains_key(&p) {
@@ -201,6 +211,7 @@ pub async fn run_with_clock(
                             stats.rebuilds += 1;
                         }
                         let rater = states.get_mut(&p).expect("state present after rebuild");
+                        rater.set_closed_through(batch.closed_through);
                         decide_one(&msg, rater, &book, cfg, &producer, &mut batch, &mut stats, &obs, clock.now())?;
                     }
                 }
@@ -212,7 +223,7 @@ pub async fn run_with_clock(
                 let payload = codec::encode(&decisions);
                 send(&producer, &cfg.kafka.topics.decisions, Some(partition), &[], &payload, &mut batch)?;
             }
-            commit_batch(&consumer, &producer, batch, &mut states, &mut stats, &obs).await?;
+            commit_batch(&consumer, &producer, batch, &closed, &mut states, &mut stats, &obs).await?;
             let now = clock.now();
             for r in states.values_mut() {
                 r.evict(now, window_ms);
@@ -276,6 +287,8 @@ struct Batch<'o> {
     group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
     /// Decisions to send back to the ingest calls that asked.
     replies: Replies,
+    /// The closed-through month every decision of the batch was made under.
+    closed_through: Option<common::time::Month>,
 }
 
 impl Batch<'_> {
@@ -290,6 +303,7 @@ impl Batch<'_> {
             started: Instant::now(),
             group: None,
             replies: Replies::default(),
+            closed_through: None,
         }
     }
 }
@@ -444,11 +458,14 @@ fn send(
 /// offsets and makes the dedup claims permanent. An abortable failure (a rebalance moved a
 /// partition, a delivery failed) aborts the transaction instead: the claims are rolled back and
 /// the consumer rewinds to the committed offsets, so the batch is decided again by whoever owns
-/// each partition now. Only a fatal error (this producer was fenced) ends the rater.
+/// each partition now. So does a close the rater learnt while the batch was open (`closed` moved
+/// past the month the batch was decided under): the batch is decided again under the close.
+/// Only a fatal error (this producer was fenced) ends the rater.
 async fn commit_batch(
     consumer: &StreamConsumer<RebalanceLog>,
     producer: &FutureProducer,
     batch: Batch<'_>,
+    closed: &crate::closed::ClosedThrough,
     states: &mut HashMap<i32, Rater>,
     stats: &mut RaterStats,
     obs: &Observer,
@@ -464,6 +481,10 @@ async fn commit_batch(
         };
         m.delivery_errors.with_label_values(&[STAGE, &topic]).inc();
         failure.get_or_insert(format!("producing to {topic}: {reason}"));
+    }
+    // Checked as late as possible, just before the commit: see "Closed months" in ARCHITECTURE.md.
+    if failure.is_none() && closed.get() != batch.closed_through {
+        failure = Some("a month was closed while the batch was open".to_owned());
     }
     let mut tpl = TopicPartitionList::new();
     for (p, o) in &batch.next_offsets {

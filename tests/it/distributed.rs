@@ -89,6 +89,7 @@ rated = "{rated}"
 rejected = "{rejected}"
 dead_letter = "{dead}"
 decisions = "{decisions}"
+closed_months = "{closed}"
 [clickhouse]
 url = "{ch}"
 database = "{db}"
@@ -115,6 +116,7 @@ flush_interval_ms = 300
                 rejected = broker.topic("rejected"),
                 dead = broker.topic("dead"),
                 decisions = broker.topic("decisions"),
+                closed = broker.topic("closed"),
                 ch = clickhouse.url(),
                 rg = broker.group("rater"),
                 ag = broker.group("aggregator"),
@@ -995,6 +997,152 @@ async fn conformance_both_modes_answer_every_case_alike() {
     // Both modes charged the same records: 3 + 1 (conflict in one call) + 1 (next hour) +
     // 1 (allocations) + 1 (d3 beside the conflict) = 7 records.
     c.wait_for_records(7, Duration::from_secs(60)).await;
+}
+
+/// Starts `meterline serve` over the cluster's price book with its own data directory; returns its
+/// URL once `/health` answers.
+async fn serve_embedded(c: &mut Cluster) -> String {
+    let port = testkit::free_port();
+    let serve_log = std::fs::File::create(c.dir.path().join("serve.log")).unwrap();
+    let serve = Command::new(bin("meterline"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--price-book"])
+        .arg(c.dir.path().join("price-book.toml"))
+        .arg("--data-dir")
+        .arg(c.dir.path().join("embedded"))
+        .stdout(Stdio::null())
+        .stderr(serve_log)
+        .spawn()
+        .unwrap();
+    c.procs.insert("serve".into(), serve);
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("{url}/health")).await.is_err() {
+        assert!(Instant::now() < deadline, "meterline serve did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    url
+}
+
+/// Closes `month` in both modes: `aggregator close` (distributed) and `meterline close` (embedded,
+/// beside the running `meterline serve`). Returns the aggregator's output.
+fn close_both_modes(c: &Cluster, month: &str) -> String {
+    let out = Command::new(bin("aggregator"))
+        .arg("--config")
+        .arg(&c.config)
+        .args(["close", "--month", month, "--out-dir"])
+        .arg(c.dir.path().join("close-distributed"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "aggregator close failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let embedded = Command::new(bin("meterline"))
+        .args(["close", "--month", month, "--data-dir"])
+        .arg(c.dir.path().join("embedded"))
+        .arg("--price-book")
+        .arg(c.dir.path().join("price-book.toml"))
+        .arg("--out-dir")
+        .arg(c.dir.path().join("close-embedded"))
+        .output()
+        .unwrap();
+    assert!(embedded.status.success(), "meterline close failed: {}", String::from_utf8_lossy(&embedded.stderr));
+    text
+}
+
+/// This month, and a record time inside it and inside the acceptance window: ten minutes ago, or
+/// the month's first instant when the month is younger than that.
+fn this_month_and_a_time_in_it() -> (::common::time::Month, i64) {
+    let now = Timestamp(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64);
+    let month = now.month();
+    (month, now.plus_millis(-10 * 60_000).millis().max(month.start().millis()) / 1000)
+}
+
+/// Sends `case` to both modes; both answers must be equal and as expected. Returns the answer.
+async fn answer_alike(http: &reqwest::Client, distributed_url: &str, embedded_url: &str, case: &Case) -> Answer {
+    let distributed = post_case(http, distributed_url, case).await;
+    let local = post_case(http, embedded_url, case).await;
+    assert_eq!(distributed, local, "case `{}`: distributed (left) and embedded (right) differ", case.name);
+    let statuses: Vec<&str> = local.records.iter().map(|(s, _, _)| s.as_str()).collect();
+    assert_eq!((local.code, statuses.as_slice()), case.expect, "case `{}`: {local:?}", case.name);
+    local
+}
+
+/// Issue 14 item 3: after `aggregator close --month <this month>` the distributed raters refuse a
+/// record of this month as late usage (the test book's AWS profile refuses it), exactly as
+/// `meterline serve` does after `meterline close --month`: the same status, id and reason. A
+/// record before the close is charged in both; a rater restarted after the close still refuses;
+/// the close is in ClickHouse `closed_months`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_month_refuses_late_usage_alike_in_both_modes() {
+    let mut c = Cluster::start("closed", 4).await;
+    c.spawn("rater", "rater");
+    c.spawn("aggregator", "aggregator");
+    let embedded = serve_embedded(&mut c).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let (month, t) = this_month_and_a_time_in_it();
+    let rec =
+        |c: usize| json!([{ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": "d1", "Quantity": 5 }]);
+    let case = |name, c, status| Case { name, product: "p", records: rec(c), per_record: true, expect: (200, status) };
+    let before = case("before the close: charged", 0, &["Success"]);
+    let first = answer_alike(&http, &c.ingest_url, &embedded, &before).await;
+
+    let started = Instant::now();
+    let out = close_both_modes(&c, &month.to_string());
+    // The test config's settle: 100 ms follower poll + 100 ms linger + 300 ms flush + 1 s margin.
+    assert!(started.elapsed() >= Duration::from_millis(1_500), "the close read lines before the settle time");
+    assert!(out.contains(&format!("closed {month}")), "{out}");
+
+    let late = case("after the close: late usage for a closed month", 1, &["TimestampOutOfBounds"]);
+    let refused = answer_alike(&http, &c.ingest_url, &embedded, &late).await;
+    assert!(refused.records[0].2.contains("a closed month"), "{refused:?}");
+    // Dedup comes before rating: the record charged before the close is still an identical resend.
+    let resend = case("after the close: the record charged before, sent again", 0, &["Success"]);
+    assert_eq!(answer_alike(&http, &c.ingest_url, &embedded, &resend).await, first);
+    // A rater started after the close knows it before its first decision: it reads the
+    // closed-months topic to its end at startup.
+    c.kill("rater");
+    c.spawn("rater", "rater");
+    let after_restart = case("after a rater restart: still a closed month", 2, &["TimestampOutOfBounds"]);
+    let refused_again = answer_alike(&http, &c.ingest_url, &embedded, &after_restart).await;
+    assert!(refused_again.records[0].2.contains("a closed month"), "{refused_again:?}");
+
+    let closed = c.query("SELECT toString(billing_month) FROM {db}.closed_months FORMAT TabSeparated").await;
+    assert_eq!(closed.trim(), format!("{month}-01"));
+    c.wait_for_records(1, Duration::from_secs(60)).await;
+}
+
+/// Issue 14 item 3, second policy: with a `correction_next_month` profile, a record of this month
+/// sent after `aggregator close --month <this month>` is accepted in both modes alike and the
+/// distributed aggregator books it as an `adjustment` on next month in `monthly_charges`: 5 units
+/// of `d1` at $0.50 = $2.50, one record; this month keeps only the record charged before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_months_late_usage_is_booked_on_the_next_month_when_the_profile_corrects() {
+    let mut c = Cluster::start("closed-correct", 4).await;
+    // The raters, the aggregator and `meterline serve` read the book when they start; ingest
+    // (already running) does not apply the late-usage policy.
+    let mut doc = price_book(4);
+    doc.marketplace.late_usage = Some(::common::catalogue::LateUsage::CorrectionNextMonth);
+    let book = ::common::catalogue::PriceBook::new(doc).unwrap();
+    std::fs::write(c.dir.path().join("price-book.toml"), book.to_toml().unwrap()).unwrap();
+    c.spawn("rater", "rater");
+    c.spawn("aggregator", "aggregator");
+    let embedded = serve_embedded(&mut c).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let (month, t) = this_month_and_a_time_in_it();
+    let rec =
+        |c: usize| json!([{ "Timestamp": t, "CustomerAWSAccountId": account(c), "Dimension": "d1", "Quantity": 5 }]);
+    let case = |name, c| Case { name, product: "p", records: rec(c), per_record: true, expect: (200, &["Success"]) };
+    answer_alike(&http, &c.ingest_url, &embedded, &case("before the close", 0)).await;
+    close_both_modes(&c, &month.to_string());
+    answer_alike(&http, &c.ingest_url, &embedded, &case("after the close: a correction", 1)).await;
+    c.wait_for_records(2, Duration::from_secs(60)).await;
+    let lines = c
+        .query(
+            "SELECT toString(month), charge_type, toString(customer_billed_amount), records \
+             FROM {db}.monthly_charges FINAL ORDER BY month FORMAT TabSeparated",
+        )
+        .await;
+    let expected = format!("{month}-01\tusage\t2.5\t1\n{}-01\tadjustment\t2.5\t1\n", month.next());
+    assert_eq!(lines.replace(".500000000", ".5"), expected);
 }
 
 /// A call no rater decides in time gets 503 with `Retry-After`; its records are durable and

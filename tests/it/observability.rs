@@ -565,6 +565,7 @@ rated = "{rated}"
 rejected = "{rejected}"
 dead_letter = "{dead}"
 decisions = "{decisions}"
+closed_months = "{closed}"
 [clickhouse]
 url = "{ch}"
 database = "{db}"
@@ -586,6 +587,7 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
             rejected = broker.topic("rejected"),
             dead = broker.topic("dead"),
             decisions = broker.topic("decisions"),
+            closed = broker.topic("closed"),
             ch = clickhouse.url(),
             rg = broker.group("rater"),
             ag = broker.group("aggregator"),
