@@ -682,7 +682,8 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
     rules_are_healthy(&http, &prom).await;
 
     // SIGTERM the rater while a burst arrives: it finishes its batch, commits and exits 0. A new
-    // rater then decides only what the old one had not: nothing is decided twice.
+    // rater then decides only what the old one had not: nothing is decided twice. The burst's
+    // calls wait for their decisions meanwhile (distributed ingest answers with the rater's).
     let burst = burst_input();
     let burst_len = burst.len() as u64;
     let url = format!("http://127.0.0.1:{ingest_port}");
@@ -699,7 +700,6 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
     }
     let rater = procs.iter_mut().find(|(n, _)| *n == "rater").unwrap();
     sigterm_and_wait(&mut rater.1, "rater", &text("rater"));
-    poster.await.unwrap();
     let first = text("rater");
     assert!(first.contains("rater stopped: last batch committed"), "{first}");
     let decided_before = decided_in(&first);
@@ -712,6 +712,8 @@ metrics_listen = "127.0.0.1:{aggregator_port}"
         .stderr(std::fs::File::create(log("rater2")).unwrap())
         .spawn()
         .unwrap();
+    // The burst's calls are answered once a rater decides their records: the new one does.
+    poster.await.unwrap();
     let total = input.slots + burst_len;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
