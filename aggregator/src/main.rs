@@ -60,7 +60,20 @@ async fn main() -> anyhow::Result<()> {
     let cfg = PipelineConfig::load(&args.config)?;
     let ch = cfg.clickhouse.clone().context("the aggregator needs a [clickhouse] section")?;
     let base = client(&ch);
-    let applied = aggregator::schema::migrate(&base, &ch.database).await.context("applying ClickHouse migrations")?;
+    let applied = aggregator::schema::migrate(&base, &ch.database).await.map_err(|source| {
+        let e = aggregator::sink::SinkError::ClickHouse { table: "schema_migrations", source };
+        let what_to_do = match e.class() {
+            common::shell::ErrorClass::Transient => {
+                "ClickHouse is unreachable or busy: start the aggregator again once it answers"
+            }
+            _ => e.advice(),
+        };
+        anyhow::anyhow!(
+            "applying ClickHouse migrations to {} at {}: {e}. What to do: {what_to_do}",
+            ch.database,
+            ch.url
+        )
+    })?;
     if !applied.is_empty() {
         println!("applied migrations {applied:?} to {}", ch.database);
     }
