@@ -286,7 +286,7 @@ async fn a_monthly_charges_table_of_another_schema_stops_the_aggregator_naming_t
     s.produce_rated(7).await;
     let status = wait_exit(&mut agg, Duration::from_secs(30), || s.log("aggregator"));
     let log = s.log("aggregator");
-    eprintln!("{}", log.lines().last().unwrap_or_default());
+    eprintln!("{}", log.lines().find(|l| l.starts_with("Error:")).unwrap_or_default());
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("ClickHouse refused monthly_charges (not retried)"), "{log}");
     assert!(log.contains("aggregator migrate"), "the error says what to do:\n{log}");
@@ -299,7 +299,7 @@ async fn wrong_clickhouse_credentials_stop_the_aggregator_saying_check_the_passw
     let mut agg = s.aggregator("aggregator", &[], &[("METERLINE__CLICKHOUSE__PASSWORD", "not-the-password")]);
     let status = wait_exit(&mut agg, Duration::from_secs(30), || s.log("aggregator"));
     let log = s.log("aggregator");
-    eprintln!("{}", log.lines().last().unwrap_or_default());
+    eprintln!("{}", log.lines().find(|l| l.starts_with("Error:")).unwrap_or_default());
     assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("METERLINE__CLICKHOUSE__PASSWORD"), "the error says what to check:\n{log}");
 }
