@@ -12,7 +12,9 @@
 //! - `closed` (feature `distributed`): SHELL. `aggregator close` records the close (ClickHouse
 //!   `closed_months`, the closed-months topic the raters follow) before it reads lines.
 //! - `closing` (feature `distributed`): SHELL. `aggregator close`: month close over ClickHouse.
-//! - `pipeline` (feature `distributed`): SHELL. Rated topic → fold → ClickHouse, exactly once.
+//! - `pipeline` (feature `distributed`): SHELL. Rated topic → fold → ClickHouse, exactly once;
+//!   transient ClickHouse errors retried with back-off (and SIGTERM seen meanwhile), poison
+//!   records dead-lettered, fatal ones (credentials, schema) stop it naming the table and the fix.
 //!
 //! Data enters as rated records (from the embedded store or the rated topic) and leaves as
 //! [`common::rated::ChargeLine`]s (to the store or ClickHouse).

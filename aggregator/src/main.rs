@@ -3,6 +3,11 @@
 //! - `aggregator run --config meterline.toml`: applies pending migrations, then runs until
 //!   SIGINT/SIGTERM (finishing the current flush). `/metrics`, `/health` and `/ready` on
 //!   `aggregator.metrics_listen`.
+//!
+//! Exit status: 0 after a signal once everything read is in ClickHouse; 128 + the signal (143
+//! for SIGTERM, 130 for SIGINT) when the signal came while ClickHouse could not take the last
+//! flush (nothing unwritten was committed; the next start replays it); 1 with the error (naming
+//! the table and what to fix) when ClickHouse or Kafka refused in a way retrying cannot fix.
 //! - `aggregator migrate --config meterline.toml`: applies `deploy/clickhouse/` migrations only.
 //! - `aggregator close --month YYYY-MM`: tells the raters the month is closed (ClickHouse
 //!   `closed_months`, the closed-months topic), waits the settle time, then writes its invoice
@@ -63,7 +68,20 @@ async fn main() -> anyhow::Result<()> {
     let cfg = PipelineConfig::load(&args.config)?;
     let ch = cfg.clickhouse.clone().context("the aggregator needs a [clickhouse] section")?;
     let base = client(&ch);
-    let applied = aggregator::schema::migrate(&base, &ch.database).await.context("applying ClickHouse migrations")?;
+    let applied = aggregator::schema::migrate(&base, &ch.database).await.map_err(|source| {
+        let e = aggregator::sink::SinkError::ClickHouse { table: "schema_migrations", source };
+        let what_to_do = match e.class() {
+            common::shell::ErrorClass::Transient => {
+                "ClickHouse is unreachable or busy: start the aggregator again once it answers"
+            }
+            _ => e.advice(),
+        };
+        anyhow::anyhow!(
+            "applying ClickHouse migrations to {} at {}: {e}. What to do: {what_to_do}",
+            ch.database,
+            ch.url
+        )
+    })?;
     if !applied.is_empty() {
         println!("applied migrations {applied:?} to {}", ch.database);
     }
@@ -107,14 +125,22 @@ async fn main() -> anyhow::Result<()> {
         "aggregator consuming {} as group {} → ClickHouse {}/{}",
         cfg.kafka.topics.rated, cfg.aggregator.group, ch.url, ch.database
     );
-    let stats = aggregator::pipeline::run_with_metrics(
-        &cfg,
-        book,
-        base.with_database(&ch.database),
-        metrics,
-        common::shell::shutdown_signal(),
-    )
-    .await?;
+    let signal = Arc::new(std::sync::OnceLock::new());
+    let shutdown = {
+        let signal = Arc::clone(&signal);
+        async move {
+            // Set once: only the first signal is waited for.
+            signal.set(common::shell::stop_signal().await).ok();
+        }
+    };
+    let stats =
+        aggregator::pipeline::run_with_metrics(&cfg, book, base.with_database(&ch.database), metrics, shutdown).await?;
     eprintln!("aggregator stopped: {stats:?}");
+    if stats.stopped_unflushed {
+        if let Some(s) = signal.get() {
+            eprintln!("aggregator stopped on {s:?} without its last flush; the next start replays it");
+            std::process::exit(s.exit_code());
+        }
+    }
     Ok(())
 }

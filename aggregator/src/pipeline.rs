@@ -22,6 +22,21 @@
 //!   each (product, customer, dimension, hour) is charged once.
 //! - ClickHouse down: the flush is retried with back-off and nothing more is consumed meanwhile
 //!   (back-pressure is consumer lag, never memory growth or loss).
+//!
+//! What an error makes the aggregator do (classes of [`common::shell::ErrorClass`]):
+//! - **transient** (ClickHouse refused the connection, timed out, answered 5xx or a passing
+//!   code such as too many parts; Kafka brokers down): the load or flush is retried with bounded
+//!   exponential back-off (200 ms doubling to 5 s), for as long as it takes.
+//! - **poison** (an undecodable rated message, a record whose value does not fit its column):
+//!   the message goes to `dead_letters` with the reason; the partition flows on.
+//! - **fatal** (bad ClickHouse credentials or grants, a table whose schema is not the one this
+//!   version writes, a corrupt stored row; a Kafka authorization or configuration error): the
+//!   aggregator stops at once with [`AggregatorError::Refused`], which names the table and what
+//!   to fix. Nothing unconfirmed is committed, so the restart after the fix replays.
+//! - **shutdown** (SIGTERM, SIGINT) is watched inside every retry: the back-off wait ends at once,
+//!   one last attempt of at most [`LAST_ATTEMPT`] writes what is pending if ClickHouse takes it,
+//!   and otherwise the aggregator stops with [`AggregatorStats::stopped_unflushed`] set, having
+//!   committed nothing it did not write (the `aggregator` binary then exits 128 + the signal).
 
 use crate::rollup::MonthlyRollup;
 use crate::sink::{self, ChargeRow, DeadLetterRow, RatedRow, RejectedRow, SinkError};
@@ -32,6 +47,7 @@ use common::config::PipelineConfig;
 use common::id::DedupKey;
 use common::metrics::{Metrics, Outcome, RecordLabels};
 use common::rated::RatedRecord;
+use common::shell::{kafka_class, Backoff, ErrorClass};
 use common::time::{Hour, Timestamp};
 use common::topic::{DeadLetter, RejectedEvent};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
@@ -51,9 +67,60 @@ pub enum AggregatorError {
     /// Kafka client failure.
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
-    /// ClickHouse failure that retrying cannot fix (a value that does not fit its column).
+    /// A value that does not fit its column, or a stored row that does not parse back.
     #[error("{0}")]
     Sink(#[from] SinkError),
+    /// ClickHouse refused `table` in a way retrying cannot fix (credentials, grants, schema).
+    #[error("ClickHouse refused {table} (not retried): {source}. What to do: {advice}")]
+    Refused {
+        /// The table written or read.
+        table: &'static str,
+        /// What the operator fixes before restarting.
+        advice: &'static str,
+        /// The error.
+        source: SinkError,
+    },
+}
+
+impl AggregatorError {
+    /// A non-transient ClickHouse error as the error that stops the aggregator.
+    fn refused(e: SinkError) -> Self {
+        match e.table() {
+            Some(table) if e.class() == ErrorClass::Fatal => {
+                AggregatorError::Refused { table, advice: e.advice(), source: e }
+            }
+            _ => AggregatorError::Sink(e),
+        }
+    }
+}
+
+/// Bound on the one write attempted once shutdown was asked for (ClickHouse hung, not down).
+pub const LAST_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// Whether shutdown was asked for. Every wait of the aggregator (back-off, a hung insert) also
+/// waits on it, so a signal is seen while ClickHouse is down.
+#[derive(Debug, Clone)]
+struct Stop(tokio::sync::watch::Receiver<bool>);
+
+impl Stop {
+    fn requested(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once shutdown is asked for (never, if the asking side is gone without asking).
+    async fn wait(&mut self) {
+        if self.0.wait_for(|asked| *asked).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// How a retried step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Done,
+    /// Shutdown came first; nothing of the step was committed.
+    Stopped,
 }
 
 /// Counters for logs and tests.
@@ -75,6 +142,9 @@ pub struct AggregatorStats {
     pub dead_letters: u64,
     /// Partition loads from ClickHouse.
     pub loads: u64,
+    /// Shutdown came while ClickHouse could not be written (or read): what was read since the
+    /// last flush is not in ClickHouse and nothing of it was committed; the next start replays it.
+    pub stopped_unflushed: bool,
 }
 
 /// One rated partition's state: lines, folded keys, and what the next flush writes.
@@ -141,23 +211,28 @@ async fn owned_partitions<C: ConsumerContext + 'static>(
     consumer: &StreamConsumer<C>,
     topic: &str,
     configured: Option<&[i32]>,
-) -> Result<Vec<i32>, AggregatorError> {
+    stop: &mut Stop,
+) -> Result<Option<Vec<i32>>, AggregatorError> {
     if let Some(list) = configured {
-        return Ok(list.to_vec());
+        return Ok(Some(list.to_vec()));
     }
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::standard();
     for _ in 0..20 {
-        match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+        // fetch_metadata blocks (up to its timeout): keep it off the runtime's worker.
+        match tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(5))) {
             Ok(md) => {
                 let parts: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
                 if !parts.is_empty() {
-                    return Ok(parts);
+                    return Ok(Some(parts));
                 }
             }
+            Err(e) if kafka_class(&e) == ErrorClass::Fatal => return Err(e.into()),
             Err(e) => tracing::warn!(topic, error = %e, "fetching partitions; retrying"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = stop.wait() => return Ok(None),
+        }
     }
     Err(AggregatorError::Kafka(KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)))
 }
@@ -180,6 +255,10 @@ struct Aggregator<'a> {
     stats: AggregatorStats,
     metrics: Arc<Metrics>,
     book: Arc<PriceBook>,
+    stop: Stop,
+    /// A flush was given up at shutdown: its rows are gone from memory, so no later flush may
+    /// write the lines without them.
+    abandoned: bool,
 }
 
 /// Runs until `shutdown`, then flushes what is pending (if ClickHouse takes it) and returns.
@@ -199,6 +278,26 @@ pub async fn run_with_metrics(
     client: Client,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
+) -> Result<AggregatorStats, AggregatorError> {
+    let (asked, stop) = tokio::sync::watch::channel(false);
+    // The signal is polled beside the whole run, so every retry inside it can see it.
+    let signal = async move {
+        shutdown.await;
+        asked.send_replace(true);
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        () = signal => unreachable!("the signal future never completes"),
+        r = consume(cfg, book, client, metrics, Stop(stop)) => r,
+    }
+}
+
+async fn consume(
+    cfg: &PipelineConfig,
+    book: Arc<PriceBook>,
+    client: Client,
+    metrics: Arc<Metrics>,
+    stop: Stop,
 ) -> Result<AggregatorStats, AggregatorError> {
     let k = &cfg.kafka;
     metrics.set_config("partitions", i64::from(k.partitions));
@@ -222,15 +321,29 @@ pub async fn run_with_metrics(
         stats: AggregatorStats::default(),
         metrics,
         book,
+        stop: stop.clone(),
+        abandoned: false,
+    };
+    let mut stop = stop;
+    let stopped = |mut stats: AggregatorStats| -> Result<AggregatorStats, AggregatorError> {
+        tracing::warn!("aggregator stopped before it could start (ClickHouse or Kafka unavailable)");
+        stats.stopped_unflushed = true;
+        Ok(stats)
     };
     // Explicit assignment, no group protocol: progress lives in ClickHouse, so each partition
     // starts right after the offset its lines include (and concurrent writers of one partition
     // would converge on identical rows anyway). Scale out by giving instances disjoint
     // `aggregator.partitions`.
-    let owned = owned_partitions(&rated, &k.topics.rated, cfg.aggregator.partitions.as_deref()).await?;
+    let Some(owned) =
+        owned_partitions(&rated, &k.topics.rated, cfg.aggregator.partitions.as_deref(), &mut stop).await?
+    else {
+        return stopped(agg.stats);
+    };
     let mut tpl = TopicPartitionList::new();
     for &p in &owned {
-        agg.load(p).await?;
+        if agg.load(p).await? == Step::Stopped {
+            return stopped(agg.stats);
+        }
         let start = match agg.parts.get(&p).and_then(|st| st.committed) {
             Some(c) => Offset::Offset(c + 1),
             None => Offset::Beginning,
@@ -242,7 +355,10 @@ pub async fn run_with_metrics(
     // committed offsets.
     let mut side_tpl = TopicPartitionList::new();
     for topic in [&k.topics.rejected, &k.topics.dead_letter] {
-        for p in owned_partitions(&side, topic, cfg.aggregator.partitions.as_deref()).await? {
+        let Some(parts) = owned_partitions(&side, topic, cfg.aggregator.partitions.as_deref(), &mut stop).await? else {
+            return stopped(agg.stats);
+        };
+        for p in parts {
             side_tpl.add_partition_offset(topic, p, Offset::Stored)?;
         }
     }
@@ -253,34 +369,46 @@ pub async fn run_with_metrics(
     let interval = Duration::from_millis(cfg.aggregator.flush_interval_ms);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             // Order: stop, then flush, then new input — pending work is written before more is taken.
             biased;
-            () = &mut shutdown => {
+            () = stop.wait() => {
                 agg.metrics.set_ready(false);
                 tracing::info!(pending = agg.pending(), "shutdown requested: flushing what is pending");
-                match tokio::time::timeout(Duration::from_secs(10), agg.flush(&rated, &side)).await {
-                    Ok(Ok(())) => tracing::info!(stats = ?agg.stats, "aggregator stopped: everything read is in ClickHouse"),
+                // The flush makes one bounded attempt once shutdown is asked; the timeout is a
+                // second bound on top (the Kafka commits after it).
+                match tokio::time::timeout(2 * LAST_ATTEMPT, agg.flush(&rated, &side)).await {
+                    Ok(Ok(Step::Done)) => tracing::info!(stats = ?agg.stats, "aggregator stopped: everything read is in ClickHouse"),
                     // Nothing is lost: ClickHouse holds the progress, the next start replays.
-                    Ok(Err(e)) => tracing::warn!(error = %e, "aggregator stopped without its last flush; the next start replays it"),
-                    Err(_) => tracing::warn!("aggregator stopped without its last flush (timed out); the next start replays it"),
+                    Ok(Ok(Step::Stopped)) => {
+                        agg.stats.stopped_unflushed = true;
+                        tracing::warn!("aggregator stopped without its last flush (ClickHouse unavailable); nothing unwritten was committed, the next start replays it");
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(_) => {
+                        agg.stats.stopped_unflushed = true;
+                        tracing::warn!("aggregator stopped without its last flush (timed out); the next start replays it");
+                    }
                 }
                 return Ok(agg.stats);
             }
-            _ = tick.tick() => agg.flush(&rated, &side).await?,
+            _ = tick.tick() => {
+                agg.flush(&rated, &side).await?;
+            }
             m = rated.recv() => match m {
                 Ok(msg) => {
-                    agg.on_rated(&msg).await?;
-                    if agg.pending() >= cfg.aggregator.flush_max_records {
+                    // A stopped load or flush is taken up by the shutdown branch next.
+                    if agg.on_rated(&msg).await? == Step::Done && agg.pending() >= cfg.aggregator.flush_max_records {
                         agg.flush(&rated, &side).await?;
                     }
                 }
+                Err(e) if kafka_class(&e) == ErrorClass::Fatal => return Err(e.into()),
                 Err(e) => tracing::warn!(error = %e, "consuming rated"),
             },
             m = side.recv() => match m {
                 Ok(msg) => agg.on_side(&msg),
+                Err(e) if kafka_class(&e) == ErrorClass::Fatal => return Err(e.into()),
                 Err(e) => {
                     tracing::warn!(error = %e, "consuming rejected/dead-letter");
                     // On a new cluster the group coordinator may not exist yet when the assignment
@@ -302,18 +430,27 @@ impl Aggregator<'_> {
         self.parts.values().map(PartState::pending).sum::<usize>() + self.rejected.len() + self.side_dead.len()
     }
 
-    async fn load(&mut self, p: i32) -> Result<(), AggregatorError> {
+    /// Loads partition `p`'s state from ClickHouse, retrying transient errors until shutdown.
+    async fn load(&mut self, p: i32) -> Result<Step, AggregatorError> {
         let since = common::window::eviction_horizon(now(), self.window_ms);
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::standard();
+        let mut stop = self.stop.clone();
         let snap = loop {
-            match sink::load_partition(&self.client, p, since).await {
+            let attempt = tokio::select! {
+                r = sink::load_partition(&self.client, p, since) => r,
+                () = stop.wait() => return Ok(Step::Stopped),
+            };
+            match attempt {
                 Ok(s) => break s,
-                Err(SinkError::ClickHouse { source, .. }) => {
-                    tracing::warn!(partition = p, error = %source, "loading partition state; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                Err(e) if e.class() == ErrorClass::Transient => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(partition = p, error = %e, retry_in_ms = delay.as_millis() as u64, "loading partition state; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = stop.wait() => return Ok(Step::Stopped),
+                    }
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(AggregatorError::refused(e)),
             }
         };
         let mut st = PartState { committed: snap.committed, last_offset: snap.committed, ..Default::default() };
@@ -330,19 +467,19 @@ impl Aggregator<'_> {
         self.metrics.dedup_keys.with_label_values(&[STAGE, &p.to_string()]).set(st.seen_keys() as i64);
         self.stats.loads += 1;
         self.parts.insert(p, st);
-        Ok(())
+        Ok(Step::Done)
     }
 
-    async fn on_rated(&mut self, msg: &BorrowedMessage<'_>) -> Result<(), AggregatorError> {
+    async fn on_rated(&mut self, msg: &BorrowedMessage<'_>) -> Result<Step, AggregatorError> {
         let (p, o) = (msg.partition(), msg.offset());
-        if !self.parts.contains_key(&p) {
-            self.load(p).await?;
+        if !self.parts.contains_key(&p) && self.load(p).await? == Step::Stopped {
+            return Ok(Step::Stopped);
         }
         let window_ms = self.window_ms;
         let st = self.parts.get_mut(&p).expect("state loaded above");
         if st.committed.is_some_and(|c| o <= c) {
             self.stats.replay_skipped += 1;
-            return Ok(());
+            return Ok(Step::Done);
         }
         st.last_offset = Some(o);
         let payload = msg.payload().unwrap_or_default();
@@ -360,7 +497,7 @@ impl Aggregator<'_> {
                     payload: payload.to_vec(),
                     at: now(),
                 }));
-                return Ok(());
+                return Ok(Step::Done);
             }
         };
         let hour = r.hour.0;
@@ -368,9 +505,28 @@ impl Aggregator<'_> {
         if st.seen.get(&hour).is_some_and(|s| s.contains(&r.dedup_key.0)) {
             self.stats.duplicates_skipped += 1;
             self.metrics.outcome(STAGE, &labels, Outcome::Duplicate);
-            return Ok(());
+            return Ok(Step::Done);
         }
-        let row = RatedRow::new(&r, p, o, now())?;
+        let row = match RatedRow::new(&r, p, o, now()) {
+            Ok(row) => row,
+            // Poison: this record can never be written (a value finer than its column). It is
+            // kept in dead_letters with the reason, not folded, and the partition flows on.
+            Err(e) if e.class() == ErrorClass::Poison => {
+                tracing::warn!(partition = p, offset = o, record_id = %r.record_id, reason = %e, "rated record does not fit its columns: dead-lettered");
+                self.metrics.dead_letters.with_label_values(&[STAGE]).inc();
+                st.dead.push(DeadLetterRow::from(&DeadLetter {
+                    source_topic: msg.topic().to_owned(),
+                    source_partition: p,
+                    source_offset: o,
+                    stage: "aggregator".into(),
+                    reason: e.to_string(),
+                    payload: payload.to_vec(),
+                    at: now(),
+                }));
+                return Ok(Step::Done);
+            }
+            Err(e) => return Err(AggregatorError::refused(e)),
+        };
         // Staged until the flush that writes the line is confirmed.
         st.rollup.stage(&r).map_err(|e| SinkError::Corrupt { table: "monthly_charges", what: e.to_string() })?;
         st.seen.entry(hour).or_default().insert(r.dedup_key.0);
@@ -382,7 +538,7 @@ impl Aggregator<'_> {
         st.produced_ms.push(msg.timestamp().to_millis().unwrap_or_else(|| now().millis()));
         self.stats.folded += 1;
         self.metrics.outcome(STAGE, &labels, Outcome::Accepted);
-        Ok(())
+        Ok(Step::Done)
     }
 
     /// Commits the rated consumer's positions to Kafka for the lag gauge (advisory: ClickHouse
@@ -403,11 +559,11 @@ impl Aggregator<'_> {
         }
         let mut tpl = TopicPartitionList::new();
         for (p, o) in &at {
-            if self.lag_committed.get(p).is_none_or(|c| c < o) && self.parts.get(p).is_some_and(|st| st.pending() == 0)
+            if self.lag_committed.get(p).is_none_or(|c| c < o)
+                && self.parts.get(p).is_some_and(|st| st.pending() == 0)
+                && tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).is_ok()
             {
-                if tpl.add_partition_offset(topic, *p, Offset::Offset(*o)).is_ok() {
-                    self.lag_committed.insert(*p, *o);
-                }
+                self.lag_committed.insert(*p, *o);
             }
         }
         if tpl.count() == 0 {
@@ -463,13 +619,17 @@ impl Aggregator<'_> {
             .inc_by(self.side_dead.len().saturating_sub(dead_before) as u64);
     }
 
-    /// Writes everything pending (retrying while ClickHouse is unavailable), then commits the
-    /// Kafka offsets it covers.
+    /// Writes everything pending (retrying transient errors with back-off until shutdown), then
+    /// commits the Kafka offsets it covers. `Stopped`: shutdown came before ClickHouse took it;
+    /// nothing was committed and no later flush runs.
     async fn flush<C: ConsumerContext + 'static>(
         &mut self,
         rated: &StreamConsumer<C>,
         side: &StreamConsumer,
-    ) -> Result<(), AggregatorError> {
+    ) -> Result<Step, AggregatorError> {
+        if self.abandoned {
+            return Ok(Step::Stopped);
+        }
         let t = now();
         let mut rows = Vec::new();
         let mut dead = std::mem::take(&mut self.side_dead);
@@ -494,11 +654,12 @@ impl Aggregator<'_> {
         {
             // Nothing new, but the consumer may have moved past transaction markers since.
             self.commit_positions(rated, &[]);
-            return Ok(());
+            return Ok(Step::Done);
         }
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::standard();
         let m = Arc::clone(&self.metrics);
+        let mut stop = self.stop.clone();
         loop {
             let attempt = async {
                 // Line items before lines: the lines are the commit marker.
@@ -507,16 +668,44 @@ impl Aggregator<'_> {
                 timed_insert(&m, &self.client, "rejected_records", &rejected).await?;
                 timed_insert(&m, &self.client, "monthly_charges", &lines).await
             };
-            match attempt.await {
-                Ok(()) => break,
-                Err(e @ SinkError::ClickHouse { .. }) => {
-                    self.stats.flush_retries += 1;
-                    m.commit_failures.with_label_values(&[STAGE, "clickhouse_flush"]).inc();
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "ClickHouse insert failed; retrying, consuming nothing meanwhile");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+            let stopping = stop.requested();
+            let result = if stopping {
+                // The last attempt, bounded: a hung ClickHouse must not hold the shutdown.
+                match tokio::time::timeout(LAST_ATTEMPT, attempt).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.abandoned = true;
+                        return Ok(Step::Stopped);
+                    }
                 }
-                Err(e) => return Err(e.into()),
+            } else {
+                tokio::select! {
+                    r = attempt => r,
+                    // Abandon this attempt (an interrupted INSERT is a crash mid-flush: replayed
+                    // identically) and make the bounded last one.
+                    () = stop.wait() => continue,
+                }
+            };
+            let e = match result {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            if e.class() != ErrorClass::Transient {
+                return Err(AggregatorError::refused(e));
+            }
+            self.stats.flush_retries += 1;
+            m.commit_failures.with_label_values(&[STAGE, "clickhouse_flush"]).inc();
+            if stopping {
+                tracing::warn!(error = %e, "ClickHouse insert failed at shutdown; not retrying");
+                self.abandoned = true;
+                return Ok(Step::Stopped);
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "ClickHouse insert failed; retrying, consuming nothing meanwhile");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                // Shutdown: no more back-off, straight to the last attempt.
+                () = stop.wait() => {}
             }
         }
         self.stats.flushes += 1;
@@ -559,6 +748,6 @@ impl Aggregator<'_> {
                 tracing::debug!(error = %e, "side offset commit failed; the rows will be written again and collapse");
             }
         }
-        Ok(())
+        Ok(Step::Done)
     }
 }

@@ -5,6 +5,12 @@
 //! not take `rust_decimal`); a value that would lose digits at that scale is an error, never a
 //! rounding. Rows are RowBinary in table column order (`with_validation(false)`: ClickHouse
 //! 18.16 lacks `RowBinaryWithNamesAndTypes`).
+//!
+//! Every [`SinkError`] says what the caller does next ([`SinkError::class`]): ClickHouse
+//! unreachable, timing out or answering 5xx without a permanent code is transient (the
+//! aggregator retries with back-off); a value that does not fit its column is poison (that
+//! record is dead-lettered); bad credentials, missing grants, a missing or differently shaped
+//! table, or a corrupt stored row are fatal ([`SinkError::advice`] says what to fix).
 
 use crate::close::{InvoiceLine, TrialHourUsage};
 use crate::rollup::{FoldError, LineAmount, LineSums};
@@ -12,6 +18,7 @@ use clickhouse::{Client, Row};
 use common::money::Currency;
 use common::pricing::UsagePrice;
 use common::rated::{ChargeLine, ChargeLineKey, ChargeType, RatedRecord};
+use common::shell::ErrorClass;
 use common::time::{Hour, Month, Timestamp};
 use common::topic::{DeadLetter, RejectedEvent};
 use rust_decimal::Decimal;
@@ -56,6 +63,123 @@ pub enum SinkError {
         /// What.
         what: String,
     },
+}
+
+/// ClickHouse exception codes that retrying cannot fix. Credentials and grants:
+const AUTH_CODES: &[u32] = &[
+    164, // READONLY
+    192, // UNKNOWN_USER
+    193, // WRONG_PASSWORD
+    194, // REQUIRED_PASSWORD
+    195, // IP_ADDRESS_NOT_ALLOWED
+    497, // ACCESS_DENIED (NOT_ENOUGH_PRIVILEGES on 18.16)
+    516, // AUTHENTICATION_FAILED
+];
+/// The table or the rows do not match what this version writes and reads:
+const SCHEMA_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    8,   // THERE_IS_NO_COLUMN
+    10,  // NOT_FOUND_COLUMN_IN_BLOCK
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    20,  // NUMBER_OF_COLUMNS_DOESNT_MATCH
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  // CANNOT_READ_ALL_DATA (RowBinary shorter than the table's columns)
+    36,  // BAD_ARGUMENTS
+    43,  // ILLEGAL_TYPE_OF_ARGUMENT
+    44,  // ILLEGAL_COLUMN
+    46,  // UNKNOWN_FUNCTION
+    47,  // UNKNOWN_IDENTIFIER
+    48,  // NOT_IMPLEMENTED
+    53,  // TYPE_MISMATCH
+    60,  // UNKNOWN_TABLE
+    62,  // SYNTAX_ERROR
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    81,  // UNKNOWN_DATABASE
+    117, // INCORRECT_DATA
+    215, // NOT_AN_AGGREGATE
+];
+
+/// The exception code in a ClickHouse error text (`Code: 516. DB::Exception: …` on current
+/// servers, `Code: 193, e.displayText() = …` on 18.16).
+fn exception_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + "Code: ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// What kind of permanent failure a ClickHouse client error is, if it is one.
+fn permanent_kind(e: &clickhouse::error::Error) -> Option<Permanent> {
+    use clickhouse::error::Error as E;
+    match e {
+        E::BadResponse(text) => match exception_code(text) {
+            Some(c) if AUTH_CODES.contains(&c) => Some(Permanent::Access),
+            Some(c) if SCHEMA_CODES.contains(&c) => Some(Permanent::Schema),
+            // Other codes (timeouts, too many parts, memory, 5xx without a code) go away.
+            _ => None,
+        },
+        // The rows do not match the table (the client noticed before or while sending).
+        E::InvalidParams(_)
+        | E::DataFormat(_)
+        | E::NotEnoughData
+        | E::SchemaMismatch(_)
+        | E::Custom(_)
+        | E::InvalidUtf8Encoding(_)
+        | E::InvalidTagEncoding(_)
+        | E::SequenceMustHaveLength
+        | E::DeserializeAnyNotSupported
+        | E::InvalidColumnsHeader(_)
+        | E::Unsupported(_) => Some(Permanent::Schema),
+        // Network, timeouts, (de)compression of a cut-off body, anything else: retry.
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Permanent {
+    Access,
+    Schema,
+}
+
+impl SinkError {
+    /// What the aggregator does about this error (see [`common::shell::ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::ClickHouse { source, .. } => match permanent_kind(source) {
+                Some(_) => ErrorClass::Fatal,
+                None => ErrorClass::Transient,
+            },
+            // One record's value: dead-letter the record (a line's value stops the fold).
+            SinkError::Precision { .. } => ErrorClass::Poison,
+            SinkError::Corrupt { .. } => ErrorClass::Fatal,
+        }
+    }
+
+    /// The table the error is about, when it is about one.
+    pub fn table(&self) -> Option<&'static str> {
+        match self {
+            SinkError::ClickHouse { table, .. } | SinkError::Corrupt { table, .. } => Some(table),
+            SinkError::Precision { .. } => None,
+        }
+    }
+
+    /// What the operator does about a non-transient error, in one sentence.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            SinkError::ClickHouse { source, .. } => match permanent_kind(source) {
+                Some(Permanent::Access) => {
+                    "check [clickhouse] user and password (METERLINE__CLICKHOUSE__PASSWORD) and the user's grants on the database, then restart"
+                }
+                Some(Permanent::Schema) => {
+                    "the table does not have the columns and types this version writes: compare it with deploy/clickhouse/ and apply the migrations (`aggregator migrate`), then restart"
+                }
+                None => "ClickHouse is unavailable; it is retried",
+            },
+            SinkError::Precision { .. } => "the record went to dead_letters with the value that does not fit",
+            SinkError::Corrupt { .. } => "a stored row does not parse back: keep the log and open an issue",
+        }
+    }
 }
 
 fn ch(table: &'static str) -> impl Fn(clickhouse::error::Error) -> SinkError {
@@ -572,6 +696,79 @@ pub async fn load_partition(client: &Client, partition: i32, since_hour: Hour) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn clickhouse(table: &'static str, source: clickhouse::error::Error) -> SinkError {
+        SinkError::ClickHouse { table, source }
+    }
+
+    #[test]
+    fn connection_refused_timeouts_and_server_overload_are_transient() {
+        use clickhouse::error::Error as E;
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        for e in [
+            E::Network(Box::new(refused)),
+            E::TimedOut,
+            // 159 TIMEOUT_EXCEEDED, 252 TOO_MANY_PARTS, 241 MEMORY_LIMIT_EXCEEDED, 243 NOT_ENOUGH_SPACE
+            E::BadResponse("Code: 159. DB::Exception: Timeout exceeded: elapsed 30.1 seconds".into()),
+            E::BadResponse("Code: 252, e.displayText() = DB::Exception: Too many parts (300)".into()),
+            E::BadResponse("Code: 241. DB::Exception: Memory limit (total) exceeded".into()),
+            E::BadResponse("Code: 243. DB::Exception: Cannot reserve 1.00 MiB, not enough space".into()),
+            // A 5xx from a proxy, without a ClickHouse code.
+            E::BadResponse("503 Service Unavailable".into()),
+        ] {
+            let e = clickhouse("monthly_charges", e);
+            assert_eq!(e.class(), ErrorClass::Transient, "{e}");
+        }
+    }
+
+    #[test]
+    fn bad_credentials_and_missing_grants_are_fatal_and_say_check_the_password() {
+        use clickhouse::error::Error as E;
+        for text in [
+            "Code: 516. DB::Exception: default: Authentication failed: password is incorrect",
+            "Code: 193, e.displayText() = DB::Exception: Wrong password for user default, e.what() = DB::Exception",
+            "Code: 192, e.displayText() = DB::Exception: Unknown user meterline",
+            "Code: 497. DB::Exception: meterline: Not enough privileges. To execute this query it's necessary to have grant INSERT",
+        ] {
+            let e = clickhouse("rated_usage", E::BadResponse(text.into()));
+            assert_eq!(e.class(), ErrorClass::Fatal, "{e}");
+            assert!(e.advice().contains("password"), "{}", e.advice());
+            assert_eq!(e.table(), Some("rated_usage"));
+        }
+    }
+
+    #[test]
+    fn a_table_with_another_schema_is_fatal_and_says_apply_the_migrations() {
+        use clickhouse::error::Error as E;
+        for e in [
+            E::BadResponse("Code: 16. DB::Exception: No such column month in table db.monthly_charges".into()),
+            E::BadResponse("Code: 60, e.displayText() = DB::Exception: Table db.monthly_charges doesn't exist.".into()),
+            E::BadResponse("Code: 47. DB::Exception: Missing columns: 'version' while processing query".into()),
+            E::BadResponse("Code: 53. DB::Exception: Type mismatch in IN or VALUES section".into()),
+            E::BadResponse("Code: 33. DB::Exception: Cannot read all data. Bytes read: 3. Bytes expected: 16.".into()),
+            E::NotEnoughData,
+            E::SchemaMismatch("column `version` is String".into()),
+        ] {
+            let e = clickhouse("monthly_charges", e);
+            assert_eq!(e.class(), ErrorClass::Fatal, "{e}");
+            assert!(e.advice().contains("aggregator migrate"), "{}", e.advice());
+        }
+    }
+
+    #[test]
+    fn a_value_that_does_not_fit_is_poison_and_a_corrupt_row_is_fatal() {
+        let precision = mantissa("amount", "0.0000000000000000001".parse().unwrap(), AMOUNT_SCALE).unwrap_err();
+        assert_eq!(precision.class(), ErrorClass::Poison);
+        let corrupt = SinkError::Corrupt { table: "monthly_charges", what: "charge_type x".into() };
+        assert_eq!(corrupt.class(), ErrorClass::Fatal);
+    }
+
+    #[test]
+    fn exception_codes_are_read_from_both_server_generations() {
+        assert_eq!(exception_code("Code: 516. DB::Exception: x"), Some(516));
+        assert_eq!(exception_code("Code: 193, e.displayText() = x"), Some(193));
+        assert_eq!(exception_code("bad response: 502 Bad Gateway"), None);
+    }
 
     #[test]
     fn a_tiered_line_survives_the_clickhouse_row_and_prices_the_same() {

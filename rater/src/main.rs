@@ -1,7 +1,8 @@
 //! `rater` (distributed mode): raw topic → dedup + rating → rated and rejected topics.
 //!
 //! SIGINT/SIGTERM: the current batch is finished (outputs acknowledged, offsets committed), then
-//! the process exits 0. `/metrics`, `/health` and `/ready` on `rater.metrics_listen`.
+//! the process exits 0. On an error it exits 1 saying whether a restart helps (transient) or
+//! the cause must be fixed first (fatal: fenced, authorization, configuration). `/metrics`, `/health` and `/ready` on `rater.metrics_listen`.
 
 use anyhow::Context;
 use clap::Parser;
@@ -31,7 +32,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("binding rater.metrics_listen")?;
     println!("rater consuming {} as group {}", cfg.kafka.topics.raw, cfg.rater.group);
-    let stats = rater::pipeline::run_with_metrics(&cfg, book, metrics, common::shell::shutdown_signal()).await?;
+    let stats = rater::pipeline::run_with_metrics(&cfg, book, metrics, common::shell::shutdown_signal())
+        .await
+        .map_err(|e| {
+            let what_to_do = match e.class() {
+                common::shell::ErrorClass::Fatal => "retrying cannot fix this: fix it, then restart",
+                _ => "a restart retries it (the partitions' state is rebuilt from the rated topic)",
+            };
+            anyhow::anyhow!("rater stopped: {e}. What to do: {what_to_do}")
+        })?;
     eprintln!("rater stopped: {stats:?}");
     Ok(())
 }

@@ -26,6 +26,13 @@
 //! partitions that change owner. Undecodable raw messages go to the dead-letter topic with the
 //! reason; the partition flows on. A fatal producer error (fenced by a newer instance of the same
 //! id) ends the process with an error; the supervisor restarts it and the rebuild takes over.
+//!
+//! Errors by class ([`RaterError::class`], [`common::shell::kafka_class`]): **transient** — a
+//! full local producer queue waits 10 ms off the runtime's worker and resends; a consume error
+//! is logged and consumption goes on; a failed delivery or an abortable transaction aborts the
+//! batch, which is decided again. **Poison** — an undecodable raw message is dead-lettered.
+//! **Fatal** — a fenced producer, an authorization or configuration error (also on consume):
+//! the rater stops with the error.
 
 use crate::batch::BatchEffects;
 use crate::decision::{Decision, Rater};
@@ -34,6 +41,7 @@ use common::catalogue::PriceBook;
 use common::codec;
 use common::config::PipelineConfig;
 use common::metrics::{Histogram, Metrics};
+use common::shell::{kafka_class, ErrorClass};
 use common::time::{Clock, SystemClock, Timestamp};
 use common::topic::{partition_key, DeadLetter, Decided};
 use common::usage::UsageRecord;
@@ -79,6 +87,18 @@ pub enum RaterError {
         /// Cause.
         source: KafkaError,
     },
+}
+
+impl RaterError {
+    /// What the caller does about this error. Every variant ends the run (the supervisor's
+    /// restart and the rebuild are the retry); the class says whether restarting can help.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            RaterError::Kafka(e) | RaterError::Rebuild { source: e, .. } => kafka_class(e),
+            // librdkafka already retried the delivery for `message.timeout.ms`.
+            RaterError::Produce { .. } => ErrorClass::Transient,
+        }
+    }
 }
 
 /// Counters for logs and tests.
@@ -192,6 +212,7 @@ pub async fn run_with_clock(
                 }
                 m = tokio::time::timeout(wait.max(Duration::from_millis(50)), consumer.recv()) => match m {
                     Err(_) => if batch.len > 0 { break },
+                    Ok(Err(e)) if kafka_class(&e) == ErrorClass::Fatal => return Err(e.into()),
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "consume error");
                     }
@@ -443,10 +464,13 @@ fn send(
                 batch.deliveries.push((topic.to_owned(), f));
                 return Ok(());
             }
-            // The local queue is full: give librdkafka's delivery thread a moment, then retry
-            // the same record (bounded by the queue, never by our memory).
+            // The local queue is full (transient): give librdkafka's delivery thread a moment,
+            // then retry the same record (bounded by the queue, never by our memory). The wait
+            // is synchronous because `send` runs inside the synchronous decide step; the rater
+            // runs on the multi-threaded runtime, so `block_in_place` hands this worker's other
+            // tasks (metrics, replies) to another thread meanwhile.
             Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
-                std::thread::sleep(Duration::from_millis(10));
+                tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(10)));
                 rec = r;
             }
             Err((e, _)) => return Err(RaterError::Produce { topic: topic.to_owned(), reason: e.to_string() }),
@@ -589,5 +613,27 @@ fn rewind(consumer: &StreamConsumer<RebalanceLog>, topic: &str, partitions: &BTr
         if let Err(err) = consumer.seek(topic, e.partition(), to, Duration::from_secs(10)) {
             tracing::debug!(partition = e.partition(), error = %err, "not rewound (no longer assigned)");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::types::RDKafkaErrorCode as C;
+
+    #[test]
+    fn a_fenced_producer_or_a_refused_group_is_fatal_and_a_broker_outage_transient() {
+        let fenced = RaterError::Kafka(KafkaError::MessageProduction(C::ProducerFenced));
+        assert_eq!(fenced.class(), ErrorClass::Fatal);
+        let refused = RaterError::Kafka(KafkaError::MessageConsumption(C::GroupAuthorizationFailed));
+        assert_eq!(refused.class(), ErrorClass::Fatal);
+        let down = RaterError::Rebuild {
+            topic: "rated".into(),
+            partition: 3,
+            source: KafkaError::MessageConsumption(C::AllBrokersDown),
+        };
+        assert_eq!(down.class(), ErrorClass::Transient);
+        let undelivered = RaterError::Produce { topic: "rated".into(), reason: "Message timed out".into() };
+        assert_eq!(undelivered.class(), ErrorClass::Transient);
     }
 }
