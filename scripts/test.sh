@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 # that tests/it/boto3.rs runs (all cached in ~/.cache/meterline).
 bash scripts/install-test-deps.sh
 
+# Hygiene gates first (they fail in seconds): formatting, and clippy on every target with every
+# feature, warnings as errors.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+
 # Two cores: one test at a time keeps server-backed tests from starving each other.
 export RUST_BACKTRACE=1
 # --all-features: the distributed binaries (ingest, rater, aggregator) are built first, because

@@ -97,6 +97,9 @@ impl RaterError {
             RaterError::Kafka(e) | RaterError::Rebuild { source: e, .. } => kafka_class(e),
             // librdkafka already retried the delivery for `message.timeout.ms`.
             RaterError::Produce { .. } => ErrorClass::Transient,
+            RaterError::ClosedMonths(crate::closed::FollowError::Kafka(e)) => kafka_class(e),
+            // The topic not read in time, or no thread: a restart tries again.
+            RaterError::ClosedMonths(_) => ErrorClass::Transient,
         }
     }
 }
@@ -227,11 +230,13 @@ pub async fn run_with_clock(
                             batch.closed_through = closed.get();
                         }
                         let p = msg.partition();
-                        if !states.contains_key(&p) {
-                            states.insert(p, rebuild(cfg, p, window_ms, clock.now()).await?);
-                            stats.rebuilds += 1;
-                        }
-                        let rater = states.get_mut(&p).expect("state present after rebuild");
+                        let rater = match states.entry(p) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                stats.rebuilds += 1;
+                                e.insert(rebuild(cfg, p, window_ms, clock.now()).await?)
+                            }
+                        };
                         rater.set_closed_through(batch.closed_through);
                         decide_one(&msg, rater, &book, cfg, &producer, &mut batch, &mut stats, &obs, clock.now())?;
                     }

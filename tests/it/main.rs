@@ -14,6 +14,7 @@ mod connections;
 mod crash;
 mod distributed;
 mod embedded_http;
+mod errors;
 mod hostile_http;
 mod loadtest_smoke;
 mod observability;

@@ -13,14 +13,12 @@
 //!
 //! The binaries must be built first (`cargo build --workspace --all-features --bins`).
 
-mod common;
-
+use crate::fixtures::price_book;
 use ::common::catalogue::PriceBook;
 use ::common::id::{DedupKey, RecordId};
 use ::common::money::Currency;
 use ::common::rated::{ChargeType, RatedRecord};
 use ::common::time::Timestamp;
-use common::price_book;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
