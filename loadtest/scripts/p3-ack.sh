@@ -16,6 +16,7 @@ PARTITIONS=${PARTITIONS:-4}
 PORT=${PORT:-18280}
 EPORT=${EPORT:-18281}
 DIR=${DIR:-$(mktemp -d)}
+mkdir -p "$DIR"
 T=${CARGO_TARGET_DIR:-target}/release
 bash scripts/install-test-deps.sh >/dev/null
 cargo build --release --workspace --all-features --bins >&2
