@@ -250,6 +250,20 @@ impl Drop for Cluster {
     }
 }
 
+/// Waits for `task` while supervising the stages: a distributed call is answered only once a
+/// rater decides it, so a stage that stopped by itself meanwhile must be restarted, as a
+/// supervisor would, or the sender waits for a rater nobody runs.
+async fn until_done_supervised<T>(
+    c: &mut Cluster,
+    task: tokio::task::JoinHandle<T>,
+) -> Result<T, tokio::task::JoinError> {
+    while !task.is_finished() {
+        c.supervise();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    task.await
+}
+
 fn rater2_took_partitions(c: &Cluster) -> bool {
     std::fs::read_to_string(c.dir.path().join("rater2.log")).unwrap_or_default().contains("partition state rebuilt")
 }
@@ -573,7 +587,20 @@ async fn crashes_rebalances_outages_and_poison_leave_totals_exact() {
     hold.store(false, Ordering::SeqCst);
     assert_eq!(under_load, steps.len(), "every fault happened while usage was flowing");
     let rater2_rebuilt = rater2_took_partitions(&c);
-    let retries = sender.await.unwrap();
+    let retries = match until_done_supervised(&mut c, sender).await {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!(
+                "the sender failed: {e}\ningest:\n{}\nrater:\n{}\nrater2:\n{}\naggregator:\n{}",
+                c.log("ingest"),
+                c.log("rater"),
+                c.log("rater2"),
+                c.log("aggregator")
+            );
+            let kept = std::mem::replace(&mut c.dir, tempfile::tempdir().unwrap()).keep();
+            panic!("{msg}\nlogs and data kept in {}", kept.display());
+        }
+    };
     c.wait_for_records(w.accepted, Duration::from_secs(240)).await;
     assert_charges_equal_truth(&c.charges().await, &w.truth);
     let dead = c
@@ -760,7 +787,7 @@ async fn chaos_kills_leave_every_acknowledged_record_charged_exactly_once() {
         }
     }
     hold.store(false, Ordering::SeqCst);
-    let retries = sender.await.unwrap();
+    let retries = until_done_supervised(&mut c, sender).await.unwrap();
     c.wait_for_records(w.accepted, Duration::from_secs(knob("METERLINE_CHAOS_DRAIN_SECS", 240))).await;
     let got = c.charges().await;
     assert_charges_equal_truth(&got, &w.truth);

@@ -985,6 +985,8 @@ async fn aggregator_close_writes_refund_lines_naming_the_credited_line_to_clickh
     // contracts (they need no usage): −500.00 / fee −15.00 and −45,000.00 / fee −175.00.
     let ch = testkit::ClickHouse::start().await.unwrap();
     let (db, _) = ch.database("refunds").await.unwrap();
+    // `aggregator close` tells the raters of the close over Kafka before it reads the lines.
+    let broker = testkit::Broker::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let book = dir.path().join("book.toml");
     std::fs::write(&book, MODELS).unwrap();
@@ -992,8 +994,9 @@ async fn aggregator_close_writes_refund_lines_naming_the_credited_line_to_clickh
     std::fs::write(
         &config,
         format!(
-            "price_book = \"{}\"\n[kafka]\nbootstrap = \"127.0.0.1:9\"\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n",
+            "price_book = \"{}\"\n[kafka]\nbootstrap = \"{}\"\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n",
             book.display(),
+            broker.bootstrap(),
             ch.url()
         ),
     )
