@@ -59,6 +59,13 @@ use std::time::{Duration, Instant};
 /// Bound on each blocking transactional call (init, send offsets, commit, abort).
 const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a transactional call may run past [`TXN_TIMEOUT`] before the rater gives up on it.
+/// librdkafka does not always honour the timeout: `send_offsets_to_transaction` was seen waiting
+/// forever after a broker's kill -9 (the group coordinator moving). Nothing can be done with the
+/// producer while one of its calls is in flight, so the rater stops with [`RaterError::Stalled`]
+/// (transient): the restart fences the open transaction and rebuilds, exactly once as ever.
+const TXN_STALL: Duration = Duration::from_secs(45);
+
 /// What stopped the rater.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -77,6 +84,22 @@ pub enum RaterError {
     /// The closed-months follower could not start.
     #[error("closed months: {0}")]
     ClosedMonths(#[from] crate::closed::FollowError),
+    /// A transactional call did not return within [`TXN_STALL`].
+    #[error("the Kafka call `{step}` did not return within {after:?} (librdkafka ignored its timeout)")]
+    Stalled {
+        /// The call.
+        step: &'static str,
+        /// How long it was given.
+        after: Duration,
+    },
+    /// The operating system refused a thread for a transactional call.
+    #[error("starting a thread for `{step}`: {source}")]
+    NoThread {
+        /// The call.
+        step: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// The dedup rebuild of a partition failed.
     #[error("rebuilding partition {partition} from {topic}: {source}")]
     Rebuild {
@@ -97,6 +120,8 @@ impl RaterError {
             RaterError::Kafka(e) | RaterError::Rebuild { source: e, .. } => kafka_class(e),
             // librdkafka already retried the delivery for `message.timeout.ms`.
             RaterError::Produce { .. } => ErrorClass::Transient,
+            // The restart fences the stuck transaction.
+            RaterError::Stalled { .. } | RaterError::NoThread { .. } => ErrorClass::Transient,
             RaterError::ClosedMonths(crate::closed::FollowError::Kafka(e)) => kafka_class(e),
             // The topic not read in time, or no thread: a restart tries again.
             RaterError::ClosedMonths(_) => ErrorClass::Transient,
@@ -138,9 +163,22 @@ impl ClientContext for RebalanceLog {
 impl ConsumerContext for RebalanceLog {
     fn pre_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?partitions, "partitions revoked: their dedup state is dropped");
             if let Ok(mut revoked) = self.0.lock() {
-                revoked.extend(tpl.elements().iter().map(|e| e.partition()));
+                revoked.extend(partitions);
             }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?partitions, "partitions assigned: each is rebuilt on its first record");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance failed"),
+            Rebalance::Revoke(_) => {}
         }
     }
 }
@@ -183,7 +221,8 @@ pub async fn run_with_clock(
         common::kafka::transactional_producer_config(k, &transactional_id, cfg.rater.transaction_timeout_ms)
             .create()?;
     // Fences any earlier producer with this id and aborts its open transaction.
-    tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))?;
+    let p = producer.clone();
+    bounded_step("init transactions", move || p.init_transactions(TXN_TIMEOUT))??;
     tracing::info!(transactional_id, "transactional producer ready");
     // Every close published so far is known before the first decision (see `closed`).
     let closed = tokio::task::block_in_place(|| crate::closed::follow(k, &cfg.rater.group))?;
@@ -222,7 +261,7 @@ pub async fn run_with_clock(
                     Ok(Ok(msg)) => {
                         drop_revoked(&revoked, &mut states);
                         if batch.len == 0 {
-                            tokio::task::block_in_place(|| producer.begin_transaction())?;
+                            blocking_step("begin transaction", || producer.begin_transaction())?;
                             // The group generation these records are consumed under: the commit
                             // presents it, so a batch that outlived a rebalance (a zombie's) is
                             // refused by the broker even if this instance has rejoined since.
@@ -234,6 +273,7 @@ pub async fn run_with_clock(
                             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                             std::collections::hash_map::Entry::Vacant(e) => {
                                 stats.rebuilds += 1;
+                                tracing::info!(partition = p, "rebuilding the partition's dedup state");
                                 e.insert(rebuild(cfg, p, window_ms, clock.now()).await?)
                             }
                         };
@@ -446,6 +486,49 @@ fn decide_one<'b>(
     }
 }
 
+/// A transactional or broker step slower than this is logged with its name: a stall in
+/// distributed mode shows up as a call no rater answered, and the log must say where it waited.
+const SLOW_STEP: Duration = Duration::from_secs(2);
+
+/// Runs the blocking `step` off the runtime's worker, logging it when it took over [`SLOW_STEP`].
+fn blocking_step<T>(name: &str, step: impl FnOnce() -> T) -> T {
+    let started = Instant::now();
+    let out = tokio::task::block_in_place(step);
+    log_if_slow(name, started);
+    out
+}
+
+/// [`blocking_step`] for a transactional call: it runs on a thread of its own and is given
+/// [`TXN_STALL`]; past that the rater stops with [`RaterError::Stalled`] and leaves the thread
+/// stuck in librdkafka behind (the process exits next).
+fn bounded_step<T: Send + 'static>(
+    name: &'static str,
+    step: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, RaterError> {
+    let started = Instant::now();
+    let (done, result) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(format!("kafka {name}"))
+        .spawn(move || done.send(step()).ok())
+        .map_err(|source| RaterError::NoThread { step: name, source })?;
+    let out = tokio::task::block_in_place(|| result.recv_timeout(TXN_STALL));
+    log_if_slow(name, started);
+    out.map_err(|_| {
+        tracing::error!(
+            step = name,
+            after_ms = TXN_STALL.as_millis() as u64,
+            "Kafka call stuck past its timeout: stopping so a restart fences the transaction"
+        );
+        RaterError::Stalled { step: name, after: TXN_STALL }
+    })
+}
+
+fn log_if_slow(name: &str, started: Instant) {
+    if started.elapsed() > SLOW_STEP {
+        tracing::warn!(step = name, ms = started.elapsed().as_millis() as u64, "slow Kafka step");
+    }
+}
+
 /// Seconds from `from` to `to` (0 when `from` is later: clocks of two machines).
 fn secs_between(from: Timestamp, to: Timestamp) -> f64 {
     (to.millis() - from.millis()).max(0) as f64 / 1000.0
@@ -502,7 +585,10 @@ async fn commit_batch(
     let m = &obs.metrics;
     let (topics, futures): (Vec<String>, Vec<DeliveryFuture>) = batch.deliveries.into_iter().unzip();
     let mut failure = None;
-    for (topic, d) in topics.into_iter().zip(join_all(futures).await) {
+    let waited = Instant::now();
+    let delivered = join_all(futures).await;
+    log_if_slow("deliveries", waited);
+    for (topic, d) in topics.into_iter().zip(delivered) {
         let reason = match d {
             Ok(Ok(_)) => continue,
             Ok(Err((e, _))) => e.to_string(),
@@ -519,14 +605,19 @@ async fn commit_batch(
     for (p, o) in &batch.next_offsets {
         tpl.add_partition_offset(&batch.topic, *p, Offset::Offset(*o))?;
     }
-    let outcome = match failure {
-        Some(reason) => Err(reason),
-        None => tokio::task::block_in_place(|| commit_transaction(batch.group.as_ref(), producer, &tpl)),
+    let outcome = match (failure, batch.group) {
+        (Some(reason), _) => Err(reason),
+        (None, None) => Err("the consumer had no group metadata when the batch began".to_owned()),
+        (None, Some(group)) => {
+            let (p, offsets) = (producer.clone(), tpl.clone());
+            bounded_step("commit transaction", move || commit_transaction(&group, &p, &offsets))?
+        }
     };
     if let Err(reason) = outcome {
         m.commit_failures.with_label_values(&[STAGE, "kafka_transaction"]).inc();
         tracing::warn!(records = batch.len, reason = %reason, "batch transaction aborted: its records will be decided again");
-        tokio::task::block_in_place(|| producer.abort_transaction(TXN_TIMEOUT))?;
+        let p = producer.clone();
+        bounded_step("abort transaction", move || p.abort_transaction(TXN_TIMEOUT))??;
         for r in states.values_mut() {
             r.rollback();
         }
@@ -565,23 +656,28 @@ async fn commit_batch(
     Ok(())
 }
 
-/// Adds the raw offsets to the open transaction and commits it, retrying retriable errors a few
-/// times. `Err` carries the reason; the caller aborts. A fatal error (a fenced producer) then
+/// Adds the raw offsets to the open transaction and commits it, retrying retriable errors within
+/// [`TXN_TIMEOUT`]. `Err` carries the reason; the caller aborts. A fatal error (a fenced producer) then
 /// fails the abort too, which ends the rater.
 fn commit_transaction(
-    group: Option<&rdkafka::consumer::ConsumerGroupMetadata>,
+    group: &rdkafka::consumer::ConsumerGroupMetadata,
     producer: &FutureProducer,
     offsets: &TopicPartitionList,
 ) -> Result<(), String> {
-    let group = group.ok_or("the consumer had no group metadata when the batch began")?;
+    // One budget for every attempt, so the whole commit stays within TXN_STALL.
+    let deadline = Instant::now() + TXN_TIMEOUT;
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
     let mut attempt = 0;
     loop {
         let result = producer
-            .send_offsets_to_transaction(offsets, group, TXN_TIMEOUT)
-            .and_then(|()| producer.commit_transaction(TXN_TIMEOUT));
+            .send_offsets_to_transaction(offsets, group, left())
+            .and_then(|()| producer.commit_transaction(left()));
         match result {
             Ok(()) => return Ok(()),
-            Err(e) if retriable(&e) && attempt < 3 => attempt += 1,
+            Err(e) if retriable(&e) && Instant::now() < deadline => {
+                tracing::warn!(attempt, error = %e, "committing the batch transaction failed; retrying");
+                attempt += 1;
+            }
             Err(e) => return Err(e.to_string()),
         }
     }

@@ -253,15 +253,23 @@ impl Drop for Cluster {
 /// Waits for `task` while supervising the stages: a distributed call is answered only once a
 /// rater decides it, so a stage that stopped by itself meanwhile must be restarted, as a
 /// supervisor would, or the sender waits for a rater nobody runs.
-async fn until_done_supervised<T>(
-    c: &mut Cluster,
-    task: tokio::task::JoinHandle<T>,
-) -> Result<T, tokio::task::JoinError> {
+/// If the task fails, panics with the stages' last log lines and keeps their directory.
+async fn until_done_supervised<T>(c: &mut Cluster, task: tokio::task::JoinHandle<T>) -> T {
     while !task.is_finished() {
         c.supervise();
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    task.await
+    match task.await {
+        Ok(r) => r,
+        Err(e) => {
+            let logs: Vec<String> = ["ingest", "rater", "rater2", "aggregator"]
+                .iter()
+                .map(|n| format!("{n} (restarted {} times):\n{}", c.restarts.get(*n).unwrap_or(&0), c.log(n)))
+                .collect();
+            let kept = std::mem::replace(&mut c.dir, tempfile::tempdir().unwrap()).keep();
+            panic!("the sender failed: {e}\n{}\nlogs and data kept in {}", logs.join("\n"), kept.display());
+        }
+    }
 }
 
 fn rater2_took_partitions(c: &Cluster) -> bool {
@@ -352,9 +360,13 @@ async fn send(url: String, batches: Vec<Vec<Value>>, pace: Duration, hold: Arc<A
         }
         let body = json!({ "ProductCode": "p", "UsageRecords": b }).to_string();
         let first_try = Instant::now();
+        let mut last = String::new();
         loop {
             // Bounded: a pipeline that stays down this long has failed the test.
-            assert!(first_try.elapsed() < Duration::from_secs(180), "batch {i} not acknowledged within 180 s");
+            assert!(
+                first_try.elapsed() < Duration::from_secs(180),
+                "batch {i} not acknowledged within 180 s ({retries} retries so far; last answer: {last})"
+            );
             // Per-record answers (the documented opt-in): the workload mixes invalid records in.
             let req = http
                 .post(format!("{url}/v1/BatchMeterUsage"))
@@ -362,9 +374,12 @@ async fn send(url: String, batches: Vec<Vec<Value>>, pace: Duration, hold: Arc<A
                 .header("X-Meterline-Per-Record", "true");
             match req.header("Content-Type", "application/json").body(body.clone()).send().await {
                 Ok(r) if r.status().is_success() => break,
-                Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {}
+                Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {
+                    last =
+                        format!("{} at {:?}: {}", r.status(), first_try.elapsed(), r.text().await.unwrap_or_default());
+                }
                 Ok(r) => panic!("ingest answered {}: {}", r.status(), r.text().await.unwrap_or_default()),
-                Err(_) => {}
+                Err(e) => last = format!("{e} at {:?}", first_try.elapsed()),
             }
             retries += 1;
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -587,20 +602,7 @@ async fn crashes_rebalances_outages_and_poison_leave_totals_exact() {
     hold.store(false, Ordering::SeqCst);
     assert_eq!(under_load, steps.len(), "every fault happened while usage was flowing");
     let rater2_rebuilt = rater2_took_partitions(&c);
-    let retries = match until_done_supervised(&mut c, sender).await {
-        Ok(r) => r,
-        Err(e) => {
-            let msg = format!(
-                "the sender failed: {e}\ningest:\n{}\nrater:\n{}\nrater2:\n{}\naggregator:\n{}",
-                c.log("ingest"),
-                c.log("rater"),
-                c.log("rater2"),
-                c.log("aggregator")
-            );
-            let kept = std::mem::replace(&mut c.dir, tempfile::tempdir().unwrap()).keep();
-            panic!("{msg}\nlogs and data kept in {}", kept.display());
-        }
-    };
+    let retries = until_done_supervised(&mut c, sender).await;
     c.wait_for_records(w.accepted, Duration::from_secs(240)).await;
     assert_charges_equal_truth(&c.charges().await, &w.truth);
     let dead = c
@@ -787,7 +789,7 @@ async fn chaos_kills_leave_every_acknowledged_record_charged_exactly_once() {
         }
     }
     hold.store(false, Ordering::SeqCst);
-    let retries = until_done_supervised(&mut c, sender).await.unwrap();
+    let retries = until_done_supervised(&mut c, sender).await;
     c.wait_for_records(w.accepted, Duration::from_secs(knob("METERLINE_CHAOS_DRAIN_SECS", 240))).await;
     let got = c.charges().await;
     assert_charges_equal_truth(&got, &w.truth);
