@@ -27,7 +27,7 @@ use common::catalogue::{
     PriceBook, ResaleAuthorization, TrialKind, Visibility,
 };
 use common::money::{round_to_minor, Currency};
-use common::rated::{ChargeLine, ChargeType};
+use common::rated::{ChargeLine, ChargeType, Correction};
 use common::time::{Hour, Month, Timestamp, DAY_MS};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -169,6 +169,10 @@ pub struct InvoiceLine {
     pub reporting_amount: Option<Decimal>,
     /// Rated records folded into a usage line.
     pub metering_records: u64,
+    /// For a correction (an `adjustment` line of a month-priced model): the closed months it
+    /// corrects, `YYYY-MM`, space-separated; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub corrects: String,
     /// For a refund: the line it credits ([`InvoiceLine::line_key`]); empty otherwise.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub credits_line: String,
@@ -279,7 +283,7 @@ pub(crate) fn close_charges(
             dimension: u.dimension.clone(),
             unit,
             description: if u.charge_type == ChargeType::Adjustment {
-                format!("correction: late {} usage of {} for a month already closed", u.pricing_model, u.dimension)
+                correction_description(u)
             } else {
                 format!("{} usage of {}", u.pricing_model, u.dimension)
             },
@@ -289,9 +293,17 @@ pub(crate) fn close_charges(
             amount: u.amount_unrounded,
             invoice_date: month.end(),
             records: u.records,
-            wholesale: Wholesale::Usage { dimension: &u.dimension, quantity: u.billable_quantity },
+            wholesale: if u.corrections.is_empty() {
+                Wholesale::Usage { dimension: &u.dimension, quantity: u.billable_quantity }
+            } else {
+                Wholesale::Correction { dimension: &u.dimension, corrections: &u.corrections }
+            },
         };
         cx.push(a, o, draft)?;
+        if !u.corrections.is_empty() {
+            let line = cx.lines.last_mut().expect("pushed above");
+            line.corrects = u.corrections.iter().map(|c| c.month.to_string()).collect::<Vec<_>>().join(" ");
+        }
     }
     for a in &book.doc().agreements {
         let Some(o) = book.offer(&a.offer) else { return Err(CloseError::UnknownAgreement(a.id.clone())) };
@@ -311,6 +323,29 @@ pub(crate) fn close_charges(
         lines,
         warnings: cx.warnings,
     })
+}
+
+/// What an `adjustment` line is: late usage of closed months, with the position each corrected
+/// month had reached when it is month-priced (issue 17 item 2).
+fn correction_description(u: &ChargeLine) -> String {
+    if u.corrections.is_empty() {
+        return format!("correction: late {} usage of {} for a month already closed", u.pricing_model, u.dimension);
+    }
+    let each: Vec<String> = u
+        .corrections
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: {} late units priced from {} to {} (the position {} had reached; its lines unchanged)",
+                c.month,
+                c.late_quantity.normalize(),
+                c.closed_quantity.normalize(),
+                (c.closed_quantity + c.late_quantity).normalize(),
+                c.month
+            )
+        })
+        .collect();
+    format!("correction of {} usage of {}: {}", u.pricing_model, u.dimension, each.join("; "))
 }
 
 fn sort_lines(lines: &mut [InvoiceLine]) {
@@ -350,6 +385,9 @@ fn trial_end(a: &Agreement, days: u32) -> Timestamp {
 enum Wholesale<'a> {
     /// Usage of a dimension.
     Usage { dimension: &'a str, quantity: Decimal },
+    /// Late usage of closed months of a month-priced dimension: the wholesale delta of each
+    /// correction, at the position its month had reached ([`common::pricing::UsagePrice::correction_amount`]).
+    Correction { dimension: &'a str, corrections: &'a [Correction] },
     /// A share of the contract value (upfront, installment, credit): wholesale is the same share
     /// of the wholesale contract value.
     Contract { fraction: Decimal },
@@ -691,6 +729,15 @@ impl<'b> Closer<'b> {
                     let version = list.prices.iter().rev().find(|v| v.effective_from < self.month.end())?;
                     version.usage.get(*dimension)?.month_amount(*quantity).map(|l| l * keep)
                 }
+                Wholesale::Correction { dimension, corrections } => {
+                    corrections.iter().try_fold(Decimal::ZERO, |sum, c| {
+                        // The list price in force in the corrected month.
+                        let version = list.prices.iter().rev().find(|v| v.effective_from < c.month.end())?;
+                        let delta =
+                            version.usage.get(*dimension)?.correction_amount(c.closed_quantity, c.late_quantity)?;
+                        sum.checked_add(delta * keep)
+                    })
+                }
                 Wholesale::Contract { fraction } => {
                     let c = a.contract.as_ref()?;
                     contract_value(list, c).map(|l| l * keep * fraction)
@@ -700,6 +747,12 @@ impl<'b> Closer<'b> {
         }
         match w {
             Wholesale::Usage { dimension, quantity } => r.wholesale_usage.get(*dimension)?.month_amount(*quantity),
+            Wholesale::Correction { dimension, corrections } => {
+                let price = r.wholesale_usage.get(*dimension)?;
+                corrections.iter().try_fold(Decimal::ZERO, |sum, c| {
+                    sum.checked_add(price.correction_amount(c.closed_quantity, c.late_quantity)?)
+                })
+            }
             Wholesale::Contract { fraction } => {
                 let c = a.contract.as_ref()?;
                 let card = Offer { contract_prices: r.wholesale_contract.clone(), ..o.clone() };
@@ -798,6 +851,7 @@ impl<'b> Closer<'b> {
             reporting_currency,
             reporting_amount,
             metering_records: d.records,
+            corrects: String::new(),
             credits_line: String::new(),
             distributor,
         });
@@ -898,10 +952,10 @@ pub fn close_totals(lines: &[InvoiceLine]) -> CloseTotals {
 }
 
 /// Number of columns of an invoice line.
-pub const FIELD_COUNT: usize = 41;
+pub const FIELD_COUNT: usize = 42;
 
 /// The CSV header of [`to_csv`] (and the column names of the `invoice_lines` tables).
-pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records,credits_line,distributor,distributor_cost_of_goods,distributor_listing_fee,distributor_net";
+pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,corrects,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records,credits_line,distributor,distributor_cost_of_goods,distributor_listing_fee,distributor_net";
 
 impl InvoiceLine {
     /// The line's values as text, in [`CSV_HEADER`] order (CSV export and SQL tables).
@@ -929,6 +983,7 @@ impl InvoiceLine {
             self.usage_unit.clone(),
             self.charge_type.as_str().to_owned(),
             self.description.clone(),
+            self.corrects.clone(),
             self.pricing_model.clone(),
             self.quantity.to_string(),
             opt(self.unit_rate),

@@ -303,6 +303,9 @@ pub struct ChargeRow {
     source_partition: i32,
     version: i64,
     updated_at: u32,
+    /// JSON of the line's corrections of closed months ([`LineSums::corrections`]); '' if none
+    /// (migration 005).
+    corrections: String,
 }
 
 impl ChargeRow {
@@ -353,6 +356,7 @@ impl ChargeRow {
             source_partition: partition,
             version,
             updated_at: secs(now),
+            corrections: common::rated::corrections_text(&sums.corrections),
         })
     }
 
@@ -392,6 +396,7 @@ impl ChargeRow {
             unit_rate: if mixed { None } else { Some(from_mantissa(self.unit_rate, RATE_SCALE)?) },
             mixed_rates: mixed,
             records: self.records,
+            corrections: common::rated::parse_corrections(&self.corrections).map_err(corrupt)?,
         };
         Ok((key, sums))
     }
@@ -813,6 +818,56 @@ mod tests {
         assert_eq!(row.customer_billed_amount, mantissa("x", d("200"), BILLED_SCALE).unwrap());
         let (back_key, back) = row.to_state().unwrap();
         assert_eq!((&back_key, &back), (&key, sums));
+    }
+
+    #[test]
+    fn a_graduated_correction_of_500_late_after_3000_closed_survives_the_clickhouse_row_at_25_00() {
+        // October closed at 3,000 calls (1,000 × 0.10 + 2,000 × 0.05 = 200.00); 500 late calls
+        // are booked on November at the 0.05 tier October had reached: 25.00, not 50.00.
+        use crate::rollup::MonthlyRollup;
+        use common::id::{DedupKey, RecordId};
+        use common::pricing::{Tier, UsagePrice};
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let price = UsagePrice::Graduated(vec![
+            Tier { up_to: Some(d("1000")), rate: d("0.10") },
+            Tier { up_to: Some(d("10000")), rate: d("0.05") },
+            Tier { up_to: None, rate: d("0.01") },
+        ]);
+        let oct = 498_192 - 744;
+        let record = |h: i64, q: &str, late: bool| RatedRecord {
+            record_id: RecordId(h as u128),
+            dedup_key: DedupKey(h as u128),
+            seller: "s".into(),
+            product: "p".into(),
+            customer: "c".into(),
+            dimension: "api_calls".into(),
+            hour: Hour(oct + h),
+            quantity: d(q),
+            covered_quantity: Decimal::ZERO,
+            billable_quantity: d(q),
+            unit_rate: d("0.10"),
+            currency: Currency::USD,
+            amount: Decimal::ZERO,
+            month_price: Some(price.clone()),
+            pricing_model: "graduated".into(),
+            booked_month: late.then(|| Month::parse("2026-11").unwrap()),
+            charge_type: if late { ChargeType::Adjustment } else { ChargeType::Usage },
+            agreement_id: "a".into(),
+            offer_id: "o".into(),
+            price_book_version: "v".into(),
+        };
+        let mut rollup = MonthlyRollup::new();
+        for h in 0..30 {
+            rollup.fold(&record(h, "100", false)).unwrap();
+        }
+        let key = rollup.fold(&record(743, "500", true)).unwrap();
+        let sums = rollup.sums(&key).unwrap();
+        let row = ChargeRow::new(&key, sums, "aws", 0, 30, Timestamp(0)).unwrap();
+        assert_eq!(row.customer_billed_amount, mantissa("x", d("25"), BILLED_SCALE).unwrap());
+        assert!(row.corrections.contains("\"closed_quantity\":\"3000\""), "{}", row.corrections);
+        let (back_key, back) = row.to_state().unwrap();
+        assert_eq!((&back_key, &back), (&key, sums));
+        assert_eq!(back.amounts(&back_key).unwrap().rounded, d("25.00"));
     }
 
     #[test]

@@ -558,6 +558,52 @@ fn late_usage_for_a_closed_month_follows_the_profile_policy_edge_34() {
 }
 
 #[test]
+fn late_usage_is_corrected_at_the_tier_october_reached_graduated_25_00_volume_minus_40_00_package_0_00() {
+    // Issue 17 item 2. October as it was closed: 3,000 api calls (1,000 × 0.10 + 2,000 × 0.05 =
+    // 200.00), 1,000 GB (volume, all at 0.40 = 400.00), 2,500 events (3 blocks of 1,000 × 2 = 6.00).
+    let t = "100000000001";
+    let mut october = hourly("saas-tiers", t, "api_calls", "2026-10-01T00:00:00Z", 30, 100);
+    october += &rec("saas-tiers", t, "storage_gb", "2026-10-02T00:00:00Z", 1000);
+    october += &hourly("saas-tiers", t, "events", "2026-10-03T00:00:00Z", 5, 500);
+    let dir = tempfile::tempdir().unwrap();
+    let closed = dir.path().join("october.jsonl");
+    std::fs::write(&closed, &october).unwrap();
+    // Late October usage after the close, booked on November.
+    let late = rec("saas-tiers", t, "api_calls", "2026-10-31T23:00:00Z", 500)
+        + &rec("saas-tiers", t, "storage_gb", "2026-10-31T22:00:00Z", 200)
+        + &rec("saas-tiers", t, "events", "2026-10-31T21:00:00Z", 400);
+    let own = MODELS.replace("late_usage = \"refuse\"", "late_usage = \"correction_next_month\"");
+    let closed = closed.to_str().unwrap();
+    let args = ["--close", "--closed-through", "2026-10", "--closed-usage", closed];
+    let (_, v) = run(&own, &late, &[&["--month", "2026-11"][..], &args].concat()).unwrap();
+    let adj = |dim| one(&v, &[("customer", "tierco"), ("dimension", dim), ("charge_type", "adjustment")]).clone();
+    // Graduated: 3,500 → 225.00, so 500 × 0.05 = 25.00 (not 50.00 from the first tier again).
+    let calls = adj("api_calls");
+    assert_eq!((calls["customer_billed_amount"].as_str(), calls["quantity"].as_str()), (Some("25.00"), Some("500")));
+    assert_eq!(calls["corrects"], "2026-10");
+    let text = calls["description"].as_str().unwrap();
+    assert!(
+        text.starts_with(
+            "correction of graduated usage of api_calls: 2026-10: 500 late units priced from 3000 to 3500"
+        ),
+        "{text}"
+    );
+    // Volume: 1,200 GB reach the 0.30 tier for every unit (360.00): 360.00 − 400.00 = −40.00.
+    assert_eq!(adj("storage_gb")["customer_billed_amount"], "-40.00");
+    // Package: 2,900 events still fit the 3 blocks October started: 0.00 (not 2.00 for a new block).
+    assert_eq!(adj("events")["customer_billed_amount"], "0.00");
+    // October's own lines never change.
+    let (_, oct) = run(&own, &late, &[&["--month", "2026-10"][..], &args].concat()).unwrap();
+    let october_line = |dim: &str| {
+        let l = oct["charge_lines"].as_array().unwrap().iter().find(|l| l["dimension"] == dim).unwrap().clone();
+        (l["charge_type"].as_str().unwrap().to_owned(), l["amount"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(october_line("api_calls"), ("usage".into(), "200.00".into()));
+    assert_eq!(october_line("storage_gb"), ("usage".into(), "400.00".into()));
+    assert_eq!(october_line("events"), ("usage".into(), "6.00".into()));
+}
+
+#[test]
 fn a_softline_style_profile_states_every_parameter_and_closes_in_its_own_terms_edge_59() {
     const SOFTLINE: &str = include_str!("../../docs/examples/softline.toml");
     // Decimal quantities pulled from the vendor: 2.5 vCPU-hours an hour for 10 hours.
