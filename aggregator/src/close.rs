@@ -204,6 +204,44 @@ impl InvoiceLine {
     }
 }
 
+/// Who sells under an offer (PRC-20/21): the seller of record (the partner for resale), the
+/// manufacturer, and the channel. One reading for the close's invoice lines and the fold's
+/// ClickHouse `monthly_charges` rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parties {
+    /// Seller of record.
+    pub seller_of_record: String,
+    /// Manufacturer (ISV).
+    pub manufacturer: String,
+    /// direct, cppo or dsor.
+    pub channel: Channel,
+}
+
+/// The [`Parties`] of offer `o`: its resale authorisation's partner and manufacturer, else the
+/// product's seller selling directly.
+pub fn parties(book: &PriceBook, o: &Offer) -> Parties {
+    match o.resale.as_deref().and_then(|id| book.resale(id)) {
+        Some(r) => {
+            Parties { seller_of_record: r.partner.clone(), manufacturer: r.manufacturer.clone(), channel: r.channel }
+        }
+        None => {
+            let seller = book.product(&o.product).map(|p| p.seller.clone()).unwrap_or_default();
+            Parties { seller_of_record: seller.clone(), manufacturer: seller, channel: Channel::Direct }
+        }
+    }
+}
+
+/// The [`Parties`] of a usage line of offer `offer_id` metered by `seller`: an offer the book
+/// does not have is read as `seller`'s direct sale.
+pub fn line_parties(book: &PriceBook, offer_id: &str, seller: &str) -> Parties {
+    match book.offer(offer_id) {
+        Some(o) => parties(book, o),
+        None => {
+            Parties { seller_of_record: seller.to_owned(), manufacturer: seller.to_owned(), channel: Channel::Direct }
+        }
+    }
+}
+
 /// The invoice a line goes on: one per (month, customer, currency, invoice date).
 pub(crate) fn invoice_id(month: Month, customer: &str, currency: Currency, invoice_date: &str) -> String {
     format!("INV-{month}-{customer}-{currency}-{}", invoice_date.replace('-', ""))
@@ -767,11 +805,7 @@ impl<'b> Closer<'b> {
         let profile = book.marketplace();
         let minor = o.currency.minor_units().unwrap_or(2);
         let resale = o.resale.as_deref().and_then(|id| book.resale(id));
-        let product_seller = book.product(&o.product).map(|p| p.seller.clone()).unwrap_or_default();
-        let (sor, manufacturer, channel) = match resale {
-            Some(r) => (r.partner.clone(), r.manufacturer.clone(), r.channel),
-            None => (product_seller.clone(), product_seller, Channel::Direct),
-        };
+        let Parties { seller_of_record: sor, manufacturer, channel } = parties(book, o);
         let rate = self.fee_rate(a, o, channel);
         let billed = round_to_minor(d.amount, minor);
         let mut warnings = Vec::new();
@@ -1036,6 +1070,19 @@ mod tests {
 
     fn aws() -> ListingFees {
         ListingFees::aws_2024()
+    }
+
+    #[test]
+    fn line_parties_are_direct_cppo_or_dsor_as_the_offer_resells() {
+        let book = PriceBook::from_toml(include_str!("../../docs/examples/price-models.toml")).unwrap();
+        let shown = |offer: &str| {
+            let p = line_parties(&book, offer, "acme");
+            (p.channel.as_str(), p.seller_of_record, p.manufacturer)
+        };
+        assert_eq!(shown("suite-public"), ("direct", "acme".into(), "acme".into()));
+        assert_eq!(shown("suite-cppo"), ("cppo", "channelco".into(), "acme".into()));
+        assert_eq!(shown("suite-dsor"), ("dsor", "dsorco".into(), "acme".into()));
+        assert_eq!(shown("no-such-offer"), ("direct", "acme".into(), "acme".into()));
     }
 
     #[test]

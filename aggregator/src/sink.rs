@@ -12,7 +12,7 @@
 //! record is dead-lettered); bad credentials, missing grants, a missing or differently shaped
 //! table, or a corrupt stored row are fatal ([`SinkError::advice`] says what to fix).
 
-use crate::close::{InvoiceLine, TrialHourUsage};
+use crate::close::{InvoiceLine, Parties, TrialHourUsage};
 use crate::rollup::{FoldError, LineAmount, LineSums};
 use clickhouse::{Client, Row};
 use common::money::Currency;
@@ -309,11 +309,14 @@ pub struct ChargeRow {
 }
 
 impl ChargeRow {
-    /// The current version of a line, owned by `partition`, folded up to `version` (offset).
+    /// The current version of a line, owned by `partition`, folded up to `version` (offset);
+    /// `parties` are its seller of record, manufacturer and channel
+    /// ([`crate::close::line_parties`]).
     pub fn new(
         key: &ChargeLineKey,
         sums: &LineSums,
         marketplace: &str,
+        parties: &Parties,
         partition: i32,
         version: i64,
         now: Timestamp,
@@ -331,9 +334,9 @@ impl ChargeRow {
             usage_period_end: secs(key.month.end()),
             marketplace: marketplace.to_owned(),
             customer: key.customer.clone(),
-            seller_of_record: sums.seller.clone(),
-            manufacturer: sums.seller.clone(),
-            channel: "direct".into(),
+            seller_of_record: parties.seller_of_record.clone(),
+            manufacturer: parties.manufacturer.clone(),
+            channel: parties.channel.as_str().to_owned(),
             product: key.product.clone(),
             agreement_id: key.agreement_id.clone(),
             offer_id: sums.offer_id.clone(),
@@ -384,7 +387,9 @@ impl ChargeRow {
             Some((Timestamp(i64::from(self.month_price_hour) * 1000).hour(), price))
         };
         let sums = LineSums {
-            seller: self.seller_of_record.clone(),
+            // The metering seller is the manufacturer (for resale the seller of record is the
+            // partner; rows written before the channel was filled in hold the seller in both).
+            seller: self.manufacturer.clone(),
             offer_id: self.offer_id.clone(),
             pricing_model: self.pricing_model.clone(),
             month_price,
@@ -814,7 +819,7 @@ mod tests {
         }
         let key = key.unwrap();
         let sums = rollup.sums(&key).unwrap();
-        let row = ChargeRow::new(&key, sums, "aws", 0, 29, Timestamp(0)).unwrap();
+        let row = ChargeRow::new(&key, sums, "aws", &direct("s"), 0, 29, Timestamp(0)).unwrap();
         assert_eq!(row.customer_billed_amount, mantissa("x", d("200"), BILLED_SCALE).unwrap());
         let (back_key, back) = row.to_state().unwrap();
         assert_eq!((&back_key, &back), (&key, sums));
@@ -862,12 +867,64 @@ mod tests {
         }
         let key = rollup.fold(&record(743, "500", true)).unwrap();
         let sums = rollup.sums(&key).unwrap();
-        let row = ChargeRow::new(&key, sums, "aws", 0, 30, Timestamp(0)).unwrap();
+        let row = ChargeRow::new(&key, sums, "aws", &direct("s"), 0, 30, Timestamp(0)).unwrap();
         assert_eq!(row.customer_billed_amount, mantissa("x", d("25"), BILLED_SCALE).unwrap());
         assert!(row.corrections.contains("\"closed_quantity\":\"3000\""), "{}", row.corrections);
         let (back_key, back) = row.to_state().unwrap();
         assert_eq!((&back_key, &back), (&key, sums));
         assert_eq!(back.amounts(&back_key).unwrap().rounded, d("25.00"));
+    }
+
+    fn direct(seller: &str) -> Parties {
+        Parties {
+            seller_of_record: seller.into(),
+            manufacturer: seller.into(),
+            channel: common::catalogue::Channel::Direct,
+        }
+    }
+
+    #[test]
+    fn a_resale_line_writes_its_channel_and_partner_and_reads_back_the_metering_seller() {
+        use crate::rollup::MonthlyRollup;
+        use common::id::{DedupKey, RecordId};
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let r = RatedRecord {
+            record_id: RecordId(1),
+            dedup_key: DedupKey(1),
+            seller: "acme".into(),
+            product: "suite".into(),
+            customer: "c".into(),
+            dimension: "api_calls".into(),
+            hour: Hour(498_192),
+            quantity: d("10"),
+            covered_quantity: Decimal::ZERO,
+            billable_quantity: d("10"),
+            unit_rate: d("0.10"),
+            currency: Currency::USD,
+            amount: d("1.0"),
+            month_price: None,
+            pricing_model: "per_unit".into(),
+            booked_month: None,
+            charge_type: ChargeType::Usage,
+            agreement_id: "a".into(),
+            offer_id: "suite-dsor".into(),
+            price_book_version: "v".into(),
+        };
+        let mut rollup = MonthlyRollup::new();
+        let key = rollup.fold(&r).unwrap();
+        let sums = rollup.sums(&key).unwrap();
+        let parties = Parties {
+            seller_of_record: "resellerco".into(),
+            manufacturer: "acme".into(),
+            channel: common::catalogue::Channel::Dsor,
+        };
+        let row = ChargeRow::new(&key, sums, "aws", &parties, 0, 1, Timestamp(0)).unwrap();
+        assert_eq!(
+            (row.channel.as_str(), row.seller_of_record.as_str(), row.manufacturer.as_str()),
+            ("dsor", "resellerco", "acme")
+        );
+        let (_, back) = row.to_state().unwrap();
+        assert_eq!(&back, sums, "the line's own seller survives");
     }
 
     #[test]
