@@ -447,6 +447,17 @@ pub struct InvoiceRow {
     reporting_currency: String,
     reporting_amount: Option<i128>,
     metering_records: u64,
+    /// For a refund: the line it credits (003's default derives it from the description; the
+    /// close writes it directly).
+    credits_line: String,
+    /// For a correction: the closed months it corrects (005).
+    corrects: String,
+    /// Two-level resale (DSOR channel model): the DSOR partner and its share (005); '' and NULL
+    /// on other lines.
+    distributor: String,
+    distributor_cost_of_goods: Option<i128>,
+    distributor_listing_fee: Option<i128>,
+    distributor_net: Option<i128>,
 }
 
 impl InvoiceRow {
@@ -498,8 +509,23 @@ impl InvoiceRow {
             reporting_currency: l.reporting_currency.map(|c| c.to_string()).unwrap_or_default(),
             reporting_amount: l.reporting_amount.map(|a| mantissa("reporting_amount", a, BILLED_SCALE)).transpose()?,
             metering_records: l.metering_records,
+            credits_line: l.credits_line.clone(),
+            corrects: l.corrects.clone(),
+            distributor: l.distributor.as_ref().map(|d| d.party.clone()).unwrap_or_default(),
+            distributor_cost_of_goods: share(l, "distributor_cost_of_goods", |d| d.cost_of_goods)?,
+            distributor_listing_fee: share(l, "distributor_listing_fee", |d| d.listing_fee)?,
+            distributor_net: share(l, "distributor_net", |d| d.net)?,
         })
     }
+}
+
+/// One amount of a line's distributor share as a `Nullable(Decimal(38, 9))` mantissa.
+fn share(
+    l: &InvoiceLine,
+    what: &'static str,
+    pick: impl Fn(&crate::close::DistributorShare) -> Decimal,
+) -> Result<Option<i128>, SinkError> {
+    l.distributor.as_ref().map(|d| mantissa(what, pick(d), BILLED_SCALE)).transpose()
 }
 
 /// The month's invoice lines as the fold left them in `monthly_charges`.

@@ -1092,6 +1092,29 @@ async fn aggregator_close_writes_refund_lines_naming_the_credited_line_to_clickh
         .await
         .unwrap();
     assert_eq!(others.trim(), "0");
+    // Migration 005: the DSOR channel sale's middle party in its own four columns (98,000.00 sold
+    // by resellco; dsorco owes acme 85,000.00, pays a 175.00 fee and nets 4,825.00), written by
+    // the close directly; no other line names a distributor.
+    let dsor = ch
+        .query_text(&format!(
+            "SELECT customer, channel, distributor, toString(distributor_cost_of_goods), toString(distributor_listing_fee),
+                    toString(distributor_net)
+             FROM {db}.invoice_lines_current WHERE distributor != '' ORDER BY customer"
+        ))
+        .await
+        .unwrap();
+    let rows: Vec<Vec<String>> = dsor
+        .lines()
+        .map(|l| l.split('\t').enumerate().map(|(i, c)| if i >= 3 { norm(c) } else { c.to_owned() }).collect())
+        .collect();
+    assert_eq!(rows, vec![vec!["schoolco", "cppo", "dsorco", "85000", "175", "4825"]]);
+    let nulls = ch
+        .query_text(&format!(
+            "SELECT count() FROM {db}.invoice_lines WHERE distributor = '' AND distributor_net IS NOT NULL"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(nulls.trim(), "0");
 }
 
 #[test]
@@ -1245,4 +1268,82 @@ fn an_annual_amendment_of_181_days_is_prorated_2000_x_181_over_365_is_991_78() {
     assert_eq!(l["customer_billed_amount"], "991.78");
     assert!(l["amount_unrounded"].as_str().unwrap().starts_with("991.780821"), "{l}");
     assert!(l["description"].as_str().unwrap().contains("181/365 days of a year"), "{l}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_005_applies_to_an_existing_004_database_once_and_its_rows_read_the_defaults() {
+    // A database as 004 left it (migrations 1–4 applied and recorded), with a line in each table.
+    let ch = testkit::ClickHouse::start().await.unwrap();
+    let (db, _) = ch.database("migrate_005").await.unwrap();
+    ch.query_text(&format!(
+        "CREATE TABLE {db}.schema_migrations (version UInt32, name String, applied_at DateTime) ENGINE = TinyLog"
+    ))
+    .await
+    .unwrap();
+    let files = [
+        include_str!("../../deploy/clickhouse/001_init.sql"),
+        include_str!("../../deploy/clickhouse/002_invoice_lines.sql"),
+        include_str!("../../deploy/clickhouse/003_refunds.sql"),
+        include_str!("../../deploy/clickhouse/004_closed_months.sql"),
+    ];
+    for (v, sql) in files.iter().enumerate() {
+        let code: String = sql
+            .lines()
+            .map(|l| l.split("--").next().unwrap())
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        for stmt in code.split(";\n").map(|s| s.trim().trim_end_matches(';')).filter(|s| !s.is_empty()) {
+            ch.query_text(&stmt.replace("{database}", &db)).await.unwrap();
+        }
+        ch.query_text(&format!("INSERT INTO {db}.schema_migrations VALUES ({}, '00{}', now())", v + 1, v + 1))
+            .await
+            .unwrap();
+    }
+    ch.query_text(&format!(
+        "INSERT INTO {db}.monthly_charges (month, customer, charge_type) VALUES ('2026-10-01', 'old', 'usage')"
+    ))
+    .await
+    .unwrap();
+    ch.query_text(&format!(
+        "INSERT INTO {db}.invoice_lines (billing_month, customer, charge_type) VALUES ('2026-10-01', 'old', 'usage')"
+    ))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let book = dir.path().join("book.toml");
+    std::fs::write(&book, MODELS).unwrap();
+    let config = dir.path().join("meterline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "price_book = \"{}\"\n[kafka]\nbootstrap = \"127.0.0.1:9\"\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n",
+            book.display(),
+            ch.url()
+        ),
+    )
+    .unwrap();
+    let migrate = || {
+        Command::new(stage_bin("aggregator")).args(["--config", config.to_str().unwrap(), "migrate"]).output().unwrap()
+    };
+    for _ in 0..2 {
+        // The second run finds version 5 recorded and changes nothing.
+        let out = migrate();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let versions =
+        ch.query_text(&format!("SELECT version FROM {db}.schema_migrations ORDER BY version")).await.unwrap();
+    assert_eq!(versions.split_whitespace().collect::<Vec<_>>(), ["1", "2", "3", "4", "5"]);
+    let old = ch
+        .query_text(&format!("SELECT concat('[', corrections, ']') FROM {db}.monthly_charges WHERE customer = 'old'"))
+        .await
+        .unwrap();
+    assert_eq!(old.trim(), "[]");
+    let old = ch
+        .query_text(&format!(
+            "SELECT concat('[', corrects, '|', distributor, ']'), isNull(distributor_net) FROM {db}.invoice_lines_current WHERE customer = 'old'"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(old.trim(), "[|]\t1");
 }
