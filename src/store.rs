@@ -605,4 +605,81 @@ mod tests {
             (event.code.as_str(), event.record_id, event.received_at.millis(), event.message.as_str())
         );
     }
+
+    #[test]
+    fn a_graduated_correction_of_500_late_after_3000_closed_is_stored_and_reloaded_at_25_00() {
+        use aggregator::rollup::MonthlyRollup;
+        use common::pricing::{Tier, UsagePrice};
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let price = UsagePrice::Graduated(vec![
+            Tier { up_to: Some(d("1000")), rate: d("0.10") },
+            Tier { up_to: Some(d("10000")), rate: d("0.05") },
+            Tier { up_to: None, rate: d("0.01") },
+        ]);
+        let oct = Month::parse("2026-10").unwrap().first_hour().0;
+        let record = |h: i64, q: &str, late: bool| RatedRecord {
+            record_id: RecordId(h as u128),
+            dedup_key: DedupKey(h as u128),
+            seller: "acme".into(),
+            product: "saas-tiers".into(),
+            customer: "tierco".into(),
+            dimension: "api_calls".into(),
+            hour: Hour(oct + h),
+            quantity: d(q),
+            covered_quantity: Decimal::ZERO,
+            billable_quantity: d(q),
+            unit_rate: d("0.10"),
+            currency: Currency::USD,
+            amount: Decimal::ZERO,
+            month_price: Some(price.clone()),
+            pricing_model: "graduated".into(),
+            booked_month: late.then(|| Month::parse("2026-11").unwrap()),
+            charge_type: if late { ChargeType::Adjustment } else { ChargeType::Usage },
+            agreement_id: "agmnt-tiers".into(),
+            offer_id: "tiers-public".into(),
+            price_book_version: "v".into(),
+        };
+        // October closed at 3,000 calls (200.00); 500 late calls at the 0.05 tier it reached.
+        let mut rollup = MonthlyRollup::new();
+        let mut lines = Vec::new();
+        for h in 0..30 {
+            rollup.fold(&record(h, "100", false)).unwrap();
+        }
+        let late = rollup.fold(&record(743, "500", true)).unwrap();
+        for k in [
+            late.clone(),
+            ChargeLineKey { month: Month::parse("2026-10").unwrap(), charge_type: ChargeType::Usage, ..late.clone() },
+        ] {
+            lines.push((k.clone(), rollup.sums(&k).unwrap().clone()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("m.db")).unwrap();
+        store.apply(&BatchWrite { lines: lines.clone(), ..Default::default() }).unwrap();
+        let mut back = store.line_sums().unwrap();
+        back.sort_by(|a, b| b.0.cmp(&a.0));
+        assert_eq!(back, lines, "the corrections survive the store");
+        let nov = Store::charge_lines(store.conn(), Some("2026-11")).unwrap();
+        assert_eq!((nov[0].amount.to_string(), nov[0].corrections.len()), ("25.00".into(), 1));
+        let oct_lines = Store::charge_lines(store.conn(), Some("2026-10")).unwrap();
+        assert_eq!(oct_lines[0].amount.to_string(), "200.00");
+    }
+
+    #[test]
+    fn a_store_written_before_corrections_gains_the_column_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        drop(Store::open(&db).unwrap());
+        Connection::open(&db).unwrap().execute_batch("ALTER TABLE monthly_charges DROP COLUMN corrections").unwrap();
+        let store = Store::open(&db).unwrap();
+        let n: i64 = store
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('monthly_charges') WHERE name = 'corrections'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+        assert!(store.line_sums().unwrap().is_empty());
+    }
 }
