@@ -95,11 +95,16 @@ impl ClosedPosition {
 /// agreement, dimension and currency, in the record's own (closed) month. `None` unless `r` is a
 /// late record of a month-priced model.
 pub fn corrected_line_key(r: &RatedRecord) -> Option<ChargeLineKey> {
-    (r.booked_month.is_some() && r.month_price.is_some()).then(|| ChargeLineKey {
+    is_month_priced_correction(r).then(|| ChargeLineKey {
         month: r.month(),
         charge_type: ChargeType::Usage,
         ..r.line_key()
     })
+}
+
+/// Whether `r` is late usage of a closed month (booked on a later one) of a month-priced model.
+fn is_month_priced_correction(r: &RatedRecord) -> bool {
+    r.booked_month.is_some() && r.month_price.is_some()
 }
 
 impl LineSums {
@@ -131,7 +136,7 @@ impl LineSums {
         let covered_quantity = self.covered_quantity.checked_add(r.covered_quantity)?;
         let billable_quantity = self.billable_quantity.checked_add(r.billable_quantity)?;
         let amount = self.amount.checked_add(r.amount)?;
-        let late = corrected_line_key(r).is_some();
+        let late = is_month_priced_correction(r);
         let month_priced_quantity = match r.month_price {
             Some(_) if !late => self.month_priced_quantity.checked_add(r.billable_quantity)?,
             _ => self.month_priced_quantity,
