@@ -1347,3 +1347,80 @@ async fn migration_005_applies_to_an_existing_004_database_once_and_its_rows_rea
         .unwrap();
     assert_eq!(old.trim(), "[|]\t1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregator_close_reads_a_clickhouse_correction_line_and_writes_it_naming_october_at_25_00() {
+    // The fold's row for tierco's 500 late October api_calls on November (October closed at
+    // 3,000: the 0.05 tier), as the aggregator writes it; `aggregator close` reads it back from
+    // monthly_charges and writes the invoice line with the month it corrects.
+    let ch = testkit::ClickHouse::start().await.unwrap();
+    let (db, _) = ch.database("correction_close").await.unwrap();
+    let broker = testkit::Broker::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let own = MODELS.replace("late_usage = \"refuse\"", "late_usage = \"correction_next_month\"");
+    let book = dir.path().join("book.toml");
+    std::fs::write(&book, &own).unwrap();
+    let config = dir.path().join("meterline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "price_book = \"{}\"\n[kafka]\nbootstrap = \"{}\"\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n",
+            book.display(),
+            broker.bootstrap(),
+            ch.url()
+        ),
+    )
+    .unwrap();
+    let aggregator = |args: &[&str]| {
+        let out = Command::new(stage_bin("aggregator"))
+            .args(["--config", config.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    aggregator(&["migrate"]);
+    let d = |s: &str| s.parse::<rust_decimal::Decimal>().unwrap();
+    let correction = common::rated::Correction {
+        month: common::time::Month::parse("2026-10").unwrap(),
+        closed_quantity: d("3000"),
+        late_quantity: d("500"),
+        price: common::pricing::UsagePrice::Graduated(vec![
+            common::pricing::Tier { up_to: Some(d("1000")), rate: d("0.10") },
+            common::pricing::Tier { up_to: Some(d("10000")), rate: d("0.05") },
+            common::pricing::Tier { up_to: None, rate: d("0.01") },
+        ]),
+    };
+    assert_eq!(correction.amount(), Some(d("25")));
+    let json = common::rated::corrections_text(&[correction]);
+    // 2026-11-01T00:00Z and 2026-12-01T00:00Z in seconds.
+    ch.query_text(&format!(
+        "INSERT INTO {db}.monthly_charges (month, usage_period_start, usage_period_end, marketplace, customer, seller_of_record,
+             manufacturer, channel, product, agreement_id, offer_id, dimension, charge_type, pricing_model, currency, quantity,
+             covered_quantity, billable_quantity, unit_rate, mixed_rates, month_price, month_priced_quantity, record_amounts,
+             amount_unrounded, customer_billed_amount, records, source_partition, version, corrections)
+         VALUES ('2026-11-01', toDateTime(1793491200), toDateTime(1796083200), 'aws', 'tierco', 'acme', 'acme', 'direct',
+             'saas-tiers', 'agmnt-tiers', 'tiers-public', 'api_calls', 'adjustment', 'graduated', 'USD', 500, 0, 500, 0.10, 0,
+             '', 0, 0, 25, 25, 1, 0, 1, '{json}')"
+    ))
+    .await
+    .unwrap();
+    aggregator(&["close", "--month", "2026-11", "--out-dir", dir.path().to_str().unwrap()]);
+    let text = ch
+        .query_text(&format!(
+            "SELECT corrects, toString(customer_billed_amount), toString(quantity), description FROM {db}.invoice_lines_current
+             WHERE charge_type = 'adjustment'"
+        ))
+        .await
+        .unwrap();
+    let row: Vec<&str> = text.trim().split('\t').collect();
+    let norm = |s: &str| d(s).normalize().to_string();
+    assert_eq!((row[0], norm(row[1]), norm(row[2])), ("2026-10", "25".into(), "500".into()), "{text}");
+    assert!(row[3].contains("2026-10: 500 late units priced from 3000 to 3500"), "{text}");
+    // The CSV export says the same.
+    let csv = std::fs::read_to_string(dir.path().join("invoice-lines-2026-11.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().contains(",description,corrects,pricing_model,"));
+    assert!(csv
+        .lines()
+        .any(|l| l.contains(",adjustment,") && l.contains(",2026-10,graduated,") && l.contains(",25.00,")));
+}
