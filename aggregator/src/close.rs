@@ -1073,6 +1073,52 @@ mod tests {
     }
 
     #[test]
+    fn a_dsor_correction_of_500_late_calls_bills_2_00_owes_the_wholesale_delta_1_00_and_names_october() {
+        // govco buys `suite` through DSOR Co (wholesale api_calls 0.0020 per unit). Its November
+        // adjustment line corrects October (closed at 3,000) with 500 late calls at the graduated
+        // price the line carries: the customer pays 500 × 0.0040 (the tier above 3,000) = 2.00;
+        // DSOR Co owes acme the wholesale delta, 500 × 0.0020 = 1.00, the same rule on its price.
+        let book = PriceBook::from_toml(include_str!("../../docs/examples/price-models.toml")).unwrap();
+        let price = common::pricing::UsagePrice::Graduated(vec![
+            common::pricing::Tier { up_to: Some(d("3000")), rate: d("0.0050") },
+            common::pricing::Tier { up_to: None, rate: d("0.0040") },
+        ]);
+        let correction = Correction {
+            month: Month::parse("2026-10").unwrap(),
+            closed_quantity: d("3000"),
+            late_quantity: d("500"),
+            price,
+        };
+        let exact = correction.amount().unwrap();
+        assert_eq!(exact, d("2"));
+        let line = ChargeLine {
+            month: "2026-11".into(),
+            customer: "govco".into(),
+            seller: "acme".into(),
+            product: "suite".into(),
+            agreement_id: "agmnt-gov".into(),
+            offer_id: "suite-dsor".into(),
+            dimension: "api_calls".into(),
+            charge_type: ChargeType::Adjustment,
+            pricing_model: "graduated".into(),
+            currency: Currency::new("USD").unwrap(),
+            quantity: d("500"),
+            covered_quantity: Decimal::ZERO,
+            billable_quantity: d("500"),
+            unit_rate: Some(d("0.0050")),
+            amount_unrounded: exact,
+            amount: d("2.00"),
+            records: 1,
+            corrections: vec![correction],
+        };
+        let close = close_month(&book, Month::parse("2026-11").unwrap(), &[line], &[]).unwrap();
+        let adj = close.lines.iter().find(|l| l.charge_type == ChargeType::Adjustment).unwrap();
+        assert_eq!((adj.corrects.as_str(), adj.channel.as_str()), ("2026-10", "dsor"));
+        assert_eq!((adj.customer_billed_amount, adj.cost_of_goods), (d("2.00"), d("1.00")));
+        assert!(adj.description.contains("500 late units priced from 3000 to 3500"), "{}", adj.description);
+    }
+
+    #[test]
     fn line_parties_are_direct_cppo_or_dsor_as_the_offer_resells() {
         let book = PriceBook::from_toml(include_str!("../../docs/examples/price-models.toml")).unwrap();
         let shown = |offer: &str| {
