@@ -108,6 +108,10 @@ enum Command {
         /// Treat months up to this one (YYYY-MM) as closed: late usage follows the profile's policy.
         #[arg(long)]
         closed_through: Option<String>,
+        /// Usage the closed months held when they were closed (JSON lines), rated before
+        /// `--closed-through` applies: late usage is corrected at the position they had reached.
+        #[arg(long, requires = "closed_through")]
+        closed_usage: Option<PathBuf>,
     },
     /// Close a month: write its invoice lines (fees, contracts, credits, each party's net) to the
     /// store and export them as CSV and JSON.
@@ -316,7 +320,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             );
             outln!(out, "{token}");
         }
-        Command::Rate { price_book, usage, now, month, close, closed_through } => {
+        Command::Rate { price_book, usage, now, month, close, closed_through, closed_usage } => {
             let book = PriceBook::load(&price_book)?;
             let text = if usage.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())?
@@ -326,7 +330,16 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let now = now.map(|n| Timestamp::parse_rfc3339(&n)).transpose().map_err(anyhow::Error::msg)?;
             let closed_through =
                 closed_through.map(|m| common::time::Month::parse(&m)).transpose().map_err(anyhow::Error::msg)?;
-            let opts = rate::RateOptions { now, month: month.as_deref(), close, closed_through };
+            let closed_usage = closed_usage
+                .map(|p| std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display())))
+                .transpose()?;
+            let opts = rate::RateOptions {
+                now,
+                month: month.as_deref(),
+                close,
+                closed_through,
+                closed_usage: closed_usage.as_deref(),
+            };
             let rated = rate::rate_lines(&book, &text, &opts)?;
             outln!(out, "{}", serde_json::to_string_pretty(&rated)?);
         }

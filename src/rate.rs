@@ -64,11 +64,15 @@ pub struct RateOptions<'a> {
     pub close: bool,
     /// Months up to this one are already closed: late usage follows the profile's policy.
     pub closed_through: Option<Month>,
+    /// Usage (JSON lines) the closed months held when they were closed: rated and folded first,
+    /// before `closed_through` applies, so late usage is corrected at the position each closed
+    /// month had reached (issue 17 item 2). Its lines are in the output like any other.
+    pub closed_usage: Option<&'a str>,
 }
 
 /// Rates `usage` (JSON lines) against `book`.
 pub fn rate_lines(book: &PriceBook, usage: &str, opts: &RateOptions<'_>) -> anyhow::Result<RateOutput> {
-    let RateOptions { now, month, close, closed_through } = *opts;
+    let RateOptions { now, month, close, closed_through, closed_usage } = *opts;
     let close_month_of = match (close, month) {
         (true, Some(m)) => Some(Month::parse(m).map_err(anyhow::Error::msg)?),
         (true, None) => anyhow::bail!("--close needs --month"),
@@ -79,12 +83,16 @@ pub fn rate_lines(book: &PriceBook, usage: &str, opts: &RateOptions<'_>) -> anyh
     let received_at = now.unwrap_or(Timestamp(0));
     let cx = Context { book, caller: Caller::Trusted, now, received_at };
     let mut rater = Rater::new();
-    rater.set_closed_through(closed_through);
     // The batch core decides and counts every line; lines refused by validation pass through it.
     let mut effects = BatchEffects::new();
     // The input line of each refusal, in the core's order.
     let mut refused_at = Vec::new();
-    for (i, line) in usage.lines().enumerate() {
+    // The closed months' own usage first (while they were open), then the usage to rate.
+    let closed_lines = closed_usage.unwrap_or("").lines().count();
+    for (i, line) in closed_usage.unwrap_or("").lines().chain(usage.lines()).enumerate() {
+        if i == closed_lines {
+            rater.set_closed_through(closed_through);
+        }
         let line = line.trim();
         if line.is_empty() {
             continue;
@@ -108,8 +116,12 @@ pub fn rate_lines(book: &PriceBook, usage: &str, opts: &RateOptions<'_>) -> anyh
             }),
         }
         if effects.refusals.len() > refusals {
-            refused_at.push(i + 1);
+            // Numbered within its own input (the closed usage's lines first).
+            refused_at.push(if i < closed_lines { i + 1 } else { i - closed_lines + 1 });
         }
+    }
+    if closed_lines == 0 {
+        rater.set_closed_through(closed_through);
     }
     // No store: the whole file is one batch, kept at once.
     rater.commit();

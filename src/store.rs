@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS monthly_charges (
     amount_unrounded      TEXT NOT NULL, -- record_amounts + month_price(month_priced_quantity)
     amount                TEXT NOT NULL,
     records               INTEGER NOT NULL,
+    corrections           TEXT NOT NULL DEFAULT '', -- JSON of an adjustment line's corrected months ('' if none)
     PRIMARY KEY (month, customer, product, agreement_id, dimension, charge_type, currency)
 );
 
@@ -199,6 +200,11 @@ fn dec(table: &'static str, column: &'static str, v: &str) -> Result<Decimal, St
     Decimal::from_str(v).map_err(|_| corrupt(table, column, v))
 }
 
+/// An adjustment line's corrections (`monthly_charges.corrections`, JSON; '' for none).
+fn corrections(v: &str) -> Result<Vec<common::rated::Correction>, StoreError> {
+    common::rated::parse_corrections(v).map_err(|_| corrupt("monthly_charges", "corrections", v))
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -248,6 +254,15 @@ impl Store {
             .collect::<Result<_, _>>()?;
         for c in CSV_HEADER.split(',').filter(|c| !existing.iter().any(|e| e == c)) {
             conn.execute_batch(&format!("ALTER TABLE invoice_lines ADD COLUMN {c} TEXT NOT NULL DEFAULT ''"))?;
+        }
+        // `monthly_charges.corrections` (issue 17 item 2), the same way: a store written before
+        // it gains the column, empty for its lines (none of which carried a correction).
+        let has_corrections: bool = conn
+            .prepare("SELECT count(*) FROM pragma_table_info('monthly_charges') WHERE name = 'corrections'")?
+            .query_row([], |r| r.get::<_, i64>(0))?
+            > 0;
+        if !has_corrections {
+            conn.execute_batch("ALTER TABLE monthly_charges ADD COLUMN corrections TEXT NOT NULL DEFAULT ''")?;
         }
         conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         Ok(Store { conn })
@@ -327,8 +342,8 @@ impl Store {
             let mut line = tx.prepare_cached(
                 "INSERT OR REPLACE INTO monthly_charges (month, customer, product, agreement_id, dimension, charge_type, currency, seller,
                  offer_id, pricing_model, quantity, covered_quantity, billable_quantity, unit_rate, mixed_rates, month_price,
-                 month_price_hour, month_priced_quantity, record_amounts, amount_unrounded, amount, records)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
+                 month_price_hour, month_priced_quantity, record_amounts, amount_unrounded, amount, records, corrections)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
             )?;
             for (key, sums) in &batch.lines {
                 let rounded =
@@ -356,6 +371,7 @@ impl Store {
                     rounded.amount_unrounded.to_string(),
                     rounded.amount.to_string(),
                     sums.records as i64,
+                    common::rated::corrections_text(&sums.corrections),
                 ])?;
             }
             let mut count = tx.prepare_cached(
@@ -390,7 +406,7 @@ impl Store {
         let mut st = self.conn.prepare(
             "SELECT month, customer, product, dimension, charge_type, currency, seller, quantity, covered_quantity,
                     billable_quantity, unit_rate, mixed_rates, record_amounts, records, agreement_id, offer_id, pricing_model,
-                    month_price, month_price_hour, month_priced_quantity FROM monthly_charges",
+                    month_price, month_price_hour, month_priced_quantity, corrections FROM monthly_charges",
         )?;
         let mut rows = st.query([])?;
         let mut out = Vec::new();
@@ -428,6 +444,7 @@ impl Store {
                 mixed_rates: r.get(11)?,
                 amount: dec(T, "record_amounts", &r.get::<_, String>(12)?)?,
                 records: r.get::<_, i64>(13)? as u64,
+                corrections: corrections(&r.get::<_, String>(20)?)?,
             };
             out.push((key, sums));
         }
@@ -438,7 +455,8 @@ impl Store {
     pub fn charge_lines(conn: &Connection, month: Option<&str>) -> Result<Vec<ChargeLine>, StoreError> {
         let mut st = conn.prepare(
             "SELECT month, customer, seller, product, dimension, charge_type, currency, quantity, covered_quantity,
-                    billable_quantity, unit_rate, amount_unrounded, amount, records, agreement_id, offer_id, pricing_model
+                    billable_quantity, unit_rate, amount_unrounded, amount, records, agreement_id, offer_id, pricing_model,
+                    corrections
              FROM monthly_charges WHERE (?1 IS NULL OR month = ?1)
              ORDER BY month, customer, product, agreement_id, dimension, charge_type, currency",
         )?;
@@ -467,6 +485,7 @@ impl Store {
                 amount_unrounded: dec(T, "amount_unrounded", &r.get::<_, String>(11)?)?,
                 amount: dec(T, "amount", &r.get::<_, String>(12)?)?,
                 records: r.get::<_, i64>(13)? as u64,
+                corrections: corrections(&r.get::<_, String>(17)?)?,
             });
         }
         Ok(out)
@@ -585,5 +604,82 @@ mod tests {
             (row.reason, row.record_id, row.received_at_ms, row.message.as_str()),
             (event.code.as_str(), event.record_id, event.received_at.millis(), event.message.as_str())
         );
+    }
+
+    #[test]
+    fn a_graduated_correction_of_500_late_after_3000_closed_is_stored_and_reloaded_at_25_00() {
+        use aggregator::rollup::MonthlyRollup;
+        use common::pricing::{Tier, UsagePrice};
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let price = UsagePrice::Graduated(vec![
+            Tier { up_to: Some(d("1000")), rate: d("0.10") },
+            Tier { up_to: Some(d("10000")), rate: d("0.05") },
+            Tier { up_to: None, rate: d("0.01") },
+        ]);
+        let oct = Month::parse("2026-10").unwrap().first_hour().0;
+        let record = |h: i64, q: &str, late: bool| RatedRecord {
+            record_id: RecordId(h as u128),
+            dedup_key: DedupKey(h as u128),
+            seller: "acme".into(),
+            product: "saas-tiers".into(),
+            customer: "tierco".into(),
+            dimension: "api_calls".into(),
+            hour: Hour(oct + h),
+            quantity: d(q),
+            covered_quantity: Decimal::ZERO,
+            billable_quantity: d(q),
+            unit_rate: d("0.10"),
+            currency: Currency::USD,
+            amount: Decimal::ZERO,
+            month_price: Some(price.clone()),
+            pricing_model: "graduated".into(),
+            booked_month: late.then(|| Month::parse("2026-11").unwrap()),
+            charge_type: if late { ChargeType::Adjustment } else { ChargeType::Usage },
+            agreement_id: "agmnt-tiers".into(),
+            offer_id: "tiers-public".into(),
+            price_book_version: "v".into(),
+        };
+        // October closed at 3,000 calls (200.00); 500 late calls at the 0.05 tier it reached.
+        let mut rollup = MonthlyRollup::new();
+        let mut lines = Vec::new();
+        for h in 0..30 {
+            rollup.fold(&record(h, "100", false)).unwrap();
+        }
+        let late = rollup.fold(&record(743, "500", true)).unwrap();
+        for k in [
+            late.clone(),
+            ChargeLineKey { month: Month::parse("2026-10").unwrap(), charge_type: ChargeType::Usage, ..late.clone() },
+        ] {
+            lines.push((k.clone(), rollup.sums(&k).unwrap().clone()));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("m.db")).unwrap();
+        store.apply(&BatchWrite { lines: lines.clone(), ..Default::default() }).unwrap();
+        let mut back = store.line_sums().unwrap();
+        back.sort_by(|a, b| b.0.cmp(&a.0));
+        assert_eq!(back, lines, "the corrections survive the store");
+        let nov = Store::charge_lines(store.conn(), Some("2026-11")).unwrap();
+        assert_eq!((nov[0].amount.to_string(), nov[0].corrections.len()), ("25.00".into(), 1));
+        let oct_lines = Store::charge_lines(store.conn(), Some("2026-10")).unwrap();
+        assert_eq!(oct_lines[0].amount.to_string(), "200.00");
+    }
+
+    #[test]
+    fn a_store_written_before_corrections_gains_the_column_when_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        drop(Store::open(&db).unwrap());
+        Connection::open(&db).unwrap().execute_batch("ALTER TABLE monthly_charges DROP COLUMN corrections").unwrap();
+        let store = Store::open(&db).unwrap();
+        let n: i64 = store
+            .conn()
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info('monthly_charges') WHERE name = 'corrections'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+        assert!(store.line_sums().unwrap().is_empty());
     }
 }

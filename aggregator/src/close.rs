@@ -27,7 +27,7 @@ use common::catalogue::{
     PriceBook, ResaleAuthorization, TrialKind, Visibility,
 };
 use common::money::{round_to_minor, Currency};
-use common::rated::{ChargeLine, ChargeType};
+use common::rated::{ChargeLine, ChargeType, Correction};
 use common::time::{Hour, Month, Timestamp, DAY_MS};
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -169,6 +169,10 @@ pub struct InvoiceLine {
     pub reporting_amount: Option<Decimal>,
     /// Rated records folded into a usage line.
     pub metering_records: u64,
+    /// For a correction (an `adjustment` line of a month-priced model): the closed months it
+    /// corrects, `YYYY-MM`, space-separated; empty otherwise.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub corrects: String,
     /// For a refund: the line it credits ([`InvoiceLine::line_key`]); empty otherwise.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub credits_line: String,
@@ -197,6 +201,44 @@ impl InvoiceLine {
     /// invoice id names the month, customer, currency and invoice date).
     pub fn line_key(&self) -> String {
         format!("{}/{}/{}/{}", self.invoice_id, self.agreement_id, self.charge_type, self.dimension)
+    }
+}
+
+/// Who sells under an offer (PRC-20/21): the seller of record (the partner for resale), the
+/// manufacturer, and the channel. One reading for the close's invoice lines and the fold's
+/// ClickHouse `monthly_charges` rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parties {
+    /// Seller of record.
+    pub seller_of_record: String,
+    /// Manufacturer (ISV).
+    pub manufacturer: String,
+    /// direct, cppo or dsor.
+    pub channel: Channel,
+}
+
+/// The [`Parties`] of offer `o`: its resale authorisation's partner and manufacturer, else the
+/// product's seller selling directly.
+pub fn parties(book: &PriceBook, o: &Offer) -> Parties {
+    match o.resale.as_deref().and_then(|id| book.resale(id)) {
+        Some(r) => {
+            Parties { seller_of_record: r.partner.clone(), manufacturer: r.manufacturer.clone(), channel: r.channel }
+        }
+        None => {
+            let seller = book.product(&o.product).map(|p| p.seller.clone()).unwrap_or_default();
+            Parties { seller_of_record: seller.clone(), manufacturer: seller, channel: Channel::Direct }
+        }
+    }
+}
+
+/// The [`Parties`] of a usage line of offer `offer_id` metered by `seller`: an offer the book
+/// does not have is read as `seller`'s direct sale.
+pub fn line_parties(book: &PriceBook, offer_id: &str, seller: &str) -> Parties {
+    match book.offer(offer_id) {
+        Some(o) => parties(book, o),
+        None => {
+            Parties { seller_of_record: seller.to_owned(), manufacturer: seller.to_owned(), channel: Channel::Direct }
+        }
     }
 }
 
@@ -279,7 +321,7 @@ pub(crate) fn close_charges(
             dimension: u.dimension.clone(),
             unit,
             description: if u.charge_type == ChargeType::Adjustment {
-                format!("correction: late {} usage of {} for a month already closed", u.pricing_model, u.dimension)
+                correction_description(u)
             } else {
                 format!("{} usage of {}", u.pricing_model, u.dimension)
             },
@@ -289,9 +331,17 @@ pub(crate) fn close_charges(
             amount: u.amount_unrounded,
             invoice_date: month.end(),
             records: u.records,
-            wholesale: Wholesale::Usage { dimension: &u.dimension, quantity: u.billable_quantity },
+            wholesale: if u.corrections.is_empty() {
+                Wholesale::Usage { dimension: &u.dimension, quantity: u.billable_quantity }
+            } else {
+                Wholesale::Correction { dimension: &u.dimension, corrections: &u.corrections }
+            },
         };
         cx.push(a, o, draft)?;
+        if !u.corrections.is_empty() {
+            let line = cx.lines.last_mut().expect("pushed above");
+            line.corrects = u.corrections.iter().map(|c| c.month.to_string()).collect::<Vec<_>>().join(" ");
+        }
     }
     for a in &book.doc().agreements {
         let Some(o) = book.offer(&a.offer) else { return Err(CloseError::UnknownAgreement(a.id.clone())) };
@@ -311,6 +361,29 @@ pub(crate) fn close_charges(
         lines,
         warnings: cx.warnings,
     })
+}
+
+/// What an `adjustment` line is: late usage of closed months, with the position each corrected
+/// month had reached when it is month-priced (issue 17 item 2).
+fn correction_description(u: &ChargeLine) -> String {
+    if u.corrections.is_empty() {
+        return format!("correction: late {} usage of {} for a month already closed", u.pricing_model, u.dimension);
+    }
+    let each: Vec<String> = u
+        .corrections
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: {} late units priced from {} to {} (the position {} had reached; its lines unchanged)",
+                c.month,
+                c.late_quantity.normalize(),
+                c.closed_quantity.normalize(),
+                (c.closed_quantity + c.late_quantity).normalize(),
+                c.month
+            )
+        })
+        .collect();
+    format!("correction of {} usage of {}: {}", u.pricing_model, u.dimension, each.join("; "))
 }
 
 fn sort_lines(lines: &mut [InvoiceLine]) {
@@ -350,6 +423,9 @@ fn trial_end(a: &Agreement, days: u32) -> Timestamp {
 enum Wholesale<'a> {
     /// Usage of a dimension.
     Usage { dimension: &'a str, quantity: Decimal },
+    /// Late usage of closed months of a month-priced dimension: the wholesale delta of each
+    /// correction, at the position its month had reached ([`common::pricing::UsagePrice::correction_amount`]).
+    Correction { dimension: &'a str, corrections: &'a [Correction] },
     /// A share of the contract value (upfront, installment, credit): wholesale is the same share
     /// of the wholesale contract value.
     Contract { fraction: Decimal },
@@ -691,6 +767,15 @@ impl<'b> Closer<'b> {
                     let version = list.prices.iter().rev().find(|v| v.effective_from < self.month.end())?;
                     version.usage.get(*dimension)?.month_amount(*quantity).map(|l| l * keep)
                 }
+                Wholesale::Correction { dimension, corrections } => {
+                    corrections.iter().try_fold(Decimal::ZERO, |sum, c| {
+                        // The list price in force in the corrected month.
+                        let version = list.prices.iter().rev().find(|v| v.effective_from < c.month.end())?;
+                        let delta =
+                            version.usage.get(*dimension)?.correction_amount(c.closed_quantity, c.late_quantity)?;
+                        sum.checked_add(delta * keep)
+                    })
+                }
                 Wholesale::Contract { fraction } => {
                     let c = a.contract.as_ref()?;
                     contract_value(list, c).map(|l| l * keep * fraction)
@@ -700,6 +785,12 @@ impl<'b> Closer<'b> {
         }
         match w {
             Wholesale::Usage { dimension, quantity } => r.wholesale_usage.get(*dimension)?.month_amount(*quantity),
+            Wholesale::Correction { dimension, corrections } => {
+                let price = r.wholesale_usage.get(*dimension)?;
+                corrections.iter().try_fold(Decimal::ZERO, |sum, c| {
+                    sum.checked_add(price.correction_amount(c.closed_quantity, c.late_quantity)?)
+                })
+            }
             Wholesale::Contract { fraction } => {
                 let c = a.contract.as_ref()?;
                 let card = Offer { contract_prices: r.wholesale_contract.clone(), ..o.clone() };
@@ -714,11 +805,7 @@ impl<'b> Closer<'b> {
         let profile = book.marketplace();
         let minor = o.currency.minor_units().unwrap_or(2);
         let resale = o.resale.as_deref().and_then(|id| book.resale(id));
-        let product_seller = book.product(&o.product).map(|p| p.seller.clone()).unwrap_or_default();
-        let (sor, manufacturer, channel) = match resale {
-            Some(r) => (r.partner.clone(), r.manufacturer.clone(), r.channel),
-            None => (product_seller.clone(), product_seller, Channel::Direct),
-        };
+        let Parties { seller_of_record: sor, manufacturer, channel } = parties(book, o);
         let rate = self.fee_rate(a, o, channel);
         let billed = round_to_minor(d.amount, minor);
         let mut warnings = Vec::new();
@@ -798,6 +885,7 @@ impl<'b> Closer<'b> {
             reporting_currency,
             reporting_amount,
             metering_records: d.records,
+            corrects: String::new(),
             credits_line: String::new(),
             distributor,
         });
@@ -898,10 +986,10 @@ pub fn close_totals(lines: &[InvoiceLine]) -> CloseTotals {
 }
 
 /// Number of columns of an invoice line.
-pub const FIELD_COUNT: usize = 41;
+pub const FIELD_COUNT: usize = 42;
 
 /// The CSV header of [`to_csv`] (and the column names of the `invoice_lines` tables).
-pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records,credits_line,distributor,distributor_cost_of_goods,distributor_listing_fee,distributor_net";
+pub const CSV_HEADER: &str = "billing_month,usage_period_start,usage_period_end,marketplace,broker_id,invoice_id,invoice_date,seller_of_record,manufacturer,channel,customer,customer_identifier,payer_account_id,product,offer_id,offer_visibility,agreement_id,dimension,usage_unit,charge_type,description,corrects,pricing_model,quantity,unit_rate,currency,amount_unrounded,customer_billed_amount,listing_fee_rate,listing_fee,cost_of_goods,manufacturer_listing_fee,seller_net,manufacturer_net,reporting_currency,reporting_amount,metering_records,credits_line,distributor,distributor_cost_of_goods,distributor_listing_fee,distributor_net";
 
 impl InvoiceLine {
     /// The line's values as text, in [`CSV_HEADER`] order (CSV export and SQL tables).
@@ -929,6 +1017,7 @@ impl InvoiceLine {
             self.usage_unit.clone(),
             self.charge_type.as_str().to_owned(),
             self.description.clone(),
+            self.corrects.clone(),
             self.pricing_model.clone(),
             self.quantity.to_string(),
             opt(self.unit_rate),
@@ -981,6 +1070,65 @@ mod tests {
 
     fn aws() -> ListingFees {
         ListingFees::aws_2024()
+    }
+
+    #[test]
+    fn a_dsor_correction_of_500_late_calls_bills_2_00_owes_the_wholesale_delta_1_00_and_names_october() {
+        // govco buys `suite` through DSOR Co (wholesale api_calls 0.0020 per unit). Its November
+        // adjustment line corrects October (closed at 3,000) with 500 late calls at the graduated
+        // price the line carries: the customer pays 500 × 0.0040 (the tier above 3,000) = 2.00;
+        // DSOR Co owes acme the wholesale delta, 500 × 0.0020 = 1.00, the same rule on its price.
+        let book = PriceBook::from_toml(include_str!("../../docs/examples/price-models.toml")).unwrap();
+        let price = common::pricing::UsagePrice::Graduated(vec![
+            common::pricing::Tier { up_to: Some(d("3000")), rate: d("0.0050") },
+            common::pricing::Tier { up_to: None, rate: d("0.0040") },
+        ]);
+        let correction = Correction {
+            month: Month::parse("2026-10").unwrap(),
+            closed_quantity: d("3000"),
+            late_quantity: d("500"),
+            price,
+        };
+        let exact = correction.amount().unwrap();
+        assert_eq!(exact, d("2"));
+        let line = ChargeLine {
+            month: "2026-11".into(),
+            customer: "govco".into(),
+            seller: "acme".into(),
+            product: "suite".into(),
+            agreement_id: "agmnt-gov".into(),
+            offer_id: "suite-dsor".into(),
+            dimension: "api_calls".into(),
+            charge_type: ChargeType::Adjustment,
+            pricing_model: "graduated".into(),
+            currency: Currency::new("USD").unwrap(),
+            quantity: d("500"),
+            covered_quantity: Decimal::ZERO,
+            billable_quantity: d("500"),
+            unit_rate: Some(d("0.0050")),
+            amount_unrounded: exact,
+            amount: d("2.00"),
+            records: 1,
+            corrections: vec![correction],
+        };
+        let close = close_month(&book, Month::parse("2026-11").unwrap(), &[line], &[]).unwrap();
+        let adj = close.lines.iter().find(|l| l.charge_type == ChargeType::Adjustment).unwrap();
+        assert_eq!((adj.corrects.as_str(), adj.channel.as_str()), ("2026-10", "dsor"));
+        assert_eq!((adj.customer_billed_amount, adj.cost_of_goods), (d("2.00"), d("1.00")));
+        assert!(adj.description.contains("500 late units priced from 3000 to 3500"), "{}", adj.description);
+    }
+
+    #[test]
+    fn line_parties_are_direct_cppo_or_dsor_as_the_offer_resells() {
+        let book = PriceBook::from_toml(include_str!("../../docs/examples/price-models.toml")).unwrap();
+        let shown = |offer: &str| {
+            let p = line_parties(&book, offer, "acme");
+            (p.channel.as_str(), p.seller_of_record, p.manufacturer)
+        };
+        assert_eq!(shown("suite-public"), ("direct", "acme".into(), "acme".into()));
+        assert_eq!(shown("suite-cppo"), ("cppo", "channelco".into(), "acme".into()));
+        assert_eq!(shown("suite-dsor"), ("dsor", "dsorco".into(), "acme".into()));
+        assert_eq!(shown("no-such-offer"), ("direct", "acme".into(), "acme".into()));
     }
 
     #[test]

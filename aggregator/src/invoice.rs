@@ -77,6 +77,7 @@ mod tests {
             amount_unrounded: a,
             amount: a,
             records: 1,
+            corrections: Vec::new(),
         }
     }
 

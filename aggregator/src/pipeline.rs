@@ -645,7 +645,9 @@ impl Aggregator<'_> {
             produced_ms.append(&mut st.produced_ms);
             dead.append(&mut st.dead);
             for (key, sums) in st.rollup.staged() {
-                lines.push(ChargeRow::new(key, sums, &self.marketplace, *p, last, t)?);
+                // The channel the close computes (direct, cppo, dsor), not `direct` for all.
+                let parties = crate::close::line_parties(&self.book, &sums.offer_id, &sums.seller);
+                lines.push(ChargeRow::new(key, sums, &self.marketplace, &parties, *p, last, t)?);
             }
             advanced.push((*p, last));
         }

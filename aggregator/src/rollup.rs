@@ -11,11 +11,18 @@
 //! a copy of its line (visible to later records of the batch and in [`MonthlyRollup::staged`],
 //! what the shell writes), [`MonthlyRollup::commit`] keeps the copies once the write is durable,
 //! and [`MonthlyRollup::rollback`] forgets them, so a failed write leaves no line changed.
+//!
+//! Late usage of a closed month (booked on the next open month as an `adjustment`) of a
+//! month-priced model is not priced from the first tier again: the fold reads where the closed
+//! month's usage line stood ([`ClosedPosition`]) and the adjustment line carries one
+//! [`Correction`] per corrected month, whose amount is the delta
+//! `month_amount(closed + late) − month_amount(closed)` (issue 17 item 2). Both shells (SQLite and
+//! ClickHouse) fold through here, so the rule lives once.
 
 use common::money::round_to_minor;
 use common::pricing::UsagePrice;
-use common::rated::{ChargeLine, ChargeLineKey, RatedRecord};
-use common::time::Hour;
+use common::rated::{ChargeLine, ChargeLineKey, ChargeType, Correction, RatedRecord};
+use common::time::{Hour, Month};
 use rust_decimal::Decimal;
 use std::collections::HashMap;
 
@@ -59,6 +66,45 @@ pub struct LineSums {
     pub mixed_rates: bool,
     /// Records folded.
     pub records: u64,
+    /// Adjustment lines of month-priced models: one correction per closed month corrected, in
+    /// month order (priced by [`Correction::amount`], not by `month_price`).
+    pub corrections: Vec<Correction>,
+}
+
+/// Where a closed month's usage line stood when late usage for it arrived: its month-priced
+/// billable quantity and the price it was priced at (absent when the month had no usage).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClosedPosition {
+    /// Σ billable month-priced quantity of the closed line.
+    pub quantity: Decimal,
+    /// The closed line's month price.
+    pub price: Option<UsagePrice>,
+}
+
+impl ClosedPosition {
+    /// The position of `line` (a closed month's usage line).
+    pub fn of(line: &LineSums) -> Self {
+        ClosedPosition {
+            quantity: line.month_priced_quantity,
+            price: line.month_price.as_ref().map(|(_, p)| p.clone()),
+        }
+    }
+}
+
+/// The usage line a late record's correction is priced against: same customer, product,
+/// agreement, dimension and currency, in the record's own (closed) month. `None` unless `r` is a
+/// late record of a month-priced model.
+pub fn corrected_line_key(r: &RatedRecord) -> Option<ChargeLineKey> {
+    is_month_priced_correction(r).then(|| ChargeLineKey {
+        month: r.month(),
+        charge_type: ChargeType::Usage,
+        ..r.line_key()
+    })
+}
+
+/// Whether `r` is late usage of a closed month (booked on a later one) of a month-priced model.
+fn is_month_priced_correction(r: &RatedRecord) -> bool {
+    r.booked_month.is_some() && r.month_price.is_some()
 }
 
 impl LineSums {
@@ -77,24 +123,38 @@ impl LineSums {
             unit_rate: None,
             mixed_rates: false,
             records: 0,
+            corrections: Vec::new(),
         }
     }
 
-    /// Adds one rated record; on overflow (`None`) the sums are left as they were.
-    pub fn add(&mut self, r: &RatedRecord) -> Option<()> {
+    /// Adds one rated record; on overflow (`None`) the sums are left as they were. A late record
+    /// of a month-priced model ([`corrected_line_key`]) joins the correction of its month, which
+    /// its first record opens at `closed` (where that month's line stood; zero if it had none).
+    pub fn add(&mut self, r: &RatedRecord, closed: Option<&ClosedPosition>) -> Option<()> {
         // Every sum that can overflow first, so a refused record changes nothing.
         let quantity = self.quantity.checked_add(r.quantity)?;
         let covered_quantity = self.covered_quantity.checked_add(r.covered_quantity)?;
         let billable_quantity = self.billable_quantity.checked_add(r.billable_quantity)?;
         let amount = self.amount.checked_add(r.amount)?;
+        let late = is_month_priced_correction(r);
         let month_priced_quantity = match r.month_price {
-            Some(_) => self.month_priced_quantity.checked_add(r.billable_quantity)?,
-            None => self.month_priced_quantity,
+            Some(_) if !late => self.month_priced_quantity.checked_add(r.billable_quantity)?,
+            _ => self.month_priced_quantity,
+        };
+        let correction = match (&r.month_price, late) {
+            (Some(price), true) => Some(self.corrected(r.month(), price, closed, r.billable_quantity)?),
+            _ => None,
         };
         (self.quantity, self.covered_quantity, self.billable_quantity, self.amount) =
             (quantity, covered_quantity, billable_quantity, amount);
         self.month_priced_quantity = month_priced_quantity;
-        if let Some(price) = &r.month_price {
+        if let Some(c) = correction {
+            match self.corrections.binary_search_by_key(&c.month, |x| x.month) {
+                Ok(i) => self.corrections[i] = c,
+                Err(i) => self.corrections.insert(i, c),
+            }
+            self.pricing_model = r.pricing_model.clone();
+        } else if let Some(price) = &r.month_price {
             if self.month_price.as_ref().is_none_or(|(h, _)| r.hour > *h) {
                 self.month_price = Some((r.hour, price.clone()));
                 self.pricing_model = r.pricing_model.clone();
@@ -114,12 +174,37 @@ impl LineSums {
         Some(())
     }
 
-    /// The exact amount: Σ record amounts, plus the month-priced quantity at the month's price.
-    pub fn exact_amount(&self) -> Option<Decimal> {
-        match &self.month_price {
-            None => Some(self.amount),
-            Some((_, price)) => self.amount.checked_add(price.month_amount(self.month_priced_quantity)?),
+    /// The correction of `month` with `late` more units: the existing one grown, or a new one
+    /// opened at `closed` (priced at the closed line's price, else the record's).
+    fn corrected(
+        &self,
+        month: Month,
+        price: &UsagePrice,
+        closed: Option<&ClosedPosition>,
+        late: Decimal,
+    ) -> Option<Correction> {
+        match self.corrections.iter().find(|c| c.month == month) {
+            Some(c) => Some(Correction { late_quantity: c.late_quantity.checked_add(late)?, ..c.clone() }),
+            None => Some(Correction {
+                month,
+                closed_quantity: closed.map_or(Decimal::ZERO, |c| c.quantity),
+                late_quantity: late,
+                price: closed.and_then(|c| c.price.clone()).unwrap_or_else(|| price.clone()),
+            }),
         }
+    }
+
+    /// The exact amount: Σ record amounts, plus the month-priced quantity at the month's price,
+    /// plus each correction's delta.
+    pub fn exact_amount(&self) -> Option<Decimal> {
+        let mut exact = match &self.month_price {
+            None => self.amount,
+            Some((_, price)) => self.amount.checked_add(price.month_amount(self.month_priced_quantity)?)?,
+        };
+        for c in &self.corrections {
+            exact = exact.checked_add(c.amount()?)?;
+        }
+        Some(exact)
     }
 
     /// The line's amount, exact and rounded half-up once to `key`'s currency's minor unit: the
@@ -151,6 +236,7 @@ impl LineSums {
             amount_unrounded: exact,
             amount: rounded,
             records: self.records,
+            corrections: self.corrections.clone(),
         })
     }
 }
@@ -189,10 +275,11 @@ impl MonthlyRollup {
             return Ok(key);
         }
         let key = r.line_key();
+        let closed = self.closed_position(r);
         // A new line takes its first record without overflow; `add` leaves a line it refuses as it was.
         let sums =
             self.lines.entry(key.clone()).or_insert_with(|| LineSums::empty(&r.seller, &r.offer_id, &r.pricing_model));
-        sums.add(r).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
+        sums.add(r, closed.as_ref()).ok_or_else(|| FoldError::Overflow(Box::new(key.clone())))?;
         Ok(key)
     }
 
@@ -201,8 +288,9 @@ impl MonthlyRollup {
     pub fn stage(&mut self, r: &RatedRecord) -> Result<ChargeLineKey, FoldError> {
         let key = r.line_key();
         let overflow = || FoldError::Overflow(Box::new(r.line_key()));
+        let closed = self.closed_position(r);
         if let Some(staged) = self.staged.get_mut(&key) {
-            staged.add(r).ok_or_else(overflow)?;
+            staged.add(r, closed.as_ref()).ok_or_else(overflow)?;
             return Ok(key);
         }
         // First touch in this batch: a copy of the durable line (or a new one).
@@ -210,9 +298,17 @@ impl MonthlyRollup {
             Some(sums) => sums.clone(),
             None => LineSums::empty(&r.seller, &r.offer_id, &r.pricing_model),
         };
-        next.add(r).ok_or_else(overflow)?;
+        next.add(r, closed.as_ref()).ok_or_else(overflow)?;
         self.staged.insert(key.clone(), next);
         Ok(key)
+    }
+
+    /// For a late record of a month-priced model: where its closed month's usage line stood
+    /// (staged or durable); a month without usage stood at zero.
+    fn closed_position(&self, r: &RatedRecord) -> Option<ClosedPosition> {
+        let key = corrected_line_key(r)?;
+        let line = self.staged.get(&key).or_else(|| self.lines.get(&key));
+        Some(line.map(ClosedPosition::of).unwrap_or_default())
     }
 
     /// The lines the open batch changed, with their new sums (what the shell writes).
@@ -268,7 +364,7 @@ mod tests {
     use super::*;
     use common::id::{DedupKey, RecordId};
     use common::money::Currency;
-    use common::rated::ChargeType;
+    use common::pricing::Tier;
 
     fn rated(hour: i64, dim: &str, q: &str, rate: &str, currency: &str) -> RatedRecord {
         let q: Decimal = q.parse().unwrap();
@@ -415,7 +511,6 @@ mod tests {
 
     #[test]
     fn graduated_tiers_price_the_month_total_in_any_order() {
-        use common::pricing::Tier;
         let tiers = UsagePrice::Graduated(vec![
             Tier { up_to: Some("1000".parse().unwrap()), rate: "0.10".parse().unwrap() },
             Tier { up_to: None, rate: "0.05".parse().unwrap() },
@@ -437,5 +532,111 @@ mod tests {
         assert_eq!(line.amount.to_string(), "200.00");
         assert_eq!(line.pricing_model, "graduated");
         assert_eq!(a.lines().unwrap(), b.lines().unwrap());
+    }
+
+    const OCT_2026: i64 = NOV_2026 - 744; // 2026-10-01T00:00Z
+
+    fn d(s: &str) -> Decimal {
+        s.parse().unwrap()
+    }
+
+    /// A month-priced record of `q` units at `hour`; `late` books it on November as a correction.
+    fn month_priced(hour: i64, q: &str, price: &UsagePrice, late: bool) -> RatedRecord {
+        RatedRecord {
+            amount: Decimal::ZERO,
+            month_price: Some(price.clone()),
+            pricing_model: price.model().into(),
+            booked_month: late.then(|| Hour(NOV_2026).month()),
+            charge_type: if late { ChargeType::Adjustment } else { ChargeType::Usage },
+            ..rated(hour, "api_calls", q, "0.08", "EUR")
+        }
+    }
+
+    /// October closed with `closed` units (10 records), then `late` October records in
+    /// November: (October's line, November's adjustment line), in both fold orders of the late
+    /// records.
+    fn closed_then_late(price: &UsagePrice, closed: &str, late: &[&str]) -> (ChargeLine, ChargeLine) {
+        let per_hour = d(closed) / Decimal::from(10);
+        let mut results = Vec::new();
+        for reversed in [false, true] {
+            let mut r = MonthlyRollup::new();
+            for h in 0..10 {
+                r.fold(&month_priced(OCT_2026 + h, &per_hour.to_string(), price, false)).unwrap();
+            }
+            let mut lates: Vec<RatedRecord> =
+                late.iter().enumerate().map(|(i, q)| month_priced(OCT_2026 + 700 + i as i64, q, price, true)).collect();
+            if reversed {
+                lates.reverse();
+            }
+            // Staged in one batch, like the shells, then committed.
+            for l in &lates {
+                r.stage(l).unwrap();
+            }
+            r.commit();
+            let lines = r.lines().unwrap();
+            assert_eq!(lines.len(), 2, "{lines:#?}");
+            results.push((lines[0].clone(), lines[1].clone()));
+        }
+        assert_eq!(results[0], results[1], "the late records' order changes nothing");
+        results.remove(0)
+    }
+
+    #[test]
+    fn graduated_correction_of_100_late_after_1200_closed_is_5_00_at_the_0_05_tier_not_8_00() {
+        // Issue 17: 0–1,000 at €0.08, above at €0.05. October closed at 1,200 units (€90.00);
+        // 100 late units (two records of 40 and 60) are priced where October stood: €5.00.
+        let price = UsagePrice::Graduated(vec![
+            Tier { up_to: Some(d("1000")), rate: d("0.08") },
+            Tier { up_to: None, rate: d("0.05") },
+        ]);
+        let (october, correction) = closed_then_late(&price, "1200", &["40", "60"]);
+        assert_eq!((october.month.as_str(), october.amount.to_string()), ("2026-10", "90.00".into()));
+        assert_eq!(correction.month, "2026-11");
+        assert_eq!(correction.charge_type, ChargeType::Adjustment);
+        assert_eq!(correction.amount.to_string(), "5.00");
+        assert_eq!(correction.billable_quantity, d("100"));
+        let c = &correction.corrections[..];
+        assert_eq!(c.len(), 1);
+        assert_eq!(
+            (c[0].month.to_string(), c[0].closed_quantity, c[0].late_quantity),
+            ("2026-10".into(), d("1200"), d("100"))
+        );
+    }
+
+    #[test]
+    fn volume_correction_of_100_late_after_950_closed_reprices_all_units_minus_42_50() {
+        // ≤1,000 at 0.10, ≤10,000 at 0.05: October closed at 950 (95.00); with 100 late units it
+        // reaches 1,050, every unit at 0.05 (52.50): the correction is −42.50.
+        let price = UsagePrice::Volume(vec![
+            Tier { up_to: Some(d("1000")), rate: d("0.10") },
+            Tier { up_to: Some(d("10000")), rate: d("0.05") },
+            Tier { up_to: None, rate: d("0.01") },
+        ]);
+        let (october, correction) = closed_then_late(&price, "950", &["100"]);
+        assert_eq!(october.amount.to_string(), "95.00");
+        assert_eq!(correction.amount.to_string(), "-42.50");
+    }
+
+    #[test]
+    fn package_correction_after_2500_closed_is_0_00_for_400_late_and_2_00_for_600() {
+        // Blocks of 1,000 at 2.00: 2,500 closed = 3 blocks (6.00). 400 late → 2,900, no new block;
+        // 600 late → 3,100, a fourth block.
+        let price = UsagePrice::Package(common::pricing::Package { size: d("1000"), price: d("2.00") });
+        let (october, correction) = closed_then_late(&price, "2500", &["400"]);
+        assert_eq!((october.amount.to_string(), correction.amount.to_string()), ("6.00".into(), "0.00".into()));
+        let (_, correction) = closed_then_late(&price, "2500", &["250", "350"]);
+        assert_eq!(correction.amount.to_string(), "2.00");
+    }
+
+    #[test]
+    fn late_usage_of_a_month_without_usage_is_priced_from_the_first_tier() {
+        let price = UsagePrice::Graduated(vec![
+            Tier { up_to: Some(d("1000")), rate: d("0.08") },
+            Tier { up_to: None, rate: d("0.05") },
+        ]);
+        let mut r = MonthlyRollup::new();
+        r.fold(&month_priced(OCT_2026 + 5, "100", &price, true)).unwrap();
+        let line = &r.lines().unwrap()[0];
+        assert_eq!((line.amount.to_string(), line.corrections[0].closed_quantity), ("8.00".into(), Decimal::ZERO));
     }
 }

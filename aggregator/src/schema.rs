@@ -9,6 +9,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (2, "002_invoice_lines.sql", include_str!("../../deploy/clickhouse/002_invoice_lines.sql")),
     (3, "003_refunds.sql", include_str!("../../deploy/clickhouse/003_refunds.sql")),
     (4, "004_closed_months.sql", include_str!("../../deploy/clickhouse/004_closed_months.sql")),
+    (5, "005_corrections_channels.sql", include_str!("../../deploy/clickhouse/005_corrections_channels.sql")),
 ];
 
 /// Splits a migration file into statements (`;` at a line end), dropping comment-only lines.
@@ -93,5 +94,14 @@ mod tests {
         let s = statements(closed_months.2, "meterline");
         assert_eq!(s.len(), 1);
         assert!(s[0].starts_with("CREATE TABLE IF NOT EXISTS meterline.closed_months"));
+        // 005: the two ALTERs (corrections; the DSOR partner's columns), the view recreated.
+        let s = statements(MIGRATIONS[4].2, "meterline");
+        assert_eq!(s.len(), 4);
+        assert!(
+            s[0].starts_with("ALTER TABLE meterline.monthly_charges")
+                && s[1].starts_with("ALTER TABLE meterline.invoice_lines")
+        );
+        assert!(s.iter().all(|x| !x.contains('?')));
+        assert!(s[3].starts_with("CREATE VIEW IF NOT EXISTS meterline.invoice_lines_current"));
     }
 }

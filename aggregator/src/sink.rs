@@ -12,7 +12,7 @@
 //! record is dead-lettered); bad credentials, missing grants, a missing or differently shaped
 //! table, or a corrupt stored row are fatal ([`SinkError::advice`] says what to fix).
 
-use crate::close::{InvoiceLine, TrialHourUsage};
+use crate::close::{InvoiceLine, Parties, TrialHourUsage};
 use crate::rollup::{FoldError, LineAmount, LineSums};
 use clickhouse::{Client, Row};
 use common::money::Currency;
@@ -303,14 +303,20 @@ pub struct ChargeRow {
     source_partition: i32,
     version: i64,
     updated_at: u32,
+    /// JSON of the line's corrections of closed months ([`LineSums::corrections`]); '' if none
+    /// (migration 005).
+    corrections: String,
 }
 
 impl ChargeRow {
-    /// The current version of a line, owned by `partition`, folded up to `version` (offset).
+    /// The current version of a line, owned by `partition`, folded up to `version` (offset);
+    /// `parties` are its seller of record, manufacturer and channel
+    /// ([`crate::close::line_parties`]).
     pub fn new(
         key: &ChargeLineKey,
         sums: &LineSums,
         marketplace: &str,
+        parties: &Parties,
         partition: i32,
         version: i64,
         now: Timestamp,
@@ -328,9 +334,9 @@ impl ChargeRow {
             usage_period_end: secs(key.month.end()),
             marketplace: marketplace.to_owned(),
             customer: key.customer.clone(),
-            seller_of_record: sums.seller.clone(),
-            manufacturer: sums.seller.clone(),
-            channel: "direct".into(),
+            seller_of_record: parties.seller_of_record.clone(),
+            manufacturer: parties.manufacturer.clone(),
+            channel: parties.channel.as_str().to_owned(),
             product: key.product.clone(),
             agreement_id: key.agreement_id.clone(),
             offer_id: sums.offer_id.clone(),
@@ -353,6 +359,7 @@ impl ChargeRow {
             source_partition: partition,
             version,
             updated_at: secs(now),
+            corrections: common::rated::corrections_text(&sums.corrections),
         })
     }
 
@@ -380,7 +387,9 @@ impl ChargeRow {
             Some((Timestamp(i64::from(self.month_price_hour) * 1000).hour(), price))
         };
         let sums = LineSums {
-            seller: self.seller_of_record.clone(),
+            // The metering seller is the manufacturer (for resale the seller of record is the
+            // partner; rows written before the channel was filled in hold the seller in both).
+            seller: self.manufacturer.clone(),
             offer_id: self.offer_id.clone(),
             pricing_model: self.pricing_model.clone(),
             month_price,
@@ -392,6 +401,7 @@ impl ChargeRow {
             unit_rate: if mixed { None } else { Some(from_mantissa(self.unit_rate, RATE_SCALE)?) },
             mixed_rates: mixed,
             records: self.records,
+            corrections: common::rated::parse_corrections(&self.corrections).map_err(corrupt)?,
         };
         Ok((key, sums))
     }
@@ -437,6 +447,17 @@ pub struct InvoiceRow {
     reporting_currency: String,
     reporting_amount: Option<i128>,
     metering_records: u64,
+    /// For a refund: the line it credits (003's default derives it from the description; the
+    /// close writes it directly).
+    credits_line: String,
+    /// For a correction: the closed months it corrects (005).
+    corrects: String,
+    /// Two-level resale (DSOR channel model): the DSOR partner and its share (005); '' and NULL
+    /// on other lines.
+    distributor: String,
+    distributor_cost_of_goods: Option<i128>,
+    distributor_listing_fee: Option<i128>,
+    distributor_net: Option<i128>,
 }
 
 impl InvoiceRow {
@@ -488,8 +509,23 @@ impl InvoiceRow {
             reporting_currency: l.reporting_currency.map(|c| c.to_string()).unwrap_or_default(),
             reporting_amount: l.reporting_amount.map(|a| mantissa("reporting_amount", a, BILLED_SCALE)).transpose()?,
             metering_records: l.metering_records,
+            credits_line: l.credits_line.clone(),
+            corrects: l.corrects.clone(),
+            distributor: l.distributor.as_ref().map(|d| d.party.clone()).unwrap_or_default(),
+            distributor_cost_of_goods: share(l, "distributor_cost_of_goods", |d| d.cost_of_goods)?,
+            distributor_listing_fee: share(l, "distributor_listing_fee", |d| d.listing_fee)?,
+            distributor_net: share(l, "distributor_net", |d| d.net)?,
         })
     }
+}
+
+/// One amount of a line's distributor share as a `Nullable(Decimal(38, 9))` mantissa.
+fn share(
+    l: &InvoiceLine,
+    what: &'static str,
+    pick: impl Fn(&crate::close::DistributorShare) -> Decimal,
+) -> Result<Option<i128>, SinkError> {
+    l.distributor.as_ref().map(|d| mantissa(what, pick(d), BILLED_SCALE)).transpose()
 }
 
 /// The month's invoice lines as the fold left them in `monthly_charges`.
@@ -809,10 +845,112 @@ mod tests {
         }
         let key = key.unwrap();
         let sums = rollup.sums(&key).unwrap();
-        let row = ChargeRow::new(&key, sums, "aws", 0, 29, Timestamp(0)).unwrap();
+        let row = ChargeRow::new(&key, sums, "aws", &direct("s"), 0, 29, Timestamp(0)).unwrap();
         assert_eq!(row.customer_billed_amount, mantissa("x", d("200"), BILLED_SCALE).unwrap());
         let (back_key, back) = row.to_state().unwrap();
         assert_eq!((&back_key, &back), (&key, sums));
+    }
+
+    #[test]
+    fn a_graduated_correction_of_500_late_after_3000_closed_survives_the_clickhouse_row_at_25_00() {
+        // October closed at 3,000 calls (1,000 × 0.10 + 2,000 × 0.05 = 200.00); 500 late calls
+        // are booked on November at the 0.05 tier October had reached: 25.00, not 50.00.
+        use crate::rollup::MonthlyRollup;
+        use common::id::{DedupKey, RecordId};
+        use common::pricing::{Tier, UsagePrice};
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let price = UsagePrice::Graduated(vec![
+            Tier { up_to: Some(d("1000")), rate: d("0.10") },
+            Tier { up_to: Some(d("10000")), rate: d("0.05") },
+            Tier { up_to: None, rate: d("0.01") },
+        ]);
+        let oct = 498_192 - 744;
+        let record = |h: i64, q: &str, late: bool| RatedRecord {
+            record_id: RecordId(h as u128),
+            dedup_key: DedupKey(h as u128),
+            seller: "s".into(),
+            product: "p".into(),
+            customer: "c".into(),
+            dimension: "api_calls".into(),
+            hour: Hour(oct + h),
+            quantity: d(q),
+            covered_quantity: Decimal::ZERO,
+            billable_quantity: d(q),
+            unit_rate: d("0.10"),
+            currency: Currency::USD,
+            amount: Decimal::ZERO,
+            month_price: Some(price.clone()),
+            pricing_model: "graduated".into(),
+            booked_month: late.then(|| Month::parse("2026-11").unwrap()),
+            charge_type: if late { ChargeType::Adjustment } else { ChargeType::Usage },
+            agreement_id: "a".into(),
+            offer_id: "o".into(),
+            price_book_version: "v".into(),
+        };
+        let mut rollup = MonthlyRollup::new();
+        for h in 0..30 {
+            rollup.fold(&record(h, "100", false)).unwrap();
+        }
+        let key = rollup.fold(&record(743, "500", true)).unwrap();
+        let sums = rollup.sums(&key).unwrap();
+        let row = ChargeRow::new(&key, sums, "aws", &direct("s"), 0, 30, Timestamp(0)).unwrap();
+        assert_eq!(row.customer_billed_amount, mantissa("x", d("25"), BILLED_SCALE).unwrap());
+        assert!(row.corrections.contains("\"closed_quantity\":\"3000\""), "{}", row.corrections);
+        let (back_key, back) = row.to_state().unwrap();
+        assert_eq!((&back_key, &back), (&key, sums));
+        assert_eq!(back.amounts(&back_key).unwrap().rounded, d("25.00"));
+    }
+
+    fn direct(seller: &str) -> Parties {
+        Parties {
+            seller_of_record: seller.into(),
+            manufacturer: seller.into(),
+            channel: common::catalogue::Channel::Direct,
+        }
+    }
+
+    #[test]
+    fn a_resale_line_writes_its_channel_and_partner_and_reads_back_the_metering_seller() {
+        use crate::rollup::MonthlyRollup;
+        use common::id::{DedupKey, RecordId};
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        let r = RatedRecord {
+            record_id: RecordId(1),
+            dedup_key: DedupKey(1),
+            seller: "acme".into(),
+            product: "suite".into(),
+            customer: "c".into(),
+            dimension: "api_calls".into(),
+            hour: Hour(498_192),
+            quantity: d("10"),
+            covered_quantity: Decimal::ZERO,
+            billable_quantity: d("10"),
+            unit_rate: d("0.10"),
+            currency: Currency::USD,
+            amount: d("1.0"),
+            month_price: None,
+            pricing_model: "per_unit".into(),
+            booked_month: None,
+            charge_type: ChargeType::Usage,
+            agreement_id: "a".into(),
+            offer_id: "suite-dsor".into(),
+            price_book_version: "v".into(),
+        };
+        let mut rollup = MonthlyRollup::new();
+        let key = rollup.fold(&r).unwrap();
+        let sums = rollup.sums(&key).unwrap();
+        let parties = Parties {
+            seller_of_record: "resellerco".into(),
+            manufacturer: "acme".into(),
+            channel: common::catalogue::Channel::Dsor,
+        };
+        let row = ChargeRow::new(&key, sums, "aws", &parties, 0, 1, Timestamp(0)).unwrap();
+        assert_eq!(
+            (row.channel.as_str(), row.seller_of_record.as_str(), row.manufacturer.as_str()),
+            ("dsor", "resellerco", "acme")
+        );
+        let (_, back) = row.to_state().unwrap();
+        assert_eq!(&back, sums, "the line's own seller survives");
     }
 
     #[test]

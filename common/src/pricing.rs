@@ -180,6 +180,16 @@ impl UsagePrice {
         }
     }
 
+    /// The exact correction for `late` units of a month already closed at `closed` units
+    /// (domain-rules HR-7, issue 17 item 2): `month_amount(closed + late) − month_amount(closed)`,
+    /// so late units are priced at the marginal position the closed month had reached (a
+    /// graduated tier, a volume tier re-pricing every unit, the packages started) and the closed
+    /// month's own amount is never touched. Negative when volume tiers lower every unit's rate.
+    pub fn correction_amount(&self, closed: Decimal, late: Decimal) -> Option<Decimal> {
+        let after = self.month_amount(closed.checked_add(late)?)?;
+        after.checked_sub(self.month_amount(closed)?)
+    }
+
     /// Checks the price's own rules; `max_dp` is the marketplace's usage-rate precision.
     pub fn validate(&self, max_dp: u32) -> Result<(), String> {
         let rate_ok = |r: Decimal, what: &str| -> Result<(), String> {
@@ -279,6 +289,39 @@ mod tests {
         assert_eq!(p.month_amount(d("0")).unwrap(), d("0"));
         assert_eq!(p.month_amount(d("100")).unwrap(), d("5"));
         assert_eq!(p.month_amount(d("250")).unwrap(), d("15"));
+    }
+
+    #[test]
+    fn graduated_correction_of_100_late_units_after_1200_closed_is_5_00_at_the_0_05_tier_not_8_00() {
+        // Issue 17: 0–1,000 at €0.08, above at €0.05; the closed month reached 1,200 units
+        // (80 + 10 = €90.00). 100 late units: 1,300 → €95.00, so the correction is €5.00 (100 × 0.05),
+        // not €8.00 priced from the first tier again.
+        let p = UsagePrice::Graduated(tiers(&[(Some("1000"), "0.08"), (None, "0.05")]));
+        assert_eq!(p.month_amount(d("1200")).unwrap(), d("90"));
+        assert_eq!(p.correction_amount(d("1200"), d("100")).unwrap(), d("5"));
+        // Straddling the boundary: closed at 950, 100 late = 50 × 0.08 + 50 × 0.05 = 6.50.
+        assert_eq!(p.correction_amount(d("950"), d("100")).unwrap(), d("6.5"));
+        // Nothing closed: the late units are the month's first.
+        assert_eq!(p.correction_amount(d("0"), d("100")).unwrap(), d("8"));
+    }
+
+    #[test]
+    fn volume_correction_of_100_late_units_after_950_closed_reprices_the_month_minus_42_50() {
+        // 950 closed at 0.10 = 95.00; with 100 late the month reaches 1,050, every unit at 0.05:
+        // 52.50. The correction is 52.50 − 95.00 = −42.50 (the volume tier re-prices all units).
+        let p = UsagePrice::Volume(tiers(&[(Some("1000"), "0.10"), (Some("10000"), "0.05"), (None, "0.01")]));
+        assert_eq!(p.correction_amount(d("950"), d("100")).unwrap(), d("-42.5"));
+        // Within the reached tier: 2,000 closed, 100 late → 100 × 0.05 = 5.00.
+        assert_eq!(p.correction_amount(d("2000"), d("100")).unwrap(), d("5"));
+    }
+
+    #[test]
+    fn package_correction_after_250_closed_is_0_for_30_late_units_and_5_00_for_60() {
+        // Blocks of 100 at 5.00: 250 closed = 3 blocks (15.00). 30 late → 280, still 3 blocks:
+        // 0.00; 60 late → 310, a fourth block: 5.00.
+        let p = UsagePrice::Package(Package { size: d("100"), price: d("5.00") });
+        assert_eq!(p.correction_amount(d("250"), d("30")).unwrap(), d("0"));
+        assert_eq!(p.correction_amount(d("250"), d("60")).unwrap(), d("5"));
     }
 
     #[test]

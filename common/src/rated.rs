@@ -144,6 +144,48 @@ impl RatedRecord {
     }
 }
 
+/// The part of an `adjustment` line that corrects one closed month of a month-priced model
+/// (graduated, volume, package): late units priced at the position the closed month had reached
+/// (issue 17 item 2). The closed month's own line never changes; this is the delta.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Correction {
+    /// The closed month corrected (the usage month of the late records).
+    pub month: Month,
+    /// Billable month-priced quantity the closed month's usage line had reached.
+    #[serde(with = "crate::money::decimal_text")]
+    pub closed_quantity: Decimal,
+    /// Σ billable quantity of the late records of that month.
+    #[serde(with = "crate::money::decimal_text")]
+    pub late_quantity: Decimal,
+    /// The price the closed month was priced at (its line's month price).
+    pub price: UsagePrice,
+}
+
+impl Correction {
+    /// The exact delta: [`UsagePrice::correction_amount`] of the late quantity at the closed one.
+    pub fn amount(&self) -> Option<Decimal> {
+        self.price.correction_amount(self.closed_quantity, self.late_quantity)
+    }
+}
+
+/// The text both stores keep a line's corrections in (the `corrections` column): JSON, '' when
+/// there are none.
+pub fn corrections_text(c: &[Correction]) -> String {
+    if c.is_empty() {
+        return String::new();
+    }
+    // Months, prices and decimals as plain values: serialising cannot fail.
+    serde_json::to_string(c).unwrap_or_default()
+}
+
+/// Parses [`corrections_text`].
+pub fn parse_corrections(text: &str) -> Result<Vec<Correction>, String> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(text).map_err(|e| format!("corrections `{text}`: {e}"))
+}
+
 /// Identity of an invoice line: one per (month, customer, product, agreement, dimension, charge
 /// type, currency) — per agreement, so a customer who moves from a public to a private offer
 /// mid-month gets a line for each (BIL-6).
@@ -203,4 +245,8 @@ pub struct ChargeLine {
     pub amount: Decimal,
     /// Number of rated records folded in.
     pub records: u64,
+    /// For an `adjustment` line of a month-priced model: the closed months it corrects, each
+    /// priced at the position its month had reached (the amount includes them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub corrections: Vec<Correction>,
 }

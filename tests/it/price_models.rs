@@ -558,6 +558,52 @@ fn late_usage_for_a_closed_month_follows_the_profile_policy_edge_34() {
 }
 
 #[test]
+fn late_usage_is_corrected_at_the_tier_october_reached_graduated_25_00_volume_minus_40_00_package_0_00() {
+    // Issue 17 item 2. October as it was closed: 3,000 api calls (1,000 × 0.10 + 2,000 × 0.05 =
+    // 200.00), 1,000 GB (volume, all at 0.40 = 400.00), 2,500 events (3 blocks of 1,000 × 2 = 6.00).
+    let t = "100000000001";
+    let mut october = hourly("saas-tiers", t, "api_calls", "2026-10-01T00:00:00Z", 30, 100);
+    october += &rec("saas-tiers", t, "storage_gb", "2026-10-02T00:00:00Z", 1000);
+    october += &hourly("saas-tiers", t, "events", "2026-10-03T00:00:00Z", 5, 500);
+    let dir = tempfile::tempdir().unwrap();
+    let closed = dir.path().join("october.jsonl");
+    std::fs::write(&closed, &october).unwrap();
+    // Late October usage after the close, booked on November.
+    let late = rec("saas-tiers", t, "api_calls", "2026-10-31T23:00:00Z", 500)
+        + &rec("saas-tiers", t, "storage_gb", "2026-10-31T22:00:00Z", 200)
+        + &rec("saas-tiers", t, "events", "2026-10-31T21:00:00Z", 400);
+    let own = MODELS.replace("late_usage = \"refuse\"", "late_usage = \"correction_next_month\"");
+    let closed = closed.to_str().unwrap();
+    let args = ["--close", "--closed-through", "2026-10", "--closed-usage", closed];
+    let (_, v) = run(&own, &late, &[&["--month", "2026-11"][..], &args].concat()).unwrap();
+    let adj = |dim| one(&v, &[("customer", "tierco"), ("dimension", dim), ("charge_type", "adjustment")]).clone();
+    // Graduated: 3,500 → 225.00, so 500 × 0.05 = 25.00 (not 50.00 from the first tier again).
+    let calls = adj("api_calls");
+    assert_eq!((calls["customer_billed_amount"].as_str(), calls["quantity"].as_str()), (Some("25.00"), Some("500")));
+    assert_eq!(calls["corrects"], "2026-10");
+    let text = calls["description"].as_str().unwrap();
+    assert!(
+        text.starts_with(
+            "correction of graduated usage of api_calls: 2026-10: 500 late units priced from 3000 to 3500"
+        ),
+        "{text}"
+    );
+    // Volume: 1,200 GB reach the 0.30 tier for every unit (360.00): 360.00 − 400.00 = −40.00.
+    assert_eq!(adj("storage_gb")["customer_billed_amount"], "-40.00");
+    // Package: 2,900 events still fit the 3 blocks October started: 0.00 (not 2.00 for a new block).
+    assert_eq!(adj("events")["customer_billed_amount"], "0.00");
+    // October's own lines never change.
+    let (_, oct) = run(&own, &late, &[&["--month", "2026-10"][..], &args].concat()).unwrap();
+    let october_line = |dim: &str| {
+        let l = oct["charge_lines"].as_array().unwrap().iter().find(|l| l["dimension"] == dim).unwrap().clone();
+        (l["charge_type"].as_str().unwrap().to_owned(), l["amount"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(october_line("api_calls"), ("usage".into(), "200.00".into()));
+    assert_eq!(october_line("storage_gb"), ("usage".into(), "400.00".into()));
+    assert_eq!(october_line("events"), ("usage".into(), "6.00".into()));
+}
+
+#[test]
 fn a_softline_style_profile_states_every_parameter_and_closes_in_its_own_terms_edge_59() {
     const SOFTLINE: &str = include_str!("../../docs/examples/softline.toml");
     // Decimal quantities pulled from the vendor: 2.5 vCPU-hours an hour for 10 hours.
@@ -1046,6 +1092,29 @@ async fn aggregator_close_writes_refund_lines_naming_the_credited_line_to_clickh
         .await
         .unwrap();
     assert_eq!(others.trim(), "0");
+    // Migration 005: the DSOR channel sale's middle party in its own four columns (98,000.00 sold
+    // by resellco; dsorco owes acme 85,000.00, pays a 175.00 fee and nets 4,825.00), written by
+    // the close directly; no other line names a distributor.
+    let dsor = ch
+        .query_text(&format!(
+            "SELECT customer, channel, distributor, toString(distributor_cost_of_goods), toString(distributor_listing_fee),
+                    toString(distributor_net)
+             FROM {db}.invoice_lines_current WHERE distributor != '' ORDER BY customer"
+        ))
+        .await
+        .unwrap();
+    let rows: Vec<Vec<String>> = dsor
+        .lines()
+        .map(|l| l.split('\t').enumerate().map(|(i, c)| if i >= 3 { norm(c) } else { c.to_owned() }).collect())
+        .collect();
+    assert_eq!(rows, vec![vec!["schoolco", "cppo", "dsorco", "85000", "175", "4825"]]);
+    let nulls = ch
+        .query_text(&format!(
+            "SELECT count() FROM {db}.invoice_lines WHERE distributor = '' AND distributor_net IS NOT NULL"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(nulls.trim(), "0");
 }
 
 #[test]
@@ -1199,4 +1268,159 @@ fn an_annual_amendment_of_181_days_is_prorated_2000_x_181_over_365_is_991_78() {
     assert_eq!(l["customer_billed_amount"], "991.78");
     assert!(l["amount_unrounded"].as_str().unwrap().starts_with("991.780821"), "{l}");
     assert!(l["description"].as_str().unwrap().contains("181/365 days of a year"), "{l}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_005_applies_to_an_existing_004_database_once_and_its_rows_read_the_defaults() {
+    // A database as 004 left it (migrations 1–4 applied and recorded), with a line in each table.
+    let ch = testkit::ClickHouse::start().await.unwrap();
+    let (db, _) = ch.database("migrate_005").await.unwrap();
+    ch.query_text(&format!(
+        "CREATE TABLE {db}.schema_migrations (version UInt32, name String, applied_at DateTime) ENGINE = TinyLog"
+    ))
+    .await
+    .unwrap();
+    let files = [
+        include_str!("../../deploy/clickhouse/001_init.sql"),
+        include_str!("../../deploy/clickhouse/002_invoice_lines.sql"),
+        include_str!("../../deploy/clickhouse/003_refunds.sql"),
+        include_str!("../../deploy/clickhouse/004_closed_months.sql"),
+    ];
+    for (v, sql) in files.iter().enumerate() {
+        let code: String = sql
+            .lines()
+            .map(|l| l.split("--").next().unwrap())
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+        for stmt in code.split(";\n").map(|s| s.trim().trim_end_matches(';')).filter(|s| !s.is_empty()) {
+            ch.query_text(&stmt.replace("{database}", &db)).await.unwrap();
+        }
+        ch.query_text(&format!("INSERT INTO {db}.schema_migrations VALUES ({}, '00{}', now())", v + 1, v + 1))
+            .await
+            .unwrap();
+    }
+    ch.query_text(&format!(
+        "INSERT INTO {db}.monthly_charges (month, customer, charge_type) VALUES ('2026-10-01', 'old', 'usage')"
+    ))
+    .await
+    .unwrap();
+    ch.query_text(&format!(
+        "INSERT INTO {db}.invoice_lines (billing_month, customer, charge_type) VALUES ('2026-10-01', 'old', 'usage')"
+    ))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let book = dir.path().join("book.toml");
+    std::fs::write(&book, MODELS).unwrap();
+    let config = dir.path().join("meterline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "price_book = \"{}\"\n[kafka]\nbootstrap = \"127.0.0.1:9\"\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n",
+            book.display(),
+            ch.url()
+        ),
+    )
+    .unwrap();
+    let migrate = || {
+        Command::new(stage_bin("aggregator")).args(["--config", config.to_str().unwrap(), "migrate"]).output().unwrap()
+    };
+    for _ in 0..2 {
+        // The second run finds version 5 recorded and changes nothing.
+        let out = migrate();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let versions =
+        ch.query_text(&format!("SELECT version FROM {db}.schema_migrations ORDER BY version")).await.unwrap();
+    assert_eq!(versions.split_whitespace().collect::<Vec<_>>(), ["1", "2", "3", "4", "5"]);
+    let old = ch
+        .query_text(&format!("SELECT concat('[', corrections, ']') FROM {db}.monthly_charges WHERE customer = 'old'"))
+        .await
+        .unwrap();
+    assert_eq!(old.trim(), "[]");
+    let old = ch
+        .query_text(&format!(
+            "SELECT concat('[', corrects, '|', distributor, ']'), isNull(distributor_net) FROM {db}.invoice_lines_current WHERE customer = 'old'"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(old.trim(), "[|]\t1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregator_close_reads_a_clickhouse_correction_line_and_writes_it_naming_october_at_25_00() {
+    // The fold's row for tierco's 500 late October api_calls on November (October closed at
+    // 3,000: the 0.05 tier), as the aggregator writes it; `aggregator close` reads it back from
+    // monthly_charges and writes the invoice line with the month it corrects.
+    let ch = testkit::ClickHouse::start().await.unwrap();
+    let (db, _) = ch.database("correction_close").await.unwrap();
+    let broker = testkit::Broker::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let own = MODELS.replace("late_usage = \"refuse\"", "late_usage = \"correction_next_month\"");
+    let book = dir.path().join("book.toml");
+    std::fs::write(&book, &own).unwrap();
+    let config = dir.path().join("meterline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "price_book = \"{}\"\n[kafka]\nbootstrap = \"{}\"\n[clickhouse]\nurl = \"{}\"\ndatabase = \"{db}\"\n",
+            book.display(),
+            broker.bootstrap(),
+            ch.url()
+        ),
+    )
+    .unwrap();
+    let aggregator = |args: &[&str]| {
+        let out = Command::new(stage_bin("aggregator"))
+            .args(["--config", config.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    aggregator(&["migrate"]);
+    let d = |s: &str| s.parse::<rust_decimal::Decimal>().unwrap();
+    let correction = common::rated::Correction {
+        month: common::time::Month::parse("2026-10").unwrap(),
+        closed_quantity: d("3000"),
+        late_quantity: d("500"),
+        price: common::pricing::UsagePrice::Graduated(vec![
+            common::pricing::Tier { up_to: Some(d("1000")), rate: d("0.10") },
+            common::pricing::Tier { up_to: Some(d("10000")), rate: d("0.05") },
+            common::pricing::Tier { up_to: None, rate: d("0.01") },
+        ]),
+    };
+    assert_eq!(correction.amount(), Some(d("25")));
+    let json = common::rated::corrections_text(&[correction]);
+    // 2026-11-01T00:00Z and 2026-12-01T00:00Z in seconds.
+    ch.query_text(&format!(
+        "INSERT INTO {db}.monthly_charges (month, usage_period_start, usage_period_end, marketplace, customer, seller_of_record,
+             manufacturer, channel, product, agreement_id, offer_id, dimension, charge_type, pricing_model, currency, quantity,
+             covered_quantity, billable_quantity, unit_rate, mixed_rates, month_price, month_priced_quantity, record_amounts,
+             amount_unrounded, customer_billed_amount, records, source_partition, version, corrections)
+         VALUES ('2026-11-01', toDateTime(1793491200), toDateTime(1796083200), 'aws', 'tierco', 'acme', 'acme', 'direct',
+             'saas-tiers', 'agmnt-tiers', 'tiers-public', 'api_calls', 'adjustment', 'graduated', 'USD', 500, 0, 500, 0.10, 0,
+             '', 0, 0, 25, 25, 1, 0, 1, '{json}')"
+    ))
+    .await
+    .unwrap();
+    aggregator(&["close", "--month", "2026-11", "--out-dir", dir.path().to_str().unwrap()]);
+    let text = ch
+        .query_text(&format!(
+            "SELECT corrects, toString(customer_billed_amount), toString(quantity), description FROM {db}.invoice_lines_current
+             WHERE charge_type = 'adjustment'"
+        ))
+        .await
+        .unwrap();
+    let row: Vec<&str> = text.trim().split('\t').collect();
+    let norm = |s: &str| d(s).normalize().to_string();
+    assert_eq!((row[0], norm(row[1]), norm(row[2])), ("2026-10", "25".into(), "500".into()), "{text}");
+    assert!(row[3].contains("2026-10: 500 late units priced from 3000 to 3500"), "{text}");
+    // The CSV export says the same.
+    let csv = std::fs::read_to_string(dir.path().join("invoice-lines-2026-11.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().contains(",description,corrects,pricing_model,"));
+    assert!(csv
+        .lines()
+        .any(|l| l.contains(",adjustment,") && l.contains(",2026-10,graduated,") && l.contains(",25.00,")));
 }
