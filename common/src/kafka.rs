@@ -164,6 +164,12 @@ pub fn replay_partition(
                 }
             }
             Some(Err(KafkaError::PartitionEOF(_))) => return Ok(n),
+            // A broker restarting mid-replay (transport failure, leader moving): librdkafka
+            // reconnects by itself, so keep polling until the deadline instead of failing the
+            // rebuild (which stopped the rater on every broker restart).
+            Some(Err(e)) if crate::shell::kafka_class(&e) == crate::shell::ErrorClass::Transient => {
+                tracing::debug!(topic, partition, error = %e, "replay: transient consume error; polling on");
+            }
             Some(Err(e)) => return Err(e),
             None => {}
         }

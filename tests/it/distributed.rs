@@ -193,6 +193,19 @@ flush_interval_ms = 300
         }
     }
 
+    /// Why stages stopped by themselves: each stage log's `Error:` lines (the binaries print
+    /// their final error so); a stage the test killed prints none.
+    fn exit_reasons(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for name in ["ingest", "rater", "rater2", "aggregator"] {
+            let s = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
+            for l in s.lines().filter(|l| l.starts_with("Error: ")) {
+                out.push(format!("{name}: {}", l.chars().take(300).collect::<String>()));
+            }
+        }
+        out
+    }
+
     fn log(&self, name: &str) -> String {
         let s = std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default();
         if s.is_empty() {
@@ -615,8 +628,9 @@ async fn crashes_rebalances_outages_and_poison_leave_totals_exact() {
         .await;
     assert_eq!(dead.trim(), "aggregator\t1\nrater\t1", "each poison message dead-lettered once");
     eprintln!(
-        "faults: {kills:?} ({under_load} under load; second rater took partitions: {rater2_rebuilt}); supervisor restarts {:?}; sender retries {retries}; {} records, {} lines checked",
+        "faults: {kills:?} ({under_load} under load; second rater took partitions: {rater2_rebuilt}); supervisor restarts {:?} ({:?}); sender retries {retries}; {} records, {} lines checked",
         c.restarts,
+        c.exit_reasons(),
         w.accepted,
         w.truth.len()
     );
@@ -961,11 +975,12 @@ async fn chaos_kills_leave_every_acknowledged_record_charged_exactly_once() {
     let truth: Decimal = w.truth.values().map(|(a, _)| round_to_minor(*a, 2)).sum();
     eprintln!(
         "chaos: {} records acknowledged ({} calls incl. resends, conflicts, invalid), {} kill -9s ({under_load} under load): {kills:?}; \
-         supervisor restarts {:?}; sender retries {retries}; {} invoice lines, billed {billed} = truth {truth}, 0 cents lost or doubled; {:?}",
+         supervisor restarts {:?} ({:?}); sender retries {retries}; {} invoice lines, billed {billed} = truth {truth}, 0 cents lost or doubled; {:?}",
         w.accepted,
         w.batches.len(),
         kills.values().sum::<u32>(),
         c.restarts,
+        c.exit_reasons(),
         got.len(),
         started.elapsed()
     );
