@@ -24,13 +24,7 @@ pub struct Closed {
 /// Closes `month` in the store at `db`, exporting to `out_dir`.
 pub fn close(db: &Path, book: &PriceBook, month: Month, out_dir: &Path, now: Timestamp) -> anyhow::Result<Closed> {
     let mut store = Store::open(db)?;
-    let mut usage = Store::charge_lines(store.conn(), Some(&month.to_string()))?;
-    // Refunds of earlier months' usage lines recompute those lines from their usage.
-    for earlier in refund_months(book, month) {
-        usage.extend(Store::charge_lines(store.conn(), Some(&earlier.to_string()))?);
-    }
-    let trial = Store::trial_hours(store.conn(), month, &ami_trial_agreements(book, month))?;
-    let close = close_month(book, month, &usage, &trial)?;
+    let close = compute_close(store.conn(), book, month)?;
     store.write_close(&close, now)?;
     std::fs::create_dir_all(out_dir)?;
     let csv = out_dir.join(format!("invoice-lines-{month}.csv"));
@@ -38,6 +32,18 @@ pub fn close(db: &Path, book: &PriceBook, month: Month, out_dir: &Path, now: Tim
     std::fs::write(&csv, to_csv(&close.lines))?;
     std::fs::write(&json, serde_json::to_string_pretty(&close)?)?;
     Ok(Closed { close, csv, json })
+}
+
+/// What closing `month` now would bill, computed by the close core from the store's current
+/// lines and writing nothing: the close itself, a draft, and the invoice preview all call this.
+pub fn compute_close(conn: &rusqlite::Connection, book: &PriceBook, month: Month) -> anyhow::Result<MonthClose> {
+    let mut usage = Store::charge_lines(conn, Some(&month.to_string()))?;
+    // Refunds of earlier months' usage lines recompute those lines from their usage.
+    for earlier in refund_months(book, month) {
+        usage.extend(Store::charge_lines(conn, Some(&earlier.to_string()))?);
+    }
+    let trial = Store::trial_hours(conn, month, &ami_trial_agreements(book, month))?;
+    Ok(close_month(book, month, &usage, &trial)?)
 }
 
 /// The summary a billing person reads after a close.

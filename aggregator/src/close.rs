@@ -34,6 +34,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
 mod refund;
+pub mod timing;
 
 /// Why a month cannot be closed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
