@@ -153,9 +153,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
         report::n(check.items)
     ));
     drop(conn);
-    // Month close: listing fees and each party's net, exported for invoicing.
-    let now = Timestamp::from_millis(month.end().millis());
-    let closed = crate::close::close(&db, &book, month, &opts.data_dir.join("close"), now)?;
+    // Month close: listing fees and each party's net, exported for invoicing, once the month's
+    // window (its end + acceptance window + final-records grace) has passed.
+    let now = aggregator::close::timing::earliest_final_close(month, book.windows());
+    let closed = crate::close::close(&db, &book, month, &opts.data_dir.join("close"), now, Default::default())?;
     out.push('\n');
     out.push_str(&crate::close::summary(&closed));
     let dir = opts.data_dir.display();
@@ -163,7 +164,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<String> {
         "\nQuery the results (the store is {dir}/meterline.db; the price book {dir}/price-book.toml):\n\
          \x20 cargo run --release -- charges  --data-dir {dir} --month {month} [--format csv|json]\n\
          \x20 cargo run --release -- invoices --data-dir {dir} --month {month}\n\
-         \x20 cargo run --release -- close    --data-dir {dir} --month {month}   (again: rewrites the month's invoice lines)\n\
+         \x20 cargo run --release -- close    --data-dir {dir} --month {month} --draft   (what it would bill now; the month is closed for good)\n\
          \x20 cargo run --release -- query    --data-dir {dir} \"SELECT reason, count(*) FROM rejected_records GROUP BY reason\"\n\
          \x20 cargo run --release -- serve    --data-dir {dir} --price-book {dir}/price-book.toml   (API keys: {dir}/api-keys.txt)\n"
     ));

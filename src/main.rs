@@ -128,6 +128,15 @@ enum Command {
         /// Where the CSV and JSON go (default: the data directory's `close/`).
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// Compute and export the invoice lines without closing (`invoice-lines-M.draft.*`): to
+        /// review, any time, as often as needed.
+        #[arg(long)]
+        draft: bool,
+        /// Close for good before the month's window ended (its end + acceptance window +
+        /// final-records grace): usage for it still arriving is then refused or, by the
+        /// profile, booked on the next month.
+        #[arg(long, conflicts_with = "draft")]
+        cut_off_late_usage: bool,
     },
     /// Validate a price book; with --previous, also check it may replace that one (published
     /// dimensions are add-only).
@@ -343,13 +352,14 @@ fn run(out: &mut String) -> anyhow::Result<()> {
             let rated = rate::rate_lines(&book, &text, &opts)?;
             outln!(out, "{}", serde_json::to_string_pretty(&rated)?);
         }
-        Command::Close { data_dir, price_book, month, out_dir } => {
+        Command::Close { data_dir, price_book, month, out_dir, draft, cut_off_late_usage } => {
             let db = db_path(&data_dir)?;
             let book = PriceBook::load(&price_book.unwrap_or_else(|| data_dir.join("price-book.toml")))?;
             let month = common::time::Month::parse(&month).map_err(anyhow::Error::msg)?;
             let now = Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
-            let closed =
-                meterline::close::close(&db, &book, month, &out_dir.unwrap_or_else(|| data_dir.join("close")), now)?;
+            let out_dir = out_dir.unwrap_or_else(|| data_dir.join("close"));
+            let opts = meterline::close::CloseOptions { draft, cut_off_late_usage };
+            let closed = meterline::close::close(&db, &book, month, &out_dir, now, opts)?;
             out.push_str(&meterline::close::summary(&closed));
         }
         Command::CheckPriceBook { previous, price_book } => {

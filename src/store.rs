@@ -518,11 +518,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Replaces a month's invoice lines and marks it closed, in one transaction (closing again
-    /// after corrections rewrites the month; nothing else changes).
+    /// Writes a month's invoice lines and marks it closed for good, in one transaction. A month
+    /// is closed once: a second close (even a concurrent one) is refused by the primary key of
+    /// `closed_months` and writes nothing.
     pub fn write_close(&mut self, close: &MonthClose, closed_at: Timestamp) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
-        tx.execute("DELETE FROM invoice_lines WHERE billing_month = ?1", [&close.month])?;
         {
             let placeholders: Vec<String> = (1..=FIELD_COUNT).map(|i| format!("?{i}")).collect();
             let mut ins =
@@ -532,7 +532,7 @@ impl Store {
             }
         }
         tx.execute(
-            "INSERT OR REPLACE INTO closed_months (month, marketplace, price_book_version, closed_at_ms, lines)
+            "INSERT INTO closed_months (month, marketplace, price_book_version, closed_at_ms, lines)
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![
                 close.month,
@@ -544,6 +544,13 @@ impl Store {
         )?;
         tx.commit()?;
         Ok(())
+    }
+
+    /// When `month` was closed for good, if it was.
+    pub fn closed_at(conn: &Connection, month: Month) -> Result<Option<Timestamp>, StoreError> {
+        let mut st = conn.prepare_cached("SELECT closed_at_ms FROM closed_months WHERE month = ?1")?;
+        let at = st.query_row([month.to_string()], |r| r.get::<_, i64>(0)).optional()?;
+        Ok(at.map(Timestamp::from_millis))
     }
 
     /// Closed months, oldest first.

@@ -50,6 +50,15 @@ enum Command {
         /// `aggregator.flush_interval_ms` + 1 s for a commit and an insert.
         #[arg(long)]
         settle_ms: Option<u64>,
+        /// Compute and export the invoice lines (`invoice-lines-M.draft.*`) without closing:
+        /// to review, any time, as often as needed. The raters are not told.
+        #[arg(long)]
+        draft: bool,
+        /// Close for good before the month's window ended (its end + acceptance window +
+        /// final-records grace): usage for it still arriving is then refused or, by the
+        /// profile, booked on the next month.
+        #[arg(long, conflicts_with = "draft")]
+        cut_off_late_usage: bool,
     },
 }
 
@@ -90,26 +99,47 @@ async fn main() -> anyhow::Result<()> {
     }
     let book =
         Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
-    if let Some(Command::Close { month, out_dir, settle_ms }) = &args.command {
+    if let Some(Command::Close { month, out_dir, settle_ms, draft, cut_off_late_usage }) = &args.command {
         let month = common::time::Month::parse(month).map_err(anyhow::Error::msg)?;
         let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
         let now = common::time::Timestamp::from_millis(i64::try_from(since_epoch.as_millis())?);
-        // The closed-months topic the raters follow must exist before the marker goes on it.
-        common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
-        let settle = settle_ms.map_or_else(|| aggregator::closed::settle_time(&cfg), std::time::Duration::from_millis);
         let client = base.with_database(&ch.database);
-        let close =
-            aggregator::closing::close_and_tell_raters(&cfg, &client, &book, month, out_dir, now, settle).await?;
+        let (close, note) = if *draft {
+            let (close, closable) = aggregator::closing::draft(&client, &book, month, out_dir, now).await?;
+            let note = match closable {
+                Ok(()) => format!("it can be closed for good now: `aggregator close --month {month}`"),
+                Err(why) => format!("not closable for good now: {why}"),
+            };
+            (close, Some(note))
+        } else {
+            // The closed-months topic the raters follow must exist before the marker goes on it.
+            common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
+            let settle =
+                settle_ms.map_or_else(|| aggregator::closed::settle_time(&cfg), std::time::Duration::from_millis);
+            let (close, cut) = aggregator::closing::close_and_tell_raters(
+                &cfg,
+                &client,
+                &book,
+                month,
+                out_dir,
+                now,
+                settle,
+                *cut_off_late_usage,
+            )
+            .await?;
+            (close, cut.map(|c| format!("warning: {c}")))
+        };
         let billed: std::collections::BTreeMap<String, rust_decimal::Decimal> =
             close.lines.iter().fold(Default::default(), |mut m, l| {
                 *m.entry(l.currency.to_string()).or_default() += l.customer_billed_amount;
                 m
             });
-        println!(
-            "closed {month}: {} invoice lines; billed {billed:?}; exported to {}",
-            close.lines.len(),
-            out_dir.display()
-        );
+        let what =
+            if *draft { format!("draft of {month} (nothing closed)") } else { format!("closed {month} for good") };
+        println!("{what}: {} invoice lines; billed {billed:?}; exported to {}", close.lines.len(), out_dir.display());
+        if let Some(note) = note {
+            println!("{note}");
+        }
         for w in &close.warnings {
             println!("warning: {w}");
         }

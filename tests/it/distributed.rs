@@ -492,15 +492,34 @@ async fn end_to_end_equals_ground_truth_and_the_embedded_answer() {
     )
     .unwrap();
     let expected = local.month_close.unwrap().lines;
-    for _ in 0..2 {
-        // Closing twice appends a second close version; the current view shows it once.
-        let out = Command::new(bin("aggregator"))
-            .args(["--config", c.config.to_str().unwrap(), "close", "--month", &month, "--out-dir"])
-            .arg(c.dir.path())
+    let aggregator_close = |extra: &[&str], out_dir: &std::path::Path| {
+        Command::new(bin("aggregator"))
+            .args(["--config", c.config.to_str().unwrap(), "close", "--month", &month])
+            .args(extra)
+            .arg("--out-dir")
+            .arg(out_dir)
             .output()
-            .unwrap();
+            .unwrap()
+    };
+    // A draft writes nothing and can be run again; then the close for good (early if the
+    // month is still open), which happens once; its lines are the draft's.
+    for _ in 0..2 {
+        let out = aggregator_close(&["--draft"], c.dir.path());
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("nothing closed"));
     }
+    let drafted = c.query("SELECT count() FROM {db}.invoice_lines").await;
+    assert_eq!(drafted.trim(), "0", "a draft writes no invoice lines");
+    let out = aggregator_close(&["--cut-off-late-usage"], c.dir.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again = aggregator_close(&["--cut-off-late-usage"], c.dir.path());
+    let refusal = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && refusal.contains("was closed for good"), "{refusal}");
+    let read = |kind: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(c.dir.path().join(format!("invoice-lines-{month}{kind}.json"))).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["lines"].clone()
+    };
+    assert_eq!(read(".draft"), read(""), "the draft's lines are the final close's");
     let text = c
         .query(
             "SELECT customer, dimension, charge_type, toString(customer_billed_amount), toString(listing_fee), toString(seller_net)
@@ -1237,14 +1256,15 @@ fn close_both_modes(c: &Cluster, month: &str) -> String {
     let out = Command::new(bin("aggregator"))
         .arg("--config")
         .arg(&c.config)
-        .args(["close", "--month", month, "--out-dir"])
+        // The month is the current one: an early close, on the operator's word.
+        .args(["close", "--month", month, "--cut-off-late-usage", "--out-dir"])
         .arg(c.dir.path().join("close-distributed"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "aggregator close failed: {text}{}", String::from_utf8_lossy(&out.stderr));
     let embedded = Command::new(bin("meterline"))
-        .args(["close", "--month", month, "--data-dir"])
+        .args(["close", "--month", month, "--cut-off-late-usage", "--data-dir"])
         .arg(c.dir.path().join("embedded"))
         .arg("--price-book")
         .arg(c.dir.path().join("price-book.toml"))

@@ -506,7 +506,10 @@ async fn month_close_writes_invoice_lines_and_late_usage_becomes_a_correction_ed
     // Close October while the server runs (as an operator would, from another process).
     let book = PriceBook::from_toml(&own).unwrap();
     let oct = common::time::Month::parse("2026-10").unwrap();
-    let closed = meterline::close::close(&db, &book, oct, &dir.path().join("close"), s.clock.now()).unwrap();
+    // Inside October's window, so only on the operator's word; the close says what it cut off.
+    let early = meterline::close::CloseOptions { draft: false, cut_off_late_usage: true };
+    let closed = meterline::close::close(&db, &book, oct, &dir.path().join("close"), s.clock.now(), early).unwrap();
+    assert!(matches!(closed.timing, meterline::close::Timing::Early(_)), "{:?}", closed.timing);
     assert_eq!(closed.close.lines.len(), 1);
     assert_eq!(closed.close.lines[0].customer_billed_amount.to_string(), "1.40");
     assert_eq!(closed.close.lines[0].listing_fee.to_string(), "0.04");
@@ -526,4 +529,101 @@ async fn month_close_writes_invoice_lines_and_late_usage_becomes_a_correction_ed
     let stored: i64 =
         conn.query_row("SELECT count(*) FROM invoice_lines WHERE billing_month = '2026-10'", [], |r| r.get(0)).unwrap();
     assert_eq!(stored, 1);
+}
+
+/// Issue 16 item 4: a month can't be closed for good while its usage may still arrive; a draft
+/// can, any time, and the close for good that follows bills what the last draft showed, once.
+#[tokio::test]
+async fn a_month_is_not_closed_inside_its_window_and_the_final_close_matches_its_draft() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("meterline.db");
+    let s = Server::start_with(db.clone(), BOOK, "2026-10-31T23:30:00Z", 500_000).await;
+    let rec = |dim: &str, ts: &str| json!([{ "Timestamp": ts, "CustomerIdentifier": "cid-alpha", "Dimension": dim, "Quantity": 100 }]);
+    let (status, v) = s.batch(ACME, "acme-analytics", rec("users", "2026-10-31T23:10:00Z")).await;
+    assert_eq!((status, statuses(&v)), (200, vec!["Success".to_owned()]));
+    let book = PriceBook::from_toml(BOOK).unwrap();
+    let oct = common::time::Month::parse("2026-10").unwrap();
+    let out = dir.path().join("close");
+    let at = |t: &str| Timestamp::parse_rfc3339(t).unwrap();
+    let final_close = meterline::close::CloseOptions::default();
+    let draft = meterline::close::CloseOptions { draft: true, cut_off_late_usage: false };
+
+    // The next morning, inside the acceptance window: refused, naming until when and what to do.
+    s.clock.set(at("2026-11-01T01:00:00Z"));
+    let refused = meterline::close::close(&db, &book, oct, &out, s.clock.now(), final_close).unwrap_err().to_string();
+    assert!(refused.contains("can't be closed for good before 2026-11-01T07:00:00Z"), "{refused}");
+    assert!(refused.contains("--draft") && refused.contains("--cut-off-late-usage"), "{refused}");
+    let conn = Store::open_read_only(&db).unwrap();
+    assert!(Store::closed_months(&conn).unwrap().is_empty(), "a refused close writes nothing");
+    drop(conn);
+    // A draft now says what it would bill and that it is not closable yet; nothing is closed.
+    let first = meterline::close::close(&db, &book, oct, &out, s.clock.now(), draft).unwrap();
+    assert!(first.draft && first.json.ends_with("invoice-lines-2026-10.draft.json"));
+    assert!(matches!(first.timing, meterline::close::Timing::Draft(Err(_))), "{:?}", first.timing);
+    assert!(meterline::close::summary(&first).contains("Nothing is closed"));
+
+    // Usage sent in time after the draft still counts: October is open.
+    s.clock.set(at("2026-11-01T04:00:00Z"));
+    let (status, v) = s.batch(ACME, "acme-analytics", rec("gb_ingest", "2026-10-31T23:50:00Z")).await;
+    assert_eq!((status, statuses(&v)), (200, vec!["Success".to_owned()]));
+    let second = meterline::close::close(&db, &book, oct, &out, s.clock.now(), draft).unwrap();
+    assert_eq!(second.close.lines.len(), first.close.lines.len() + 1, "the re-run draft has the new usage");
+
+    // After the window: the close for good bills exactly what the last draft showed.
+    s.clock.set(at("2026-11-01T07:00:00Z"));
+    let last_draft = meterline::close::close(&db, &book, oct, &out, s.clock.now(), draft).unwrap();
+    assert!(matches!(last_draft.timing, meterline::close::Timing::Draft(Ok(()))));
+    let closed = meterline::close::close(&db, &book, oct, &out, s.clock.now(), final_close).unwrap();
+    assert!(matches!(closed.timing, meterline::close::Timing::Regular));
+    assert_eq!(
+        serde_json::to_value(&closed.close.lines).unwrap(),
+        serde_json::to_value(&last_draft.close.lines).unwrap()
+    );
+    // Once: a second close, forced or not, is refused and the invoice lines stay as they were.
+    for cut_off_late_usage in [false, true] {
+        let again = meterline::close::CloseOptions { draft: false, cut_off_late_usage };
+        let e = meterline::close::close(&db, &book, oct, &out, s.clock.now(), again).unwrap_err().to_string();
+        assert!(e.contains("was closed for good at 2026-11-01T07:00:00Z"), "{e}");
+    }
+    let (db, _dir) = s.stop().await;
+    let conn = Store::open_read_only(&db).unwrap();
+    let stored: i64 =
+        conn.query_row("SELECT count(*) FROM invoice_lines WHERE billing_month = '2026-10'", [], |r| r.get(0)).unwrap();
+    assert_eq!(stored as usize, closed.close.lines.len());
+}
+
+/// The same rule through the command operators run, on the real clock: the current month is
+/// always inside its window.
+#[test]
+fn meterline_close_of_the_current_month_is_refused_unless_drafted_or_cut_off_on_purpose() {
+    let dir = tempfile::tempdir().unwrap();
+    let book = dir.path().join("price-book.toml");
+    std::fs::write(&book, BOOK).unwrap();
+    drop(Store::open(&dir.path().join("meterline.db")).unwrap());
+    let month = chrono::Utc::now().format("%Y-%m").to_string();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meterline"))
+            .args(["close", "--month", &month, "--data-dir"])
+            .arg(dir.path())
+            .arg("--price-book")
+            .arg(&book)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = run(&[]);
+    assert!(!ok && err.contains("can't be closed for good before") && err.contains("--cut-off-late-usage"), "{err}");
+    let (ok, out, err) = run(&["--draft"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("Draft of {month}")) && out.contains("Not closable for good now"), "{out}");
+    let (ok, out, err) = run(&["--cut-off-late-usage"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("for good") && out.contains("before its window ended"), "{out}");
+    let (ok, _, err) = run(&["--cut-off-late-usage"]);
+    assert!(!ok && err.contains("was closed for good"), "{err}");
 }

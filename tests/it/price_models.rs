@@ -986,7 +986,8 @@ fn meterline_close_writes_refund_lines_to_the_sqlite_close_tables_and_the_csv_an
     std::fs::write(&book, MODELS).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_meterline"))
         .args(["close", "--data-dir", dir.path().to_str().unwrap(), "--price-book", book.to_str().unwrap()])
-        .args(["--month", "2026-12", "--out-dir", dir.path().join("out").to_str().unwrap()])
+        // December is still open today: closing it is an early close, on the operator's word.
+        .args(["--month", "2026-12", "--cut-off-late-usage", "--out-dir", dir.path().join("out").to_str().unwrap()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -1048,7 +1049,15 @@ async fn aggregator_close_writes_refund_lines_naming_the_credited_line_to_clickh
     )
     .unwrap();
     let out = Command::new(stage_bin("aggregator"))
-        .args(["--config", config.to_str().unwrap(), "close", "--month", "2026-12", "--out-dir"])
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "close",
+            "--month",
+            "2026-12",
+            "--cut-off-late-usage",
+            "--out-dir",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
