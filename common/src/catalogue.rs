@@ -27,6 +27,7 @@ use std::fmt;
 use std::path::Path;
 
 mod annual;
+pub mod change;
 mod entitlement;
 mod lookup;
 mod refund;
