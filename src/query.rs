@@ -2,7 +2,8 @@
 //! month to date, and would be invoiced for the open month, per tag, and what it is entitled to.
 //!
 //! Routes (documented in `docs/api.md`, "Query API"), all `GET`, all JSON:
-//! - `/v1/customers/{customer}/usage?month=YYYY-MM&by=hour|day[&product][&dimension][&limit][&page_token]`
+//! - `/v1/customers/{customer}/usage?month=YYYY-MM&by=hour|day[&product][&dimension][&agreement][&limit][&page_token]`:
+//!   per customer, or per agreement with `agreement=`.
 //! - `/v1/customers/{customer}/charges?month=YYYY-MM`: the month-to-date lines of `monthly_charges`.
 //! - `/v1/customers/{customer}/invoice-preview?month=YYYY-MM`: the lines the month's close would
 //!   write for the customer, from the same close core ([`crate::close::compute_close`]), which
@@ -64,6 +65,8 @@ pub struct UsageRow {
     pub product: String,
     /// Dimension key.
     pub dimension: String,
+    /// Agreement the record was rated under.
+    pub agreement_id: String,
     /// Currency of `amount`.
     pub currency: Currency,
     /// Quantity sent.
@@ -116,7 +119,7 @@ impl QueryStore for SqliteQueries {
         // The hour range leads the table's only index, (hour, dedup_key).
         let mut st = conn
             .prepare(
-                "SELECT hour, product, dimension, currency, quantity, billable_quantity, amount, allocations
+                "SELECT hour, product, dimension, currency, quantity, billable_quantity, amount, allocations, agreement_id
                  FROM rated_usage WHERE hour >= ?1 AND hour < ?2 AND customer = ?3",
             )
             .map_err(sql)?;
@@ -131,6 +134,7 @@ impl QueryStore for SqliteQueries {
                 hour: Hour(r.get(0).map_err(sql)?),
                 product: r.get(1).map_err(sql)?,
                 dimension: r.get(2).map_err(sql)?,
+                agreement_id: r.get(8).map_err(sql)?,
                 currency: Currency::new(&currency).map_err(|_| corrupt("currency", &currency))?,
                 quantity: dec("quantity", r.get(4).map_err(sql)?)?,
                 billable_quantity: dec("billable_quantity", r.get(5).map_err(sql)?)?,
@@ -267,12 +271,15 @@ pub struct RowFilter {
     pub product: Option<String>,
     /// Only this dimension.
     pub dimension: Option<String>,
+    /// Only this agreement.
+    pub agreement: Option<String>,
 }
 
 impl RowFilter {
     fn keeps(&self, r: &UsageRow) -> bool {
         self.product.as_ref().is_none_or(|p| *p == r.product)
             && self.dimension.as_ref().is_none_or(|d| *d == r.dimension)
+            && self.agreement.as_ref().is_none_or(|a| *a == r.agreement_id)
     }
 }
 
@@ -532,7 +539,12 @@ pub async fn authorize(State(st): State<Arc<QueryState>>, mut req: Request, next
             return QueryError::Throttled(ingest::limit::retry_after_secs(wait)).into_response();
         }
     }
-    let Some(key) = key else { return QueryError::NoKey.into_response() };
+    let Some(key) = key else {
+        if let Some(t) = throttle {
+            t.failed(addr, None);
+        }
+        return QueryError::NoKey.into_response();
+    };
     let Some(seller) = st.security.keys.seller(&key, &st.book, st.clock.now()) else {
         if let Some(t) = throttle {
             t.failed(addr, Some(&key));
@@ -579,6 +591,15 @@ impl QueryState {
         Ok(rows)
     }
 
+    /// The optional `product`, `dimension` and `agreement` filters.
+    fn filter(&self, caller: &Caller, q: &HashMap<String, String>) -> Result<RowFilter, QueryError> {
+        Ok(RowFilter {
+            product: self.product_param(caller, q)?,
+            dimension: q.get("dimension").cloned(),
+            agreement: q.get("agreement").cloned(),
+        })
+    }
+
     /// An optional `product` filter, refused (403, as ingest does) when not the caller's.
     fn product_param(&self, caller: &Caller, q: &HashMap<String, String>) -> Result<Option<String>, QueryError> {
         match q.get("product") {
@@ -606,7 +627,7 @@ async fn usage(
     Path(customer): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, QueryError> {
-    known_params(&q, &["month", "by", "product", "dimension", "limit", "page_token"])?;
+    known_params(&q, &["month", "by", "product", "dimension", "agreement", "limit", "page_token"])?;
     let month = parse_month(&q, st.clock.now())?;
     let by = By::parse(q.get("by").map_or("day", String::as_str))?;
     let limit = parse_limit(&q)?;
@@ -616,7 +637,7 @@ async fn usage(
             QueryError::bad("page_token", t, "the `next_page_token` of an earlier answer, unchanged")
         })?),
     };
-    let filter = RowFilter { product: st.product_param(&caller, &q)?, dimension: q.get("dimension").cloned() };
+    let filter = st.filter(&caller, &q)?;
     st.customer(&customer)?;
     let rows = st.rows(&caller, &customer, month).await?;
     let items = group_usage(rows.iter().filter(|r| filter.keeps(r)), by);
@@ -639,7 +660,7 @@ async fn usage_tags(
     Path(customer): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, QueryError> {
-    known_params(&q, &["month", "key", "product", "dimension"])?;
+    known_params(&q, &["month", "key", "product", "dimension", "agreement"])?;
     let month = parse_month(&q, st.clock.now())?;
     let key = match q.get("key") {
         Some(k) if !k.is_empty() => k.clone(),
@@ -647,7 +668,7 @@ async fn usage_tags(
             return Err(QueryError::bad("key", other.map_or("", String::as_str), "a tag key, e.g. `key=team`"));
         }
     };
-    let filter = RowFilter { product: st.product_param(&caller, &q)?, dimension: q.get("dimension").cloned() };
+    let filter = st.filter(&caller, &q)?;
     st.customer(&customer)?;
     let rows = st.rows(&caller, &customer, month).await?;
     let items = tag_breakdown(rows.iter().filter(|r| filter.keeps(r)), &key);
@@ -827,6 +848,7 @@ mod tests {
             hour: hour(t),
             product: product.into(),
             dimension: dim.into(),
+            agreement_id: "a".into(),
             currency: Currency::USD,
             quantity: d(q),
             billable_quantity: d(q),
@@ -921,7 +943,8 @@ mod tests {
 
     #[test]
     fn totals_are_per_currency() {
-        let t = totals([(Currency::USD, d("1.10")), (Currency::EUR, d("2")), (Currency::USD, d("0.01"))]);
+        let t =
+            totals([(Currency::USD, d("1.10")), (Currency::new("EUR").unwrap(), d("2")), (Currency::USD, d("0.01"))]);
         let got: Vec<(&str, Decimal)> = t.iter().map(|t| (t.currency.as_str(), t.amount)).collect();
         assert_eq!(got, [("EUR", d("2")), ("USD", d("1.11"))]);
     }

@@ -195,6 +195,10 @@ async fn usage_by_hour_and_by_day_sums_what_was_posted() {
     let (_, v) = s.get(Some(ACME), "/v1/customers/cust-a/usage?month=2026-11&product=acme-vm").await;
     assert_eq!(v["items"].as_array().unwrap().len(), 1);
     assert_eq!(v["items"][0]["amount"], "2.00", "4 billable × 0.50");
+    // Per agreement.
+    let (_, v) = s.get(Some(ACME), "/v1/customers/cust-a/usage?month=2026-11&agreement=agmnt-a-vm").await;
+    let dims: Vec<&str> = v["items"].as_array().unwrap().iter().map(|i| i["dimension"].as_str().unwrap()).collect();
+    assert_eq!(dims, ["m5_large"]);
     // Another month: nothing yet, but the customer exists.
     let (status, v) = s.get(Some(ACME), "/v1/customers/cust-a/usage?month=2026-10").await;
     assert_eq!((status, v["items"].as_array().unwrap().len()), (200, 0));
