@@ -6,7 +6,9 @@
 //! # Layout
 //! - [`store`]: SHELL. The SQLite database (rated usage, rejected records, monthly charges).
 //! - [`pipeline`]: SHELL. The writer thread: group commit of dedup + rating + monthly fold.
-//! - [`server`]: SHELL. The ingest HTTP API over the embedded pipeline.
+//! - [`server`]: SHELL. The ingest HTTP API over the embedded pipeline, and the query API beside it.
+//! - [`query`]: SHELL + PURE helpers. The read-only query API (usage, charges, invoice preview,
+//!   tags, entitlements) over a mode-neutral [`query::QueryStore`].
 //! - [`rate`]: the `rate` command: price-book file + usage file → charge lines, through the same
 //!   pure cores, with no store and no HTTP.
 //! - [`close`]: SHELL. `meterline close`: month close over the store, CSV/JSON export.
@@ -25,6 +27,7 @@ macro_rules! outln {
 pub mod close;
 pub mod demo;
 pub mod pipeline;
+pub mod query;
 pub mod rate;
 pub mod report;
 pub mod server;

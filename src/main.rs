@@ -268,6 +268,7 @@ fn run(out: &mut String) -> anyhow::Result<()> {
                      \x20 POST http://{addr}/                     with X-Amz-Target: AWSMPMeteringService.BatchMeterUsage\n\
                      \x20 POST http://{addr}/v1/MeterUsage        AWS MeterUsage JSON (also ResolveCustomer, RegisterUsage)\n\
                      \x20 POST http://{addr}/v1/usage             native bulk, JSON lines\n\
+                     \x20 GET  http://{addr}/v1/customers/{{customer}}/usage  query API: usage, charges, invoice-preview, … (docs/api.md)\n\
                      \x20 GET  http://{addr}/metrics             Prometheus metrics (and /health, /ready)\n",
                     db.display()
                 ))?;

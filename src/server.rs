@@ -1,5 +1,5 @@
-//! SHELL. Serves the ingest HTTP API on a bound listener over the embedded pipeline, with
-//! `/metrics` and `/ready` beside it (`/health` is the API's).
+//! SHELL. Serves the ingest HTTP API on a bound listener over the embedded pipeline, with the
+//! query API ([`crate::query`]), `/metrics` and `/ready` beside it (`/health` is the API's).
 
 use crate::pipeline::{Embedded, WriterStats};
 use anyhow::Context as _;
@@ -215,9 +215,17 @@ pub async fn start(
         .then(|| ingest::auth::watch(keys, opts.keys.clone(), Arc::clone(&book), Duration::from_secs(2)));
     let sink = Metered::new(embedded.sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
     let tokens = ingest::aws::RegistrationTokens { path: opts.registration_tokens.clone() };
+    // The read-only query API beside ingest: the same keys and throttle, its own auth check (not
+    // the metering gate), reads on their own read-only connections (WAL: never the writer's).
+    let queries = Arc::new(crate::query::QueryState {
+        book: Arc::clone(&book),
+        security: security.clone(),
+        clock: Arc::clone(&clock),
+        store: Arc::new(crate::query::SqliteQueries { db: db.to_owned() }),
+    });
     let state = Arc::new(IngestState { book, sink, clock, limits: HttpLimits::default(), security, tokens });
     // `/metrics` and `/ready` beside the API (same names as the distributed binaries).
-    let app = common::ops::instrument(router(state), &metrics);
+    let app = common::ops::instrument(router(state).merge(crate::query::router(queries)), &metrics);
     let soft_fds = ingest::serve::raise_fd_limit();
     let limits = opts.conn.limits(soft_fds);
     tracing::info!(soft_fds, max_connections = limits.max_connections, "connection cap");

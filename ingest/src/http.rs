@@ -163,7 +163,7 @@ pub(crate) fn json_response<T: serde::Serialize>(value: &T) -> Response {
 
 /// The API key the request presents: `X-Api-Key`, else `Authorization: Bearer` (the scheme
 /// name is case-insensitive, RFC 9110 §11.1).
-pub(crate) fn presented_key(headers: &HeaderMap) -> Option<&str> {
+pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
     let bearer = || {
         let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim_start();
         let (scheme, rest) = v.split_once([' ', '\t'])?;

@@ -374,7 +374,7 @@ fn resolve_customer(wire: &WireRecord<'_>, book: &PriceBook) -> Result<(String, 
 }
 
 /// `s` cut to `n` characters (with `…`), so a hostile value cannot bloat a reason or a log line.
-pub(crate) fn truncate(s: &str, n: usize) -> Cow<'_, str> {
+pub fn truncate(s: &str, n: usize) -> Cow<'_, str> {
     if s.chars().count() <= n {
         Cow::Borrowed(s)
     } else {

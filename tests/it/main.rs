@@ -20,4 +20,5 @@ mod loadtest_smoke;
 mod observability;
 mod overload;
 mod price_models;
+mod query_api;
 mod rate_command;
