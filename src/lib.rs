@@ -9,6 +9,10 @@
 //! - [`server`]: SHELL. The ingest HTTP API over the embedded pipeline, and the query API beside it.
 //! - [`query`]: SHELL + PURE helpers. The read-only query API (usage, charges, invoice preview,
 //!   tags, entitlements) over a mode-neutral [`query::QueryStore`].
+//! - [`operator`]: SHELL. The operator API: catalogue changes applied while serving
+//!   (`common::catalogue::change` is their pure core), with roles and optimistic versions.
+//! - [`catalogue_log`]: SHELL. The store's catalogue versions: the audit log and the durable
+//!   catalogue in force (the price-book file seeds it).
 //! - [`rate`]: the `rate` command: price-book file + usage file → charge lines, through the same
 //!   pure cores, with no store and no HTTP.
 //! - [`close`]: SHELL. `meterline close`: month close over the store, CSV/JSON export.
@@ -24,8 +28,10 @@ macro_rules! outln {
     };
 }
 
+pub mod catalogue_log;
 pub mod close;
 pub mod demo;
+pub mod operator;
 pub mod pipeline;
 pub mod query;
 pub mod rate;

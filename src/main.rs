@@ -356,6 +356,8 @@ fn run(out: &mut String) -> anyhow::Result<()> {
         Command::Close { data_dir, price_book, month, out_dir, draft, cut_off_late_usage } => {
             let db = db_path(&data_dir)?;
             let book = PriceBook::load(&price_book.unwrap_or_else(|| data_dir.join("price-book.toml")))?;
+            // Operators may have changed the catalogue since the file: close with the book in force.
+            let book = meterline::catalogue_log::in_force(&db, Arc::new(book))?;
             let month = common::time::Month::parse(&month).map_err(anyhow::Error::msg)?;
             let now = Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
             let out_dir = out_dir.unwrap_or_else(|| data_dir.join("close"));

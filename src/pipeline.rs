@@ -21,7 +21,7 @@
 
 use crate::store::{BatchWrite, RejectedRow, Store, StoreError};
 use aggregator::rollup::MonthlyRollup;
-use common::catalogue::PriceBook;
+use common::catalogue::LiveBook;
 use common::metrics::Metrics;
 use common::usage::UsageRecord;
 use ingest::clock::Clock;
@@ -98,7 +98,7 @@ impl Embedded {
     /// Opens the store at `db`, rebuilds state, and starts the writer thread.
     pub fn start(
         db: &Path,
-        book: Arc<PriceBook>,
+        book: impl Into<LiveBook>,
         clock: Arc<dyn Clock>,
         max_in_flight: usize,
     ) -> Result<Self, StoreError> {
@@ -109,7 +109,7 @@ impl Embedded {
     /// [`ingest::shed::DEFAULT_QUEUE_TARGET`]); `max_in_flight` is the bound's ceiling.
     pub fn start_with_target(
         db: &Path,
-        book: Arc<PriceBook>,
+        book: impl Into<LiveBook>,
         clock: Arc<dyn Clock>,
         max_in_flight: usize,
         queue_target: Duration,
@@ -122,7 +122,7 @@ impl Embedded {
     /// dedups and rates; the HTTP side counts as `ingest`).
     pub fn start_with_metrics(
         db: &Path,
-        book: Arc<PriceBook>,
+        book: impl Into<LiveBook>,
         clock: Arc<dyn Clock>,
         max_in_flight: usize,
         metrics: Arc<Metrics>,
@@ -132,7 +132,7 @@ impl Embedded {
 
     fn open(
         db: &Path,
-        book: Arc<PriceBook>,
+        book: impl Into<LiveBook>,
         clock: Arc<dyn Clock>,
         shed: QueueTarget,
         metrics: Arc<Metrics>,
@@ -140,8 +140,9 @@ impl Embedded {
         let mut store = Store::open(db)?;
         // Refuse to start (and to say "listening") on a store that cannot take a write.
         store.probe_write()?;
+        let book: LiveBook = book.into();
         let mut rater = Rater::new();
-        let windows = book.windows();
+        let windows = book.current().windows();
         let oldest = common::window::eviction_horizon(clock.now(), windows.acceptance_ms);
         for (k, h, id) in store.dedup_claims_since(oldest)? {
             rater.restore_claim(k, h, id);
@@ -151,7 +152,7 @@ impl Embedded {
             rollup.restore(key, sums);
         }
         tracing::info!(dedup_keys = rater.dedup_keys(), lines = rollup.len(), "embedded store opened, state rebuilt");
-        metrics.init_catalogue(STAGE, &book);
+        metrics.init_catalogue(STAGE, &book.current());
         let in_flight = InFlight::new(shed.bound());
         metrics.in_flight_limit.set(shed.bound() as i64);
         metrics.set_sink_writable(true);
@@ -179,7 +180,9 @@ struct Writer {
     store: Store,
     rater: Rater,
     rollup: MonthlyRollup,
-    book: Arc<PriceBook>,
+    /// Read once per batch, after its calls were queued: a call validated under a catalogue
+    /// version is rated under it or a later one.
+    book: LiveBook,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     /// The in-flight bound, moved after every commit from the measured rate.
@@ -283,7 +286,7 @@ impl Writer {
         // `meterline close` runs as another process: read the closed months at every batch (a
         // one-row table), so late usage follows the profile's policy from the close on.
         self.rater.set_closed_through(Store::closed_months(self.store.conn())?.last().copied());
-        let book = Arc::clone(&self.book);
+        let book = self.book.current();
         let (event_to_rated, received_to_rated) = (
             self.metrics.event_to_rated_seconds.with_label_values(&[STAGE]),
             self.metrics.received_to_rated_seconds.with_label_values(&[STAGE]),
@@ -332,7 +335,7 @@ impl Writer {
         // Durable: now make claims and sums permanent in memory.
         self.rater.commit();
         self.rollup.commit();
-        self.rater.evict(now, self.book.windows().acceptance_ms);
+        self.rater.evict(now, book.windows().acceptance_ms);
         let BatchEffects { decisions, tally, amounts, .. } = effects;
         let m = &self.metrics;
         tally.flush(m, STAGE);

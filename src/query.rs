@@ -502,8 +502,8 @@ fn json<T: Serialize>(value: &T) -> Response {
 /// Everything the query handlers need.
 #[derive(Debug)]
 pub struct QueryState {
-    /// The price book (customers, products and their sellers, agreements).
-    pub book: Arc<PriceBook>,
+    /// The price book in force (customers, products and their sellers, agreements).
+    pub book: common::catalogue::LiveBook,
     /// The ingest keys in force and their failed-authentication throttle.
     pub security: Security,
     /// "Now": the default month and which agreements are active.
@@ -545,7 +545,8 @@ pub async fn authorize(State(st): State<Arc<QueryState>>, mut req: Request, next
         }
         return QueryError::NoKey.into_response();
     };
-    let Some(seller) = st.security.keys.seller(&key, &st.book, st.clock.now()) else {
+    let book = st.book.current();
+    let Some(seller) = st.security.keys.seller(&key, &book, st.clock.now()) else {
         if let Some(t) = throttle {
             t.failed(addr, Some(&key));
         }
@@ -561,11 +562,11 @@ pub async fn authorize(State(st): State<Arc<QueryState>>, mut req: Request, next
 impl QueryState {
     /// Whether `product` belongs to seller `caller`.
     fn owns(&self, caller: &Caller, product: &str) -> bool {
-        self.book.product(product).is_some_and(|p| p.seller == caller.0)
+        self.book.current().product(product).is_some_and(|p| p.seller == caller.0)
     }
 
     fn customer(&self, id: &str) -> Result<(), QueryError> {
-        match self.book.customer(id) {
+        match self.book.current().customer(id) {
             Some(_) => Ok(()),
             None => Err(QueryError::NoCustomer(ingest::validate::truncate(id, 64).into_owned())),
         }
@@ -719,7 +720,7 @@ async fn invoice_preview(
     known_params(&q, &["month"])?;
     let month = parse_month(&q, st.clock.now())?;
     st.customer(&customer)?;
-    let book = Arc::clone(&st.book);
+    let book = st.book.current();
     let close = st.read(move |s| s.preview(&book, month)).await?;
     let lines: Vec<InvoiceLine> =
         close.lines.into_iter().filter(|l| l.customer == customer && st.owns(&caller, &l.product)).collect();
@@ -819,13 +820,13 @@ async fn entitlements(
     known_params(&q, &[])?;
     st.customer(&customer)?;
     let now = st.clock.now();
-    let agreements = st
-        .book
+    let book = st.book.current();
+    let agreements = book
         .doc()
         .agreements
         .iter()
         .filter(|a| a.customer == customer && st.owns(&caller, &a.product))
-        .map(|a| entitlement(&st.book, a, now))
+        .map(|a| entitlement(&book, a, now))
         .collect();
     Ok(json(&EntitlementsAnswer { customer: &customer, agreements }))
 }

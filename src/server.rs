@@ -3,7 +3,7 @@
 
 use crate::pipeline::{Embedded, WriterStats};
 use anyhow::Context as _;
-use common::catalogue::PriceBook;
+use common::catalogue::{LiveBook, PriceBook};
 use common::metrics::Metrics;
 use ingest::clock::Clock;
 use ingest::http::{router, HttpLimits, IngestState};
@@ -32,6 +32,9 @@ pub struct ServeOptions {
     pub conn: ConnOptions,
     /// Queue target of the in-flight bound (default [`ingest::shed::DEFAULT_QUEUE_TARGET`]).
     pub queue_target: Option<Duration>,
+    /// Operator credentials: with them the catalogue changes through the operator API
+    /// ([`crate::operator`]) and the price-book file only seeds it.
+    pub operators: Vec<crate::operator::Credential>,
 }
 
 /// Connection options; `None` = the default of [`ingest::serve::ConnLimits`].
@@ -95,6 +98,11 @@ pub struct HardeningArgs {
     /// this time at its measured rate (default 250), never more than --max-in-flight.
     #[arg(long)]
     pub queue_target_ms: Option<u64>,
+    /// Operator credentials (TOML `[[operators]]`: name, role = operator | seller | analyst,
+    /// seller for role seller, api_key_sha256): turns on the operator API, which changes the
+    /// catalogue while serving (docs/api.md). The price-book file then only seeds the catalogue.
+    #[arg(long)]
+    pub operators: Option<std::path::PathBuf>,
 }
 
 fn secs(flag: &str, v: Option<f64>) -> anyhow::Result<Option<Duration>> {
@@ -122,12 +130,18 @@ impl HardeningArgs {
         if self.queue_target_ms == Some(0) {
             anyhow::bail!("--queue-target-ms must be at least 1");
         }
+        let operators = match &self.operators {
+            Some(path) => crate::operator::load_operators(path, &common::catalogue::PriceBook::load(price_book)?)?,
+            None => Vec::new(),
+        };
         Ok(ServeOptions {
             tls,
             keys: ingest::auth::KeySources {
-                price_book: Some(price_book.to_owned()),
+                // With the operator API the book in force (not the file) holds the sellers' keys.
+                price_book: operators.is_empty().then(|| price_book.to_owned()),
                 keys_file: self.keys_file.clone(),
             },
+            operators,
             seller_limits,
             body_timeout,
             conn: ConnOptions {
@@ -194,38 +208,49 @@ pub async fn start(
     opts: ServeOptions,
 ) -> anyhow::Result<Started> {
     let tls = opts.tls.as_ref().map(ingest::tls::server_config).transpose()?;
+    // The store's newest catalogue version when operators changed it, else the file's book.
+    let book = crate::catalogue_log::in_force(db, book)?;
+    let live = LiveBook::new(Arc::clone(&book));
     let keys = ingest::auth::SharedKeys::new(opts.keys.load(&book)?);
     let security = ingest::guard::Security { keys: keys.clone(), ..ingest::guard::Security::for_book(&book) }
         .with_seller_limits(opts.seller_limits)
         .with_body_timeout(opts.body_timeout.unwrap_or(ingest::guard::DEFAULT_BODY_TIMEOUT));
     let metrics = Metrics::new("meterline");
     let target = opts.queue_target.unwrap_or(ingest::shed::DEFAULT_QUEUE_TARGET);
-    let embedded = Embedded::start_with_target(
-        db,
-        Arc::clone(&book),
-        Arc::clone(&clock),
-        max_in_flight,
-        target,
-        Arc::clone(&metrics),
-    )
-    .with_context(|| {
-        format!("the store at {} does not open for writing (disk full? permissions?); fix it and restart", db.display())
-    })?;
+    let embedded =
+        Embedded::start_with_target(db, live.clone(), Arc::clone(&clock), max_in_flight, target, Arc::clone(&metrics))
+            .with_context(|| {
+                format!(
+                    "the store at {} does not open for writing (disk full? permissions?); fix it and restart",
+                    db.display()
+                )
+            })?;
     let reloads = (opts.keys.price_book.is_some() || opts.keys.keys_file.is_some())
-        .then(|| ingest::auth::watch(keys, opts.keys.clone(), Arc::clone(&book), Duration::from_secs(2)));
-    let sink = Metered::new(embedded.sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
+        .then(|| ingest::auth::watch(keys.clone(), opts.keys.clone(), live.clone(), Duration::from_secs(2)));
+    let sink = Metered::new(embedded.sink.clone(), Arc::clone(&metrics), live.clone());
     let tokens = ingest::aws::RegistrationTokens { path: opts.registration_tokens.clone() };
     // The read-only query API beside ingest: the same keys and throttle, its own auth check (not
     // the metering gate), reads on their own read-only connections (WAL: never the writer's).
     let queries = Arc::new(crate::query::QueryState {
-        book: Arc::clone(&book),
+        book: live.clone(),
         security: security.clone(),
         clock: Arc::clone(&clock),
         store: Arc::new(crate::query::SqliteQueries { db: db.to_owned() }),
     });
-    let state = Arc::new(IngestState { book, sink, clock, limits: HttpLimits::default(), security, tokens });
+    let operator = Arc::new(crate::operator::OperatorState {
+        book: live.clone(),
+        keys,
+        key_sources: opts.keys.clone(),
+        db: db.to_owned(),
+        credentials: opts.operators.clone(),
+        clock: Arc::clone(&clock),
+        throttle: security.auth_throttle.clone(),
+        serial: tokio::sync::Mutex::new(()),
+    });
+    let state = Arc::new(IngestState { book: live, sink, clock, limits: HttpLimits::default(), security, tokens });
     // `/metrics` and `/ready` beside the API (same names as the distributed binaries).
-    let app = common::ops::instrument(router(state).merge(crate::query::router(queries)), &metrics);
+    let app = router(state).merge(crate::query::router(queries)).merge(crate::operator::router(operator));
+    let app = common::ops::instrument(app, &metrics);
     let soft_fds = ingest::serve::raise_fd_limit();
     let limits = opts.conn.limits(soft_fds);
     tracing::info!(soft_fds, max_connections = limits.max_connections, "connection cap");

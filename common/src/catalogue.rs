@@ -28,6 +28,8 @@ use std::path::Path;
 
 mod annual;
 pub mod change;
+mod live;
+pub use live::LiveBook;
 mod entitlement;
 mod lookup;
 mod refund;

@@ -230,7 +230,7 @@ impl SharedKeys {
 pub fn watch(
     keys: SharedKeys,
     sources: KeySources,
-    book: Arc<PriceBook>,
+    book: common::catalogue::LiveBook,
     poll: Duration,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -259,7 +259,7 @@ pub fn watch(
                 continue;
             }
             seen = now;
-            let (src, bk) = (sources.clone(), Arc::clone(&book));
+            let (src, bk) = (sources.clone(), book.current());
             match tokio::task::spawn_blocking(move || src.load(&bk)).await {
                 Ok(Ok(ring)) => {
                     tracing::info!(keys = ring.len(), "API keys reloaded");

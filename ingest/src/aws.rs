@@ -261,12 +261,14 @@ fn bad_json(op: &str) -> impl Fn(serde_json::Error) -> ApiError + '_ {
 
 /// `ResolveCustomer`: a registration token (from the buyer's browser) → the customer.
 pub(crate) fn resolve_customer<S>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
-    let seller = authenticate(headers, st)?;
+    let book = st.book.current();
+    let book = book.as_ref();
+    let seller = authenticate(headers, st, book)?;
     let req: ResolveCustomerRequest = serde_json::from_slice(body).map_err(bad_json("ResolveCustomer"))?;
     let Some(token) = req.registration_token.filter(|t| !t.is_empty()) else {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "ValidationException", "RegistrationToken is required"));
     };
-    let entry = st.tokens.resolve(&token, &seller.id, &st.book, st.clock.now()).map_err(|p| match p {
+    let entry = st.tokens.resolve(&token, &seller.id, book, st.clock.now()).map_err(|p| match p {
         TokenProblem::Invalid => {
             ApiError::new(StatusCode::BAD_REQUEST, "InvalidTokenException", "the registration token is not valid")
         }
@@ -274,7 +276,7 @@ pub(crate) fn resolve_customer<S>(st: &IngestState<S>, headers: &HeaderMap, body
             ApiError::new(StatusCode::BAD_REQUEST, "ExpiredTokenException", "the registration token has expired")
         }
     })?;
-    let Some(customer) = st.book.customer(&entry.customer) else {
+    let Some(customer) = book.customer(&entry.customer) else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "InvalidTokenException",
@@ -310,9 +312,11 @@ struct RegisterUsageResponse {
 
 /// `RegisterUsage`: a paid container's entitlement check at start, from its deployment's key.
 pub(crate) fn register_usage<S>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
-    let Some(dep) = deployment(headers, &st.book) else {
+    let book = st.book.current();
+    let book = book.as_ref();
+    let Some(dep) = deployment(headers, book) else {
         // A seller key (or none) is not a buyer's container: authenticate for the right 401 first.
-        authenticate(headers, st)?;
+        authenticate(headers, st, book)?;
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "CustomerNotEntitledException",
@@ -339,7 +343,7 @@ pub(crate) fn register_usage<S>(st: &IngestState<S>, headers: &HeaderMap, body: 
         }
     }
     let now = st.clock.now();
-    let Some(agreement) = st.book.agreement_at(&dep.customer, &product, now) else {
+    let Some(agreement) = book.agreement_at(&dep.customer, &product, now) else {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "CustomerNotEntitledException",

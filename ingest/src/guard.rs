@@ -88,10 +88,12 @@ impl Security {
 /// The body limit of the route at `path`: the bulk limit for `/v1/usage`, the marketplace's
 /// request limit for every AWS-shaped route.
 pub fn route_limit<S>(path: &str, st: &IngestState<S>) -> usize {
+    let book = st.book.current();
+    let book = book.as_ref();
     if path == BULK_PATH {
         st.limits.max_bulk_bytes
     } else {
-        st.book.marketplace().max_request_bytes
+        book.marketplace().max_request_bytes
     }
 }
 
@@ -112,6 +114,8 @@ fn too_large(message: String) -> ApiError {
 /// throttle, key, declared length. The handlers check type and key again (cheap), so their code
 /// does not depend on this layer.
 pub async fn gate<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, req: Request, next: Next) -> Response {
+    let book = st.book.current();
+    let book = book.as_ref();
     if let Err(e) = check_content_type(req.headers()) {
         return e.closing().into_response();
     }
@@ -132,8 +136,8 @@ pub async fn gate<S: UsageSink>(State(st): State<Arc<IngestState<S>>>, req: Requ
     }
     // A customer deployment's key (MeterUsage, RegisterUsage) is as good as a seller's here; the
     // handler decides what each may call.
-    let known = authenticate(req.headers(), &st).map(|_| ()).or_else(|e| {
-        if crate::aws::deployment(req.headers(), &st.book).is_some() {
+    let known = authenticate(req.headers(), &st, book).map(|_| ()).or_else(|e| {
+        if crate::aws::deployment(req.headers(), book).is_some() {
             Ok(())
         } else {
             Err(e)
@@ -171,6 +175,8 @@ impl<S: UsageSink> FromRequest<Arc<IngestState<S>>> for ReadBody {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<IngestState<S>>) -> Result<Self, ApiError> {
+        let book = state.book.current();
+        let book = book.as_ref();
         let deadline = state.security.body_timeout;
         // NDJSON: every line is its own document (a raw newline cannot occur inside a JSON string).
         let per_line = req.uri().path() == BULK_PATH;
@@ -184,7 +190,7 @@ impl<S: UsageSink> FromRequest<Arc<IngestState<S>>> for ReadBody {
         // One record per line, each no longer than an AWS request may be.
         let lines = per_line.then(|| LineLimits {
             max_records: state.limits.max_bulk_records,
-            max_line_bytes: state.book.marketplace().max_request_bytes.max(64 * 1024),
+            max_line_bytes: book.marketplace().max_request_bytes.max(64 * 1024),
         });
         match tokio::time::timeout(deadline, read_limited(req.into_body(), limit, declared, lines)).await {
             // Every route takes JSON text. serde_json skips unknown fields without checking their

@@ -58,7 +58,7 @@ impl Default for HttpLimits {
 #[derive(Debug)]
 pub struct IngestState<S> {
     /// The price book (products, keys, windows).
-    pub book: Arc<PriceBook>,
+    pub book: common::catalogue::LiveBook,
     /// Where validated records go.
     pub sink: S,
     /// "Now" for the acceptance window.
@@ -173,7 +173,11 @@ pub fn presented_key(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The seller behind the request's API key.
-pub(crate) fn authenticate<'b, S>(headers: &HeaderMap, st: &'b IngestState<S>) -> Result<&'b Seller, ApiError> {
+pub(crate) fn authenticate<'b, S>(
+    headers: &HeaderMap,
+    st: &IngestState<S>,
+    book: &'b PriceBook,
+) -> Result<&'b Seller, ApiError> {
     let Some(key) = presented_key(headers) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -181,7 +185,7 @@ pub(crate) fn authenticate<'b, S>(headers: &HeaderMap, st: &'b IngestState<S>) -
             "an API key is required: send `X-Api-Key: <key>` or `Authorization: Bearer <key>`",
         ));
     };
-    st.security.keys.seller(key, &st.book, st.clock.now()).ok_or_else(|| {
+    st.security.keys.seller(key, book, st.clock.now()).ok_or_else(|| {
         ApiError::new(StatusCode::UNAUTHORIZED, "UnrecognizedClientException", "the API key is not valid")
     })
 }
@@ -359,8 +363,10 @@ async fn batch_inner<S: UsageSink>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
+    let book = st.book.current();
+    let book = book.as_ref();
     check_content_type(headers)?;
-    let seller = authenticate(headers, st)?;
+    let seller = authenticate(headers, st, book)?;
     let mode = aws::answering(headers);
     let req: BatchMeterUsageRequest<'_> = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
@@ -379,10 +385,10 @@ async fn batch_inner<S: UsageSink>(
     let product = req.product_code.as_deref().filter(|p| !p.is_empty());
     match (product, mode) {
         (None, _) => {}
-        (Some(p), Answering::Aws) => owns_aws(&st.book, seller, p)?,
-        (Some(p), Answering::PerRecord) => owns(&st.book, seller, p)?,
+        (Some(p), Answering::Aws) => owns_aws(book, seller, p)?,
+        (Some(p), Answering::PerRecord) => owns(book, seller, p)?,
     }
-    let max = st.book.marketplace().max_batch_records;
+    let max = book.marketplace().max_batch_records;
     if records.len() > max {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -395,7 +401,7 @@ async fn batch_inner<S: UsageSink>(
     }
     admit_seller(st, seller, records.len())?;
     let (slots, accepted, refused) =
-        validate_all(records.iter().map(|r| r.get()), product, seller, &st.book, st.clock.as_ref());
+        validate_all(records.iter().map(|r| r.get()), product, seller, book, st.clock.as_ref());
     if mode == Answering::Aws {
         // AWS fails the whole call on the first such record; then nothing of the call is stored.
         let first = slots.iter().enumerate().find_map(|(i, s)| match s {
@@ -445,13 +451,15 @@ async fn meter_inner<S: UsageSink>(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
+    let book = st.book.current();
+    let book = book.as_ref();
     check_content_type(headers)?;
     // AWS's callers are the buyer's deployments; a seller key (naming the customer in the body)
     // stays accepted for sellers that meter on their customers' behalf.
-    let deployment = aws::deployment(headers, &st.book);
+    let deployment = aws::deployment(headers, book);
     let seller = match deployment {
-        Some(d) => st.book.product(&d.product).and_then(|p| st.book.doc().sellers.iter().find(|s| s.id == p.seller)),
-        None => Some(authenticate(headers, st)?),
+        Some(d) => book.product(&d.product).and_then(|p| book.doc().sellers.iter().find(|s| s.id == p.seller)),
+        None => Some(authenticate(headers, st, book)?),
     };
     let Some(seller) = seller else {
         return Err(ApiError::new(StatusCode::UNAUTHORIZED, "UnrecognizedClientException", "the API key is not valid"));
@@ -475,13 +483,13 @@ async fn meter_inner<S: UsageSink>(
     let caller = match deployment {
         Some(d) => Caller::Deployment(d),
         None => {
-            owns_aws(&st.book, seller, product)?;
+            owns_aws(book, seller, product)?;
             Caller::Seller(seller)
         }
     };
     admit_seller(st, seller, 1)?;
     let now = st.clock.now();
-    let cx = Context { book: &st.book, caller, now: Some(now), received_at: now };
+    let cx = Context { book, caller, now: Some(now), received_at: now };
     let validated = match validate(&record, Some(product), &cx) {
         Ok(r) => r,
         Err(rej) => {
@@ -557,8 +565,10 @@ struct ProductOnly<'a> {
 }
 
 async fn bulk_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body: &[u8]) -> Result<Response, ApiError> {
+    let book = st.book.current();
+    let book = book.as_ref();
     check_content_type(headers)?;
-    let seller = authenticate(headers, st)?;
+    let seller = authenticate(headers, st, book)?;
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::new(StatusCode::BAD_REQUEST, "SerializationException", format!("body is not UTF-8: {e}"))
     })?;
@@ -575,12 +585,12 @@ async fn bulk_inner<S: UsageSink>(st: &IngestState<S>, headers: &HeaderMap, body
     // Ownership first, for the whole call: a key naming a foreign product stores nothing.
     for (n, line) in &lines {
         if let Ok(ProductOnly { product_code: Some(p) }) = serde_json::from_str::<ProductOnly<'_>>(line) {
-            owns(&st.book, seller, &p).map_err(|e| ApiError { message: format!("line {n}: {}", e.message), ..e })?;
+            owns(book, seller, &p).map_err(|e| ApiError { message: format!("line {n}: {}", e.message), ..e })?;
         }
     }
     admit_seller(st, seller, lines.len())?;
     let now = st.clock.now();
-    let cx = Context { book: &st.book, caller: Caller::Seller(seller), now: Some(now), received_at: now };
+    let cx = Context { book, caller: Caller::Seller(seller), now: Some(now), received_at: now };
     let mut slots = Vec::with_capacity(lines.len());
     let mut accepted = Vec::with_capacity(lines.len());
     let mut refused = Vec::new();

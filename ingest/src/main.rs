@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
     let sources =
         ingest::auth::KeySources { price_book: Some(cfg.price_book.clone()), keys_file: sec.keys_file.clone() };
     let keys = ingest::auth::SharedKeys::new(sources.load(&book)?);
-    let reloads = ingest::auth::watch(keys.clone(), sources, Arc::clone(&book), Duration::from_secs(2));
+    let reloads = ingest::auth::watch(keys.clone(), sources, Arc::clone(&book).into(), Duration::from_secs(2));
     let seller_limits = sec.seller_records_per_sec.and_then(NonZeroU32::new).map(|rate| {
         let burst = sec
             .seller_burst
@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
     println!("ingest listening on {scheme}://{addr} → topic {}", cfg.kafka.topics.raw);
     let metered = Metered::new(sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
     let state = Arc::new(IngestState {
-        book,
+        book: book.into(),
         sink: metered,
         clock: Arc::new(SystemClock),
         limits: HttpLimits::default(),

@@ -8,7 +8,7 @@
 //! records were not taken and the caller sends them again.
 
 use crate::sink::{RefusedRecord, SinkError, SinkOutcome, UsageSink};
-use common::catalogue::PriceBook;
+use common::catalogue::LiveBook;
 use common::metrics::{Metrics, Outcome, RecordLabels, Tally};
 use common::usage::UsageRecord;
 use std::sync::Arc;
@@ -21,13 +21,15 @@ pub const STAGE: &str = "ingest";
 pub struct Metered<S> {
     inner: S,
     metrics: Arc<Metrics>,
-    book: Arc<PriceBook>,
+    book: LiveBook,
 }
 
 impl<S> Metered<S> {
-    /// Wraps `inner`; creates the catalogue's series at zero.
-    pub fn new(inner: S, metrics: Arc<Metrics>, book: Arc<PriceBook>) -> Self {
-        metrics.init_catalogue(STAGE, &book);
+    /// Wraps `inner`; creates the catalogue's series at zero. Records are labelled by the book
+    /// in force at each call (a product added by a catalogue change gets its series then).
+    pub fn new(inner: S, metrics: Arc<Metrics>, book: impl Into<LiveBook>) -> Self {
+        let book = book.into();
+        metrics.init_catalogue(STAGE, &book.current());
         Metered { inner, metrics, book }
     }
 
@@ -56,12 +58,13 @@ impl<S: UsageSink> UsageSink for Metered<S> {
         self.metrics.in_flight.add(n);
         let _guard = InFlightGuard(&self.metrics, n);
         // Labels borrow the price book only, so they outlive the records moved into the sink.
+        let book = self.book.current();
         let mut tally = Tally::default();
         for r in &accepted {
-            tally.add(RecordLabels::new(&self.book, &r.product, &r.seller), Outcome::Accepted);
+            tally.add(RecordLabels::new(&book, &r.product, &r.seller), Outcome::Accepted);
         }
         for r in &refused {
-            tally.add(RecordLabels::new(&self.book, &r.product, &r.seller), Outcome::Rejected(r.rejection.code));
+            tally.add(RecordLabels::new(&book, &r.product, &r.seller), Outcome::Rejected(r.rejection.code));
             // One debug line per refusal, enough to trace it (the rejected table holds the rest).
             tracing::debug!(seller = %r.seller, product = %r.product, record_id = ?r.record_id.map(|i| i.to_string()), reason = r.rejection.code.as_str(), "record refused by validation");
         }

@@ -18,6 +18,7 @@ mod errors;
 mod hostile_http;
 mod loadtest_smoke;
 mod observability;
+mod operator_api;
 mod overload;
 mod price_models;
 mod query_api;
