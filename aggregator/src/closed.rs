@@ -39,8 +39,8 @@ pub enum MarkError {
 
 /// How long the close waits after publishing before it reads lines, unless told otherwise: a
 /// rater sees the marker within the follower's poll interval; a batch decided just before takes
-/// up to its age bound (`max_batch_age_ms`, at least the linger: a lagging rater's batch grows
-/// past the linger) plus a commit to be committed; the aggregator folds it within its flush
+/// up to the longer of its linger and its age bound (`max_batch_age_ms`: a lagging rater's
+/// batch grows past the linger) plus a commit to be committed; the aggregator folds it within its flush
 /// interval plus an insert.
 pub fn settle_time(cfg: &PipelineConfig) -> Duration {
     let batch = cfg.rater.linger_ms.max(cfg.rater.max_batch_age_ms);

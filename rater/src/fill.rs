@@ -41,7 +41,8 @@ pub struct FillPolicy {
     /// commit).
     pub linger: Duration,
     /// Past the linger, how old (since its first record) a batch may grow while records are
-    /// already waiting. Validated `>= linger` and below the transaction timeout.
+    /// already waiting. Validated below the transaction timeout; at or below `linger` a batch
+    /// is cut at the linger (no growth).
     pub max_age: Duration,
 }
 
@@ -124,6 +125,13 @@ mod tests {
         assert!(p.keep_filling(2_000, ms(520), ms(499), true));
         assert_eq!(p.next(2_000, ms(520), ms(500)), Fill::Cut);
         assert!(!p.keep_filling(2_000, ms(9_000), ms(800), true));
+    }
+
+    #[test]
+    fn a_max_age_within_the_linger_turns_the_growth_off() {
+        let p = FillPolicy { linger: ms(3_000), max_age: ms(500), ..policy() };
+        assert_eq!(p.next(10, ms(1_000), ms(900)), Fill::Wait(ms(2_000)), "the linger still waits");
+        assert_eq!(p.next(10, ms(3_000), ms(2_900)), Fill::Cut, "cut at the linger, as before");
     }
 
     #[test]

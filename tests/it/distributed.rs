@@ -1431,7 +1431,9 @@ async fn a_lagging_raters_batches_grow_past_the_linger() {
         .arg("kafka")
         .arg("--config")
         .arg(&c.config)
-        .args(["--customers", "200", "--records", &RECORDS.to_string(), "--max-seconds", "120"])
+        // The scenario holds ~22 records per customer over its four hours: 2 000 customers cover
+        // the 20 000.
+        .args(["--customers", "2000", "--records", &RECORDS.to_string(), "--max-seconds", "120"])
         .output()
         .unwrap();
     assert!(out.status.success(), "loadtest kafka failed:\n{}", String::from_utf8_lossy(&out.stderr));
