@@ -39,12 +39,12 @@ pub enum MarkError {
 
 /// How long the close waits after publishing before it reads lines, unless told otherwise: a
 /// rater sees the marker within the follower's poll interval; a batch decided just before takes
-/// up to its linger plus a commit to be committed; the aggregator folds it within its flush
+/// up to the longer of its linger and its age bound (`max_batch_age_ms`: a lagging rater's
+/// batch grows past the linger) plus a commit to be committed; the aggregator folds it within its flush
 /// interval plus an insert.
 pub fn settle_time(cfg: &PipelineConfig) -> Duration {
-    Duration::from_millis(
-        CLOSED_MONTHS_POLL_MS + cfg.rater.linger_ms + cfg.aggregator.flush_interval_ms + COMMIT_MARGIN_MS,
-    )
+    let batch = cfg.rater.linger_ms.max(cfg.rater.max_batch_age_ms);
+    Duration::from_millis(CLOSED_MONTHS_POLL_MS + batch + cfg.aggregator.flush_interval_ms + COMMIT_MARGIN_MS)
 }
 
 /// Records that `month` is closed (close version `now`): the `closed_months` row, then the
@@ -95,11 +95,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_settle_time_covers_the_follower_poll_the_rater_linger_and_the_aggregator_flush() {
+    fn the_default_settle_time_covers_the_follower_poll_the_rater_batch_age_and_the_aggregator_flush() {
         let mut cfg = PipelineConfig::from_toml(include_str!("../../deploy/meterline.example.toml")).unwrap();
         cfg.rater.linger_ms = 100;
         cfg.aggregator.flush_interval_ms = 300;
-        // 100 (follower poll) + 100 (linger) + 300 (flush) + 1000 (commit and insert margin).
-        assert_eq!(settle_time(&cfg), Duration::from_millis(1_500));
+        // 100 (follower poll) + 500 (a lagging batch's max age) + 300 (flush) + 1000 (commit and
+        // insert margin).
+        assert_eq!(settle_time(&cfg), Duration::from_millis(1_900));
+        cfg.rater.max_batch_age_ms = 100;
+        assert_eq!(settle_time(&cfg), Duration::from_millis(1_500), "the linger when no longer");
     }
 }

@@ -46,8 +46,9 @@ enum Command {
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
         /// How long to wait after telling the raters the month is closed, before reading its
-        /// lines (ms). Default: the raters' follower poll + `rater.linger_ms` +
-        /// `aggregator.flush_interval_ms` + 1 s for a commit and an insert.
+        /// lines (ms). Default: the raters' follower poll + the longer of `rater.linger_ms` and
+        /// `rater.max_batch_age_ms` + `aggregator.flush_interval_ms` + 1 s for a commit and an
+        /// insert.
         #[arg(long)]
         settle_ms: Option<u64>,
         /// Compute and export the invoice lines (`invoice-lines-M.draft.*`) without closing:

@@ -266,9 +266,19 @@ pub struct RaterSection {
     /// Most records decided per batch (one produce-and-commit cycle).
     #[serde(default = "default_batch")]
     pub max_batch: usize,
-    /// Longest a batch waits to fill (ms).
+    /// Longest a batch waits to fill (ms), from its start (after the previous commit). Past it
+    /// the batch is cut as soon as no record is already waiting, so under light load this bounds
+    /// what a batch adds to a distributed call's ack.
     #[serde(default = "default_linger")]
     pub linger_ms: u64,
+    /// Hard cap on a batch's age (ms, since its first record, i.e. its transaction's begin).
+    /// Past the linger, a rater that lags keeps taking records already waiting in its consumer
+    /// (without waiting for more) until `max_batch` or this age: batches grow under lag instead of
+    /// paying one serial transaction commit per linger's worth of records (issue 15). Must be
+    /// below `transaction_timeout_ms`; at or below `linger_ms` it turns the growth off (a batch is
+    /// cut at the linger, as before).
+    #[serde(default = "default_max_batch_age")]
+    pub max_batch_age_ms: u64,
     /// Where `/metrics`, `/health` and `/ready` are served (`host:port`); none when absent.
     #[serde(default)]
     pub metrics_listen: Option<String>,
@@ -313,6 +323,7 @@ impl Default for RaterSection {
             group: default_rater_group(),
             max_batch: default_batch(),
             linger_ms: default_linger(),
+            max_batch_age_ms: default_max_batch_age(),
             metrics_listen: None,
             dedup_memory_budget_bytes: default_dedup_budget(),
             instance_id: None,
@@ -341,6 +352,11 @@ fn default_batch() -> usize {
 /// Short: a distributed call is answered when its batch commits, so linger adds to every ack.
 fn default_linger() -> u64 {
     20
+}
+/// A lagging rater's batch: long enough for thousands of records per commit, short enough that
+/// a call waiting on it is answered well within a second.
+fn default_max_batch_age() -> u64 {
+    500
 }
 
 /// The `aggregator` binary.
@@ -481,6 +497,12 @@ impl PipelineConfig {
                 self.rater.transaction_timeout_ms, self.rater.linger_ms
             )));
         }
+        if u64::from(self.rater.transaction_timeout_ms) <= self.rater.max_batch_age_ms {
+            return Err(ConfigError::Invalid(format!(
+                "rater.transaction_timeout_ms ({}) must exceed rater.max_batch_age_ms ({}): a batch's transaction spans its age",
+                self.rater.transaction_timeout_ms, self.rater.max_batch_age_ms
+            )));
+        }
         if self.rater.max_batch == 0 || self.aggregator.flush_max_records == 0 {
             return Err(ConfigError::Invalid("batch sizes must be at least 1".into()));
         }
@@ -506,6 +528,19 @@ mod tests {
         let bad = format!("{EXAMPLE}\n[kafka.client]\n\"enable.idempotence\" = \"false\"\n");
         let err = PipelineConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(err.contains("enable.idempotence"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_age_must_stay_below_the_transaction_timeout() {
+        let with = |age: &str| PipelineConfig::from_toml(&EXAMPLE.replace("max_batch_age_ms = 500", age));
+        let c = with("").unwrap();
+        assert_eq!((c.rater.linger_ms, c.rater.max_batch_age_ms), (20, 500));
+        let err = with("max_batch_age_ms = 30000").unwrap_err().to_string();
+        assert!(err.contains("transaction_timeout_ms (30000) must exceed rater.max_batch_age_ms (30000)"), "{err}");
+        // At or below the linger: no growth, still valid (a long linger alone keeps working).
+        assert_eq!(with("max_batch_age_ms = 0").unwrap().rater.max_batch_age_ms, 0);
+        let long_linger = EXAMPLE.replace("linger_ms = 20 ", "linger_ms = 3000 ");
+        assert_eq!(PipelineConfig::from_toml(&long_linger).unwrap().rater.linger_ms, 3000);
     }
 
     #[test]

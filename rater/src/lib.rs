@@ -9,6 +9,9 @@
 //! - [`batch`]: PURE. A batch of records through the rater: decisions in order, refusals with one
 //!   rendering, counts per status, amounts per currency. Every shell (the embedded writer, the
 //!   distributed rater, `meterline rate`) decides through it.
+//! - [`fill`]: PURE. When the distributed rater's fill loop takes another record and when it
+//!   cuts the batch: at the linger under light load, grown to `max_batch` while records are
+//!   already waiting, never older than `max_batch_age_ms`.
 //!
 //! - `pipeline` (feature `distributed`): SHELL. Consume raw → decide → produce rated/rejected →
 //!   commit, with the partition's dedup state rebuilt from the rated topic on assignment.
@@ -26,6 +29,7 @@ pub mod batch;
 pub mod closed;
 pub mod decision;
 pub mod dedup;
+pub mod fill;
 #[cfg(feature = "distributed")]
 pub mod pipeline;
 pub mod rating;

@@ -36,6 +36,7 @@
 
 use crate::batch::BatchEffects;
 use crate::decision::{Decision, Rater};
+use crate::fill::{Fill, FillPolicy};
 use crate::reply::{self, Replies};
 use common::catalogue::PriceBook;
 use common::codec;
@@ -229,20 +230,28 @@ pub async fn run_with_clock(
     let mut states: HashMap<i32, Rater> = HashMap::new();
     let mut stats = RaterStats::default();
     let window_ms = book.windows().acceptance_ms;
-    let linger = Duration::from_millis(cfg.rater.linger_ms);
+    let fill = FillPolicy {
+        max_batch: cfg.rater.max_batch,
+        linger: Duration::from_millis(cfg.rater.linger_ms),
+        max_age: Duration::from_millis(cfg.rater.max_batch_age_ms),
+    };
     let obs = Observer::new(metrics, cfg, &book, &producer);
     tokio::pin!(shutdown);
     let mut stopping = false;
 
     while !stopping {
         let mut batch = Batch::new();
-        let deadline = Instant::now() + linger;
-        // Fill a batch: up to max_batch records or linger, whichever first.
-        while batch.len < cfg.rater.max_batch {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            if wait.is_zero() && batch.len > 0 {
-                break;
-            }
+        // Fill a batch (see `fill`): wait for records until the linger runs out, then take only
+        // records already waiting (the rater lags), up to max_batch or the batch's max age.
+        loop {
+            let age = batch.opened.map_or(Duration::ZERO, |at| at.elapsed());
+            let wait = match fill.next(batch.len, batch.started.elapsed(), age) {
+                Fill::Wait(wait) => wait,
+                // A zero timeout still polls the receive once: a record librdkafka already
+                // holds is taken, none cuts the batch (the timeout branch below).
+                Fill::TakeReady => Duration::ZERO,
+                Fill::Cut => break,
+            };
             tokio::select! {
                 // Finish the current batch before taking more when asked to stop.
                 biased;
@@ -252,7 +261,7 @@ pub async fn run_with_clock(
                     tracing::info!(records = batch.len, "shutdown requested: finishing the current batch");
                     break;
                 }
-                m = tokio::time::timeout(wait.max(Duration::from_millis(50)), consumer.recv()) => match m {
+                m = tokio::time::timeout(wait, consumer.recv()) => match m {
                     Err(_) => if batch.len > 0 { break },
                     Ok(Err(e)) if kafka_class(&e) == ErrorClass::Fatal => return Err(e.into()),
                     Ok(Err(e)) => {
@@ -261,6 +270,7 @@ pub async fn run_with_clock(
                     Ok(Ok(msg)) => {
                         drop_revoked(&revoked, &mut states);
                         if batch.len == 0 {
+                            batch.opened = Some(Instant::now());
                             blocking_step("begin transaction", || producer.begin_transaction())?;
                             // The group generation these records are consumed under: the commit
                             // presents it, so a batch that outlived a rebalance (a zombie's) is
@@ -349,6 +359,9 @@ struct Batch<'o> {
     effects: BatchEffects<'o>,
     dead_lettered: u64,
     started: Instant,
+    /// When the batch's first record came (its transaction began): the age `max_batch_age_ms`
+    /// bounds.
+    opened: Option<Instant>,
     /// The consumer's group metadata when the batch's transaction began.
     group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
     /// Decisions to send back to the ingest calls that asked.
@@ -367,6 +380,7 @@ impl Batch<'_> {
             effects: BatchEffects::new(),
             dead_lettered: 0,
             started: Instant::now(),
+            opened: None,
             group: None,
             replies: Replies::default(),
             closed_through: None,

@@ -20,6 +20,9 @@
 //!   rater exactly the partitions the second is assigned (a strict subset of the 4), the first
 //!   keeps committing on the rest with no gap over 5 s and rebuilds none of them, and every
 //!   acknowledged record is charged exactly once.
+//! - `a_lagging_raters_batches_grow_past_the_linger`: with a backlog on the raw topic
+//!   before the rater starts and a 1 ms linger, the rater's committed batches average hundreds of
+//!   records, up to `max_batch` (cut at the linger they would hold a millisecond's worth).
 //!
 //! The binaries must be built first (`scripts/test.sh` does: `cargo build --workspace
 //! --all-features`).
@@ -1427,4 +1430,58 @@ async fn a_call_no_rater_decides_in_time_gets_503_and_its_resend_the_decision() 
     c.wait_for_records(1, Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.wait_for_records(1, Duration::from_secs(5)).await;
+}
+
+/// The `records=N` field of a log line.
+fn records_field(line: &str) -> Option<u64> {
+    let start = line.find(" records=")? + " records=".len();
+    line[start..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// Issue 15: a rater that lags lets its batches grow past the linger. 20 000 records wait on the
+/// raw topic (`loadtest kafka`, encoded as ingest does) before the rater starts, with a 1 ms
+/// linger: cut at the linger, a batch would hold the millisecond's worth of records a debug build
+/// decides (tens), one serial transaction each; grown, batches fill to `max_batch` (2 000 in this
+/// config) or their 500 ms age. Every record is in some committed batch, none is in two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_raters_batches_grow_past_the_linger() {
+    const RECORDS: u64 = 20_000;
+    let mut c = Cluster::start("backlog", 4).await;
+    let out = Command::new(bin("loadtest"))
+        .arg("kafka")
+        .arg("--config")
+        .arg(&c.config)
+        // The scenario holds ~22 records per customer over its four hours: 2 000 customers cover
+        // the 20 000.
+        .args(["--customers", "2000", "--records", &RECORDS.to_string(), "--max-seconds", "120"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "loadtest kafka failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let produced: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = produced["records"].as_u64().unwrap();
+    assert!(records >= RECORDS * 9 / 10, "the backlog was not produced: {produced}");
+
+    c.spawn_with("rater", "rater", &[("METERLINE__RATER__LINGER_MS", "1")]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let batches = loop {
+        let batches: Vec<u64> = log_lines(&c, "rater")
+            .iter()
+            .filter(|(_, l)| l.contains("batch committed"))
+            .filter_map(|(_, l)| records_field(l))
+            .collect();
+        if batches.iter().sum::<u64>() >= records {
+            break batches;
+        }
+        assert!(Instant::now() < deadline, "the backlog was not decided in 180 s:\n{}", c.log("rater"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let total: u64 = batches.iter().sum();
+    let mean = total / batches.len() as u64;
+    let max = batches.iter().copied().max().unwrap_or(0);
+    eprintln!("backlog: {total} records in {} batches, mean {mean}, max {max}", batches.len());
+    assert_eq!(total, records, "every record in exactly one committed batch: {batches:?}");
+    assert!(max <= 2_000, "a batch exceeded max_batch: {batches:?}");
+    // Tens of records per batch when cut at the linger; the bound leaves room for a debug build
+    // on a loaded machine reaching a batch's 500 ms age before max_batch.
+    assert!(mean >= 200, "batches stayed near the 1 ms linger's size (mean {mean}): {batches:?}");
 }
