@@ -23,7 +23,7 @@ fn app() -> &'static (tokio::runtime::Runtime, Router) {
         let security = Security::for_book(&book);
         // Small bulk limits keep each execution cheap; the parsing code is the same.
         let limits = HttpLimits { max_bulk_bytes: 256 * 1024, max_bulk_records: 1000 };
-        let state = Arc::new(IngestState { book, sink: AcceptAll, clock: Arc::new(ManualClock::new(now())), limits, security, tokens: Default::default() });
+        let state = Arc::new(IngestState { book: book.into(), sink: AcceptAll, clock: Arc::new(ManualClock::new(now())), limits, security, tokens: Default::default() });
         (rt, router(state))
     })
 }
