@@ -3,11 +3,11 @@
 //! one table). The price-book file seeds the catalogue; once the store holds a version, that
 //! version is in force, at every start and for every command that reads the book.
 
-use common::catalogue::change::Change;
-use common::catalogue::PriceBook;
+pub use common::catalogue::change::AuditEntry;
+use common::catalogue::{LiveBook, PriceBook};
 use common::time::Timestamp;
+use ingest::operator::{CatalogueRecorder, RecordError};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,26 +23,6 @@ CREATE TABLE IF NOT EXISTS catalogue_versions (
     changes   TEXT NOT NULL,           -- JSON: the changes as sent
     book      TEXT NOT NULL            -- JSON: the whole price book they produced
 );";
-
-/// One applied list of changes, as the audit log shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct AuditEntry {
-    /// Position in the log, from 1.
-    pub seq: i64,
-    /// The version the changes produced.
-    pub version: String,
-    /// The version they were applied to.
-    pub previous: String,
-    /// When.
-    #[serde(with = "common::time::rfc3339")]
-    pub at: Timestamp,
-    /// Who (the credential's name).
-    pub actor: String,
-    /// In which role.
-    pub role: String,
-    /// What, as sent.
-    pub changes: Vec<Change>,
-}
 
 /// Why the log could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -170,4 +150,34 @@ pub fn in_force(db: &Path, file: Arc<PriceBook>) -> anyhow::Result<Arc<PriceBook
         );
     }
     Ok(Arc::new(latest))
+}
+
+/// The embedded default's [`CatalogueRecorder`]: the store's catalogue log, and the server's
+/// [`LiveBook`] it puts each recorded book in force on.
+#[derive(Debug)]
+pub struct SqliteRecorder {
+    /// The store.
+    pub db: std::path::PathBuf,
+    /// The book in force in this server.
+    pub book: LiveBook,
+}
+
+impl CatalogueRecorder for SqliteRecorder {
+    async fn record(&self, entry: AuditEntry, book: Arc<PriceBook>) -> Result<i64, RecordError> {
+        let (db, recorded) = (self.db.clone(), Arc::clone(&book));
+        let seq = tokio::task::spawn_blocking(move || CatalogueLog::open(&db)?.append(&entry, &recorded))
+            .await
+            .map_err(|e| RecordError::Unavailable(e.to_string()))?
+            .map_err(|e| RecordError::Unavailable(e.to_string()))?;
+        self.book.replace(book);
+        Ok(seq)
+    }
+
+    async fn entries(&self, after: i64, limit: usize) -> Result<Vec<AuditEntry>, String> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || CatalogueLog::open_read_only(&db)?.entries(after, limit))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
 }

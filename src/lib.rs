@@ -31,7 +31,8 @@ macro_rules! outln {
 pub mod catalogue_log;
 pub mod close;
 pub mod demo;
-pub mod operator;
+/// The operator API (its shell is shared with the distributed `ingest`).
+pub use ingest::operator;
 pub mod pipeline;
 pub mod query;
 pub mod rate;

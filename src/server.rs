@@ -33,8 +33,8 @@ pub struct ServeOptions {
     /// Queue target of the in-flight bound (default [`ingest::shed::DEFAULT_QUEUE_TARGET`]).
     pub queue_target: Option<Duration>,
     /// Operator credentials: with them the catalogue changes through the operator API
-    /// ([`crate::operator`]) and the price-book file only seeds it.
-    pub operators: Vec<crate::operator::Credential>,
+    /// ([`ingest::operator`]) and the price-book file only seeds it.
+    pub operators: Vec<ingest::operator::Credential>,
 }
 
 /// Connection options; `None` = the default of [`ingest::serve::ConnLimits`].
@@ -131,7 +131,8 @@ impl HardeningArgs {
             anyhow::bail!("--queue-target-ms must be at least 1");
         }
         let operators = match &self.operators {
-            Some(path) => crate::operator::load_operators(path, &common::catalogue::PriceBook::load(price_book)?)?,
+            Some(path) => ingest::operator::load_operators(path, &common::catalogue::PriceBook::load(price_book)?)
+                .map_err(anyhow::Error::msg)?,
             None => Vec::new(),
         };
         Ok(ServeOptions {
@@ -237,11 +238,11 @@ pub async fn start(
         clock: Arc::clone(&clock),
         store: Arc::new(crate::query::SqliteQueries { db: db.to_owned() }),
     });
-    let operator = Arc::new(crate::operator::OperatorState {
+    let operator = Arc::new(ingest::operator::OperatorState {
         book: live.clone(),
         keys,
         key_sources: opts.keys.clone(),
-        db: db.to_owned(),
+        recorder: crate::catalogue_log::SqliteRecorder { db: db.to_owned(), book: live.clone() },
         credentials: opts.operators.clone(),
         clock: Arc::clone(&clock),
         throttle: security.auth_throttle.clone(),
@@ -249,7 +250,7 @@ pub async fn start(
     });
     let state = Arc::new(IngestState { book: live, sink, clock, limits: HttpLimits::default(), security, tokens });
     // `/metrics` and `/ready` beside the API (same names as the distributed binaries).
-    let app = router(state).merge(crate::query::router(queries)).merge(crate::operator::router(operator));
+    let app = router(state).merge(crate::query::router(queries)).merge(ingest::operator::router(operator));
     let app = common::ops::instrument(app, &metrics);
     let soft_fds = ingest::serve::raise_fd_limit();
     let limits = opts.conn.limits(soft_fds);

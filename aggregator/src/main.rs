@@ -98,8 +98,16 @@ async fn main() -> anyhow::Result<()> {
     if matches!(args.command, Some(Command::Migrate)) {
         return Ok(());
     }
-    let book =
+    let seed =
         Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
+    // The closed-months topic the raters follow must exist before a close marker goes on it.
+    common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
+    // The file seeds the catalogue; the catalogue topic's changes are in force on top of it, so
+    // a close prices fees and channel shares with what operators changed since.
+    let catalogue =
+        tokio::task::block_in_place(|| common::catalogue_topic::follow(&cfg.kafka, &cfg.aggregator.group, seed))
+            .context("reading the catalogue topic")?;
+    let book = catalogue.snapshot().1;
     if let Some(Command::Close { month, out_dir, settle_ms, draft, cut_off_late_usage }) = &args.command {
         let month = common::time::Month::parse(month).map_err(anyhow::Error::msg)?;
         let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
@@ -113,8 +121,6 @@ async fn main() -> anyhow::Result<()> {
             };
             (close, Some(note))
         } else {
-            // The closed-months topic the raters follow must exist before the marker goes on it.
-            common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
             let settle =
                 settle_ms.map_or_else(|| aggregator::closed::settle_time(&cfg), std::time::Duration::from_millis);
             let (close, cut) = aggregator::closing::close_and_tell_raters(
@@ -146,7 +152,6 @@ async fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
     let metrics = common::metrics::Metrics::new("aggregator");
     let _ops =
         common::ops::serve_configured("aggregator", cfg.aggregator.metrics_listen.as_deref(), Arc::clone(&metrics))
@@ -165,7 +170,8 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let stats =
-        aggregator::pipeline::run_with_metrics(&cfg, book, base.with_database(&ch.database), metrics, shutdown).await?;
+        aggregator::pipeline::run_with_metrics(&cfg, catalogue, base.with_database(&ch.database), metrics, shutdown)
+            .await?;
     eprintln!("aggregator stopped: {stats:?}");
     if stats.stopped_unflushed {
         if let Some(s) = signal.get() {

@@ -42,6 +42,7 @@ use crate::rollup::MonthlyRollup;
 use crate::sink::{self, ChargeRow, DeadLetterRow, RatedRow, RejectedRow, SinkError};
 use clickhouse::Client;
 use common::catalogue::PriceBook;
+use common::catalogue_topic::{self, CatalogueFollower};
 use common::codec;
 use common::config::PipelineConfig;
 use common::id::DedupKey;
@@ -80,7 +81,20 @@ pub enum AggregatorError {
         /// The error.
         source: SinkError,
     },
+    /// A rated record was rated under a catalogue change this aggregator did not learn in time.
+    #[error("a rated record needs catalogue seq {need}, the catalogue topic gave only {have} within {waited:?}; a restart reads it again")]
+    Catalogue {
+        /// The seq the record was stamped with.
+        need: i64,
+        /// The seq this aggregator has.
+        have: i64,
+        /// How long it waited.
+        waited: Duration,
+    },
 }
+
+/// Longest the aggregator waits for the catalogue change a rated record was rated under.
+const CATALOGUE_WAIT: Duration = Duration::from_secs(60);
 
 impl AggregatorError {
     /// A non-transient ClickHouse error as the error that stops the aggregator.
@@ -254,7 +268,11 @@ struct Aggregator<'a> {
     lag_committed: HashMap<i32, i64>,
     stats: AggregatorStats,
     metrics: Arc<Metrics>,
+    /// The catalogue, followed; `book` is the newest this aggregator has read, at `book_seq`
+    /// (labels, and the channel parties of each line).
+    catalogue: CatalogueFollower,
     book: Arc<PriceBook>,
+    book_seq: i64,
     stop: Stop,
     /// A flush was given up at shutdown: its rows are gone from memory, so no later flush may
     /// write the lines without them.
@@ -264,17 +282,17 @@ struct Aggregator<'a> {
 /// Runs until `shutdown`, then flushes what is pending (if ClickHouse takes it) and returns.
 pub async fn run(
     cfg: &PipelineConfig,
-    book: Arc<PriceBook>,
+    catalogue: CatalogueFollower,
     client: Client,
     shutdown: impl Future<Output = ()>,
 ) -> Result<AggregatorStats, AggregatorError> {
-    run_with_metrics(cfg, book, client, Metrics::new("aggregator"), shutdown).await
+    run_with_metrics(cfg, catalogue, client, Metrics::new("aggregator"), shutdown).await
 }
 
 /// [`run`], counting into `metrics` (stage `aggregator`).
 pub async fn run_with_metrics(
     cfg: &PipelineConfig,
-    book: Arc<PriceBook>,
+    catalogue: CatalogueFollower,
     client: Client,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
@@ -288,13 +306,13 @@ pub async fn run_with_metrics(
     };
     tokio::select! {
         () = signal => unreachable!("the signal future never completes"),
-        r = consume(cfg, book, client, metrics, Stop(stop)) => r,
+        r = consume(cfg, catalogue, client, metrics, Stop(stop)) => r,
     }
 }
 
 async fn consume(
     cfg: &PipelineConfig,
-    book: Arc<PriceBook>,
+    catalogue: CatalogueFollower,
     client: Client,
     metrics: Arc<Metrics>,
     stop: Stop,
@@ -308,6 +326,7 @@ async fn consume(
             .create_with_context(lag)?;
     let side: StreamConsumer = common::kafka::consumer_config(k, &format!("{}-side", cfg.aggregator.group)).create()?;
 
+    let (book_seq, book) = catalogue.snapshot();
     let mut agg = Aggregator {
         cfg,
         client,
@@ -320,7 +339,9 @@ async fn consume(
         lag_committed: HashMap::new(),
         stats: AggregatorStats::default(),
         metrics,
+        catalogue,
         book,
+        book_seq,
         stop: stop.clone(),
         abandoned: false,
     };
@@ -500,6 +521,13 @@ impl Aggregator<'_> {
                 return Ok(Step::Done);
             }
         };
+        let need = catalogue_topic::required_seq(msg);
+        if need > self.book_seq {
+            if !tokio::task::block_in_place(|| self.catalogue.wait_for_seq(need, CATALOGUE_WAIT)) {
+                return Err(AggregatorError::Catalogue { need, have: self.catalogue.seq(), waited: CATALOGUE_WAIT });
+            }
+            (self.book_seq, self.book) = self.catalogue.snapshot();
+        }
         let hour = r.hour.0;
         let labels = RecordLabels::new(&self.book, &r.product, &r.seller);
         if st.seen.get(&hour).is_some_and(|s| s.contains(&r.dedup_key.0)) {

@@ -62,6 +62,15 @@ pub struct Topics {
     /// default. Compacted, one partition; see docs/ARCHITECTURE.md.
     #[serde(default = "default_closed_months_topic")]
     pub closed_months: String,
+    /// The catalogue's changes made through the operator API, with the book each made, followed
+    /// by every stage. One partition, compacted, one key per entry; see
+    /// `common::catalogue_topic`.
+    #[serde(default = "default_catalogue_topic")]
+    pub catalogue: String,
+}
+
+fn default_catalogue_topic() -> String {
+    "meterline.catalogue".into()
 }
 
 fn default_decisions_topic() -> String {
@@ -81,6 +90,7 @@ impl Default for Topics {
             dead_letter: "meterline.dead-letter".into(),
             decisions: default_decisions_topic(),
             closed_months: default_closed_months_topic(),
+            catalogue: default_catalogue_topic(),
         }
     }
 }
@@ -192,6 +202,10 @@ pub struct IngestSection {
     /// record ids. Cover a rater failover (session timeout plus a partition rebuild).
     #[serde(default = "default_decision_timeout")]
     pub decision_timeout_ms: u64,
+    /// The operators file (`[[operators]]`: name, role, seller, api_key_sha256): turns on the
+    /// operator API on this listener; changes go to the catalogue topic every stage follows.
+    #[serde(default)]
+    pub operators: Option<std::path::PathBuf>,
     /// `[ingest.security]`: TLS, key rotation, per-seller limits, body deadline.
     #[serde(default)]
     pub security: IngestSecurity,
@@ -238,6 +252,7 @@ impl Default for IngestSection {
             max_in_flight: default_in_flight(),
             delivery_timeout_ms: default_delivery_timeout(),
             decision_timeout_ms: default_decision_timeout(),
+            operators: None,
             security: IngestSecurity::default(),
         }
     }
@@ -485,7 +500,7 @@ impl PipelineConfig {
             }
         }
         let t = &k.topics;
-        let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter, &t.decisions, &t.closed_months];
+        let names = [&t.raw, &t.rated, &t.rejected, &t.dead_letter, &t.decisions, &t.closed_months, &t.catalogue];
         for (i, a) in names.iter().enumerate() {
             if a.is_empty() || names[i + 1..].contains(a) {
                 return Err(ConfigError::Invalid(format!("kafka.topics: `{a}` is empty or used twice")));

@@ -6,7 +6,9 @@
 //! - consumers: no auto-commit and no auto offset store (offsets advance only after the
 //!   downstream write is confirmed), `read_committed`, `auto.offset.reset=earliest`.
 //!
-//! [`replay_partition`] is the bounded replay that rebuilds a partition's state on assignment.
+//! [`replay_partition`] is the bounded replay that rebuilds a partition's state on assignment;
+//! [`follow_partition`] the reader of a one-partition topic every instance follows whole (the
+//! closed months, the catalogue).
 
 use crate::config::KafkaConfig;
 use crate::time::Timestamp;
@@ -18,6 +20,111 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
+
+/// Why the follower of a one-partition topic could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FollowError {
+    /// Creating the consumer or reading the topic failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The topic was not read to its end in time: deciding without it would be deciding blind.
+    #[error("{topic} not read to its end within {timeout:?}: is the broker up?")]
+    Timeout {
+        /// The topic.
+        topic: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// The follower thread could not be started.
+    #[error("starting the follower of {topic}: {source}")]
+    Thread {
+        /// The topic.
+        topic: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// One message of a followed topic: offset, key, payload.
+pub type Followed<'m> = (i64, Option<&'m [u8]>, Option<&'m [u8]>);
+
+/// Reads partition 0 of `topic` to its end (bounded by `startup_timeout`), handing each message
+/// to `on_message`, then follows it on a thread of its own that polls every `poll` and calls
+/// `on_message` after each poll (`None` when nothing came) until it answers `Break`. Every
+/// instance reads the whole partition: assigned, not subscribed; the group id (`group`) is
+/// required by librdkafka but never joined or committed to. Blocking: call it from
+/// `block_in_place` or a blocking task.
+pub fn follow_partition(
+    k: &KafkaConfig,
+    topic: &str,
+    group: &str,
+    poll: Duration,
+    startup_timeout: Duration,
+    mut on_message: impl FnMut(Option<Followed<'_>>) -> std::ops::ControlFlow<()> + Send + 'static,
+) -> Result<(), FollowError> {
+    let mut cfg = client_config(k);
+    cfg.set("group.id", group)
+        .set("session.timeout.ms", k.session_timeout_ms.to_string())
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true");
+    let consumer: BaseConsumer = cfg.create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + startup_timeout;
+    // A topic created a moment ago has no leader yet (NotLeaderForPartition): transient, so
+    // retried until the deadline; an error that outlasts it stops the start with its cause.
+    let (low, high) = loop {
+        match consumer.fetch_watermarks(topic, 0, poll.max(Duration::from_secs(1))) {
+            Ok(w) => break w,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, topic, "topic not ready yet");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // `high` is the end as it was when we looked: stop at it, or at EOF (compaction may leave
+    // the last offsets without a message).
+    let mut next = low;
+    while next < high {
+        if Instant::now() > deadline {
+            return Err(FollowError::Timeout { topic: topic.to_owned(), timeout: startup_timeout });
+        }
+        match consumer.poll(poll) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(m)) => {
+                // Whoever follows stopped wanting it during the read: nothing left to follow.
+                if on_message(Some((m.offset(), m.key(), m.payload()))).is_break() {
+                    return Ok(());
+                }
+                next = m.offset() + 1;
+            }
+        }
+    }
+    let name = topic.to_owned();
+    std::thread::Builder::new()
+        .name(format!("follow {topic}"))
+        .spawn(move || loop {
+            let flow = match consumer.poll(poll) {
+                None | Some(Err(KafkaError::PartitionEOF(_))) => on_message(None),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, topic = name, "consume error (librdkafka retries)");
+                    on_message(None)
+                }
+                Some(Ok(m)) => on_message(Some((m.offset(), m.key(), m.payload()))),
+            };
+            if flow.is_break() {
+                return;
+            }
+        })
+        .map_err(|source| FollowError::Thread { topic: topic.to_owned(), source })?;
+    Ok(())
+}
 
 /// Base client settings: the passthrough map, then the bootstrap servers.
 pub fn client_config(k: &KafkaConfig) -> ClientConfig {
@@ -78,8 +185,8 @@ pub const CLOSED_THROUGH_KEY: &[u8] = b"closed_through";
 /// time `aggregator close` waits after publishing a close.
 pub const CLOSED_MONTHS_POLL_MS: u64 = 100;
 
-/// Creates the six topics if they are missing (an existing topic is fine). The closed-months
-/// topic has one partition (one ordered history of closes) and is compacted.
+/// Creates the seven topics if they are missing (an existing topic is fine). The closed-months
+/// and catalogue topics have one partition (one ordered history) and are compacted.
 pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(k).create()?;
     let t = &k.topics;
@@ -93,6 +200,9 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaError> {
     topics.push(
         NewTopic::new(t.closed_months.as_str(), 1, TopicReplication::Fixed(k.replication))
             .set("cleanup.policy", "compact"),
+    );
+    topics.push(
+        NewTopic::new(t.catalogue.as_str(), 1, TopicReplication::Fixed(k.replication)).set("cleanup.policy", "compact"),
     );
     let results =
         admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)))).await?;

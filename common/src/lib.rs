@@ -22,6 +22,8 @@
 //! [`time::SystemClock`], which reads the system clock.
 
 pub mod catalogue;
+#[cfg(feature = "kafka")]
+pub mod catalogue_topic;
 pub mod codec;
 pub mod config;
 pub mod id;

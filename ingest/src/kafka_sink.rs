@@ -51,6 +51,8 @@ pub struct KafkaSink {
     delivery_timeout: Duration,
     metrics: Option<std::sync::Arc<common::metrics::Metrics>>,
     decisions: Arc<Decisions>,
+    /// The catalogue this instance validates against: its seq is stamped on every raw record.
+    catalogue: Option<common::catalogue_topic::CatalogueFollower>,
 }
 
 /// Calls waiting for their records' decisions.
@@ -181,6 +183,7 @@ impl KafkaSink {
                 timeout: decision_timeout,
                 waiting: Mutex::new(HashMap::new()),
             }),
+            catalogue: None,
         })
     }
 
@@ -241,6 +244,14 @@ impl KafkaSink {
         }))
     }
 
+    /// Stamps every raw record with the catalogue seq in force when it is sent (at least the one
+    /// it was validated under: versions only move forward), so the rater rates it under that
+    /// catalogue or a later one.
+    pub fn with_catalogue(mut self, follower: common::catalogue_topic::CatalogueFollower) -> Self {
+        self.catalogue = Some(follower);
+        self
+    }
+
     /// Counts delivery errors into `m` and reports the producer queue depth at each scrape.
     pub fn with_metrics(mut self, m: std::sync::Arc<common::metrics::Metrics>) -> Self {
         let producer = self.producer.clone();
@@ -279,11 +290,16 @@ impl KafkaSink {
         call: &WaitGuard,
     ) -> Result<(), SinkError> {
         let mut deliveries = Vec::with_capacity(accepted.len() + refused.len());
+        let seq = self.catalogue.as_ref().map_or(0, |c| c.seq()).to_string();
         for (i, r) in accepted.iter().enumerate() {
             let key = partition_key(&r.product, &r.customer);
             let payload = codec::encode(r);
             let reply = call.reply_to(i).encode();
-            let headers = OwnedHeaders::new().insert(Header { key: REPLY_HEADER, value: Some(&reply[..]) });
+            let mut headers = OwnedHeaders::new().insert(Header { key: REPLY_HEADER, value: Some(&reply[..]) });
+            if seq != "0" {
+                let stamp = Header { key: common::catalogue_topic::SEQ_HEADER, value: Some(seq.as_bytes()) };
+                headers = headers.insert(stamp);
+            }
             deliveries.push(self.enqueue(&self.raw_topic, key, payload, Some(headers))?);
         }
         for r in refused {

@@ -31,10 +31,13 @@ pub mod clock;
 pub mod guard;
 pub mod http;
 #[cfg(feature = "distributed")]
+pub mod kafka_recorder;
+#[cfg(feature = "distributed")]
 pub mod kafka_sink;
 pub mod limit;
 pub mod metered;
 pub mod ndjson;
+pub mod operator;
 pub mod serve;
 pub mod shed;
 pub mod sink;

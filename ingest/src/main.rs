@@ -34,9 +34,20 @@ async fn main() -> anyhow::Result<()> {
     common::shell::init_tracing("warn,ingest=info");
     let args = Args::parse();
     let cfg = PipelineConfig::load(&args.config)?;
-    let book =
+    let seed =
         Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
+    // The catalogue in force: the file seeds it, the catalogue topic's changes are applied on top
+    // (read to its end before serving) and followed from then on.
+    let catalogue =
+        tokio::task::block_in_place(|| common::catalogue_topic::follow(&cfg.kafka, "meterline-ingest", seed))
+            .context("reading the catalogue topic")?;
+    let live = catalogue.live();
+    let book = live.current();
+    let operators = match &cfg.ingest.operators {
+        Some(path) => ingest::operator::load_operators(path, &book).map_err(anyhow::Error::msg)?,
+        None => Vec::new(),
+    };
     let metrics = Metrics::new("ingest");
     metrics.in_flight_limit.set(cfg.ingest.max_in_flight as i64);
     metrics.set_config("partitions", i64::from(cfg.kafka.partitions));
@@ -46,7 +57,8 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_millis(cfg.ingest.delivery_timeout_ms),
         Duration::from_millis(cfg.ingest.decision_timeout_ms),
     )?
-    .with_metrics(Arc::clone(&metrics));
+    .with_metrics(Arc::clone(&metrics))
+    .with_catalogue(catalogue.clone());
     let decisions = sink.listen_for_decisions(&cfg.kafka).await.context("reading the decisions topic")?;
     let listen = args.listen.unwrap_or(cfg.ingest.listen.clone());
     let sec = &cfg.ingest.security;
@@ -57,10 +69,21 @@ async fn main() -> anyhow::Result<()> {
         (None, None) => None,
         _ => anyhow::bail!("ingest.security: tls_cert and tls_key go together"),
     };
-    let sources =
-        ingest::auth::KeySources { price_book: Some(cfg.price_book.clone()), keys_file: sec.keys_file.clone() };
+    // With the operator API the book in force (not the file) holds the sellers' keys.
+    let sources = ingest::auth::KeySources {
+        price_book: operators.is_empty().then(|| cfg.price_book.clone()),
+        keys_file: sec.keys_file.clone(),
+    };
     let keys = ingest::auth::SharedKeys::new(sources.load(&book)?);
-    let reloads = ingest::auth::watch(keys.clone(), sources, Arc::clone(&book).into(), Duration::from_secs(2));
+    let reloads = ingest::auth::watch(keys.clone(), sources.clone(), live.clone(), Duration::from_secs(2));
+    // Keys added or revoked through any ingest instance's operator API are in force here too.
+    {
+        let (keys, sources) = (keys.clone(), sources.clone());
+        catalogue.on_change(move |book| match sources.load(book) {
+            Ok(ring) => keys.replace(ring),
+            Err(e) => tracing::error!("metering keys not rebuilt after catalogue change, the previous keys stay: {e}"),
+        });
+    }
     let seller_limits = sec.seller_records_per_sec.and_then(NonZeroU32::new).map(|rate| {
         let burst = sec
             .seller_burst
@@ -68,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
             .unwrap_or(rate.saturating_mul(NonZeroU32::new(2).expect("2 > 0")));
         ingest::limit::SellerLimits { records_per_sec: rate, burst }
     });
+    let security_keys = keys.clone();
     let security = ingest::guard::Security { keys, ..ingest::guard::Security::for_book(&book) }
         .with_seller_limits(seller_limits)
         .with_body_timeout(sec.body_timeout_ms.map_or(ingest::guard::DEFAULT_BODY_TIMEOUT, Duration::from_millis));
@@ -84,9 +108,10 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("ingest listening on {scheme}://{addr} → topic {}", cfg.kafka.topics.raw);
-    let metered = Metered::new(sink.clone(), Arc::clone(&metrics), Arc::clone(&book));
+    let metered = Metered::new(sink.clone(), Arc::clone(&metrics), live.clone());
+    let throttle = security.auth_throttle.clone();
     let state = Arc::new(IngestState {
-        book: book.into(),
+        book: live.clone(),
         sink: metered,
         clock: Arc::new(SystemClock),
         limits: HttpLimits::default(),
@@ -94,7 +119,27 @@ async fn main() -> anyhow::Result<()> {
         tokens: Default::default(),
     });
     // `/metrics` and `/ready` beside the API; every call timed until its answer (the ack).
-    let app = common::ops::instrument(router(state), &metrics);
+    let mut app = router(state);
+    if !operators.is_empty() {
+        let producer = common::kafka::producer_config(&cfg.kafka).create().context("catalogue producer")?;
+        let recorder = ingest::kafka_recorder::KafkaRecorder {
+            producer,
+            topic: cfg.kafka.topics.catalogue.clone(),
+            follower: catalogue.clone(),
+        };
+        let operator = Arc::new(ingest::operator::OperatorState {
+            book: live.clone(),
+            keys: security_keys,
+            key_sources: sources,
+            recorder,
+            credentials: operators,
+            clock: Arc::new(SystemClock),
+            throttle,
+            serial: tokio::sync::Mutex::new(()),
+        });
+        app = app.merge(ingest::operator::router(operator));
+    }
+    let app = common::ops::instrument(app, &metrics);
     metrics.set_ready(true);
     // While deliveries fail `/ready` is 503 (see `Metered`); the broker is probed once a second so
     // readiness comes back even when the load balancer sends no calls meanwhile.

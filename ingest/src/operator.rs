@@ -1,34 +1,36 @@
-//! SHELL. The operator API: the catalogue changed while `meterline serve` runs.
+//! SHELL. The operator API: the catalogue changed while the server runs (`meterline serve` in
+//! the embedded default, `ingest` in distributed mode).
 //!
 //! - `GET  /v1/catalogue`: the version in force and the whole book (a seller sees its own part);
 //! - `GET  /v1/catalogue/export`: the book as price-book TOML (what `check-price-book` reads);
 //! - `POST /v1/catalogue/changes`: `{"if_version": "…", "changes": [{"op": …}, …]}`, applied all
-//!   or none by [`common::catalogue::change::apply`], recorded in the store's catalogue log,
-//!   then in force for the next call and the writer's next batch;
+//!   or none by [`common::catalogue::change::apply`], recorded durably by the shell's
+//!   [`CatalogueRecorder`] (the embedded store's catalogue log, or the distributed catalogue
+//!   topic every stage follows), then in force for the next call and the next batch;
 //! - `GET  /v1/catalogue/audit?after=N&limit=M`: who changed what, when.
 //!
-//! Credentials are the operators file's (`--operators`), not the sellers' metering keys:
+//! Credentials are the operators file's (`serve --operators`, `[ingest] operators`), not the sellers' metering keys:
 //! `operator` changes anything, `seller` only its own products (and its own keys), `analyst`
 //! reads. Changes are serialised here; `if_version` refuses a change made against a version
 //! that is no longer in force (409).
 
-use crate::catalogue_log::{AuditEntry, CatalogueLog};
+use crate::auth::{KeySources, SharedKeys};
+use crate::clock::Clock;
+use crate::throttle::AuthThrottle;
 use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use common::catalogue::change::{apply, Change, ChangeError};
+use common::catalogue::change::{apply, AuditEntry, Change, ChangeError};
 use common::catalogue::{LiveBook, PriceBook, PriceBookDoc};
-use ingest::auth::{KeySources, SharedKeys};
-use ingest::clock::Clock;
-use ingest::throttle::AuthThrottle;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
@@ -77,11 +79,12 @@ struct OperatorsFile {
 }
 
 /// Reads the operators file (`[[operators]]` with name, role, optional seller, api_key_sha256).
-pub fn load_operators(path: &Path, book: &PriceBook) -> anyhow::Result<Vec<Credential>> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
-    let file: OperatorsFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+/// The error names the file, the entry and what to fix.
+pub fn load_operators(path: &Path, book: &PriceBook) -> Result<Vec<Credential>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let file: OperatorsFile = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     for (i, c) in file.operators.iter().enumerate() {
-        let bad = |why: String| anyhow::anyhow!("{}: operator {} (`{}`): {why}", path.display(), i + 1, c.name);
+        let bad = |why: String| format!("{}: operator {} (`{}`): {why}", path.display(), i + 1, c.name);
         if hex::decode(c.api_key_sha256.trim()).map_or(true, |h| h.len() != 32) {
             return Err(bad("api_key_sha256 is not 64 hex digits".into()));
         }
@@ -97,17 +100,43 @@ pub fn load_operators(path: &Path, book: &PriceBook) -> anyhow::Result<Vec<Crede
     Ok(file.operators)
 }
 
+/// Why a change could not be recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// Another change to the same version was recorded first (another server): nothing of this
+    /// one is in force; read the catalogue again and retry.
+    #[error("{0}")]
+    Conflict(String),
+    /// The log did not take it (store or broker unavailable): nothing of it is in force.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Sent to the log but not confirmed: whether it goes in force is not known yet (the
+    /// message says where to look).
+    #[error("{0}")]
+    Unconfirmed(String),
+}
+
+/// Where the shell keeps the catalogue's history, durably: every applied change and the book it
+/// made. The embedded store's catalogue log, or the distributed catalogue topic.
+pub trait CatalogueRecorder: Send + Sync + 'static {
+    /// Records `entry` (its `seq` is assigned here and returned) and the `book` it made; once it
+    /// returns `Ok`, `book` is in force in this process and in every later start.
+    fn record(&self, entry: AuditEntry, book: Arc<PriceBook>) -> impl Future<Output = Result<i64, RecordError>> + Send;
+    /// Up to `limit` entries after `after`, oldest first.
+    fn entries(&self, after: i64, limit: usize) -> impl Future<Output = Result<Vec<AuditEntry>, String>> + Send;
+}
+
 /// Everything the operator handlers need.
 #[derive(Debug)]
-pub struct OperatorState {
+pub struct OperatorState<R> {
     /// The book in force, replaced by each applied change.
     pub book: LiveBook,
     /// The metering keys, rebuilt from the new book after a change (keys added or revoked).
     pub keys: SharedKeys,
     /// Where the metering keys come from besides the book.
     pub key_sources: KeySources,
-    /// The store whose catalogue log records every change.
-    pub db: PathBuf,
+    /// Where every change is recorded (and from where it goes in force).
+    pub recorder: R,
     /// Operator credentials.
     pub credentials: Vec<Credential>,
     /// "Now" of a change.
@@ -119,13 +148,13 @@ pub struct OperatorState {
 }
 
 /// The routes.
-pub fn router(state: Arc<OperatorState>) -> Router {
+pub fn router<R: CatalogueRecorder>(state: Arc<OperatorState<R>>) -> Router {
     Router::new()
         .route("/v1/catalogue", get(catalogue))
         .route("/v1/catalogue/export", get(export))
         .route("/v1/catalogue/changes", post(changes))
         .route("/v1/catalogue/audit", get(audit))
-        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authorize))
+        .route_layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authorize::<R>))
         .with_state(state)
 }
 
@@ -147,7 +176,7 @@ fn internal(what: &str, e: impl std::fmt::Display) -> OpError {
     OpError(
         StatusCode::SERVICE_UNAVAILABLE,
         "ServiceUnavailableException",
-        format!("{what}: {e}; nothing was changed, retry when the store accepts writes"),
+        format!("{what}: {e}; nothing was changed, retry when it is available again"),
     )
 }
 
@@ -159,13 +188,17 @@ struct Actor {
     seller: Option<String>,
 }
 
-async fn authorize(State(st): State<Arc<OperatorState>>, mut req: Request, next: Next) -> Response {
+async fn authorize<R: CatalogueRecorder>(
+    State(st): State<Arc<OperatorState<R>>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let addr = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let key = ingest::http::presented_key(req.headers()).map(str::to_owned);
+    let key = crate::http::presented_key(req.headers()).map(str::to_owned);
     let throttle = st.throttle.as_deref();
     if let Some(t) = throttle {
         if let Err(wait) = t.before(addr, key.as_deref()) {
-            let secs = ingest::limit::retry_after_secs(wait);
+            let secs = crate::limit::retry_after_secs(wait);
             let mut r = OpError(
                 StatusCode::TOO_MANY_REQUESTS,
                 "ThrottlingException",
@@ -199,7 +232,7 @@ async fn authorize(State(st): State<Arc<OperatorState>>, mut req: Request, next:
             t.failed(addr, Some(&key));
         }
         let why = if st.credentials.is_empty() {
-            "the operator API is off: start `meterline serve` with --operators <file>"
+            "the operator API is off: give the server an operators file (`meterline serve --operators`, `[ingest] operators`)"
         } else {
             "the operator key is not valid"
         };
@@ -236,12 +269,18 @@ fn visible(book: &PriceBook, actor: &Actor) -> PriceBookDoc {
     doc
 }
 
-async fn catalogue(State(st): State<Arc<OperatorState>>, Extension(actor): Extension<Actor>) -> Response {
+async fn catalogue<R: CatalogueRecorder>(
+    State(st): State<Arc<OperatorState<R>>>,
+    Extension(actor): Extension<Actor>,
+) -> Response {
     let book = st.book.current();
     Json(CatalogueAnswer { version: book.version().to_owned(), catalogue: visible(&book, &actor) }).into_response()
 }
 
-async fn export(State(st): State<Arc<OperatorState>>, Extension(actor): Extension<Actor>) -> Result<Response, OpError> {
+async fn export<R: CatalogueRecorder>(
+    State(st): State<Arc<OperatorState<R>>>,
+    Extension(actor): Extension<Actor>,
+) -> Result<Response, OpError> {
     if actor.role == Role::Seller {
         return Err(forbidden(
             "the whole catalogue's export is for operators and analysts; use GET /v1/catalogue".into(),
@@ -299,8 +338,8 @@ fn permitted(actor: &Actor, change: &Change, book: &PriceBook) -> Result<(), Str
     }
 }
 
-async fn changes(
-    State(st): State<Arc<OperatorState>>,
+async fn changes<R: CatalogueRecorder>(
+    State(st): State<Arc<OperatorState<R>>>,
     Extension(actor): Extension<Actor>,
     body: axum::body::Bytes,
 ) -> Result<Response, OpError> {
@@ -332,13 +371,14 @@ async fn changes(
     };
     let applied = entry.changes.len();
     // Durable first: a change in force is one the next start finds.
-    let (db, book) = (st.db.clone(), Arc::clone(&next));
-    let seq = tokio::task::spawn_blocking(move || CatalogueLog::open(&db)?.append(&entry, &book))
-        .await
-        .map_err(|e| internal("recording the change", e))?
-        .map_err(|e| internal("recording the change", e))?;
-    st.book.replace(Arc::clone(&next));
-    match st.key_sources.load(&next) {
+    let seq = st.recorder.record(entry, Arc::clone(&next)).await.map_err(|e| match e {
+        RecordError::Conflict(why) => OpError(StatusCode::CONFLICT, "ConflictException", why),
+        RecordError::Unavailable(why) => internal("recording the change", why),
+        RecordError::Unconfirmed(why) => OpError(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableException", why),
+    })?;
+    // From the book in force now, which a later change from another server may already be.
+    let in_force = st.book.current();
+    match st.key_sources.load(&in_force) {
         Ok(ring) => st.keys.replace(ring),
         Err(e) => tracing::error!("metering keys not rebuilt after catalogue change, the previous keys stay: {e}"),
     }
@@ -358,8 +398,8 @@ async fn changes(
     Ok(Json(answer).into_response())
 }
 
-async fn audit(
-    State(st): State<Arc<OperatorState>>,
+async fn audit<R: CatalogueRecorder>(
+    State(st): State<Arc<OperatorState<R>>>,
     Extension(actor): Extension<Actor>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, OpError> {
@@ -380,10 +420,6 @@ async fn audit(
     };
     let after = number("after", 0, i64::MAX)?;
     let limit = number("limit", 100, 1000)? as usize;
-    let db = st.db.clone();
-    let entries = tokio::task::spawn_blocking(move || CatalogueLog::open_read_only(&db)?.entries(after, limit))
-        .await
-        .map_err(|e| internal("reading the audit log", e))?
-        .map_err(|e| internal("reading the audit log", e))?;
+    let entries = st.recorder.entries(after, limit).await.map_err(|e| internal("reading the audit log", e))?;
     Ok(Json(serde_json::json!({ "entries": entries })).into_response())
 }

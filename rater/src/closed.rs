@@ -11,35 +11,15 @@
 use common::config::KafkaConfig;
 use common::kafka::{CLOSED_MONTHS_POLL_MS, CLOSED_THROUGH_KEY};
 use common::time::Month;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Longest the startup read of the closed-months topic may take.
 const STARTUP_READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why the follower could not start.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FollowError {
-    /// Creating the consumer or reading the topic failed.
-    #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
-    /// The topic was not read to its end in time: deciding without it could rate into a closed month.
-    #[error("{topic} not read to its end within {timeout:?}")]
-    Timeout {
-        /// The closed-months topic.
-        topic: String,
-        /// The bound.
-        timeout: Duration,
-    },
-    /// The follower thread could not be started.
-    #[error("starting the closed-months follower: {0}")]
-    Thread(#[from] std::io::Error),
-}
+pub use common::kafka::FollowError;
 
 /// The latest closed month this rater knows, shared with the follower thread. Only ever rises.
 #[derive(Clone, Debug, Default)]
@@ -82,54 +62,26 @@ pub fn apply(current: Option<Month>, key: Option<&[u8]>, payload: Option<&[u8]>)
 /// Blocking: call it from `block_in_place` or a blocking task.
 pub fn follow(k: &KafkaConfig, group: &str) -> Result<ClosedThrough, FollowError> {
     let topic = k.topics.closed_months.clone();
-    let mut cfg = common::kafka::client_config(k);
-    // Assigned, not subscribed: every rater reads the whole partition; the group id is required
-    // by librdkafka but never joined or committed to.
-    cfg.set("group.id", format!("{group}-closed-months"))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true");
-    let consumer: BaseConsumer = cfg.create()?;
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
     let closed = ClosedThrough::default();
-    let (low, high) = consumer.fetch_watermarks(&topic, 0, STARTUP_READ_TIMEOUT)?;
-    let deadline = Instant::now() + STARTUP_READ_TIMEOUT;
-    // `high` is the end as it was when we looked: stop at it, or at EOF (compaction may leave
-    // the last offsets without a message).
-    let mut next = low;
-    while next < high {
-        if Instant::now() > deadline {
-            return Err(FollowError::Timeout { topic, timeout: STARTUP_READ_TIMEOUT });
-        }
-        match consumer.poll(Duration::from_millis(CLOSED_MONTHS_POLL_MS)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(m)) => {
-                closed.update(m.key(), m.payload());
-                next = m.offset() + 1;
-            }
-        }
-    }
-    tracing::info!(closed_through = ?closed.get().map(|m| m.to_string()), topic, "closed months read");
     let shared = Arc::downgrade(&closed.0);
-    std::thread::Builder::new().name("closed-months".into()).spawn(move || keep_following(&consumer, &shared))?;
+    let poll = Duration::from_millis(CLOSED_MONTHS_POLL_MS);
+    common::kafka::follow_partition(
+        k,
+        &topic,
+        &format!("{group}-closed-months"),
+        poll,
+        STARTUP_READ_TIMEOUT,
+        move |m| {
+            // The rater dropped its handle: nobody reads what we learn any more.
+            let Some(state) = shared.upgrade() else { return ControlFlow::Break(()) };
+            if let Some((_, key, payload)) = m {
+                ClosedThrough(state).update(key, payload);
+            }
+            ControlFlow::Continue(())
+        },
+    )?;
+    tracing::info!(closed_through = ?closed.get().map(|m| m.to_string()), topic, "closed months read");
     Ok(closed)
-}
-
-fn keep_following(consumer: &BaseConsumer, shared: &Weak<Mutex<Option<Month>>>) {
-    loop {
-        let polled = consumer.poll(Duration::from_millis(CLOSED_MONTHS_POLL_MS));
-        // The rater dropped its handle: nobody reads what we learn any more.
-        let Some(state) = shared.upgrade() else { return };
-        match polled {
-            None | Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "closed-months consume error (librdkafka retries)"),
-            Some(Ok(m)) => ClosedThrough(state).update(m.key(), m.payload()),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -24,15 +24,18 @@ async fn main() -> anyhow::Result<()> {
     common::shell::init_tracing("warn,rater=info");
     let args = Args::parse();
     let cfg = PipelineConfig::load(&args.config)?;
-    let book =
+    let seed =
         Arc::new(PriceBook::load(&cfg.price_book).with_context(|| format!("loading {}", cfg.price_book.display()))?);
     common::kafka::ensure_topics(&cfg.kafka).await.context("creating topics")?;
+    // The file seeds the catalogue; the catalogue topic's changes are in force on top of it.
+    let catalogue = tokio::task::block_in_place(|| common::catalogue_topic::follow(&cfg.kafka, &cfg.rater.group, seed))
+        .context("reading the catalogue topic")?;
     let metrics = common::metrics::Metrics::new("rater");
     let _ops = common::ops::serve_configured("rater", cfg.rater.metrics_listen.as_deref(), Arc::clone(&metrics))
         .await
         .context("binding rater.metrics_listen")?;
     println!("rater consuming {} as group {}", cfg.kafka.topics.raw, cfg.rater.group);
-    let stats = rater::pipeline::run_with_metrics(&cfg, book, metrics, common::shell::shutdown_signal())
+    let stats = rater::pipeline::run_with_metrics(&cfg, catalogue, metrics, common::shell::shutdown_signal())
         .await
         .map_err(|e| {
             let what_to_do = match e.class() {

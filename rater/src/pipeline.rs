@@ -39,6 +39,7 @@ use crate::decision::{Decision, Rater};
 use crate::fill::{Fill, FillPolicy};
 use crate::reply::{self, Replies};
 use common::catalogue::PriceBook;
+use common::catalogue_topic::{self, CatalogueFollower};
 use common::codec;
 use common::config::PipelineConfig;
 use common::metrics::{Histogram, Metrics};
@@ -49,7 +50,7 @@ use common::usage::UsageRecord;
 use futures::future::join_all;
 use rdkafka::consumer::{Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaError};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
@@ -66,6 +67,10 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// producer while one of its calls is in flight, so the rater stops with [`RaterError::Stalled`]
 /// (transient): the restart fences the open transaction and rebuilds, exactly once as ever.
 const TXN_STALL: Duration = Duration::from_secs(45);
+
+/// Longest a rater waits for a catalogue change a raw record was validated under (published
+/// before the record, so normally there within the follower's poll).
+const CATALOGUE_WAIT: Duration = Duration::from_secs(60);
 
 /// What stopped the rater.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +90,16 @@ pub enum RaterError {
     /// The closed-months follower could not start.
     #[error("closed months: {0}")]
     ClosedMonths(#[from] crate::closed::FollowError),
+    /// A raw record was validated under a catalogue change this rater did not learn in time.
+    #[error("a raw record needs catalogue seq {need}, the catalogue topic gave only {have} within {waited:?}")]
+    Catalogue {
+        /// The seq the record was stamped with.
+        need: i64,
+        /// The seq this rater has.
+        have: i64,
+        /// How long it waited.
+        waited: Duration,
+    },
     /// A transactional call did not return within [`TXN_STALL`].
     #[error("the Kafka call `{step}` did not return within {after:?} (librdkafka ignored its timeout)")]
     Stalled {
@@ -126,6 +141,8 @@ impl RaterError {
             RaterError::ClosedMonths(crate::closed::FollowError::Kafka(e)) => kafka_class(e),
             // The topic not read in time, or no thread: a restart tries again.
             RaterError::ClosedMonths(_) => ErrorClass::Transient,
+            // The record stays uncommitted; a restarted rater reads the topic again.
+            RaterError::Catalogue { .. } => ErrorClass::Transient,
         }
     }
 }
@@ -187,26 +204,31 @@ impl ConsumerContext for RebalanceLog {
 /// Runs the rater until `shutdown` resolves (then finishes and commits the current batch).
 pub async fn run(
     cfg: &PipelineConfig,
-    book: Arc<PriceBook>,
+    catalogue: CatalogueFollower,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RaterStats, RaterError> {
-    run_with_metrics(cfg, book, Metrics::new("rater"), shutdown).await
+    run_with_metrics(cfg, catalogue, Metrics::new("rater"), shutdown).await
 }
 
 /// [`run`], counting into `metrics` (stage `rater`).
 pub async fn run_with_metrics(
     cfg: &PipelineConfig,
-    book: Arc<PriceBook>,
+    catalogue: CatalogueFollower,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RaterStats, RaterError> {
-    run_with_clock(cfg, book, metrics, Arc::new(SystemClock), shutdown).await
+    run_with_clock(cfg, catalogue, metrics, Arc::new(SystemClock), shutdown).await
 }
 
 /// [`run_with_metrics`], reading `now` (rebuild start, eviction, latencies) from `clock`.
+///
+/// Each batch is decided under one catalogue version, the newest `catalogue` has when the batch
+/// opens, and every rated record carries it (`price_book_version`, and the seq in the
+/// [`catalogue_topic::SEQ_HEADER`] the aggregator waits on). A raw record stamped with a newer
+/// catalogue than the batch's cuts the batch and opens the next one, once the follower has it.
 pub async fn run_with_clock(
     cfg: &PipelineConfig,
-    book: Arc<PriceBook>,
+    catalogue: CatalogueFollower,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()>,
@@ -229,77 +251,111 @@ pub async fn run_with_clock(
     let closed = tokio::task::block_in_place(|| crate::closed::follow(k, &cfg.rater.group))?;
     let mut states: HashMap<i32, Rater> = HashMap::new();
     let mut stats = RaterStats::default();
-    let window_ms = book.windows().acceptance_ms;
+    let window_ms = catalogue.snapshot().1.windows().acceptance_ms;
     let fill = FillPolicy {
         max_batch: cfg.rater.max_batch,
         linger: Duration::from_millis(cfg.rater.linger_ms),
         max_age: Duration::from_millis(cfg.rater.max_batch_age_ms),
     };
-    let obs = Observer::new(metrics, cfg, &book, &producer);
+    let obs = Observer::new(metrics, cfg, &catalogue.snapshot().1, &producer);
     tokio::pin!(shutdown);
     let mut stopping = false;
+    // The record that cut the last batch because it needs a newer catalogue: this batch's first.
+    let mut carried: Option<BorrowedMessage<'_>> = None;
 
     while !stopping {
+        if let Some(m) = &carried {
+            // Its partition moved to another rater meanwhile: that rater decides it (it was
+            // never committed here).
+            if revoked.0.lock().is_ok_and(|r| r.contains(&m.partition())) {
+                carried = None;
+            }
+        }
+        if let Some(m) = &carried {
+            let need = catalogue_topic::required_seq(m);
+            if !tokio::task::block_in_place(|| catalogue.wait_for_seq(need, CATALOGUE_WAIT)) {
+                return Err(RaterError::Catalogue { need, have: catalogue.seq(), waited: CATALOGUE_WAIT });
+            }
+        }
+        let (book_seq, book) = catalogue.snapshot();
         let mut batch = Batch::new();
+        let mut first = carried.take();
         // Fill a batch (see `fill`): wait for records until the linger runs out, then take only
         // records already waiting (the rater lags), up to max_batch or the batch's max age.
         loop {
-            let age = batch.opened.map_or(Duration::ZERO, |at| at.elapsed());
-            let wait = match fill.next(batch.len, batch.started.elapsed(), age) {
-                Fill::Wait(wait) => wait,
-                // A zero timeout still polls the receive once: a record librdkafka already
-                // holds is taken, none cuts the batch (the timeout branch below).
-                Fill::TakeReady => Duration::ZERO,
-                Fill::Cut => break,
-            };
-            tokio::select! {
-                // Finish the current batch before taking more when asked to stop.
-                biased;
-                () = &mut shutdown => {
-                    stopping = true;
-                    obs.metrics.set_ready(false);
-                    tracing::info!(records = batch.len, "shutdown requested: finishing the current batch");
-                    break;
-                }
-                m = tokio::time::timeout(wait, consumer.recv()) => match m {
-                    Err(_) => if batch.len > 0 { break },
-                    Ok(Err(e)) if kafka_class(&e) == ErrorClass::Fatal => return Err(e.into()),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "consume error");
+            let msg = if let Some(m) = first.take() {
+                m
+            } else {
+                let age = batch.opened.map_or(Duration::ZERO, |at| at.elapsed());
+                let wait = match fill.next(batch.len, batch.started.elapsed(), age) {
+                    Fill::Wait(wait) => wait,
+                    // A zero timeout still polls the receive once: a record librdkafka already
+                    // holds is taken, none cuts the batch (the timeout branch below).
+                    Fill::TakeReady => Duration::ZERO,
+                    Fill::Cut => break,
+                };
+                tokio::select! {
+                    // Finish the current batch before taking more when asked to stop.
+                    biased;
+                    () = &mut shutdown => {
+                        stopping = true;
+                        obs.metrics.set_ready(false);
+                        tracing::info!(records = batch.len, "shutdown requested: finishing the current batch");
+                        break;
                     }
-                    Ok(Ok(msg)) => {
-                        drop_revoked(&revoked, &mut states);
-                        if batch.len == 0 {
-                            batch.opened = Some(Instant::now());
-                            blocking_step("begin transaction", || producer.begin_transaction())?;
-                            // The group generation these records are consumed under: the commit
-                            // presents it, so a batch that outlived a rebalance (a zombie's) is
-                            // refused by the broker even if this instance has rejoined since.
-                            batch.group = consumer.group_metadata();
-                            batch.closed_through = closed.get();
+                    m = tokio::time::timeout(wait, consumer.recv()) => match m {
+                        Err(_) => {
+                            if batch.len > 0 { break }
+                            continue;
                         }
-                        let p = msg.partition();
-                        let rater = match states.entry(p) {
-                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                            std::collections::hash_map::Entry::Vacant(e) => {
-                                stats.rebuilds += 1;
-                                tracing::info!(partition = p, "rebuilding the partition's dedup state");
-                                e.insert(rebuild(cfg, p, window_ms, clock.now()).await?)
-                            }
-                        };
-                        rater.set_closed_through(batch.closed_through);
-                        decide_one(&msg, rater, &book, cfg, &producer, &mut batch, &mut stats, &obs, clock.now())?;
+                        Ok(Err(e)) if kafka_class(&e) == ErrorClass::Fatal => return Err(e.into()),
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "consume error");
+                            continue;
+                        }
+                        Ok(Ok(msg)) => msg,
                     }
                 }
+            };
+            if catalogue_topic::required_seq(&msg) > book_seq {
+                carried = Some(msg);
+                break;
             }
+            drop_revoked(&revoked, &mut states);
+            if batch.len == 0 {
+                batch.opened = Some(Instant::now());
+                blocking_step("begin transaction", || producer.begin_transaction())?;
+                // The group generation these records are consumed under: the commit
+                // presents it, so a batch that outlived a rebalance (a zombie's) is
+                // refused by the broker even if this instance has rejoined since.
+                batch.group = consumer.group_metadata();
+                batch.closed_through = closed.get();
+            }
+            let p = msg.partition();
+            let rater = match states.entry(p) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    stats.rebuilds += 1;
+                    tracing::info!(partition = p, "rebuilding the partition's dedup state");
+                    e.insert(rebuild(cfg, p, window_ms, clock.now()).await?)
+                }
+            };
+            rater.set_closed_through(batch.closed_through);
+            let at = clock.now();
+            decide_one(&msg, rater, (book_seq, &book), cfg, &producer, &mut batch, &mut stats, &obs, at)?;
         }
         if batch.len > 0 {
             // The asking calls' decisions join the same transaction (see `reply`).
             for (partition, decisions) in batch.replies.drain().collect::<Vec<_>>() {
                 let payload = codec::encode(&decisions);
-                send(&producer, &cfg.kafka.topics.decisions, Some(partition), &[], &payload, &mut batch)?;
+                send(&producer, &cfg.kafka.topics.decisions, Some(partition), &[], &payload, None, &mut batch)?;
             }
+            let aborted = stats.aborted;
             commit_batch(&consumer, &producer, batch, &closed, &mut states, &mut stats, &obs).await?;
+            if stats.aborted > aborted {
+                // The consumer rewound past the carried record: it comes again, in order.
+                carried = None;
+            }
             let now = clock.now();
             for r in states.values_mut() {
                 r.evict(now, window_ms);
@@ -432,7 +488,7 @@ async fn rebuild(cfg: &PipelineConfig, p: i32, window_ms: i64, now: Timestamp) -
 fn decide_one<'b>(
     msg: &BorrowedMessage<'_>,
     rater: &mut Rater,
-    book: &'b PriceBook,
+    (book_seq, book): (i64, &'b PriceBook),
     cfg: &PipelineConfig,
     producer: &FutureProducer,
     batch: &mut Batch<'b>,
@@ -466,7 +522,7 @@ fn decide_one<'b>(
             stats.dead_lettered += 1;
             batch.dead_lettered += 1;
             let bytes = codec::encode(&dl);
-            return send(producer, &t.dead_letter, None, &[], &bytes, batch);
+            return send(producer, &t.dead_letter, None, &[], &bytes, None, batch);
         }
     };
     stats.decided += 1;
@@ -481,7 +537,7 @@ fn decide_one<'b>(
     let bytes = match decision {
         Decision::Rated(r) => {
             stats.rated += 1;
-            Some((&t.rated, Some(p), codec::encode(r)))
+            Some((&t.rated, Some(p), codec::encode(r), catalogue_topic::stamp(book_seq)))
         }
         Decision::Identical { .. } => {
             stats.identical += 1;
@@ -491,11 +547,11 @@ fn decide_one<'b>(
             stats.refused += 1;
             tracing::debug!(record_id = %record_id, seller = %record.seller, product = %record.product, reason = rejection.code.as_str(), message = %rejection.message, "record refused");
             let refusal = batch.effects.refusals.last().expect("a refused decision adds its refusal");
-            Some((&t.rejected, None, codec::encode(&refusal.to_event())))
+            Some((&t.rejected, None, codec::encode(&refusal.to_event()), None))
         }
     };
     match bytes {
-        Some((topic, partition, payload)) => send(producer, topic, partition, &key, &payload, batch),
+        Some((topic, partition, payload, headers)) => send(producer, topic, partition, &key, &payload, headers, batch),
         None => Ok(()),
     }
 }
@@ -554,9 +610,13 @@ fn send(
     partition: Option<i32>,
     key: &[u8],
     payload: &[u8],
+    headers: Option<OwnedHeaders>,
     batch: &mut Batch<'_>,
 ) -> Result<(), RaterError> {
     let mut rec = FutureRecord::to(topic).key(key).payload(payload);
+    if let Some(h) = headers {
+        rec = rec.headers(h);
+    }
     if let Some(p) = partition {
         rec = rec.partition(p);
     }

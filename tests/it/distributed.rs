@@ -34,6 +34,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
 use serde_json::{json, Value};
+use sha2::Digest;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -73,7 +74,21 @@ impl Cluster {
     }
 
     async fn start_on(test: &str, customers: usize, broker: Broker) -> Cluster {
+        Self::start_with_operators(test, customers, broker, None).await
+    }
+
+    /// [`Cluster::start_on`], with `operators` (an operators file's TOML) turning on ingest's
+    /// operator API.
+    async fn start_with_operators(test: &str, customers: usize, broker: Broker, operators: Option<&str>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let operators_line = match operators {
+            Some(text) => {
+                let path = dir.path().join("operators.toml");
+                std::fs::write(&path, text).unwrap();
+                format!("operators = \"{}\"", path.display())
+            }
+            None => String::new(),
+        };
         let clickhouse = ClickHouse::start().await.unwrap();
         let (db, _) = clickhouse.database(test).await.unwrap();
         let book = ::common::catalogue::PriceBook::new(price_book(customers)).unwrap();
@@ -98,12 +113,14 @@ rejected = "{rejected}"
 dead_letter = "{dead}"
 decisions = "{decisions}"
 closed_months = "{closed}"
+catalogue = "{catalogue}"
 [clickhouse]
 url = "{ch}"
 database = "{db}"
 [ingest]
 listen = "127.0.0.1:{port}"
 delivery_timeout_ms = 8000
+{operators_line}
 [rater]
 group = "{rg}"
 max_batch = 2000
@@ -125,6 +142,7 @@ flush_interval_ms = 300
                 dead = broker.topic("dead"),
                 decisions = broker.topic("decisions"),
                 closed = broker.topic("closed"),
+                catalogue = broker.topic("catalogue"),
                 ch = clickhouse.url(),
                 rg = broker.group("rater"),
                 ag = broker.group("aggregator"),
@@ -1484,4 +1502,148 @@ async fn a_lagging_raters_batches_grow_past_the_linger() {
     // Tens of records per batch when cut at the linger; the bound leaves room for a debug build
     // on a loaded machine reaching a batch's 500 ms age before max_batch.
     assert!(mean >= 200, "batches stayed near the 1 ms linger's size (mean {mean}): {batches:?}");
+}
+
+/// The operator key of the catalogue test.
+const OPERATOR_KEY: &str = "op-key-distributed";
+
+/// One `BatchMeterUsage` record of product `p` for customer `cid-new` on `dimension` at `ts`
+/// (seconds), sent with `key`: the HTTP status, the record's status and its message.
+async fn meter_one(http: &reqwest::Client, url: &str, key: &str, dimension: &str, ts: i64) -> (u16, String, String) {
+    let body = json!({ "ProductCode": "p", "UsageRecords": [
+        { "Timestamp": ts, "CustomerIdentifier": "cid-new", "Dimension": dimension, "Quantity": 4 } ] });
+    let r = http
+        .post(format!("{url}/v1/BatchMeterUsage"))
+        .header("X-Api-Key", key)
+        .header("X-Meterline-Per-Record", "true")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let code = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or_default();
+    let res = &v["Results"][0];
+    let status = res["Status"].as_str().unwrap_or_default().to_owned();
+    let why = res["Reason"].as_str().or(res["Message"].as_str()).or(v["message"].as_str()).unwrap_or_default();
+    (code, status, why.to_owned())
+}
+
+async fn catalogue_change(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let r =
+        http.post(format!("{url}/v1/catalogue/changes")).bearer_auth(OPERATOR_KEY).json(&body).send().await.unwrap();
+    let code = r.status().as_u16();
+    (code, r.json().await.unwrap_or_default())
+}
+
+/// Issue 16 in distributed mode: the catalogue changed through `ingest`'s operator API while the
+/// three binaries run. Every stage follows the catalogue topic, with no restart: a customer
+/// created is metered, rated and charged at once (its rated line names the new version), a key
+/// added meters at once, a stale `if_version` is refused, an unsubscribe ends usage. Then a
+/// restarted rater and a second ingest start from the topic, not the file, and the audit log
+/// says who changed what.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalogue_changes_through_ingest_and_every_stage_follows_it_without_a_restart() {
+    let operators = format!(
+        "[[operators]]\nname = \"ops\"\nrole = \"operator\"\napi_key_sha256 = \"{}\"\n",
+        hex::encode(sha2::Sha256::digest(OPERATOR_KEY.as_bytes()))
+    );
+    let mut c = Cluster::start_with_operators("catalogue", 2, Broker::start().await.unwrap(), Some(&operators)).await;
+    c.spawn("rater", "rater");
+    c.spawn("aggregator", "aggregator");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let url = c.ingest_url.clone();
+    let now_secs = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let hour_start = Timestamp::from_millis(now_secs() * 1000).hour().start();
+    // Usage of this hour, `back` seconds ago (each dimension once: one hour slot each).
+    let ts = |back: i64| (now_secs() - back).max(hour_start.millis() / 1000);
+
+    // Before: the customer does not exist, ingest refuses its usage by name.
+    let (_, status, why) = meter_one(&http, &url, KEY, "d1", ts(1)).await;
+    assert_ne!(status, "Success", "{why}");
+
+    // A customer and its agreement, from the top of this hour: in force at once in every stage.
+    let (code, v) = catalogue_change(
+        &http,
+        &url,
+        json!({ "if_version": "crash-test", "changes": [
+            { "op": "put_customer", "customer": { "id": "c-new", "name": "New Co", "customer_identifier": "cid-new" } },
+            { "op": "subscribe", "agreement": { "id": "a-new", "customer": "c-new", "product": "p", "offer": "o",
+              "start": hour_start.to_string() } },
+        ] }),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}\n{}", c.log("ingest"));
+    assert_eq!(v["version"], "crash-test+1", "{v}");
+    // The call is answered once the rater decided it: the rater knew the customer.
+    let (code, status, why) = meter_one(&http, &url, KEY, "d1", ts(1)).await;
+    assert_eq!((code, status.as_str()), (200, "Success"), "{why}\nrater:\n{}", c.log("rater"));
+    c.wait_for_records(1, Duration::from_secs(60)).await;
+    let rated = c.query("SELECT customer, price_book_version FROM {db}.rated_usage FINAL FORMAT TabSeparated").await;
+    assert_eq!(rated.trim(), "c-new\tcrash-test+1", "each rated record names the catalogue version it was rated with");
+
+    // A stale version is refused and changes nothing.
+    let (code, v) = catalogue_change(
+        &http,
+        &url,
+        json!({ "if_version": "crash-test", "changes": [
+            { "op": "put_customer", "customer": { "id": "c-stale", "name": "Stale" } } ] }),
+    )
+    .await;
+    assert_eq!(code, 409, "{v}");
+
+    // A key added through the API meters at once (ingest rebuilt its keys from the new book).
+    let new_key = "crash-test-key-2";
+    let (code, v) = catalogue_change(
+        &http,
+        &url,
+        json!({ "changes": [{ "op": "add_api_key", "seller": "s1",
+            "api_key_sha256": hex::encode(sha2::Sha256::digest(new_key.as_bytes())) }] }),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let (code, status, why) = meter_one(&http, &url, new_key, "d2", ts(1)).await;
+    assert_eq!((code, status.as_str()), (200, "Success"), "{why}");
+    c.wait_for_records(2, Duration::from_secs(60)).await;
+
+    // A restarted rater and a second ingest read the catalogue from the topic, not the file:
+    // the new customer's usage is still taken and rated.
+    c.kill("rater");
+    c.spawn("rater", "rater");
+    let port2 = testkit::free_port();
+    let listen = format!("127.0.0.1:{port2}");
+    c.spawn_with("ingest2", "ingest", &[("METERLINE__INGEST__LISTEN", listen.as_str())]);
+    let url2 = format!("http://{listen}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http.get(format!("{url2}/health")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "ingest2 did not start:\n{}", c.log("ingest2"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, status, why) = meter_one(&http, &url2, new_key, "d3", ts(1)).await;
+    assert_eq!((code, status.as_str()), (200, "Success"), "{why}\nrater:\n{}", c.log("rater"));
+    c.wait_for_records(3, Duration::from_secs(60)).await;
+
+    // An unsubscribe through the second ingest: in force in the first one too (usage after the
+    // agreement's end is refused there, naming the reason).
+    let (code, v) =
+        catalogue_change(&http, &url2, json!({ "changes": [{ "op": "unsubscribe", "agreement": "a-new" }] })).await;
+    assert_eq!(code, 200, "{v}");
+    // Usage a second after the end, sent once it is in the past.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, status, why) = meter_one(&http, &url, KEY, "d0", now_secs() - 1).await;
+    assert!(status != "Success" && why.contains("ended"), "usage after the end: {status} {why}");
+
+    // The audit log: every change, in order, with who made it.
+    let audit: Value = http
+        .get(format!("{url}/v1/catalogue/audit"))
+        .bearer_auth(OPERATOR_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entries = audit["entries"].as_array().unwrap();
+    let versions: Vec<&str> = entries.iter().map(|e| e["version"].as_str().unwrap()).collect();
+    assert_eq!(versions, ["crash-test+1", "crash-test+2", "crash-test+3"], "{audit}");
+    assert!(entries.iter().all(|e| e["actor"] == "ops"), "{audit}");
 }

@@ -20,6 +20,27 @@ use super::{
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
+/// One applied list of changes, as the audit log shows it: who changed what, when, and which
+/// version it made of which. The embedded store and the distributed catalogue topic keep the same.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Position in the log, from 1 (assigned by the log; 0 before it is recorded).
+    pub seq: i64,
+    /// The version the changes produced.
+    pub version: String,
+    /// The version they were applied to.
+    pub previous: String,
+    /// When.
+    #[serde(with = "crate::time::rfc3339")]
+    pub at: Timestamp,
+    /// Who (the credential's name).
+    pub actor: String,
+    /// In which role.
+    pub role: String,
+    /// What, as sent.
+    pub changes: Vec<Change>,
+}
+
 /// One change. `op` names it on the wire (`{"op": "subscribe", "agreement": {…}}`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
