@@ -16,6 +16,9 @@
 //!   transient ClickHouse errors retried with back-off (and SIGTERM seen meanwhile), poison
 //!   records dead-lettered, fatal ones (credentials, schema) stop it naming the table and the fix.
 //!
+//! - [`query`]: SHELL + PURE helpers. The read-only query API's routes, over a mode's
+//!   [`query::QueryStore`]; `query_clickhouse` (feature `distributed`) is ClickHouse's.
+//!
 //! Data enters as rated records (from the embedded store or the rated topic) and leaves as
 //! [`common::rated::ChargeLine`]s (to the store or ClickHouse).
 
@@ -27,6 +30,9 @@ pub mod closing;
 pub mod invoice;
 #[cfg(feature = "distributed")]
 pub mod pipeline;
+pub mod query;
+#[cfg(feature = "distributed")]
+pub mod query_clickhouse;
 pub mod rollup;
 #[cfg(feature = "distributed")]
 pub mod schema;

@@ -153,6 +153,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let metrics = common::metrics::Metrics::new("aggregator");
+    let queries = match &cfg.aggregator.query_listen {
+        Some(listen) => Some(serve_queries(&cfg, listen, &catalogue, base.clone().with_database(&ch.database)).await?),
+        None => None,
+    };
     let _ops =
         common::ops::serve_configured("aggregator", cfg.aggregator.metrics_listen.as_deref(), Arc::clone(&metrics))
             .await
@@ -172,6 +176,9 @@ async fn main() -> anyhow::Result<()> {
     let stats =
         aggregator::pipeline::run_with_metrics(&cfg, catalogue, base.with_database(&ch.database), metrics, shutdown)
             .await?;
+    if let Some(q) = queries {
+        q.abort();
+    }
     eprintln!("aggregator stopped: {stats:?}");
     if stats.stopped_unflushed {
         if let Some(s) = signal.get() {
@@ -180,4 +187,51 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Serves the query API on `listen`, over ClickHouse, with the sellers' metering keys of the
+/// catalogue in force (and `ingest.security.keys_file`), as `meterline serve` serves it.
+async fn serve_queries(
+    cfg: &common::config::PipelineConfig,
+    listen: &str,
+    catalogue: &common::catalogue_topic::CatalogueFollower,
+    client: clickhouse::Client,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let live = catalogue.live();
+    let book = live.current();
+    let sources = ingest::auth::KeySources { price_book: None, keys_file: cfg.ingest.security.keys_file.clone() };
+    let keys = ingest::auth::SharedKeys::new(sources.load(&book)?);
+    {
+        let (keys, sources) = (keys.clone(), sources.clone());
+        catalogue.on_change(move |book| match sources.load(book) {
+            Ok(ring) => keys.replace(ring),
+            Err(e) => tracing::error!("query API keys not rebuilt after catalogue change, the previous keys stay: {e}"),
+        });
+    }
+    let reloads = sources
+        .keys_file
+        .is_some()
+        .then(|| ingest::auth::watch(keys.clone(), sources.clone(), live.clone(), std::time::Duration::from_secs(2)));
+    let state = Arc::new(aggregator::query::QueryState {
+        book: live,
+        security: ingest::guard::Security { keys, ..ingest::guard::Security::for_book(&book) },
+        clock: Arc::new(ingest::clock::SystemClock),
+        store: Arc::new(aggregator::query_clickhouse::ClickHouseQueries {
+            client,
+            runtime: tokio::runtime::Handle::current(),
+        }),
+    });
+    let listener =
+        ingest::serve::bind(listen).await.with_context(|| format!("binding aggregator.query_listen {listen}"))?;
+    println!("aggregator serving the query API on http://{}", listener.local_addr()?);
+    let app = aggregator::query::router(state);
+    let limits = ingest::serve::ConnLimits::default();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = ingest::serve::serve(listener, app, None, limits, std::future::pending()).await {
+            tracing::error!("the query API stopped: {e}");
+        }
+        if let Some(r) = reloads {
+            r.abort();
+        }
+    }))
 }

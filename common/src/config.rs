@@ -394,6 +394,10 @@ pub struct AggregatorSection {
     /// Where `/metrics`, `/health` and `/ready` are served (`host:port`); none when absent.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Where the query API (usage, month-to-date charges, invoice preview, entitlements; sellers'
+    /// metering keys) is served from ClickHouse (`host:port`); none when absent.
+    #[serde(default)]
+    pub query_listen: Option<String>,
 }
 
 impl Default for AggregatorSection {
@@ -404,6 +408,7 @@ impl Default for AggregatorSection {
             flush_interval_ms: default_flush_interval(),
             partitions: None,
             metrics_listen: None,
+            query_listen: None,
         }
     }
 }

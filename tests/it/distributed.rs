@@ -1089,7 +1089,8 @@ async fn post_case(http: &reqwest::Client, url: &str, case: &Case) -> Answer {
 async fn conformance_both_modes_answer_every_case_alike() {
     let mut c = Cluster::start("conformance", 8).await;
     c.spawn("rater", "rater");
-    c.spawn("aggregator", "aggregator");
+    let query_listen = format!("127.0.0.1:{}", testkit::free_port());
+    c.spawn_with("aggregator", "aggregator", &[("METERLINE__AGGREGATOR__QUERY_LISTEN", query_listen.as_str())]);
     let port = testkit::free_port();
     let data = c.dir.path().join("embedded");
     let serve_log = std::fs::File::create(c.dir.path().join("serve.log")).unwrap();
@@ -1245,6 +1246,35 @@ async fn conformance_both_modes_answer_every_case_alike() {
     // Both modes charged the same records: 3 + 1 (conflict in one call) + 1 (next hour) +
     // 1 (allocations) + 1 (d3 beside the conflict) = 7 records.
     c.wait_for_records(7, Duration::from_secs(60)).await;
+
+    // The query API answers alike in both modes: `meterline serve` over SQLite, `aggregator`
+    // (query_listen) over ClickHouse, the same routes, keys and JSON.
+    let month = Timestamp::from_millis(t * 1000).month().to_string();
+    let distributed_queries = format!("http://{query_listen}");
+    let get = |base: String, path: String| {
+        let http = http.clone();
+        async move {
+            let r = http.get(format!("{base}{path}")).header("X-Api-Key", KEY).send().await.unwrap();
+            let code = r.status().as_u16();
+            (code, r.json::<Value>().await.unwrap_or_default())
+        }
+    };
+    for customer in ["c0000", "c0001", "c0002", "c0003", "c0005", "c0007"] {
+        for route in [
+            format!("/v1/customers/{customer}/usage?month={month}&by=hour"),
+            format!("/v1/customers/{customer}/usage?month={month}&by=day&dimension=d1"),
+            format!("/v1/customers/{customer}/charges?month={month}"),
+            format!("/v1/customers/{customer}/invoice-preview?month={month}"),
+            format!("/v1/customers/{customer}/entitlements"),
+        ] {
+            let (dcode, d) = get(distributed_queries.clone(), route.clone()).await;
+            let (ecode, e) = get(embedded.clone(), route.clone()).await;
+            assert_eq!((dcode, &d), (ecode, &e), "{route}: distributed (left) and embedded (right) differ");
+            assert_eq!(dcode, 200, "{route}: {d}");
+        }
+    }
+    let (code, v) = get(distributed_queries, "/v1/customers/c0000/charges".into()).await;
+    assert_eq!(code, 200, "{v}");
 }
 
 /// Starts `meterline serve` over the cluster's price book with its own data directory; returns its
