@@ -233,6 +233,7 @@ pub fn verify_lines_against_line_items(conn: &rusqlite::Connection) -> anyhow::R
             agreement_id: r.get(13)?,
             offer_id: r.get(14)?,
             price_book_version: String::new(),
+            allocations: vec![],
         };
         rollup.fold(&rec)?;
         items += 1;

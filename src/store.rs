@@ -293,8 +293,8 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26)",
             )?;
             for (r, u) in &batch.rated {
-                let allocations =
-                    if u.allocations.is_empty() { None } else { serde_json::to_string(&u.allocations).ok() };
+                // NULL when none (the store's convention); else the text ClickHouse keeps too.
+                let allocations = (!r.allocations.is_empty()).then(|| common::usage::allocations_text(&r.allocations));
                 ins.execute(params![
                     r.record_id.to_string(),
                     r.dedup_key.to_string(),
@@ -645,6 +645,7 @@ mod tests {
             agreement_id: "agmnt-tiers".into(),
             offer_id: "tiers-public".into(),
             price_book_version: "v".into(),
+            allocations: vec![],
         };
         // October closed at 3,000 calls (200.00); 500 late calls at the 0.05 tier it reached.
         let mut rollup = MonthlyRollup::new();

@@ -504,7 +504,7 @@ impl Aggregator<'_> {
         }
         st.last_offset = Some(o);
         let payload = msg.payload().unwrap_or_default();
-        let r: RatedRecord = match codec::decode(payload) {
+        let r: RatedRecord = match common::rated::decode(payload) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(partition = p, offset = o, reason = %e, "undecodable rated message dead-lettered");

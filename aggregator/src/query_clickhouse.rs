@@ -41,6 +41,7 @@ struct UsageFields {
     quantity: i128,
     billable_quantity: i128,
     amount: i128,
+    allocations: String,
 }
 
 impl QueryStore for ClickHouseQueries {
@@ -48,7 +49,7 @@ impl QueryStore for ClickHouseQueries {
         let read = self
             .client
             .query(
-                "SELECT usage_hour, product, dimension, agreement_id, currency, quantity, billable_quantity, amount \
+                "SELECT usage_hour, product, dimension, agreement_id, currency, quantity, billable_quantity, amount, allocations \
                  FROM rated_usage FINAL WHERE month = toDate(?) AND customer = ?",
             )
             .bind(month.start().to_datetime().format("%Y-%m-%d").to_string())
@@ -65,11 +66,15 @@ impl QueryStore for ClickHouseQueries {
                     billable_quantity: from_mantissa(r.billable_quantity, QTY_SCALE)
                         .map_err(|e| corrupt(e.to_string()))?,
                     amount: from_mantissa(r.amount, AMOUNT_SCALE).map_err(|e| corrupt(e.to_string()))?,
+                    allocations: if r.allocations.is_empty() {
+                        Vec::new()
+                    } else {
+                        serde_json::from_str(&r.allocations)
+                            .map_err(|_| corrupt(format!("allocations `{}`", r.allocations)))?
+                    },
                     product: r.product,
                     dimension: r.dimension,
                     agreement_id: r.agreement_id,
-                    // Not yet in `rated_usage` (docs/api.md "Query API"): usage reads untagged.
-                    allocations: Vec::new(),
                 })
             })
             .collect()

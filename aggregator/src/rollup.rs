@@ -390,6 +390,7 @@ mod tests {
             agreement_id: "a".into(),
             offer_id: "o".into(),
             price_book_version: "v".into(),
+            allocations: vec![],
         }
     }
 

@@ -10,6 +10,7 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
     (3, "003_refunds.sql", include_str!("../../deploy/clickhouse/003_refunds.sql")),
     (4, "004_closed_months.sql", include_str!("../../deploy/clickhouse/004_closed_months.sql")),
     (5, "005_corrections_channels.sql", include_str!("../../deploy/clickhouse/005_corrections_channels.sql")),
+    (6, "006_rated_allocations.sql", include_str!("../../deploy/clickhouse/006_rated_allocations.sql")),
 ];
 
 /// Splits a migration file into statements (`;` at a line end), dropping comment-only lines.

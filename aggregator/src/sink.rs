@@ -237,6 +237,8 @@ pub struct RatedRow {
     source_partition: i32,
     source_offset: i64,
     inserted_at: u32,
+    /// The canonical allocations as JSON ('' when none), as the embedded store keeps them.
+    allocations: String,
 }
 
 impl RatedRow {
@@ -266,6 +268,7 @@ impl RatedRow {
             source_partition: partition,
             source_offset: offset,
             inserted_at: secs(now),
+            allocations: common::usage::allocations_text(&r.allocations),
         })
     }
 }
@@ -840,6 +843,7 @@ mod tests {
                 agreement_id: "a".into(),
                 offer_id: "o".into(),
                 price_book_version: "v".into(),
+                allocations: vec![],
             };
             key = Some(rollup.fold(&r).unwrap());
         }
@@ -886,6 +890,7 @@ mod tests {
             agreement_id: "a".into(),
             offer_id: "o".into(),
             price_book_version: "v".into(),
+            allocations: vec![],
         };
         let mut rollup = MonthlyRollup::new();
         for h in 0..30 {
@@ -935,6 +940,7 @@ mod tests {
             agreement_id: "a".into(),
             offer_id: "suite-dsor".into(),
             price_book_version: "v".into(),
+            allocations: vec![],
         };
         let mut rollup = MonthlyRollup::new();
         let key = rollup.fold(&r).unwrap();

@@ -133,8 +133,15 @@ mod tests {
                 agreement_id: "a".into(),
                 offer_id: "o".into(),
                 price_book_version: "v".into(),
+                allocations: vec![],
             };
             assert_eq!(decode::<RatedRecord>(&encode(&r)).unwrap(), r);
+            // A record encoded before `allocations` existed (the same bytes without the empty
+            // list's length) still decodes, with no allocations.
+            let current = encode(&r);
+            assert!(r.allocations.is_empty() && current.last() == Some(&0));
+            assert!(decode::<RatedRecord>(&current[..current.len() - 1]).is_err());
+            assert_eq!(crate::rated::decode(&current[..current.len() - 1]).unwrap(), r);
         }
     }
 

@@ -119,6 +119,22 @@ pub struct RatedRecord {
     pub offer_id: String,
     /// Price-book version that produced the rate.
     pub price_book_version: String,
+    /// The record's canonical `UsageAllocations` (empty when the seller sent none): carried to
+    /// both stores for per-tag breakdowns. Last, so a record encoded before it existed decodes
+    /// (see [`decode`]).
+    pub allocations: Vec<crate::usage::Allocation>,
+}
+
+/// Decodes a rated record from a topic, also one encoded before `allocations` existed: that
+/// encoding is the current one without the (empty) list's one-byte length, so it decodes once
+/// the byte is appended. A payload that decodes neither way keeps the first error.
+pub fn decode(payload: &[u8]) -> Result<RatedRecord, crate::codec::CodecError> {
+    crate::codec::decode(payload).or_else(|first| {
+        let mut with_empty_list = Vec::with_capacity(payload.len() + 1);
+        with_empty_list.extend_from_slice(payload);
+        with_empty_list.push(0);
+        crate::codec::decode(&with_empty_list).map_err(|_| first)
+    })
 }
 
 impl RatedRecord {

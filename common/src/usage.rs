@@ -158,6 +158,15 @@ impl UsageRecord {
     }
 }
 
+/// The text both stores keep a record's allocations in: canonical JSON, '' when there are none.
+pub fn allocations_text(allocations: &[Allocation]) -> String {
+    if allocations.is_empty() {
+        return String::new();
+    }
+    // Tags and decimals as plain values: serialising cannot fail.
+    serde_json::to_string(allocations).unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -464,7 +464,7 @@ async fn rebuild(cfg: &PipelineConfig, p: i32, window_ms: i64, now: Timestamp) -
         let mut undecodable = 0u64;
         let n =
             common::kafka::replay_partition(&k, &k.topics.rated, p, since, Duration::from_secs(120), |_, payload| {
-                match codec::decode::<common::rated::RatedRecord>(payload) {
+                match common::rated::decode(payload) {
                     Ok(r) => rater.restore(&r),
                     Err(_) => undecodable += 1,
                 }

@@ -69,6 +69,7 @@ pub fn rate(record: &UsageRecord, key: DedupKey, id: RecordId, book: &PriceBook)
         agreement_id: p.agreement.id.clone(),
         offer_id: p.offer.id.clone(),
         price_book_version: book.version().to_owned(),
+        allocations: record.allocations.clone(),
     })
 }
 

@@ -1263,6 +1263,7 @@ async fn conformance_both_modes_answer_every_case_alike() {
         for route in [
             format!("/v1/customers/{customer}/usage?month={month}&by=hour"),
             format!("/v1/customers/{customer}/usage?month={month}&by=day&dimension=d1"),
+            format!("/v1/customers/{customer}/usage/tags?month={month}&key=team"),
             format!("/v1/customers/{customer}/charges?month={month}"),
             format!("/v1/customers/{customer}/invoice-preview?month={month}"),
             format!("/v1/customers/{customer}/entitlements"),
@@ -1273,8 +1274,15 @@ async fn conformance_both_modes_answer_every_case_alike() {
             assert_eq!(dcode, 200, "{route}: {d}");
         }
     }
-    let (code, v) = get(distributed_queries, "/v1/customers/c0000/charges".into()).await;
-    assert_eq!(code, 200, "{v}");
+    // The allocated record's tags travelled to ClickHouse: 3 blue, 2 red.
+    let (_, v) = get(distributed_queries, format!("/v1/customers/c0003/usage/tags?month={month}&key=team")).await;
+    let split: Vec<(&str, &str)> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["value"].as_str().unwrap(), i["quantity"].as_str().unwrap()))
+        .collect();
+    assert_eq!(split, [("blue", "3"), ("red", "2")], "{v}");
 }
 
 /// Starts `meterline serve` over the cluster's price book with its own data directory; returns its

@@ -156,6 +156,7 @@ flush_interval_ms = 200
             agreement_id: "a0000".into(),
             offer_id: "o".into(),
             price_book_version: "crash-test".into(),
+            allocations: vec![],
         };
         let payload = ::common::codec::encode(&r);
         let delivery = producer
