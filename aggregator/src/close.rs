@@ -1120,6 +1120,33 @@ mod tests {
     }
 
     #[test]
+    fn an_entitlement_update_mid_term_credits_the_old_contract_and_invoices_the_new_one() {
+        // AWS's entitlement-updated event as an operator change: standardco's 12-month standard
+        // tier (from 2026-11-16) goes premium on 2026-12-02 at 10:00.
+        let book = PriceBook::from_toml(include_str!("../../docs/examples/price-models.toml")).unwrap();
+        let change: Vec<common::catalogue::change::Change> = serde_json::from_value(serde_json::json!([
+            { "op": "update_entitlement", "agreement": "agmnt-standard", "updated": {
+              "id": "agmnt-premium", "customer": "standardco", "product": "saas-contract", "offer": "contract-public",
+              "start": "2026-12-02T10:20:00Z",
+              "contract": { "months": 12, "quantities": [{ "dimension": "tier_premium", "quantity": 1 }] } } }
+        ]))
+        .unwrap();
+        let now = common::time::Timestamp::parse_rfc3339("2026-12-02T10:20:00Z").unwrap();
+        let book = common::catalogue::change::apply(&book, &change, now, None).unwrap();
+        let close = close_month(&book, Month::parse("2026-12").unwrap(), &[], &[]).unwrap();
+        let of = |agreement: &str, kind: ChargeType| {
+            close.lines.iter().filter(|l| l.agreement_id == agreement && l.charge_type == kind).collect::<Vec<_>>()
+        };
+        let credit = of("agmnt-standard", ChargeType::Credit);
+        assert_eq!(credit.len(), 1, "{:?}", close.lines);
+        // $2,000 × the unused 349 of 365 days (2026-12-02 to 2027-11-16), credited.
+        assert_eq!(credit[0].customer_billed_amount, d("-1912.33"), "{}", credit[0].description);
+        let upfront = of("agmnt-premium", ChargeType::ContractUpfront);
+        assert_eq!(upfront.len(), 1, "{:?}", close.lines);
+        assert_eq!(upfront[0].customer_billed_amount, d("5000.00"));
+    }
+
+    #[test]
     fn line_parties_are_direct_cppo_or_dsor_as_the_offer_resells() {
         let book = PriceBook::from_toml(include_str!("../../docs/examples/price-models.toml")).unwrap();
         let shown = |offer: &str| {
