@@ -74,12 +74,18 @@ impl Cluster {
     }
 
     async fn start_on(test: &str, customers: usize, broker: Broker) -> Cluster {
-        Self::start_with_operators(test, customers, broker, None).await
+        Self::start_with_operators(test, customers, broker, None, |_| {}).await
     }
 
     /// [`Cluster::start_on`], with `operators` (an operators file's TOML) turning on ingest's
-    /// operator API.
-    async fn start_with_operators(test: &str, customers: usize, broker: Broker, operators: Option<&str>) -> Cluster {
+    /// operator API, and the test's price book changed by `tweak`.
+    async fn start_with_operators(
+        test: &str,
+        customers: usize,
+        broker: Broker,
+        operators: Option<&str>,
+        tweak: impl FnOnce(&mut ::common::catalogue::PriceBookDoc),
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let operators_line = match operators {
             Some(text) => {
@@ -91,7 +97,9 @@ impl Cluster {
         };
         let clickhouse = ClickHouse::start().await.unwrap();
         let (db, _) = clickhouse.database(test).await.unwrap();
-        let book = ::common::catalogue::PriceBook::new(price_book(customers)).unwrap();
+        let mut doc = price_book(customers);
+        tweak(&mut doc);
+        let book = ::common::catalogue::PriceBook::new(doc).unwrap();
         let book_path = dir.path().join("price-book.toml");
         std::fs::write(&book_path, book.to_toml().unwrap()).unwrap();
         let port = testkit::free_port();
@@ -1576,18 +1584,27 @@ async fn catalogue_change(http: &reqwest::Client, url: &str, body: Value) -> (u1
 /// Issue 16 in distributed mode: the catalogue changed through `ingest`'s operator API while the
 /// three binaries run. Every stage follows the catalogue topic, with no restart: a customer
 /// created is metered, rated and charged at once (its rated line names the new version), a key
-/// added meters at once, a stale `if_version` is refused, an unsubscribe ends usage. Then a
-/// restarted rater and a second ingest start from the topic, not the file, and the audit log
-/// says who changed what.
+/// added meters at once, a stale `if_version` is refused, an unsubscribe ends usage and its
+/// final-records grace (5 s here) then ends the final records. (A price version applies from the
+/// first hour starting at or after it: with a real clock that is up to an hour away, so the
+/// notice rule is shown on the embedded server's manual clock, `operator_api`.) A restarted rater and a second ingest start from the topic, not the file; the
+/// invoice preview served by the aggregator equals the close's draft; the audit log says who
+/// changed what, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_catalogue_changes_through_ingest_and_every_stage_follows_it_without_a_restart() {
     let operators = format!(
         "[[operators]]\nname = \"ops\"\nrole = \"operator\"\napi_key_sha256 = \"{}\"\n",
         hex::encode(sha2::Sha256::digest(OPERATOR_KEY.as_bytes()))
     );
-    let mut c = Cluster::start_with_operators("catalogue", 2, Broker::start().await.unwrap(), Some(&operators)).await;
+    let grace_secs = 5;
+    let mut c =
+        Cluster::start_with_operators("catalogue", 2, Broker::start().await.unwrap(), Some(&operators), |doc| {
+            doc.marketplace.final_records_grace = format!("{grace_secs}s");
+        })
+        .await;
     c.spawn("rater", "rater");
-    c.spawn("aggregator", "aggregator");
+    let query_listen = format!("127.0.0.1:{}", testkit::free_port());
+    c.spawn_with("aggregator", "aggregator", &[("METERLINE__AGGREGATOR__QUERY_LISTEN", query_listen.as_str())]);
     let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
     let url = c.ingest_url.clone();
     let now_secs = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
@@ -1660,15 +1677,58 @@ async fn the_catalogue_changes_through_ingest_and_every_stage_follows_it_without
     assert_eq!((code, status.as_str()), (200, "Success"), "{why}\nrater:\n{}", c.log("rater"));
     c.wait_for_records(3, Duration::from_secs(60)).await;
 
-    // An unsubscribe through the second ingest: in force in the first one too (usage after the
-    // agreement's end is refused there, naming the reason).
-    let (code, v) =
-        catalogue_change(&http, &url2, json!({ "changes": [{ "op": "unsubscribe", "agreement": "a-new" }] })).await;
+    // An unsubscribe through the second ingest, 2 s from now: in force in the first one too.
+    let end = now_secs() + 2;
+    let (code, v) = catalogue_change(
+        &http,
+        &url2,
+        json!({ "changes": [{ "op": "unsubscribe", "agreement": "a-new",
+            "at": Timestamp::from_millis(end * 1000).to_string() }] }),
+    )
+    .await;
     assert_eq!(code, 200, "{v}");
-    // Usage a second after the end, sent once it is in the past.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (_, status, why) = meter_one(&http, &url, KEY, "d0", now_secs() - 1).await;
+    while now_secs() <= end {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Inside the grace: a final record from before the end is taken.
+    let (_, status, why) = meter_one(&http, &url, KEY, "t0", end - 1).await;
+    assert_eq!(status, "Success", "a final record inside the grace: {why}");
+    // Usage after the end is refused, naming why.
+    let (_, status, why) = meter_one(&http, &url, KEY, "d0", end + 1).await;
     assert!(status != "Success" && why.contains("ended"), "usage after the end: {status} {why}");
+    // After the grace, a final record is refused too, naming the deadline.
+    while now_secs() <= end + grace_secs {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, status, why) = meter_one(&http, &url, KEY, "d0", end - 1).await;
+    assert!(status != "Success" && why.contains("final records were due by"), "after the grace: {status} {why}");
+    c.wait_for_records(4, Duration::from_secs(60)).await;
+
+    // The invoice preview the aggregator serves is the close's draft, line for line.
+    let month = Timestamp::from_millis(end * 1000).month().to_string();
+    let preview: Value = http
+        .get(format!("http://{query_listen}/v1/customers/c-new/invoice-preview?month={month}"))
+        .header("X-Api-Key", KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let out = Command::new(bin("aggregator"))
+        .args(["--config", c.config.to_str().unwrap(), "close", "--month", &month, "--draft", "--out-dir"])
+        .arg(c.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let draft: Value = serde_json::from_str(
+        &std::fs::read_to_string(c.dir.path().join(format!("invoice-lines-{month}.draft.json"))).unwrap(),
+    )
+    .unwrap();
+    let drafted: Vec<&Value> = draft["lines"].as_array().unwrap().iter().filter(|l| l["customer"] == "c-new").collect();
+    let previewed: Vec<&Value> = preview["lines"].as_array().unwrap().iter().collect();
+    assert!(!previewed.is_empty(), "{preview}");
+    assert_eq!(previewed, drafted, "the preview is the close's draft");
 
     // The audit log: every change, in order, with who made it.
     let audit: Value = http
