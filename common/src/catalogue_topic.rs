@@ -274,11 +274,20 @@ pub async fn publish(
     let book = serde_json::to_string(book.doc()).map_err(|e| PublishError::Encode(e.to_string()))?;
     let payload = serde_json::to_vec(&TopicEntry { entry: entry.clone(), book })
         .map_err(|e| PublishError::Encode(e.to_string()))?;
-    // One key per entry: compaction never removes history. The key names what it holds.
-    let key = format!("{}<-{}", entry.version, entry.previous);
+    let key = entry_key(entry, &payload);
     let record = FutureRecord::to(topic).partition(0).key(key.as_bytes()).payload(&payload);
     let delivery = producer.send(record, timeout).await.map_err(|(e, _)| PublishError::Kafka(e))?;
     Ok(delivery.offset)
+}
+
+/// The key of an entry: what it holds, and the SHA-256 of its payload. One key per entry, so
+/// compaction never removes history: two servers' changes to the same version make the same
+/// `version<-previous`, and if compaction kept only the later (refused) one, a stage reading the
+/// topic afterwards would put in force a book that never was.
+fn entry_key(entry: &AuditEntry, payload: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(payload);
+    format!("{}<-{}#{}", entry.version, entry.previous, hex::encode(&digest[..8]))
 }
 
 /// The header stamping `seq` on a record (none for the seed: seq 0 needs no wait).
@@ -313,6 +322,15 @@ mod tests {
             role: "operator".into(),
             changes: Vec::new(),
         }
+    }
+
+    #[test]
+    fn two_servers_changes_to_one_version_have_two_keys_so_compaction_keeps_both() {
+        let a = entry("v+1", "v");
+        let b = AuditEntry { actor: "other".into(), ..entry("v+1", "v") };
+        let key = |e: &AuditEntry| entry_key(e, &serde_json::to_vec(e).unwrap());
+        assert_ne!(key(&a), key(&b));
+        assert!(key(&a).starts_with("v+1<-v#"), "{}", key(&a));
     }
 
     #[test]
